@@ -1,0 +1,514 @@
+"""Local single-node Apache Kafka broker for development and tests.
+
+There is no Docker on many developer and CI machines, but a JDK and Maven
+usually are, so the broker is assembled from the Maven Central jars
+(``ops/kafka/pom.xml``) and run directly with ``java`` in KRaft mode
+(broker and controller in one process, no ZooKeeper).
+
+Layout, all under ``${XDG_CACHE_HOME:-~/.cache}/legato``::
+
+    kafka-3.9.1/libs/      jars (+ .complete marker once a fetch finished)
+    broker/server.properties, log4j.properties, broker.log, broker.pid
+    broker/cluster.id     cluster id used to format the storage
+    broker/data/          log.dirs
+
+Only the standard library and aiokafka are used so that this module can be
+imported before the rest of the project is importable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+KAFKA_VERSION = "3.9.1"
+DEFAULT_BOOTSTRAP = "localhost:9092"
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+JVM_HEAP = ("-Xms256m", "-Xmx768m")
+
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+_COMPLETE_MARKER = ".complete"
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def cache_root() -> Path:
+    """Root of Legato's per-user cache (``$XDG_CACHE_HOME/legato``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "legato"
+
+
+def libs_dir() -> Path:
+    """Directory holding the Kafka broker jars."""
+    return cache_root() / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+def broker_dir() -> Path:
+    """Directory holding the broker's config, log, pid file and data."""
+    return cache_root() / "broker"
+
+
+def _data_dir() -> Path:
+    return broker_dir() / "data"
+
+
+def _pid_file() -> Path:
+    return broker_dir() / "broker.pid"
+
+
+def _log_file() -> Path:
+    return broker_dir() / "broker.log"
+
+
+def _pom_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "ops" / "kafka" / "pom.xml"
+
+
+# --------------------------------------------------------------------------- bootstrap parsing
+
+
+def parse_bootstrap(bootstrap: str) -> tuple[str, int]:
+    """Return ``(host, port)`` of the first server in a bootstrap string."""
+    first = bootstrap.split(",")[0].strip()
+    # Tolerate "PLAINTEXT://host:port" as people copy it from broker configs.
+    if "://" in first:
+        first = first.split("://", 1)[1]
+    if first.startswith("["):  # [ipv6]:port
+        host, _, rest = first[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = first.rpartition(":")
+        if not sep:
+            host, port = first, ""
+    return host or "localhost", int(port) if port else 9092
+
+
+def is_local(bootstrap: str) -> bool:
+    """True when the bootstrap points at this machine (where we may start a broker)."""
+    host, _ = parse_bootstrap(bootstrap)
+    return host.lower() in _LOCAL_HOSTS
+
+
+# --------------------------------------------------------------------------- liveness
+
+# aiokafka logs "Unable connect to ..." at ERROR for every refused probe; while we
+# poll a starting broker that is expected, so those records are dropped - but only
+# inside our probe's context, never for the application's own clients.
+_probing: contextvars.ContextVar[bool] = contextvars.ContextVar("legato_probing", default=False)
+
+
+class _ProbeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _probing.get()
+
+
+_PROBE_FILTER = _ProbeFilter()
+for _name in ("aiokafka", "aiokafka.conn", "aiokafka.client", "aiokafka.cluster"):
+    logging.getLogger(_name).addFilter(_PROBE_FILTER)
+
+
+async def broker_alive_async(bootstrap: str, timeout: float = 2.0) -> bool:
+    """Return True if a Kafka broker at ``bootstrap`` answers a metadata request.
+
+    A bare TCP connect is not enough: a KRaft broker accepts connections on its
+    listener well before it has joined the quorum and can serve metadata.
+    """
+    from aiokafka.client import AIOKafkaClient
+
+    token = _probing.set(True)
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=max(int(timeout * 1000), 1000),
+        connections_max_idle_ms=60_000,
+    )
+    try:
+        # bootstrap() connects and sends a MetadataRequest; it raises if none answered.
+        await asyncio.wait_for(client.bootstrap(), timeout)
+        metadata = client.cluster
+        return bool(metadata.brokers())
+    except Exception:
+        return False
+    finally:
+        try:
+            await asyncio.wait_for(client.close(), timeout)
+        except Exception:
+            pass
+        _probing.reset(token)
+
+
+def broker_alive(bootstrap: str, timeout: float = 2.0) -> bool:
+    """Synchronous :func:`broker_alive_async`.
+
+    Uses ``asyncio.run`` when called outside an event loop; when a loop is
+    already running in this thread (e.g. from async code calling sync helpers)
+    the check runs on a private loop in a helper thread, since a running loop
+    cannot be re-entered.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(broker_alive_async(bootstrap, timeout))
+
+    result: list[bool] = [False]
+
+    def _runner() -> None:
+        result[0] = asyncio.run(broker_alive_async(bootstrap, timeout))
+
+    t = threading.Thread(target=_runner, name="legato-broker-alive", daemon=True)
+    t.start()
+    t.join(timeout + 5)
+    return result[0]
+
+
+def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- jars
+
+
+def jars_present() -> bool:
+    """True when a complete jar fetch is cached."""
+    return (libs_dir() / _COMPLETE_MARKER).is_file()
+
+
+def fetch_jars(force: bool = False) -> Path:
+    """Download the Kafka broker jars from Maven Central (once) and return the libs dir.
+
+    Uses ``mvn dependency:copy-dependencies`` on ``ops/kafka/pom.xml``. The
+    marker file is written last so an interrupted fetch is redone next time.
+    """
+    libs = libs_dir()
+    if jars_present() and not force:
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise RuntimeError(
+            "Maven ('mvn') is needed to fetch the Kafka broker jars; install it "
+            "(Debian: apt-get install maven) or point LEGATO_BOOTSTRAP at an existing broker."
+        )
+    pom = _pom_path()
+    if not pom.is_file():
+        raise RuntimeError(f"Kafka pom not found at {pom}")
+    # Fetch into a temp dir then swap, so a half-populated libs dir never looks usable.
+    tmp = libs.parent / "libs.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        mvn, "-q", "-B", "-f", str(pom),
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={tmp}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+        out = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"fetching Kafka jars failed (mvn exit {proc.returncode}):\n{out}")
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    (libs / _COMPLETE_MARKER).write_text(f"kafka {KAFKA_VERSION}\n")
+    return libs
+
+
+# --------------------------------------------------------------------------- config
+
+
+def server_properties(bootstrap: str = DEFAULT_BOOTSTRAP, data_dir: Path | None = None) -> str:
+    """Render server.properties for a single-node KRaft broker serving ``bootstrap``.
+
+    The controller listens on the next port (9092 -> 9093).
+    """
+    _, port = parse_bootstrap(bootstrap)
+    cport = port + 1
+    data = data_dir if data_dir is not None else _data_dir()
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@127.0.0.1:{cport}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(data),
+        "num.partitions": "8",
+        "auto.create.topics.enable": "true",
+        # Single node: anything above 1 would leave internal topics unavailable.
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        # Tests and demos create consumer groups constantly; the default 3 s delay
+        # would add 3 s to every group join.
+        "group.initial.rebalance.delay.ms": "0",
+        # Keep the dev broker's disk use small.
+        "log.retention.hours": "24",
+        "log.segment.bytes": str(64 * 1024 * 1024),
+    }
+    lines = ["# Generated by streams/kafka_local.py - edits are overwritten on start."]
+    lines += [f"{k}={v}" for k, v in props.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _log4j_properties(log_file: Path) -> str:
+    return "\n".join([
+        "log4j.rootLogger=WARN, file",
+        "log4j.appender.file=org.apache.log4j.RollingFileAppender",
+        f"log4j.appender.file.File={log_file}",
+        "log4j.appender.file.MaxFileSize=10MB",
+        "log4j.appender.file.MaxBackupIndex=2",
+        "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
+        "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+        # One INFO line that tells the reader the broker came up.
+        "log4j.logger.kafka.server.KafkaRaftServer=INFO",
+        "",
+    ])
+
+
+def _cluster_id() -> str:
+    """Return the stored cluster id, creating one (22-char base64url of a uuid) if needed."""
+    path = broker_dir() / "cluster.id"
+    if path.is_file():
+        cid = path.read_text().strip()
+        if len(cid) == 22:
+            return cid
+    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    path.write_text(cid + "\n")
+    return cid
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("Java (JDK 17+) is needed to run the local Kafka broker; install openjdk-17-jre-headless.")
+    return java
+
+
+def _jvm_args() -> list[str]:
+    log4j = broker_dir() / "log4j.properties"
+    return [
+        *JVM_HEAP,
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j.configuration=file:{log4j}",
+        f"-Dkafka.logs.dir={broker_dir()}",
+        "-cp",
+        str(libs_dir() / "*"),
+    ]
+
+
+def _write_config(bootstrap: str) -> Path:
+    bdir = broker_dir()
+    bdir.mkdir(parents=True, exist_ok=True)
+    _data_dir().mkdir(parents=True, exist_ok=True)
+    props = bdir / "server.properties"
+    props.write_text(server_properties(bootstrap))
+    (bdir / "log4j.properties").write_text(_log4j_properties(_log_file()))
+    return props
+
+
+def _format_storage(props: Path) -> None:
+    cmd = [
+        _java(), *_jvm_args(), "kafka.tools.StorageTool", "format",
+        "-t", _cluster_id(), "-c", str(props), "--ignore-formatted",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            "formatting Kafka storage failed:\n" + (proc.stdout + proc.stderr)[-4000:]
+            + f"\n(if the data dir belongs to another cluster, delete {_data_dir()})"
+        )
+
+
+# --------------------------------------------------------------------------- process
+
+
+def _read_pid() -> int | None:
+    try:
+        pid = int(_pid_file().read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_running(pid) else None
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (our own exited child) still answers kill(0); check /proc when we can.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _log_tail(lines: int = 40) -> str:
+    try:
+        text = _log_file().read_text(errors="replace")
+    except OSError:
+        return "(no broker.log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def start(bootstrap: str = DEFAULT_BOOTSTRAP) -> str:
+    """Start the local broker for ``bootstrap`` (detached) and wait until it serves metadata.
+
+    No-op when a broker already answers there. Fetches the jars on first use,
+    formats the storage and writes the pid file. Raises RuntimeError (with the
+    tail of broker.log) if the broker does not come up within 90 s.
+    """
+    if broker_alive(bootstrap):
+        return f"Kafka broker already running at {bootstrap}"
+    host, port = parse_bootstrap(bootstrap)
+    if not is_local(bootstrap):
+        raise RuntimeError(f"refusing to start a broker for non-local bootstrap {bootstrap!r}")
+    pid = _read_pid()
+    if pid is not None:
+        # Our broker is alive but not (yet) answering: maybe still starting, maybe
+        # it serves another port. Wait briefly rather than starting a second one
+        # that would fight over the same data dir.
+        if _wait_alive(bootstrap, 30.0, pid):
+            return f"Kafka broker already running at {bootstrap} (pid {pid})"
+        raise RuntimeError(
+            f"a local broker (pid {pid}) is running but does not answer at {bootstrap}; "
+            f"run `legato kafka stop` first.\n--- broker.log tail ---\n{_log_tail()}"
+        )
+    for p in (port, port + 1):
+        if _port_open("127.0.0.1", p):
+            raise RuntimeError(f"port {p} is in use by something that is not a Kafka broker we can reach")
+
+    t0 = time.monotonic()
+    fetch_jars()
+    props = _write_config(bootstrap)
+    _format_storage(props)
+
+    log = open(_log_file(), "ab")
+    try:
+        proc = subprocess.Popen(
+            [_java(), *_jvm_args(), "kafka.Kafka", str(props)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,  # stdout/stderr catch JVM crashes that bypass log4j
+            stderr=subprocess.STDOUT,
+            cwd=str(broker_dir()),
+            start_new_session=True,  # survive the caller's Ctrl-C / test session end
+        )
+    finally:
+        log.close()
+    _pid_file().write_text(f"{proc.pid}\n")
+
+    if not _wait_alive(bootstrap, START_TIMEOUT_S, proc.pid, proc):
+        rc = proc.poll()
+        state = f"exited with code {rc}" if rc is not None else "still running, not answering"
+        raise RuntimeError(
+            f"Kafka broker at {bootstrap} did not come up within {START_TIMEOUT_S:.0f}s "
+            f"(pid {proc.pid}, {state}).\n--- {_log_file()} (tail) ---\n{_log_tail()}"
+        )
+    return f"Kafka broker started at {bootstrap} (pid {proc.pid}) in {time.monotonic() - t0:.1f}s; logs: {_log_file()}"
+
+
+def _wait_alive(bootstrap: str, timeout: float, pid: int, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        if proc is None and not _pid_running(pid):
+            return False
+        if broker_alive(bootstrap, timeout=2.0):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def stop() -> str:
+    """Stop the local broker recorded in the pid file (SIGTERM, then SIGKILL after 30 s)."""
+    pid = _read_pid()
+    if pid is None:
+        _pid_file().unlink(missing_ok=True)
+        return "no local Kafka broker running"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _pid_running(pid):
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _pid_file().unlink(missing_ok=True)
+        return f"Kafka broker (pid {pid}) did not stop in {STOP_TIMEOUT_S:.0f}s; killed"
+    _pid_file().unlink(missing_ok=True)
+    return f"Kafka broker (pid {pid}) stopped"
+
+
+def status(bootstrap: str = DEFAULT_BOOTSTRAP) -> tuple[bool, str]:
+    """Return ``(alive, message)`` for the broker at ``bootstrap``."""
+    pid = _read_pid()
+    if broker_alive(bootstrap):
+        who = f"local broker pid {pid}" if pid is not None else "external broker"
+        return True, f"Kafka broker answering at {bootstrap} ({who})"
+    if pid is not None:
+        return False, f"local broker pid {pid} is running but does not answer at {bootstrap}"
+    return False, f"no Kafka broker answering at {bootstrap}"
+
+
+def ensure_broker(bootstrap: str) -> None:
+    """Make sure a broker answers at ``bootstrap``, starting the local one if needed.
+
+    Raises RuntimeError when nothing answers and the bootstrap is not local,
+    since we can only start brokers on this machine.
+    """
+    if broker_alive(bootstrap):
+        return
+    if not is_local(bootstrap):
+        raise RuntimeError(
+            f"no Kafka broker answers at {bootstrap}, and it is not on localhost/127.0.0.1 "
+            "so Legato cannot start one. Check LEGATO_BOOTSTRAP or start that broker."
+        )
+    start(bootstrap)
+
+
+def _main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else "status"
+    bs = argv[1] if len(argv) > 1 else DEFAULT_BOOTSTRAP
+    if cmd == "start":
+        print(start(bs))
+    elif cmd == "stop":
+        print(stop())
+    elif cmd == "fetch":
+        print(fetch_jars())
+    else:
+        ok, msg = status(bs)
+        print(msg)
+        return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

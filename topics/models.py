@@ -1,0 +1,115 @@
+"""Records on the wire, one frozen pydantic model each.
+
+Events are named for what happened; the topic they travel on is in the README's topic contract.
+Times are Unix epoch milliseconds (``*_ms``) or ISO-8601 UTC strings (``*_at``).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class RunRequested(_Record):
+    """A trigger on ``legato.triggers``: start ``workflow`` with ``input``."""
+
+    workflow: str = Field(min_length=1, max_length=200)
+    input: dict[str, Any] = Field(default_factory=dict)
+    run_id: str | None = Field(default=None, min_length=1, max_length=200)
+    correlation_id: str | None = Field(default=None, max_length=200)
+    parent: dict[str, Any] | None = None  # set for sub-workflow runs: {run_id, step_key}
+
+
+class Cost(_Record):
+    usd: float | None = Field(default=None, ge=0)
+    tokens_in: int | None = Field(default=None, ge=0)
+    tokens_out: int | None = Field(default=None, ge=0)
+    model: str | None = None
+
+
+class ErrorInfo(_Record):
+    type: str
+    message: str = ""
+    retryable: bool = True
+
+
+class ActivityRequested(_Record):
+    """On ``legato.requests.<activity>``: what a worker of that activity consumes."""
+
+    request_id: str
+    run_id: str
+    step_id: str
+    activity: str
+    attempt: int = Field(ge=1)
+    input: Any = None
+    deadline: int | None = None  # epoch ms after which the coordinator no longer waits
+    workflow: str | None = None
+    requested_ms: int | None = None  # epoch ms when the coordinator decided it (queue-time metric)
+
+
+class ActivityCompleted(_Record):
+    """On ``legato.completions``: what a worker emits for one request."""
+
+    request_id: str
+    run_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    status: Literal["succeeded", "failed"]
+    output: Any = None
+    confidence: float | None = Field(default=None, ge=0, le=1)
+    cost: Cost | None = None
+    error: ErrorInfo | None = None
+
+
+class RunEvent(_Record):
+    """On ``legato.runs`` (and a workflow's own ``completion_topic``): a run's lifecycle."""
+
+    type: Literal["run.started", "run.completed", "run.failed"]
+    run_id: str
+    workflow: str
+    status: Literal["running", "succeeded", "failed"]
+    output: Any = None
+    error: ErrorInfo | None = None
+    started_at: str
+    finished_at: str | None = None
+    duration_ms: int | None = None
+    correlation_id: str | None = None
+    path: list[str] | None = None  # branches taken by choice steps, e.g. ["route:default"]
+    cost: dict[str, Any] | None = None
+
+
+class DeadLetter(_Record):
+    """On ``legato.dlq``: a message that could not be processed, with the reason."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    reason: str
+    payload: str
+    key: str | None = None
+
+
+# --- internal: the coordinator topic -------------------------------------------------------------
+
+
+class RunAccepted(_Record):
+    """A trigger re-keyed by its run_id onto the coordinator topic."""
+
+    type: Literal["run.accepted"] = "run.accepted"
+    run_id: str
+    workflow: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str | None = None
+    parent: dict[str, Any] | None = None
+
+
+class TimerFired(_Record):
+    """A timer that the coordinator set for a run came due."""
+
+    type: Literal["timer.fired"] = "timer.fired"
+    run_id: str
+    timer_id: str

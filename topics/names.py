@@ -1,0 +1,42 @@
+"""Topic names. Every run-keyed topic shares one partition count."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "legato"
+DEFAULT_PARTITIONS = 8
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names for one prefix (default ``legato``)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def triggers(self) -> str:
+        return f"{self.prefix}.triggers"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.prefix}.completions"
+
+    @property
+    def runs(self) -> str:
+        return f"{self.prefix}.runs"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    @property
+    def coordinator(self) -> str:
+        """Internal: triggers re-keyed by run_id and timer events."""
+        return f"{self.prefix}.coordinator"
+
+    def requests(self, activity: str) -> str:
+        return f"{self.prefix}.requests.{activity}"
+
+    def run_keyed(self, activities: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """Every topic keyed by run_id; they must share one partition count."""
+        return [self.completions, self.runs, self.coordinator, *(self.requests(a) for a in activities)]

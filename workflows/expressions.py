@@ -1,0 +1,107 @@
+"""CEL expressions: compiled once per definition, evaluated per event. Never Python eval."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import cel
+import orjson
+
+_TEMPLATE = re.compile(r"^\$\{\s*(.+?)\s*\}$", re.DOTALL)
+_STEP_REF = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class ExpressionError(ValueError):
+    """An expression that failed to compile or to evaluate."""
+
+
+def approx_tokens(value: Any) -> int:
+    """Documented estimate of a value's size in LLM tokens: one token per 4 bytes of its JSON."""
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError:
+        size = len(str(value))
+    return (size + 3) // 4
+
+
+_FUNCTIONS = {"approx_tokens": approx_tokens}
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A compiled CEL expression and its source."""
+
+    source: str
+    program: Any
+
+    def evaluate(self, variables: dict[str, Any]) -> Any:
+        try:
+            return self.program.execute(cel.Context(variables=variables, functions=_FUNCTIONS))
+        except Exception as exc:  # the CEL binding raises KeyError, TypeError, ValueError...
+            raise ExpressionError(f"{self.source!r}: {type(exc).__name__}: {exc}") from None
+
+    def step_refs(self) -> set[str]:
+        """Step ids this expression reads as ``steps.<id>``."""
+        return set(_STEP_REF.findall(self.source))
+
+
+def compile_expression(source: str) -> Expression:
+    if not isinstance(source, str) or not source.strip():
+        raise ExpressionError("an expression must be a non-empty string")
+    try:
+        program = cel.compile(source)
+    except Exception as exc:
+        raise ExpressionError(f"{source!r} does not compile: {exc}") from None
+    return Expression(source, program)
+
+
+@dataclass(frozen=True)
+class Template:
+    """An ``input`` mapping: ``"${ expr }"`` strings become typed values, everything else is literal."""
+
+    shape: Any
+
+    def render(self, variables: dict[str, Any]) -> Any:
+        return _render(self.shape, variables)
+
+    def expressions(self) -> list[Expression]:
+        found: list[Expression] = []
+        _collect(self.shape, found)
+        return found
+
+
+def compile_template(value: Any) -> Template:
+    return Template(_compile_value(value))
+
+
+def _compile_value(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _TEMPLATE.match(value)
+        return compile_expression(match.group(1)) if match else value
+    if isinstance(value, dict):
+        return {k: _compile_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compile_value(v) for v in value]
+    return value
+
+
+def _render(shape: Any, variables: dict[str, Any]) -> Any:
+    if isinstance(shape, Expression):
+        return shape.evaluate(variables)
+    if isinstance(shape, dict):
+        return {k: _render(v, variables) for k, v in shape.items()}
+    if isinstance(shape, list):
+        return [_render(v, variables) for v in shape]
+    return shape
+
+
+def _collect(shape: Any, found: list[Expression]) -> None:
+    if isinstance(shape, Expression):
+        found.append(shape)
+    elif isinstance(shape, dict):
+        for v in shape.values():
+            _collect(v, found)
+    elif isinstance(shape, list):
+        for v in shape:
+            _collect(v, found)

@@ -1,0 +1,357 @@
+"""The workflow language: YAML documents validated into pydantic models, then compiled.
+
+A definition is refused whole, with the file, the path inside it and the reason; it is never half-loaded.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from workflows.durations import parse_duration
+from workflows.expressions import Expression, ExpressionError, Template, compile_expression, compile_template
+
+ENGINE_MAX_ITERATIONS = 1000
+"""Hard cap on any loop's iterations, whatever the definition says."""
+
+DEFAULT_ACTIVITY_TIMEOUT = 600.0
+"""Seconds an activity attempt may take when its step sets no ``timeout``."""
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=150)]
+
+_STEP_KINDS = ("activity", "parallel", "choice", "loop", "end", "fail")
+
+
+class DefinitionError(ValueError):
+    """A refused definition: where (file and path inside it) and why."""
+
+    def __init__(self, file: str, path: str, reason: str):
+        self.file, self.path, self.reason = file, path, reason
+        super().__init__(f"{file}: {path or '<document>'}: {reason}")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Retry(_Spec):
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    backoff: Duration = 1.0
+    multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
+    max_backoff: Duration = 60.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1``."""
+        return min(self.backoff * self.multiplier ** (attempt - 1), self.max_backoff)
+
+
+class ActivityStep(_Spec):
+    id: StepId
+    activity: Name
+    input: Any = None
+    timeout: Duration | None = None
+    retry: Retry = Retry()
+
+
+class ParallelSpec(_Spec):
+    branches: dict[StepId, Annotated[list["Step"], Field(min_length=1)]] = Field(min_length=1)
+
+
+class ParallelStep(_Spec):
+    id: StepId
+    parallel: ParallelSpec
+
+
+class Case(_Spec):
+    when: str
+    steps: list["Step"] = Field(min_length=1)
+
+
+class ChoiceSpec(_Spec):
+    cases: list[Case] = Field(default_factory=list)
+    route: str | None = None
+    routes: dict[StepId, Annotated[list["Step"], Field(min_length=1)]] = Field(default_factory=dict)
+    default: list["Step"] = Field(
+        min_length=1,
+        description="required: every choice covers every path (route to a human-review step if unsure)",
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ChoiceSpec":
+        if bool(self.cases) == bool(self.route):
+            raise ValueError("a choice has either `cases` or `route` with `routes`")
+        if self.route and not self.routes:
+            raise ValueError("`route` needs `routes`")
+        if self.routes and not self.route:
+            raise ValueError("`routes` needs `route`")
+        return self
+
+
+class ChoiceStep(_Spec):
+    id: StepId
+    choice: ChoiceSpec
+
+
+class LoopSpec(_Spec):
+    steps: list["Step"] = Field(min_length=1)
+    max_iterations: int = Field(ge=1)
+    until: str | None = None
+    timeout: Duration | None = None
+    on_exhausted: Literal["fail", "continue"] = "fail"
+
+
+class LoopStep(_Spec):
+    id: StepId
+    loop: LoopSpec
+
+
+class EndSpec(_Spec):
+    when: str | None = None
+    output: str | None = None
+
+
+class EndStep(_Spec):
+    id: StepId
+    end: EndSpec
+
+
+class FailSpec(_Spec):
+    reason: str
+    when: str | None = None
+
+
+class FailStep(_Spec):
+    id: StepId
+    fail: FailSpec
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kinds = [k for k in _STEP_KINDS if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return next((k for k in _STEP_KINDS if isinstance(value, _KIND_MODELS[k])), None)
+
+
+Step = Annotated[
+    Union[
+        Annotated[ActivityStep, Tag("activity")],
+        Annotated[ParallelStep, Tag("parallel")],
+        Annotated[ChoiceStep, Tag("choice")],
+        Annotated[LoopStep, Tag("loop")],
+        Annotated[EndStep, Tag("end")],
+        Annotated[FailStep, Tag("fail")],
+    ],
+    Discriminator(
+        _step_kind,
+        custom_error_type="step_kind",
+        custom_error_message="a step needs an `id` and exactly one of: " + ", ".join(_STEP_KINDS),
+    ),
+]
+
+_KIND_MODELS: dict[str, type] = {
+    "activity": ActivityStep,
+    "parallel": ParallelStep,
+    "choice": ChoiceStep,
+    "loop": LoopStep,
+    "end": EndStep,
+    "fail": FailStep,
+}
+
+
+class Workflow(_Spec):
+    name: Name
+    version: int = Field(default=1, ge=1)
+    description: str | None = None
+    timeout: Duration | None = None
+    output: str | None = None
+    completion_topic: Name | None = None
+    steps: list[Step] = Field(min_length=1)
+
+
+for _model in (ParallelSpec, Case, ChoiceSpec, LoopSpec, Workflow):
+    _model.model_rebuild()
+
+
+def step_kind(step: Any) -> str:
+    kind = _step_kind(step)
+    assert kind is not None
+    return kind
+
+
+# --- compiled form ------------------------------------------------------------------------------
+
+
+@dataclass
+class CompiledWorkflow:
+    """A validated definition with every expression compiled and every step list indexed."""
+
+    definition: Workflow
+    sequences: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    steps: dict[str, Any] = field(default_factory=dict)
+    expressions: dict[str, Expression] = field(default_factory=dict)
+    templates: dict[str, Template] = field(default_factory=dict)
+    activities: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def version(self) -> int:
+        return self.definition.version
+
+    def expr(self, key: str) -> Expression | None:
+        return self.expressions.get(key)
+
+
+def compile_workflow(doc: Any, file: str = "<string>") -> CompiledWorkflow:
+    """Validate and compile a parsed YAML document; raise DefinitionError on the first problem."""
+    if not isinstance(doc, dict):
+        raise DefinitionError(file, "", f"a workflow is a mapping, got {type(doc).__name__}")
+    try:
+        wf = Workflow.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise DefinitionError(file, _loc(err["loc"]), err["msg"]) from None
+    return _Compiler(file, wf).run()
+
+
+def load_workflow(path: str | Path) -> CompiledWorkflow:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionError(str(path), "", f"cannot read: {exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DefinitionError(str(path), "", f"not valid YAML: {exc}") from None
+    return compile_workflow(doc, str(path))
+
+
+def load_directories(dirs: list[str | Path]) -> dict[str, CompiledWorkflow]:
+    """Every ``*.yaml``/``*.yml`` in ``dirs``, by name; all files are refused if one is invalid."""
+    found: dict[str, CompiledWorkflow] = {}
+    for directory in dirs:
+        d = Path(directory)
+        if not d.is_dir():
+            raise DefinitionError(str(d), "", "not a directory")
+        for path in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
+            wf = load_workflow(path)
+            if wf.name in found and found[wf.name].version == wf.version:
+                raise DefinitionError(str(path), "name", f"workflow {wf.name!r} v{wf.version} is defined twice")
+            if wf.name not in found or found[wf.name].version < wf.version:
+                found[wf.name] = wf
+    return found
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _STEP_KINDS and isinstance(prev, int):
+            pass  # the discriminator's tag, not a key of the document
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out
+
+
+class _Compiler:
+    def __init__(self, file: str, wf: Workflow):
+        self.file = file
+        self.out = CompiledWorkflow(definition=wf)
+        self.paths: dict[str, str] = {}
+        self.refs: list[tuple[str, str, Expression]] = []
+
+    def run(self) -> CompiledWorkflow:
+        wf = self.out.definition
+        self._sequence("root", wf.steps, "steps", loop_depth=0)
+        if wf.output is not None:
+            self._expression("output", wf.output, "output")
+        for path, key, expr in self.refs:
+            unknown = expr.step_refs() - set(self.out.steps)
+            if unknown:
+                raise DefinitionError(self.file, path, f"refers to unknown step {sorted(unknown)[0]!r}")
+        return self.out
+
+    def _fail(self, path: str, reason: str) -> None:
+        raise DefinitionError(self.file, path, reason)
+
+    def _expression(self, key: str, source: str, path: str) -> None:
+        try:
+            expr = compile_expression(source)
+        except ExpressionError as exc:
+            self._fail(path, str(exc))
+        self.out.expressions[key] = expr
+        self.refs.append((path, key, expr))
+
+    def _sequence(self, ref: str, steps: list[Any], path: str, loop_depth: int) -> None:
+        self.out.sequences[ref] = tuple(steps)
+        for i, step in enumerate(steps):
+            self._step(step, f"{path}[{i}]", loop_depth)
+
+    def _step(self, step: Any, path: str, loop_depth: int) -> None:
+        sid = step.id
+        if sid in self.out.steps:
+            self._fail(f"{path}.id", f"duplicate step id {sid!r} (first at {self.paths[sid]})")
+        self.out.steps[sid] = step
+        self.paths[sid] = path
+        if isinstance(step, ActivityStep):
+            self.out.activities.add(step.activity)
+            try:
+                template = compile_template(step.input)
+            except ExpressionError as exc:
+                self._fail(f"{path}.input", str(exc))
+            self.out.templates[sid] = template
+            for expr in template.expressions():
+                self.refs.append((f"{path}.input", sid, expr))
+        elif isinstance(step, ParallelStep):
+            for name, branch in step.parallel.branches.items():
+                self._sequence(f"{sid}/{name}", branch, f"{path}.parallel.branches.{name}", loop_depth)
+        elif isinstance(step, ChoiceStep):
+            spec = step.choice
+            for i, case in enumerate(spec.cases):
+                self._expression(f"{sid}.when.{i}", case.when, f"{path}.choice.cases[{i}].when")
+                self._sequence(f"{sid}/case{i}", case.steps, f"{path}.choice.cases[{i}].steps", loop_depth)
+            if spec.route:
+                self._expression(f"{sid}.route", spec.route, f"{path}.choice.route")
+                for name, steps in spec.routes.items():
+                    self._sequence(f"{sid}/route:{name}", steps, f"{path}.choice.routes.{name}", loop_depth)
+            self._sequence(f"{sid}/default", spec.default, f"{path}.choice.default", loop_depth)
+        elif isinstance(step, LoopStep):
+            spec = step.loop
+            if spec.max_iterations > ENGINE_MAX_ITERATIONS:
+                self._fail(
+                    f"{path}.loop.max_iterations",
+                    f"{spec.max_iterations} is above the engine cap of {ENGINE_MAX_ITERATIONS}",
+                )
+            if spec.until is not None:
+                self._expression(f"{sid}.until", spec.until, f"{path}.loop.until")
+            self._sequence(f"{sid}/body", spec.steps, f"{path}.loop.steps", loop_depth + 1)
+        elif isinstance(step, EndStep):
+            if step.end.when is not None:
+                self._expression(f"{sid}.when", step.end.when, f"{path}.end.when")
+            if step.end.output is not None:
+                self._expression(f"{sid}.output", step.end.output, f"{path}.end.output")
+        elif isinstance(step, FailStep):
+            if step.fail.when is not None:
+                self._expression(f"{sid}.when", step.fail.when, f"{path}.fail.when")
+            self._expression(f"{sid}.reason", step.fail.reason, f"{path}.fail.reason")

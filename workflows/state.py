@@ -1,0 +1,82 @@
+"""A run's state, as stored in the coordinator's run table (one JSON document per run_id)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from topics.models import ErrorInfo
+
+TERMINAL = ("succeeded", "failed")
+
+
+class _State(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StepState(_State):
+    """One execution of a step inside one frame (a loop iteration runs its steps again)."""
+
+    key: str
+    step_id: str
+    kind: str
+    frame: str
+    status: str = "running"  # running | waiting_retry | succeeded | failed | timed_out | cancelled | skipped
+    attempt: int = 0
+    request_id: str | None = None
+    request: dict[str, Any] | None = None  # the pending ActivityRequested, to resend after a crash
+    output: Any = None
+    confidence: float | None = None
+    error: ErrorInfo | None = None
+    started_ms: int = 0
+    finished_ms: int | None = None
+    iteration: int | None = None
+    children: list[str] = Field(default_factory=list)  # frame ids of a compound step
+    path: str | None = None  # the case or route a choice took
+    cost: dict[str, Any] | None = None
+
+
+class Frame(_State):
+    """A sequence of steps being executed: the root, a branch, a choice path or a loop iteration."""
+
+    id: str
+    ref: str  # key of CompiledWorkflow.sequences
+    owner: str | None = None  # key of the compound step that started it (None for the root)
+    index: int = 0
+    status: str = "running"  # running | succeeded | failed | cancelled
+    last_output: Any = None
+    error: ErrorInfo | None = None
+    scope: dict[str, Any] = Field(default_factory=dict)  # iteration, previous
+
+
+class Timer(_State):
+    due_ms: int
+    kind: str  # activity_timeout | retry | run_timeout | loop_timeout
+    target: str | None = None  # step key
+    attempt: int | None = None
+
+
+class RunState(_State):
+    run_id: str
+    workflow: str
+    version: int
+    status: str = "running"
+    input: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str | None = None
+    parent: dict[str, Any] | None = None
+    started_ms: int
+    finished_ms: int | None = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    frames: dict[str, Frame] = Field(default_factory=dict)
+    steps: dict[str, StepState] = Field(default_factory=dict)
+    view: dict[str, dict[str, Any]] = Field(default_factory=dict)  # CEL `steps`: latest result by step id
+    requests: dict[str, str] = Field(default_factory=dict)  # pending request_id -> step key
+    timers: dict[str, Timer] = Field(default_factory=dict)
+    path: list[str] = Field(default_factory=list)
+    cost: dict[str, Any] = Field(default_factory=dict)
+    cursor: dict[str, int] = Field(default_factory=dict)  # the shell's last applied offset per source partition
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
