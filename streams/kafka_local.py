@@ -384,7 +384,7 @@ def start(bootstrap: str = DEFAULT_BOOTSTRAP) -> str:
     """
     if broker_alive(bootstrap):
         return f"Kafka broker already running at {bootstrap}"
-    host, port = parse_bootstrap(bootstrap)
+    _, port = parse_bootstrap(bootstrap)
     if not is_local(bootstrap):
         raise RuntimeError(f"refusing to start a broker for non-local bootstrap {bootstrap!r}")
     pid = _read_pid()

@@ -28,6 +28,11 @@ def loads(data: bytes | str) -> Any:
 
 def decode(model: type[M], data: bytes | None) -> M:
     """Decode ``data`` into ``model`` or raise DecodeError with a readable reason."""
+    return validate(model, decode_object(data))
+
+
+def decode_object(data: bytes | None) -> dict[str, Any]:
+    """Parse ``data`` as one JSON object within the size limit, or raise DecodeError."""
     if data is None:
         raise DecodeError("empty message (no value)")
     if len(data) > MAX_MESSAGE_BYTES:
@@ -38,6 +43,10 @@ def decode(model: type[M], data: bytes | None) -> M:
         raise DecodeError(f"not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise DecodeError(f"expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def validate(model: type[M], raw: dict[str, Any]) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

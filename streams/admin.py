@@ -1,0 +1,33 @@
+"""Topic creation up front: every run-keyed topic gets the same partition count."""
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from topics.names import Topics
+
+
+async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int) -> None:
+    """Create the contract's topics that are missing; refuse a run-keyed topic with another partition count."""
+    names = [topics.triggers, topics.dlq, *topics.run_keyed(sorted(activities))]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        if missing:
+            try:
+                await admin.create_topics([NewTopic(n, partitions, 1) for n in missing])
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+        present = [n for n in topics.run_keyed(sorted(activities)) if n in existing]
+        if present:
+            for desc in await admin.describe_topics(present):
+                count = len(desc.get("partitions", []))
+                if count and count != partitions:
+                    raise RuntimeError(
+                        f"topic {desc['topic']} has {count} partitions but run-keyed topics need {partitions}; "
+                        "every record of a run must land on the same partition number"
+                    )
+    finally:
+        await admin.close()

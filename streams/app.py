@@ -1,0 +1,72 @@
+"""Builds the faust app for a role: coordinator, worker, or both (``legato dev``)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from handlers.registry import Activity, load_handler_modules
+from streams.admin import ensure_topics
+from streams.config import Settings
+from streams.coordinator import Coordinator
+from streams.dlq import DeadLetters
+from streams.worker import Workers
+from workflows.model import CompiledWorkflow, load_directories
+
+
+@dataclass
+class Legato:
+    app: faust.App
+    coordinator: Coordinator | None
+    workers: Workers | None
+    workflows: dict[str, CompiledWorkflow]
+    activities: dict[str, Activity]
+
+
+def build(settings: Settings, *, coordinator: bool, worker: bool, only_activities: list[str] | None = None) -> Legato:
+    """Load definitions and handlers, create the topics, and wire the agents; nothing runs yet."""
+    workflows = load_directories(settings.workflow_dirs) if settings.workflow_dirs else {}
+    activities: dict[str, Activity] = load_handler_modules(settings.handler_modules) if worker else {}
+    if only_activities:
+        unknown = sorted(set(only_activities) - set(activities))
+        if unknown:
+            raise SystemExit(f"no handler registered for activity {unknown[0]!r} (modules: {settings.handler_modules})")
+        activities = {name: activities[name] for name in only_activities}
+    role = "dev" if coordinator and worker else "coordinator" if coordinator else "worker"
+    if role == "worker" and only_activities:
+        role = "worker-" + "-".join(sorted(only_activities))
+    needed = sorted({a for wf in workflows.values() for a in wf.activities} | set(activities))
+    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions))
+    datadir = settings.data_dir / f"{settings.prefix}-{role}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        f"{settings.prefix}-{role}",
+        broker=[f"kafka://{b.strip()}" for b in settings.bootstrap.split(",")],
+        store="memory://",
+        datadir=str(datadir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        producer_linger=0.0,
+        broker_commit_interval=0.5,
+        stream_wait_empty=False,
+        consumer_auto_offset_reset="earliest",
+        stream_recovery_delay=0.0,
+    )
+    dlq = DeadLetters(app, settings.topics.dlq)
+    coord = Coordinator(app, settings.topics, workflows, settings.partitions, dlq) if coordinator else None
+    workers = Workers(app, settings.topics, activities, settings.partitions, dlq) if worker and activities else None
+    return Legato(app, coord, workers, workflows, activities)
+
+
+def run(legato: Legato, loglevel: str = "warning") -> None:
+    """Run the app until SIGTERM/SIGINT."""
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = faust.Worker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()

@@ -1,0 +1,180 @@
+"""The ``legato`` command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from streams.config import Settings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workflows", action="append", default=[], metavar="DIR", help="workflow directory (repeatable; env LEGATO_WORKFLOWS)")
+    p.add_argument("--handlers", action="append", default=[], metavar="MODULE", help="handler module (repeatable; env LEGATO_HANDLERS)")
+    p.add_argument("--loglevel", default=None)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    s = Settings.from_env(args.workflows, args.handlers)
+    if args.loglevel:
+        s.loglevel = args.loglevel
+    return s
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from streams.app import build, run
+
+    s = _settings(args)
+    if not s.workflow_dirs:
+        print("legato coordinator: give --workflows DIR or LEGATO_WORKFLOWS", file=sys.stderr)
+        return 2
+    run(build(s, coordinator=True, worker=False), s.loglevel)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import build, run
+
+    s = _settings(args)
+    if not s.handler_modules:
+        print("legato worker: give --handlers MODULE or LEGATO_HANDLERS", file=sys.stderr)
+        return 2
+    run(build(s, coordinator=False, worker=True, only_activities=args.activity or None), s.loglevel)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from streams import kafka_local
+    from streams.app import build, run
+
+    s = _settings(args)
+    if not s.workflow_dirs:
+        s.workflow_dirs = [str(EXAMPLES)]
+    if not s.handler_modules:
+        s.handler_modules = ["handlers.demo"]
+    kafka_local.ensure_broker(s.bootstrap)
+    run(build(s, coordinator=True, worker=True), s.loglevel)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import main as demo_main
+
+    return demo_main(_settings(args))
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    import orjson
+
+    from topics.client import LegatoClient
+
+    s = _settings(args)
+    try:
+        payload = orjson.loads(args.input)
+    except orjson.JSONDecodeError as exc:
+        print(f"legato trigger: --input is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(payload, dict):
+        print("legato trigger: --input must be a JSON object", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        async with LegatoClient(s.bootstrap, s.prefix) as client:
+            if not args.wait:
+                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id)
+                print(run_id)
+                return 0
+            result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr))
+            print(result.model_dump_json(exclude_none=True))
+            return 0 if result.status == "succeeded" else 1
+
+    return asyncio.run(go())
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from workflows.model import DefinitionError, load_workflow
+
+    failed = 0
+    for file in args.files:
+        try:
+            wf = load_workflow(file)
+            print(f"ok: {file}: workflow {wf.name} v{wf.version}, {len(wf.steps)} steps, activities: {', '.join(sorted(wf.activities)) or '-'}")
+        except DefinitionError as exc:
+            failed += 1
+            print(f"invalid: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from workflows.graph import mermaid
+    from workflows.model import DefinitionError, load_workflow
+
+    try:
+        wf = load_workflow(args.file)
+    except DefinitionError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(mermaid(wf))
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from streams import kafka_local
+
+    bootstrap = os.environ.get("LEGATO_BOOTSTRAP", "localhost:9092")
+    if args.action == "start":
+        print(kafka_local.start(bootstrap))
+    elif args.action == "stop":
+        print(kafka_local.stop())
+    else:
+        alive, message = kafka_local.status(bootstrap)
+        print(message)
+        return 0 if alive else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="legato", description="Event-driven orchestrator for AI workflows on Apache Kafka")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dev", help="broker if needed + coordinator + all workers in one process")
+    _common(p)
+    p.set_defaults(fn=cmd_dev)
+    p = sub.add_parser("demo", help="run the customer due-diligence demo: sequential vs parallel")
+    _common(p)
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("coordinator", help="run the coordinator")
+    _common(p)
+    p.set_defaults(fn=cmd_coordinator)
+    p = sub.add_parser("worker", help="run activity workers")
+    _common(p)
+    p.add_argument("--activity", action="append", default=[], help="only this activity (repeatable)")
+    p.set_defaults(fn=cmd_worker)
+    p = sub.add_parser("trigger", help="start a run")
+    p.add_argument("workflow")
+    p.add_argument("--input", default="{}", help="JSON object")
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--wait", action="store_true", help="show progress and print the terminal run event")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
+    p = sub.add_parser("validate", help="check workflow files")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("graph", help="print a Mermaid flowchart of a workflow")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_graph)
+    p = sub.add_parser("kafka", help="manage the local Apache Kafka broker")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(fn=cmd_kafka)
+
+    args = parser.parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Settings from the command line and the environment (LEGATO_*)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "legato"
+
+
+@dataclass
+class Settings:
+    bootstrap: str = "localhost:9092"
+    prefix: str = DEFAULT_PREFIX
+    partitions: int = DEFAULT_PARTITIONS
+    workflow_dirs: list[str] = field(default_factory=list)
+    handler_modules: list[str] = field(default_factory=list)
+    data_dir: Path = field(default_factory=lambda: _cache_dir() / "data")
+    metrics_port: int | None = None
+    loglevel: str = "warning"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.prefix)
+
+    @classmethod
+    def from_env(cls, workflows: list[str] | None = None, handlers: list[str] | None = None) -> "Settings":
+        env = os.environ
+        wf = list(workflows or []) or [p for p in env.get("LEGATO_WORKFLOWS", "").split(os.pathsep) if p]
+        hd = list(handlers or []) or [m.strip() for m in env.get("LEGATO_HANDLERS", "").split(",") if m.strip()]
+        port = env.get("LEGATO_METRICS_PORT")
+        return cls(
+            bootstrap=env.get("LEGATO_BOOTSTRAP", "localhost:9092"),
+            prefix=env.get("LEGATO_TOPIC_PREFIX", DEFAULT_PREFIX),
+            partitions=int(env.get("LEGATO_PARTITIONS", DEFAULT_PARTITIONS)),
+            workflow_dirs=wf,
+            handler_modules=hd,
+            data_dir=Path(env["LEGATO_DATA_DIR"]) if env.get("LEGATO_DATA_DIR") else _cache_dir() / "data",
+            metrics_port=int(port) if port else None,
+            loglevel=env.get("LEGATO_LOGLEVEL", "warning"),
+        )

@@ -1,0 +1,205 @@
+"""The coordinator: a faust agent over the run-keyed input, a run table keyed by run_id, and timers.
+
+decode → load the run → decide → store the run → send the commands → count. Every decision is made by
+``workflows.machine``; this module only moves bytes.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+import uuid
+from typing import Any
+
+import faust
+from aiokafka.partitioner import DefaultPartitioner
+
+from streams.dlq import DeadLetters
+from topics import codec
+from topics.codec import DecodeError
+from topics.models import ActivityCompleted, RunAccepted, RunRequested, TimerFired
+from topics.names import Topics
+from workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, StartTimer, outstanding
+from workflows.model import CompiledWorkflow
+from workflows.state import RunState
+
+log = logging.getLogger("legato.coordinator")
+
+_RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def run_id_for(topic: str, partition: int, offset: int) -> str:
+    """A trigger without a run_id gets one derived from its position, so a redelivered trigger gets the same."""
+    return str(uuid.uuid5(_RUN_ID_NAMESPACE, f"{topic}:{partition}:{offset}"))
+
+
+class Timers:
+    """Pending timers in memory; the run table is the truth, rescanned after every rebalance."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, str, str]] = []
+        self._scheduled: set[tuple[str, str]] = set()
+
+    def schedule(self, run_id: str, timer_id: str, due_ms: int) -> None:
+        if (run_id, timer_id) not in self._scheduled:
+            self._scheduled.add((run_id, timer_id))
+            heapq.heappush(self._heap, (due_ms, run_id, timer_id))
+
+    def due(self, now: int) -> list[tuple[str, str]]:
+        fired = []
+        while self._heap and self._heap[0][0] <= now:
+            _, run_id, timer_id = heapq.heappop(self._heap)
+            self._scheduled.discard((run_id, timer_id))
+            fired.append((run_id, timer_id))
+        return fired
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class Coordinator:
+    """Wires the state machine into a faust app."""
+
+    def __init__(self, app: faust.App, topics: Topics, workflows: dict[str, CompiledWorkflow], partitions: int, dlq: DeadLetters, metrics: Any = None):
+        self.app = app
+        self.topics = topics
+        self.machine = Machine(workflows)
+        self.partitions = partitions
+        self.dlq = dlq
+        self.metrics = metrics
+        self.timers = Timers()
+        self.ignored: dict[str, int] = {}
+        self._partitioner = DefaultPartitioner()
+        self._out_topics: dict[str, faust.TopicT] = {}
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.triggers = app.topic(topics.triggers, partitions=partitions, **raw)
+        self.input = app.topic(topics.coordinator, topics.completions, partitions=partitions, **raw)
+        self.coordinator_topic = app.topic(topics.coordinator, partitions=partitions, **raw)
+        self.completions_topic = app.topic(topics.completions, partitions=partitions, **raw)
+        self.table = app.Table("runs", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
+        app.agent(self.triggers, name="legato.route_triggers")(self._route_triggers)
+        app.agent(self.input, name="legato.coordinate")(self._coordinate)
+        app.timer(interval=0.02, name="legato.fire_timers")(self._fire_timers)
+        app.on_rebalance_complete.connect(self._on_rebalance_complete)
+
+    # --- agents -------------------------------------------------------------------------------
+
+    async def _route_triggers(self, stream: faust.StreamT) -> None:
+        """Validate triggers and re-key them by run_id onto the coordinator topic."""
+        async for event in stream.events():
+            msg = event.message
+            try:
+                trigger = codec.decode(RunRequested, msg.value)
+            except DecodeError as exc:
+                await self.dlq.send(msg, f"bad trigger: {exc}")
+                continue
+            run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
+            accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
+            await self.coordinator_topic.send(key=run_id.encode(), value=codec.dumps(accepted))
+
+    async def _coordinate(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                record = self._decode(msg.topic, msg.value)
+            except DecodeError as exc:
+                await self.dlq.send(msg, f"bad {'completion' if msg.topic == self.topics.completions else 'coordinator record'}: {exc}")
+                continue
+            if msg.partition != self._partition_of(record.run_id):
+                # A producer that did not key by run_id (or used another partitioner): move the record to the
+                # run's partition instead of splitting the run's state.
+                await self._topic(msg.topic).send(key=record.run_id.encode(), value=msg.value)
+                self._count_ignored("rekeyed")
+                continue
+            try:
+                await self._apply(record, msg)
+            except Exception as exc:  # a bug must not stop every other run
+                log.exception("coordinator failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
+                await self.dlq.send(msg, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _apply(self, record: Any, msg: Any) -> None:
+        key = record.run_id.encode()
+        raw = self.table.get(key)
+        state = RunState.model_validate_json(raw) if raw is not None else None
+        position = f"{msg.topic}:{msg.partition}"
+        if state is not None and state.cursor.get(position, -1) >= msg.offset:
+            # Redelivered after a crash: the state already holds this event. Its commands may have been lost
+            # with the process, so re-issue what the run is waiting on (ids are deterministic; duplicates drop).
+            commands = outstanding(state) if state.cursor[position] == msg.offset else []
+            self._count_ignored("replayed")
+            await self._carry_out(commands)
+            return
+        new_state, commands = self.machine.decide(state, record, now_ms())
+        if new_state is not None and new_state is not state:
+            new_state.cursor[position] = msg.offset
+            self.table[key] = new_state.model_dump_json(exclude_defaults=True).encode()
+        await self._carry_out(commands)
+
+    async def _carry_out(self, commands: list[Any]) -> None:
+        for command in commands:
+            if isinstance(command, RequestActivity):
+                req = command.request
+                await self._topic(self.topics.requests(req.activity)).send(key=req.run_id.encode(), value=codec.dumps(req))
+            elif isinstance(command, StartTimer):
+                self.timers.schedule(command.run_id, command.timer_id, command.due_ms)
+            elif isinstance(command, PublishRunEvent):
+                value = codec.dumps(command.event)
+                await self._topic(self.topics.runs).send(key=command.event.run_id.encode(), value=value)
+                if command.completion_topic:
+                    await self._topic(command.completion_topic).send(key=command.event.run_id.encode(), value=value)
+            elif isinstance(command, EventIgnored):
+                self._count_ignored(command.reason)
+                log.info("ignored event for run %s: %s %s", command.run_id, command.reason, command.detail)
+
+    # --- timers -------------------------------------------------------------------------------
+
+    async def _fire_timers(self) -> None:
+        for run_id, timer_id in self.timers.due(now_ms()):
+            raw = self.table.get(run_id.encode())
+            if raw is None or f'"{timer_id}"' not in raw.decode():
+                continue  # finished or cleared since it was set
+            await self.coordinator_topic.send(key=run_id.encode(), value=codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)))
+
+    async def _on_rebalance_complete(self, *args: Any, **kwargs: Any) -> None:
+        """Re-arm the timers of every run this process now holds: they survive restarts and takeovers."""
+        count = 0
+        for key, raw in list(self.table.items()):
+            if raw is None or b'"timers"' not in raw:
+                continue
+            state = RunState.model_validate_json(raw)
+            for timer_id, timer in state.timers.items():
+                self.timers.schedule(state.run_id, timer_id, timer.due_ms)
+                count += 1
+        log.info("re-armed %d timers after rebalance", count)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _decode(self, topic: str, value: bytes | None) -> Any:
+        if topic == self.topics.completions:
+            return codec.decode(ActivityCompleted, value)
+        raw = codec.decode_object(value)
+        kind = raw.get("type")
+        if kind == "run.accepted":
+            return codec.validate(RunAccepted, raw)
+        if kind == "timer.fired":
+            return codec.validate(TimerFired, raw)
+        raise DecodeError(f"unknown record type {kind!r}")
+
+    def _partition_of(self, run_id: str) -> int:
+        key = run_id.encode()
+        return self._partitioner(key, list(range(self.partitions)), list(range(self.partitions)))
+
+    def _topic(self, name: str) -> faust.TopicT:
+        topic = self._out_topics.get(name)
+        if topic is None:
+            topic = self._out_topics[name] = self.app.topic(name, key_serializer="raw", value_serializer="raw")
+        return topic
+
+    def _count_ignored(self, reason: str) -> None:
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.ignored(reason)

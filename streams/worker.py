@@ -1,0 +1,136 @@
+"""Activity workers: one faust agent per activity topic, handlers run as concurrent tasks.
+
+Offsets are acknowledged only when a request's completion has been delivered, so a worker killed in the
+middle of an activity leaves it to be redelivered (at least once; the request_id lets anyone drop repeats).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import faust
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from handlers.registry import Activity, ActivityError, Result
+from streams.dlq import DeadLetters
+from topics import codec
+from topics.codec import DecodeError
+from topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo
+from topics.names import Topics
+
+log = logging.getLogger("legato.worker")
+
+_SEEN_REQUESTS = 100_000
+
+
+class _Seen:
+    """Request ids this process already took, so a redelivered request is not executed twice."""
+
+    def __init__(self, size: int = _SEEN_REQUESTS):
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, request_id: str) -> bool:
+        if request_id in self._ids:
+            return False
+        self._ids[request_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
+
+
+async def execute(activity: Activity, request: ActivityRequested) -> ActivityCompleted:
+    """Run one request through its handler; every outcome becomes a completion, never an exception."""
+    timeout = None
+    if request.deadline is not None:
+        timeout = max(0.0, request.deadline / 1000 - time.time())
+    base = {"request_id": request.request_id, "run_id": request.run_id, "step_id": request.step_id, "attempt": request.attempt}
+    try:
+        result = await asyncio.wait_for(activity(request.input), timeout=timeout)
+    except asyncio.TimeoutError:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="ActivityTimeout", message=f"handler ran past its deadline ({timeout:.3f}s)", retryable=True))
+    except ActivityError as exc:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type=exc.type, message=str(exc), retryable=exc.retryable))
+    except ValidationError as exc:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="InputValidationError", message=str(exc)[:2000], retryable=False))
+    except Exception as exc:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:2000], retryable=True))
+    confidence, cost = None, None
+    if isinstance(result, Result):
+        confidence, cost, result = result.confidence, result.cost, result.output
+    if isinstance(result, BaseModel):
+        result = result.model_dump(mode="json")
+    try:
+        orjson.dumps(result)
+        completion = ActivityCompleted(**base, status="succeeded", output=result, confidence=confidence, cost=Cost.model_validate(cost) if cost else None)
+    except (TypeError, ValidationError) as exc:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="OutputNotSerializable", message=f"handler output cannot be sent: {exc}"[:2000], retryable=False))
+    return completion
+
+
+class Workers:
+    """Registers one agent per activity on a faust app."""
+
+    def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None):
+        self.app = app
+        self.topics = topics
+        self.dlq = dlq
+        self.metrics = metrics
+        self.seen = _Seen()
+        self.completions = app.topic(topics.completions, key_serializer="raw", value_serializer="raw")
+        self.skipped: dict[str, int] = {}
+        for name, activity in sorted(activities.items()):
+            topic = app.topic(topics.requests(name), partitions=partitions, key_serializer="raw", value_serializer="raw")
+            app.agent(topic, name=f"legato.worker.{name}")(self._agent_for(activity))
+
+    def _agent_for(self, activity: Activity):
+        slots = asyncio.Semaphore(activity.concurrency)
+        tasks: set[asyncio.Task] = set()
+
+        async def work(stream: faust.StreamT) -> None:
+            async for event in stream.noack().events():
+                await slots.acquire()
+                task = asyncio.ensure_future(self._handle(activity, event, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        work.__name__ = f"work_{activity.name}"
+        return work
+
+    async def _handle(self, activity: Activity, event: Any, slots: asyncio.Semaphore) -> None:
+        msg = event.message
+        try:
+            try:
+                request = codec.decode(ActivityRequested, msg.value)
+            except DecodeError as exc:
+                await self.dlq.send(msg, f"bad activity request: {exc}")
+                return
+            if request.activity != activity.name:
+                await self.dlq.send(msg, f"request for activity {request.activity!r} on the topic of {activity.name!r}")
+                return
+            if not self.seen.add(request.request_id):
+                self._skip("duplicate_request")
+                return
+            if request.deadline is not None and request.deadline < time.time() * 1000:
+                self._skip("expired_request")  # the coordinator has stopped waiting: don't spend a model call
+                return
+            started = time.time()
+            if self.metrics is not None and request.requested_ms:
+                self.metrics.activity_wait(activity.name, started - request.requested_ms / 1000)
+            completion = await execute(activity, request)
+            if self.metrics is not None:
+                self.metrics.activity_done(activity.name, completion.status, time.time() - started, completion.error.type if completion.error else "")
+            fut = await self.completions.send(key=request.run_id.encode(), value=codec.dumps(completion))
+            await fut  # delivered before the offset may be committed
+        except Exception:
+            log.exception("worker failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
+        finally:
+            event.ack()
+            slots.release()
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1

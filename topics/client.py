@@ -1,0 +1,130 @@
+"""A small async client for services: trigger runs, wait for their terminal events, subscribe to a workflow.
+
+Needs nothing but aiokafka and the topic contract; any other language can do the same with its own client.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import AsyncIterator, Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from topics import codec
+from topics.codec import DecodeError
+from topics.models import RunEvent, RunRequested
+from topics.names import DEFAULT_PREFIX, Topics
+
+TERMINAL_TYPES = ("run.completed", "run.failed")
+
+
+class LegatoClient:
+    """``async with LegatoClient(bootstrap) as c: event = await c.run("wf", {...})``."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", prefix: str = DEFAULT_PREFIX, **kafka: object):
+        self.bootstrap = bootstrap
+        self.topics = Topics(prefix)
+        self._kafka = kafka
+        self._producer: AIOKafkaProducer | None = None
+
+    async def __aenter__(self) -> "LegatoClient":
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0, **self._kafka)
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def trigger(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, correlation_id: str | None = None) -> str:
+        """Publish a trigger and return its run_id (a new uuid4 unless given; it is the idempotency key)."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        run_id = run_id or str(uuid.uuid4())
+        record = RunRequested(workflow=workflow, input=input or {}, run_id=run_id, correlation_id=correlation_id)
+        await self._producer.send_and_wait(self.topics.triggers, codec.dumps(record), key=run_id.encode())
+        return run_id
+
+    async def run(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, timeout: float = 300.0,
+                  progress: Callable[[str], None] | None = None) -> RunEvent:
+        """Trigger a run and wait for its terminal event."""
+        run_id = run_id or str(uuid.uuid4())
+        async with self._runs_consumer() as consumer:
+            await self.trigger(workflow, input, run_id=run_id)
+            if progress:
+                progress(f"triggered {workflow} run {run_id}")
+            return await asyncio.wait_for(self._wait(consumer, {run_id}, progress), timeout)
+
+    async def wait_for(self, run_ids: set[str], timeout: float = 300.0, from_beginning: bool = True) -> dict[str, RunEvent]:
+        """Terminal events of ``run_ids`` (read from the start of legato.runs by default)."""
+        results: dict[str, RunEvent] = {}
+        async with self._runs_consumer(from_beginning) as consumer:
+            async def collect() -> None:
+                async for event in self._events(consumer):
+                    if event.run_id in run_ids and event.type in TERMINAL_TYPES:
+                        results.setdefault(event.run_id, event)
+                        if len(results) == len(run_ids):
+                            return
+            await asyncio.wait_for(collect(), timeout)
+        return results
+
+    async def subscribe(self, workflow: str | None = None, from_beginning: bool = False) -> AsyncIterator[RunEvent]:
+        """Terminal events of every run (of ``workflow`` when given), as they happen."""
+        async with self._runs_consumer(from_beginning) as consumer:
+            async for event in self._events(consumer):
+                if event.type in TERMINAL_TYPES and (workflow is None or event.workflow == workflow):
+                    yield event
+
+    async def _wait(self, consumer: AIOKafkaConsumer, run_ids: set[str], progress: Callable[[str], None] | None) -> RunEvent:
+        async for event in self._events(consumer):
+            if event.run_id not in run_ids:
+                continue
+            if progress:
+                progress(f"{event.type} {event.status}")
+            if event.type in TERMINAL_TYPES:
+                return event
+        raise RuntimeError("the runs topic ended")
+
+    async def _events(self, consumer: AIOKafkaConsumer) -> AsyncIterator[RunEvent]:
+        async for msg in consumer:
+            try:
+                yield codec.decode(RunEvent, msg.value)
+            except DecodeError:
+                continue
+
+    def _runs_consumer(self, from_beginning: bool = False) -> "_RunsConsumer":
+        return _RunsConsumer(self.bootstrap, self.topics.runs, from_beginning, self._kafka)
+
+
+class _RunsConsumer:
+    """A group-less consumer of every partition of legato.runs, positioned before anything is triggered."""
+
+    def __init__(self, bootstrap: str, topic: str, from_beginning: bool, kafka: dict):
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **kafka)
+        self.topic = topic
+        self.from_beginning = from_beginning
+
+    async def __aenter__(self) -> AIOKafkaConsumer:
+        c = self.consumer
+        await c.start()
+        partitions = None
+        for _ in range(50):
+            metadata = await c._client.fetch_all_metadata()
+            partitions = metadata.partitions_for_topic(self.topic)
+            if partitions:
+                break
+            await asyncio.sleep(0.1)
+        if not partitions:
+            await c.stop()
+            raise RuntimeError(f"topic {self.topic} does not exist: is a coordinator running?")
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        c.assign(tps)
+        if self.from_beginning:
+            await c.seek_to_beginning(*tps)
+        else:
+            await c.seek_to_end(*tps)
+        for tp in tps:
+            await c.position(tp)  # resolve the position now, before the trigger is sent
+        return c
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
