@@ -1,0 +1,45 @@
+"""JSON Schemas of every record on the public topics, generated from the models.
+
+``python -m topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from topics.models import ActivityCompleted, ActivityRequested, DeadLetter, RunEvent, RunRequested
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+
+RECORDS = {
+    "triggers": RunRequested,
+    "requests": ActivityRequested,
+    "completions": ActivityCompleted,
+    "runs": RunEvent,
+    "dlq": DeadLetter,
+}
+
+
+def render() -> dict[str, str]:
+    """File name -> schema text for every public topic."""
+    out = {}
+    for topic, model in RECORDS.items():
+        schema = model.model_json_schema(mode="validation")
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"legato/{topic}.json", **schema}
+        out[f"{topic}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def write() -> list[Path]:
+    SCHEMA_DIR.mkdir(exist_ok=True)
+    written = []
+    for name, text in render().items():
+        path = SCHEMA_DIR / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write():
+        print(p)
