@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import asyncio
 import os
 import sys
@@ -95,6 +96,13 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import overhead
+
+    s = _settings(args)
+    return overhead(s, runs=args.runs, steps=args.steps, output=Path(args.output) if args.output else None)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from workflows.model import DefinitionError, load_workflow
 
@@ -162,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
+    p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe")
+    p.add_argument("name", nargs="?", default="overhead", choices=["overhead"])
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--output", default=None, help="append the results to this markdown file (e.g. BENCHMARKS.md)")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)
@@ -173,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_kafka)
 
     args = parser.parse_args(argv)
+    if args.command in ("trigger", "demo", "bench"):
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     return args.fn(args) or 0
 
 
