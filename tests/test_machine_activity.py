@@ -280,10 +280,9 @@ def test_a_completion_with_a_stale_attempt_number_is_ignored_as_stale_attempt():
     assert h.pending_for("a").attempt == 2
 
 
-def test_bug_late_completion_of_an_earlier_attempt_is_reported_as_unknown_request_not_stale_attempt():
-    """BUG (classification): a worker's late answer to attempt 1, arriving after attempt 2 was requested, is the
-    textbook stale attempt; the machine reports it as ``unknown_request`` because ``state.requests`` only keeps
-    the pending request id (which embeds the attempt), so ``stale_attempt`` is unreachable for real workers."""
+def test_a_late_completion_of_an_earlier_attempt_is_ignored_as_stale_attempt():
+    """Regression: a worker's late answer to attempt 1, arriving after attempt 2 was requested, used to be
+    reported as ``unknown_request`` (state.requests only keeps the pending id, which embeds the attempt)."""
     h = Harness(machine_from(retrying(3)))
     h.start("retrying", {"n": 1})
     first = h.pending_for("a")
@@ -291,7 +290,7 @@ def test_bug_late_completion_of_an_earlier_attempt_is_reported_as_unknown_reques
     h.fire("a:retry:1")
     before = h.state
     out = h.deliver(succeeded(first, {"late": True}))
-    assert h.state is before and len(out) == 1  # (this part holds)
+    assert h.state is before and len(out) == 1
     assert ignored_in(out)[0].reason == "stale_attempt"
 
 
@@ -317,7 +316,7 @@ def test_a_duplicate_completion_is_ignored_and_the_state_is_unchanged(make):
     before = h.state
     snapshot = dump(before)
     out = h.deliver(event)
-    assert [c.reason for c in ignored_in(out)] == [("run_finished" if before.finished else "unknown_request")]
+    assert [c.reason for c in ignored_in(out)] == [("run_finished" if before.finished else "duplicate_completion")]
     assert len(out) == 1 and h.state is before and dump(h.state) == snapshot
 
 
@@ -353,9 +352,9 @@ def test_a_completion_after_the_run_finished_is_ignored_as_run_finished():
     assert len(terminal_events_in(h.commands)) == 1
 
 
-def test_bug_timer_due_times_truncate_durations_and_lose_a_millisecond():
-    """BUG: ``set_timer``/``_request`` compute ``now + int(seconds * 1000)``; durations are parsed to float
-    seconds, so e.g. ``4007ms`` -> 4.007 s -> 4006.999... ms -> 4006. Expected due/deadline = now + 4007."""
+def test_timer_due_times_and_deadlines_keep_every_millisecond_of_a_duration():
+    """Regression: due times were ``now + int(seconds * 1000)``; durations are parsed to float seconds, so
+    ``4007ms`` -> 4.007 s -> 4006.999... ms was truncated to 4006."""
     wf = """
 name: t
 steps:

@@ -222,11 +222,10 @@ steps:
     assert h.terminal().event.path == ["c:default", "c:case0", "c:default"]
 
 
-def test_bug_a_loop_whose_body_needs_no_activity_overflows_the_stack():
-    """BUG: a loop body that completes within the same decision (here a `fail` whose `when` is false, so it is
-    skipped) makes each iteration recurse (advance -> _start_step -> finish_step -> _frame_finished ->
-    _loop_iteration_finished -> advance ...). With max_iterations above ~165 (1000 is allowed) ``decide`` raises
-    RecursionError instead of returning a state. Expected: the counted loop runs 1000 iterations and succeeds."""
+def test_a_loop_whose_body_needs_no_activity_runs_to_the_engine_cap_without_overflowing_the_stack():
+    """Regression: a loop body that completes within the same decision (here a `fail` whose `when` is false, so
+    it is skipped) made each iteration recurse (advance -> _start_step -> finish_step -> _frame_finished ->
+    _loop_iteration_finished -> advance ...); above ~165 iterations ``decide`` raised RecursionError."""
     wf = """
 name: spin
 steps:
@@ -243,3 +242,4 @@ steps:
     except RecursionError:
         pytest.fail("decide() raised RecursionError on a 1000-iteration loop with an activity-free body")
     assert h.status == "succeeded"
+    assert h.state.steps["l"].iteration == 999 and len([k for k in h.state.steps if k.endswith("/guard")]) == 1000

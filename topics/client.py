@@ -48,11 +48,13 @@ class LegatoClient:
                   progress: Callable[[str], None] | None = None) -> RunEvent:
         """Trigger a run and wait for its terminal event."""
         run_id = run_id or str(uuid.uuid4())
-        async with self._runs_consumer() as consumer:
+        watch = [self.topics.runs, self.topics.completions] if progress else [self.topics.runs]
+        async with _RunsConsumer(self.bootstrap, watch, False, self._kafka) as consumer:
+            started = asyncio.get_running_loop().time()
             await self.trigger(workflow, input, run_id=run_id)
             if progress:
                 progress(f"triggered {workflow} run {run_id}")
-            return await asyncio.wait_for(self._wait(consumer, {run_id}, progress), timeout)
+            return await asyncio.wait_for(self._wait(consumer, {run_id}, progress, started), timeout)
 
     async def wait_for(self, run_ids: set[str], timeout: float = 300.0, from_beginning: bool = True) -> dict[str, RunEvent]:
         """Terminal events of ``run_ids`` (read from the start of legato.runs by default)."""
@@ -74,12 +76,27 @@ class LegatoClient:
                 if event.type in TERMINAL_TYPES and (workflow is None or event.workflow == workflow):
                     yield event
 
-    async def _wait(self, consumer: AIOKafkaConsumer, run_ids: set[str], progress: Callable[[str], None] | None) -> RunEvent:
-        async for event in self._events(consumer):
-            if event.run_id not in run_ids:
+    async def _wait(self, consumer: AIOKafkaConsumer, run_ids: set[str], progress: Callable[[str], None] | None, started: float = 0.0) -> RunEvent:
+        loop = asyncio.get_running_loop()
+        async for msg in consumer:
+            try:
+                raw = codec.decode_object(msg.value)
+            except DecodeError:
+                continue
+            if raw.get("run_id") not in run_ids:
+                continue
+            if msg.topic == self.topics.completions:
+                if progress:  # live progress: every completion of the run, read from the contract's topic
+                    error = raw.get("error") or {}
+                    detail = f" ({error.get('type')}: {error.get('message')})" if error else ""
+                    progress(f"{loop.time() - started:7.3f}s  step {raw.get('step_id')} attempt {raw.get('attempt')} {raw.get('status')}{detail}")
+                continue
+            try:
+                event = codec.validate(RunEvent, raw)
+            except DecodeError:
                 continue
             if progress:
-                progress(f"{event.type} {event.status}")
+                progress(f"{loop.time() - started:7.3f}s  {event.type}")
             if event.type in TERMINAL_TYPES:
                 return event
         raise RuntimeError("the runs topic ended")
@@ -92,31 +109,33 @@ class LegatoClient:
                 continue
 
     def _runs_consumer(self, from_beginning: bool = False) -> "_RunsConsumer":
-        return _RunsConsumer(self.bootstrap, self.topics.runs, from_beginning, self._kafka)
+        return _RunsConsumer(self.bootstrap, [self.topics.runs], from_beginning, self._kafka)
 
 
 class _RunsConsumer:
-    """A group-less consumer of every partition of legato.runs, positioned before anything is triggered."""
+    """A group-less consumer of every partition of the given topics, positioned before anything is triggered."""
 
-    def __init__(self, bootstrap: str, topic: str, from_beginning: bool, kafka: dict):
+    def __init__(self, bootstrap: str, topics: list[str], from_beginning: bool, kafka: dict):
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **kafka)
-        self.topic = topic
+        self.topics = topics
         self.from_beginning = from_beginning
 
     async def __aenter__(self) -> AIOKafkaConsumer:
         c = self.consumer
         await c.start()
-        partitions = None
-        for _ in range(50):
-            metadata = await c._client.fetch_all_metadata()
-            partitions = metadata.partitions_for_topic(self.topic)
-            if partitions:
-                break
-            await asyncio.sleep(0.1)
-        if not partitions:
-            await c.stop()
-            raise RuntimeError(f"topic {self.topic} does not exist: is a coordinator running?")
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        tps: list[TopicPartition] = []
+        for topic in self.topics:
+            partitions = None
+            for _ in range(50):
+                metadata = await c._client.fetch_all_metadata()
+                partitions = metadata.partitions_for_topic(topic)
+                if partitions:
+                    break
+                await asyncio.sleep(0.1)
+            if not partitions:
+                await c.stop()
+                raise RuntimeError(f"topic {topic} does not exist: is a coordinator running?")
+            tps += [TopicPartition(topic, p) for p in sorted(partitions)]
         c.assign(tps)
         if self.from_beginning:
             await c.seek_to_beginning(*tps)

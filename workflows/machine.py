@@ -6,6 +6,7 @@ Every decision about joins, branches, loop exits, retries and timeouts is made h
 """
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Union
 
@@ -56,7 +57,7 @@ class EventIgnored(_Command):
     """A refused transition: duplicate, stale or unknown. Counted by the shell, never silently dropped."""
 
     run_id: str
-    reason: str  # duplicate_trigger | unknown_run | run_finished | unknown_request | stale_attempt | stale_timer
+    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer
     detail: str = ""
 
 
@@ -93,6 +94,7 @@ class Machine:
             run.on_completion(event)
         else:
             run.on_timer(event)
+        run.drain()
         if not run.changed:
             return state, run.out
         return run.state, run.out
@@ -118,6 +120,7 @@ class Machine:
             run.set_timer("run:timeout", wf.definition.timeout, "run_timeout")
         run.state.frames["root"] = Frame(id="root", ref="root")
         run.advance("root")
+        run.drain()
         return run.state, run.out
 
 
@@ -174,13 +177,20 @@ class _Run:
         self.now = now_ms
         self.out: list[Command] = []
         self.changed = True
+        self._queue: deque[str] = deque()
 
     # --- events ---------------------------------------------------------------------------------
 
     def on_completion(self, event: ActivityCompleted) -> None:
         key = self.state.requests.get(event.request_id)
         if key is None:
-            self._ignore("unknown_request", f"request {event.request_id} is not pending")
+            earlier = self._step_of_request(event.request_id)
+            if earlier is not None and earlier.request_id == event.request_id:
+                self._ignore("duplicate_completion", f"request {event.request_id} already completed ({earlier.status})")
+            elif earlier is not None:
+                self._ignore("stale_attempt", f"request {event.request_id} is no longer pending (step {earlier.key} at attempt {earlier.attempt}, {earlier.status})")
+            else:
+                self._ignore("unknown_request", f"request {event.request_id} was never made by this run")
             return
         step = self.state.steps[key]
         if event.attempt != step.attempt or step.status != "running":
@@ -220,10 +230,21 @@ class _Run:
     # --- frames ---------------------------------------------------------------------------------
 
     def advance(self, frame_id: str) -> None:
-        """Start the frame's step at its index, or finish the frame when none is left."""
-        if self.state.finished:
-            return
+        """Queue the frame to start its step at its index (or to finish when none is left).
+
+        A queue, not recursion: loops whose bodies finish without waiting would otherwise nest a call per
+        iteration and overflow the stack.
+        """
+        self._queue.append(frame_id)
+
+    def drain(self) -> None:
+        while self._queue:
+            self._advance(self._queue.popleft())
+
+    def _advance(self, frame_id: str) -> None:
         frame = self.state.frames[frame_id]
+        if self.state.finished or frame.status != "running":
+            return  # cancelled (a failed sibling, a finished run) while it waited in the queue
         steps = self.wf.sequences[frame.ref]
         if frame.index >= len(steps):
             frame.status = "succeeded"
@@ -354,7 +375,7 @@ class _Run:
             activity=definition.activity,
             attempt=attempt,
             input=payload,
-            deadline=self.now + int(timeout * 1000),
+            deadline=self.now + round(timeout * 1000),
             workflow=self.state.workflow,
             requested_ms=self.now,
         )
@@ -477,7 +498,7 @@ class _Run:
     # --- helpers --------------------------------------------------------------------------------
 
     def set_timer(self, timer_id: str, seconds: float, kind: str, target: str | None = None, attempt: int | None = None) -> None:
-        due = self.now + int(seconds * 1000)
+        due = self.now + round(seconds * 1000)
         self.state.timers[timer_id] = Timer(due_ms=due, kind=kind, target=target, attempt=attempt)
         self.out.append(StartTimer(run_id=self.state.run_id, timer_id=timer_id, due_ms=due))
 
@@ -524,6 +545,15 @@ class _Run:
     def _add_cost(self, step: StepState, cost: dict[str, Any]) -> None:
         step.cost = _sum_cost(step.cost or {}, cost)
         self.state.cost = _sum_cost(self.state.cost, cost)
+
+    def _step_of_request(self, request_id: str) -> StepState | None:
+        """The step an earlier request of this run belonged to (ids are ``<run_id>/<step key>/<attempt>``)."""
+        prefix = self.state.run_id + "/"
+        if not request_id.startswith(prefix):
+            return None
+        key, _, attempt = request_id[len(prefix):].rpartition("/")
+        step = self.state.steps.get(key)
+        return step if step is not None and attempt.isdigit() and int(attempt) <= max(step.attempt, 1) else None
 
     def _ignore(self, reason: str, detail: str) -> None:
         self.changed = False

@@ -1,0 +1,330 @@
+"""Property tests of the state machine: termination, one terminal event, determinism, idempotence.
+
+A strategy builds random workflows (activity/parallel/choice/loop nested up to depth 3, with occasional end/fail
+steps), and an adversarial driver feeds the run: it completes a random pending request (success with a random
+score, or a retryable/non-retryable failure), fires a random pending timer (at its due time, never moving time
+backwards), re-delivers an event it already delivered, or delivers a stale completion.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import yaml
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import event as tally
+from hypothesis import strategies as st
+
+from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
+from topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired
+from workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, replay
+from workflows.model import compile_workflow
+from workflows.state import RunState
+
+MAX_EVENTS = 500
+MAX_DEPTH = 3
+SCORES = [0.0, 0.3, 0.6, 0.95]
+
+PROPERTY_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+
+# --- random workflows -------------------------------------------------------------------------------
+
+
+@st.composite
+def workflow_docs(draw: Any) -> dict[str, Any]:
+    counter = itertools.count()
+
+    def nid(prefix: str) -> str:
+        return f"{prefix}{next(counter)}"
+
+    def activity() -> dict[str, Any]:
+        step: dict[str, Any] = {"id": nid("a"), "activity": draw(st.sampled_from(["alpha", "beta"])), "input": {"n": "${ input.n }"}}
+        attempts = draw(st.integers(1, 3))
+        if attempts > 1:
+            step["retry"] = {"max_attempts": attempts, "backoff": draw(st.sampled_from(["100ms", "1s"])), "multiplier": 2, "max_backoff": "1s"}
+        if draw(st.booleans()):
+            step["timeout"] = "2s"
+        return step
+
+    def condition(prev: str | None) -> str:
+        if prev is not None and draw(st.booleans()):
+            return f"steps.{prev}.output.score > {draw(st.sampled_from([0.1, 0.5]))}"
+        return f"input.n > {draw(st.integers(0, 4))}"
+
+    def sequence(depth: int, max_len: int, min_len: int = 1) -> list[dict[str, Any]]:
+        steps: list[dict[str, Any]] = []
+        prev: str | None = None
+        for _ in range(draw(st.integers(min_len, max_len))):
+            step = compound(depth, prev)
+            steps.append(step)
+            prev = step["id"] if "activity" in step else None
+        return steps
+
+    def compound(depth: int, prev: str | None) -> dict[str, Any]:
+        kinds = ["activity"] * 3 + ["terminal"]
+        if depth < MAX_DEPTH:
+            kinds += ["parallel", "choice", "loop"] * 2
+        kind = draw(st.sampled_from(kinds))
+        if kind == "activity":
+            return activity()
+        if kind == "terminal":  # an end or fail that only triggers for some inputs
+            k = draw(st.integers(0, 5))
+            if draw(st.booleans()):
+                return {"id": nid("e"), "end": {"when": f"input.n == {k}"}}
+            return {"id": nid("f"), "fail": {"when": f"input.n == {k}", "reason": "'refused'"}}
+        if kind == "parallel":
+            n = draw(st.integers(1, 3))
+            return {"id": nid("p"), "parallel": {"branches": {f"b{i}": sequence(depth + 1, 2) for i in range(n)}}}
+        if kind == "choice":
+            if draw(st.booleans()):
+                cases = [{"when": condition(prev), "steps": sequence(depth + 1, 2)} for _ in range(draw(st.integers(1, 2)))]
+                spec: dict[str, Any] = {"cases": cases}
+            else:
+                spec = {"route": "input.route", "routes": {"r0": sequence(depth + 1, 2), "r1": sequence(depth + 1, 2)}}
+            spec["default"] = sequence(depth + 1, 2)
+            return {"id": nid("c"), "choice": spec}
+        # a loop: its first step is always an activity, so `until` may read that activity's output
+        first = activity()
+        body = [first] + (sequence(depth + 1, 1) if draw(st.booleans()) else [])
+        loop: dict[str, Any] = {"max_iterations": draw(st.integers(1, 4)), "steps": body}
+        until = draw(st.sampled_from([None, "score", "flag", "iteration"]))
+        if until == "score":
+            loop["until"] = f"steps.{first['id']}.output.score >= 0.9"
+        elif until == "flag":
+            loop["until"] = f"steps.{first['id']}.output.flag"
+        elif until == "iteration":
+            loop["until"] = "iteration >= 2"
+        loop["on_exhausted"] = draw(st.sampled_from(["fail", "continue"]))
+        if draw(st.booleans()):
+            loop["timeout"] = "30s"
+        return {"id": nid("l"), "loop": loop}
+
+    doc: dict[str, Any] = {"name": "gen", "steps": sequence(0, 4, min_len=2)}
+    if draw(st.booleans()):
+        doc["timeout"] = "10m"
+    return doc
+
+
+def progress_bound(doc: dict[str, Any]) -> int:
+    """Most events that can move a run of ``doc`` forward (completions and timers actually applied)."""
+
+    def seq(steps: list[dict[str, Any]]) -> int:
+        return sum(step(s) for s in steps)
+
+    def step(s: dict[str, Any]) -> int:
+        if "activity" in s:
+            attempts = s.get("retry", {}).get("max_attempts", 1)
+            return 2 * attempts - 1  # each attempt ends once; a retry timer between attempts
+        if "parallel" in s:
+            return sum(seq(b) for b in s["parallel"]["branches"].values())
+        if "choice" in s:
+            spec = s["choice"]
+            paths = [c["steps"] for c in spec.get("cases", [])] + list(spec.get("routes", {}).values()) + [spec["default"]]
+            return max(seq(p) for p in paths)
+        if "loop" in s:
+            return s["loop"]["max_iterations"] * seq(s["loop"]["steps"]) + 1
+        return 0
+
+    return seq(doc["steps"]) + 1
+
+
+@st.composite
+def scenarios(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    doc = draw(workflow_docs().filter(lambda d: progress_bound(d) <= 200))
+    run_input = {"n": draw(st.integers(0, 5)), "route": draw(st.sampled_from(["r0", "r1", "other"]))}
+    return doc, run_input
+
+
+# --- invariants --------------------------------------------------------------------------------------
+
+
+def check_invariants(state: RunState) -> None:
+    """Bookkeeping that must hold after every decision."""
+    if state.finished:
+        assert state.requests == {} and state.timers == {}
+        return
+    # a running run is never stuck: something that will move it on is pending
+    movers = list(state.requests) + [t for t, timer in state.timers.items() if timer.kind == "retry"]
+    assert movers, f"running run with nothing pending: timers={list(state.timers)}"
+    for request_id, key in state.requests.items():
+        step = state.steps[key]
+        assert step.status == "running" and step.request_id == request_id, (request_id, step)
+        assert f"{key}:timeout:{step.attempt}" in state.timers
+    for timer_id, timer in state.timers.items():
+        if timer.kind == "run_timeout":
+            continue
+        target = state.steps[timer.target]
+        if timer.kind == "activity_timeout":
+            assert target.status == "running" and target.attempt == timer.attempt, (timer_id, target.status)
+        elif timer.kind == "retry":
+            assert target.status == "waiting_retry" and target.attempt == timer.attempt, (timer_id, target.status)
+        elif timer.kind == "loop_timeout":
+            assert target.status == "running", (timer_id, target.status)
+    for step in state.steps.values():
+        if step.kind == "activity" and step.status == "running":
+            assert state.requests.get(step.request_id) == step.key, step.key
+        if step.status == "waiting_retry":
+            assert f"{step.key}:retry:{step.attempt}" in state.timers, step.key
+
+
+# --- the adversarial driver ------------------------------------------------------------------------
+
+
+class Drive:
+    def __init__(self, machine: Machine, data: Any):
+        self.machine = machine
+        self.data = data
+        self.state: RunState | None = None
+        self.now = T0
+        self.log: list[tuple[Any, int]] = []
+        self.commands: list[Any] = []
+        self.issued: dict[str, ActivityRequested] = {}
+        self.progress = 0
+        # how hostile this run's world is: 0 = workers always succeed and only due retries fire,
+        # 1 = occasional failures and timeouts, 2 = frequent ones
+        self.hostility = data.draw(st.sampled_from([0, 1, 1, 2]), label="hostility")
+
+    def deliver(self, event: Any) -> list[Any]:
+        self.state, out = self.machine.decide(self.state, event, self.now)
+        self.log.append((event, self.now))
+        self.commands.extend(out)
+        for c in out:
+            if isinstance(c, RequestActivity):
+                self.issued[c.request.request_id] = c.request
+        return out
+
+    def draw(self, strategy: Any, label: str) -> Any:
+        return self.data.draw(strategy, label=label)
+
+    def step(self) -> None:
+        state = self.state
+        assert state is not None
+        action = self.draw(st.sampled_from(["progress", "progress", "progress", "duplicate", "stale"]), "action")
+        if action == "duplicate":
+            event, _ = self.draw(st.sampled_from(self.log), "duplicate of")
+            self.redeliver(event)
+            return
+        if action == "stale":
+            stale = self.stale_completions(state)
+            if stale:
+                self.redeliver(self.draw(st.sampled_from(stale), "stale"))
+                return
+        self.advance(state)
+
+    def advance(self, state: RunState) -> None:
+        # completions are favoured over timers (every request has a timeout timer), else runs end too early
+        timers = sorted(state.timers)
+        if self.hostility == 0 and state.requests:
+            timers = [t for t in timers if state.timers[t].kind == "retry"]
+        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else [])
+        kind = self.draw(st.sampled_from(kinds), "kind")
+        target = self.draw(st.sampled_from(sorted(state.requests) if kind == "request" else timers), kind)
+        if kind == "timer":
+            self.now = max(self.now, state.timers[target].due_ms)
+            event: Any = fired(state.run_id, target)
+        else:
+            self.now += self.draw(st.integers(0, 3_000), "elapsed")
+            request = self.issued[target]
+            outcomes = [["ok"], ["ok"] * 12 + ["retryable"] * 2 + ["fatal"], ["ok"] * 3 + ["retryable"] * 2 + ["fatal"]]
+            outcome = self.draw(st.sampled_from(outcomes[self.hostility]), "outcome")
+            if outcome == "ok":
+                output = {"score": self.draw(st.sampled_from(SCORES), "score"), "flag": self.draw(st.booleans(), "flag")}
+                event = succeeded(request, output, confidence=self.draw(st.sampled_from([None, 0.5, 0.9]), "confidence"), cost={"usd": 0.001, "tokens_in": 3})
+            else:
+                event = failed(request, "Boom", retryable=outcome == "retryable")
+        out = self.deliver(event)
+        assert not any(isinstance(c, EventIgnored) for c in out), f"a pending event was refused: {out}"
+        self.progress += 1
+
+    def stale_completions(self, state: RunState) -> list[ActivityCompleted]:
+        """Completions for requests no longer pending, and ones claiming the wrong attempt."""
+        stale: list[ActivityCompleted] = [succeeded(r, {"score": 1.0, "flag": True}) for rid, r in self.issued.items() if rid not in state.requests]
+        for request in pending_requests(state):
+            stale.append(failed(request, "Wrong", retryable=False, attempt=request.attempt + 1))
+        return stale
+
+    def redeliver(self, event: Any) -> None:
+        """Property (d): an already-applied, stale or duplicate event changes nothing and is refused."""
+        before = self.state
+        snapshot = dump(before)
+        out = self.deliver(event)
+        assert self.state is before and dump(self.state) == snapshot
+        assert out and all(isinstance(c, EventIgnored) for c in out), out
+        tally(f"refused: {out[0].reason}")
+        if isinstance(event, RunAccepted):
+            assert [c.reason for c in out] == ["duplicate_trigger"]
+        elif before.finished:
+            assert [c.reason for c in out] == ["run_finished"]
+        elif isinstance(event, TimerFired):
+            assert [c.reason for c in out] == ["stale_timer"]
+        elif event.request_id in before.requests:  # the pending request, claiming another attempt
+            assert [c.reason for c in out] == ["stale_attempt"]
+        else:  # an earlier request of this run: the very one applied before, or an older attempt
+            assert [c.reason for c in out] in (["duplicate_completion"], ["stale_attempt"])
+
+
+def machine_for(doc: dict[str, Any]) -> Machine:
+    return Machine({"gen": compile_workflow(doc, "<generated>")})
+
+
+@PROPERTY_SETTINGS
+@given(scenario=scenarios(), data=st.data())
+def test_random_runs_terminate_once_and_replay_deterministically(scenario, data):
+    doc, run_input = scenario
+    note(yaml.safe_dump(doc, sort_keys=False))
+    note(f"input: {run_input}")
+    bound = progress_bound(doc)
+    drive = Drive(machine_for(doc), data)
+    drive.deliver(RunAccepted(run_id="run-1", workflow="gen", input=run_input))
+    check_invariants(drive.state)
+
+    # (a) termination: while running, something is always pending, and the run ends within the bound
+    while not drive.state.finished:
+        assert len(drive.log) < MAX_EVENTS, f"no end after {MAX_EVENTS} events"
+        drive.step()
+        check_invariants(drive.state)
+    assert drive.progress <= bound, (drive.progress, bound)
+    assert drive.state.status in ("succeeded", "failed")
+    tally(f"outcome: {drive.state.status} {drive.state.error.type if drive.state.error else ''}".strip())
+    tally(f"events: {'<10' if len(drive.log) < 10 else '<50' if len(drive.log) < 50 else '>=50'}")
+
+    # some more adversarial traffic after the end: all refused, nothing changes
+    for _ in range(data.draw(st.integers(0, 3), label="after the end")):
+        event, _ = data.draw(st.sampled_from(drive.log), label="late duplicate")
+        drive.redeliver(event)
+
+    # (b) exactly one terminal run event, after everything else the run published
+    terminal = terminal_events_in(drive.commands)
+    assert len(terminal) == 1
+    published = [c for c in drive.commands if isinstance(c, PublishRunEvent)]
+    assert published[-1] == terminal[0]
+    assert terminal[0].event.status == drive.state.status
+    assert len([c for c in published if c.event.type == "run.started"]) == 1
+
+    # (c) determinism: the same events from scratch, with a freshly compiled definition, give the same result
+    state, commands = replay(machine_for(doc), drive.log)
+    assert dump(state) == dump(drive.state)
+    assert commands == drive.commands
+    assert [c.model_dump() for c in commands] == [c.model_dump() for c in drive.commands]
+
+
+@PROPERTY_SETTINGS
+@given(scenario=scenarios(), data=st.data())
+def test_every_prefix_of_a_log_replays_to_the_state_that_was_seen(scenario, data):
+    """Replay is a pure fold: after any prefix of the log, replaying gives the state the driver saw then."""
+    doc, run_input = scenario
+    note(yaml.safe_dump(doc, sort_keys=False))
+    drive = Drive(machine_for(doc), data)
+    drive.deliver(RunAccepted(run_id="run-1", workflow="gen", input=run_input))
+    seen = [dump(drive.state)]
+    while not drive.state.finished and len(drive.log) < MAX_EVENTS:
+        drive.advance(drive.state)
+        seen.append(dump(drive.state))
+    cut = data.draw(st.integers(1, len(drive.log)), label="prefix")
+    state, _ = replay(machine_for(doc), drive.log[:cut])
+    assert dump(state) == seen[cut - 1]
