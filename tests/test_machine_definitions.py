@@ -391,3 +391,30 @@ def test_one_bad_file_refuses_the_whole_directory(tmp_path):
 def test_the_shipped_examples_all_load():
     found = load_directories([EXAMPLES])
     assert "support_triage" in found
+
+
+def _choice_with(when: str) -> str:
+    return f"""
+        name: w
+        steps:
+          - id: c
+            choice:
+              cases: [{{when: "{when}", steps: [{{id: a, activity: x}}]}}]
+              default: [{{id: d, activity: x}}]
+        """
+
+
+def test_bug_a_step_reference_inside_a_cel_string_literal_refuses_a_valid_definition():
+    """BUG (model.py / expressions.py ``_STEP_REF``): unknown-step detection is a regex over the source text, so
+    ``input.kind == 'see steps.foo'`` (a string literal, no step read) is refused with
+    "refers to unknown step 'foo'". Expected: the definition compiles."""
+    wf = compile_yaml(_choice_with("input.kind == 'see steps.foo'"))
+    assert "c.when.0" in wf.expressions
+
+
+def test_bug_an_unknown_step_read_by_index_is_not_refused():
+    """BUG (same regex): ``steps['ghost'].output == 1`` reads an unknown step but is accepted; it only fails at
+    run time (KeyError -> ExpressionError). Expected: DefinitionError at steps[0].choice.cases[0].when."""
+    with pytest.raises(DefinitionError) as caught:
+        compile_yaml(_choice_with("steps['ghost'].output == 1"))
+    assert caught.value.path == "steps[0].choice.cases[0].when"

@@ -10,6 +10,9 @@ import orjson
 
 _TEMPLATE = re.compile(r"^\$\{\s*(.+?)\s*\}$", re.DOTALL)
 _STEP_REF = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+_STEP_INDEX = re.compile(r"\bsteps\s*\[\s*(?:'([^'\\]*)'|\"([^\"\\]*)\")\s*\]")
+_STEP_IN = re.compile(r"(?:'([^'\\]*)'|\"([^\"\\]*)\")\s+in\s+steps\b")
+_STRING = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 class ExpressionError(ValueError):
@@ -43,7 +46,10 @@ class Expression:
 
     def step_refs(self) -> set[str]:
         """Step ids this expression reads as ``steps.<id>``."""
-        return set(_STEP_REF.findall(self.source))
+        refs = {a or b for a, b in _STEP_INDEX.findall(self.source)}
+        refs |= {a or b for a, b in _STEP_IN.findall(self.source)}
+        refs |= set(_STEP_REF.findall(_STRING.sub("''", self.source)))  # text inside strings is not a reference
+        return refs
 
 
 def compile_expression(source: str) -> Expression:

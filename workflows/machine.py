@@ -418,6 +418,7 @@ class _Run:
     def _loop_iteration_finished(self, step: StepState, definition: LoopStep, frame: Frame) -> None:
         if frame.status != "succeeded":
             step.error = frame.error
+            step.ended_by = "failed"
             self._clear_timer(f"{step.key}:loop_timeout")
             self.finish_step(step, "failed")
             return
@@ -435,6 +436,7 @@ class _Run:
                 return
             if done:
                 self._clear_timer(f"{step.key}:loop_timeout")
+                step.ended_by = "until"
                 self.finish_step(step, "succeeded")
                 return
         if iteration + 1 >= min(spec.max_iterations, ENGINE_MAX_ITERATIONS):
@@ -448,6 +450,7 @@ class _Run:
     def _loop_exhausted(self, step: StepState, bound: str, output: Any) -> None:
         definition = self.wf.steps[step.step_id]
         self._clear_timer(f"{step.key}:loop_timeout")
+        step.ended_by = bound
         if definition.loop.until is None and bound == "max_iterations":
             self.finish_step(step, "succeeded", output=output)  # a plain counted loop ran to its end
         elif definition.loop.on_exhausted == "continue":

@@ -33,6 +33,7 @@ class StepState(_State):
     iteration: int | None = None
     children: list[str] = Field(default_factory=list)  # frame ids of a compound step
     path: str | None = None  # the case or route a choice took
+    ended_by: str | None = None  # how a loop ended: until | max_iterations | timeout | failed
     cost: dict[str, Any] | None = None
 
 
