@@ -37,10 +37,11 @@ class Activity:
     fn: Callable[[Any], Awaitable[Any]]
     concurrency: int = DEFAULT_CONCURRENCY
     input_model: type[BaseModel] | None = None
+    batched: bool = False  # the handler takes a list of inputs and returns a list of results
 
     async def __call__(self, payload: Any) -> Any:
         if self.input_model is not None:
-            payload = self.input_model.model_validate(payload)
+            payload = [self.input_model.model_validate(p) for p in payload] if self.batched else self.input_model.model_validate(payload)
         return await self.fn(payload)
 
 
@@ -58,10 +59,12 @@ class Registry:
 REGISTRY = Registry()
 
 
-def activity(name: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY):
+def activity(name: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY, batched: bool = False):
     """Register an ``async def handler(input) -> output | Result`` as the activity ``name``.
 
     When the parameter is annotated with a pydantic model, the request input is validated into it.
+    With ``batched=True`` the handler takes a list of inputs and returns a list of results in the same order;
+    steps with ``batch: {max_size, max_wait}`` then share one call (one model call for many items).
     """
 
     def register(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
@@ -72,9 +75,11 @@ def activity(name: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY)
         if params:
             hints = inspect.get_annotations(fn, eval_str=True)
             hint = hints.get(params[0].name)
+            if batched and getattr(hint, "__origin__", None) is list and hint.__args__:
+                hint = hint.__args__[0]
             if isinstance(hint, type) and issubclass(hint, BaseModel):
                 model = hint
-        REGISTRY.add(Activity(name or fn.__name__, fn, concurrency, model))
+        REGISTRY.add(Activity(name or fn.__name__, fn, concurrency, model, batched))
         return fn
 
     return register

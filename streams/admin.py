@@ -7,9 +7,12 @@ from aiokafka.errors import TopicAlreadyExistsError
 from topics.names import Topics
 
 
-async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int) -> None:
-    """Create the contract's topics that are missing; refuse a run-keyed topic with another partition count."""
-    names = [topics.triggers, topics.dlq, *topics.run_keyed(sorted(activities))]
+async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int, extra: list[str] | None = None) -> None:
+    """Create the contract's topics that are missing; refuse a run-keyed topic with another partition count.
+
+    ``extra`` names further topics to create (workflows' completion topics).
+    """
+    names = [topics.triggers, topics.dlq, topics.cache, *topics.run_keyed(sorted(activities)), *(extra or [])]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin")
     await admin.start()
     try:
@@ -17,7 +20,10 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
         missing = [n for n in names if n not in existing]
         if missing:
             try:
-                await admin.create_topics([NewTopic(n, partitions, 1) for n in missing])
+                await admin.create_topics([
+                    NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n == topics.cache else {})
+                    for n in missing
+                ])
             except TopicAlreadyExistsError:
                 pass  # another process created them first
         present = [n for n in topics.run_keyed(sorted(activities)) if n in existing]

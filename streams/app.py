@@ -13,6 +13,7 @@ from streams.admin import ensure_topics
 from streams.config import Settings
 from streams.coordinator import Coordinator
 from streams.dlq import DeadLetters
+from streams.metrics import LagReporter, Metrics
 from streams.worker import Workers
 from workflows.model import CompiledWorkflow, load_directories
 
@@ -39,7 +40,8 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     if role == "worker" and only_activities:
         role = "worker-" + "-".join(sorted(only_activities))
     needed = sorted({a for wf in workflows.values() for a in wf.activities} | set(activities))
-    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions))
+    completion_topics = sorted({wf.definition.completion_topic for wf in workflows.values() if wf.definition.completion_topic})
+    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics))
     datadir = settings.data_dir / f"{settings.prefix}-{role}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -59,9 +61,17 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
     )
-    dlq = DeadLetters(app, settings.topics.dlq)
-    coord = Coordinator(app, settings.topics, workflows, settings.partitions, dlq) if coordinator else None
-    workers = Workers(app, settings.topics, activities, settings.partitions, dlq) if worker and activities else None
+    metrics = Metrics() if settings.metrics_port else None
+    dlq = DeadLetters(app, settings.topics.dlq, metrics)
+    coord = Coordinator(app, settings.topics, workflows, settings.partitions, dlq, metrics) if coordinator else None
+    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap) if worker and activities else None
+    if metrics is not None:
+        async def serve_metrics() -> None:
+            """/metrics on LEGATO_METRICS_PORT, and this process's consumer lag every 5 s."""
+            metrics.serve(settings.metrics_port)
+            await LagReporter(settings.bootstrap, [app.conf.id], metrics).run()
+
+        app.task(serve_metrics)
     return Legato(app, coord, workers, workflows, activities)
 
 

@@ -145,6 +145,27 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from streams.runs_show import load_run, render_gantt, render_table
+
+    s = _settings(args)
+    roles = [args.role] if args.role else ["coordinator", "dev"]
+
+    async def find():
+        for role in roles:
+            state = await load_run(s.bootstrap, s.prefix, role, args.run_id)
+            if state is not None:
+                return state
+        return None
+
+    state = asyncio.run(find())
+    if state is None:
+        print(f"legato runs show: no run {args.run_id!r} in {' or '.join(f'{s.prefix}-{r}-runs-changelog' for r in roles)}", file=sys.stderr)
+        return 1
+    print(render_gantt(state) if args.gantt else render_table(state), end="" if args.gantt else "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="legato", description="Event-driven orchestrator for AI workflows on Apache Kafka")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="append the results to this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
+    p = sub.add_parser("runs", help="inspect runs")
+    runs = p.add_subparsers(dest="runs_command", required=True)
+    p = runs.add_parser("show", help="a run's steps as a table (or --gantt: a Mermaid gantt timeline)")
+    p.add_argument("run_id")
+    p.add_argument("--gantt", action="store_true", help="print a Mermaid gantt chart instead of the table")
+    p.add_argument("--role", choices=["coordinator", "dev"], default=None, help="whose changelog to read (default: coordinator, then dev)")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_runs, workflows=[], handlers=[])
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)
@@ -188,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_kafka)
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench"):
+    if args.command in ("trigger", "demo", "bench", "runs"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     return args.fn(args) or 0
 

@@ -15,11 +15,22 @@ import faust
 from aiokafka.partitioner import DefaultPartitioner
 
 from streams.dlq import DeadLetters
+from streams.metrics import count_in_flight
 from topics import codec
 from topics.codec import DecodeError
-from topics.models import ActivityCompleted, RunAccepted, RunRequested, TimerFired
+from topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunRequested, TimerFired
 from topics.names import Topics
-from workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, StartTimer, outstanding
+from workflows.machine import (
+    CancelRequest,
+    EventIgnored,
+    Machine,
+    NotifyParent,
+    PublishRunEvent,
+    RequestActivity,
+    StartChildRun,
+    StartTimer,
+    outstanding,
+)
 from workflows.model import CompiledWorkflow
 from workflows.state import RunState
 
@@ -84,6 +95,8 @@ class Coordinator:
         app.agent(self.triggers, name="legato.route_triggers")(self._route_triggers)
         app.agent(self.input, name="legato.coordinate")(self._coordinate)
         app.timer(interval=0.02, name="legato.fire_timers")(self._fire_timers)
+        if metrics is not None:
+            app.timer(interval=5.0, name="legato.runs_in_flight")(self._report_in_flight)
         app.on_rebalance_complete.connect(self._on_rebalance_complete)
 
     # --- agents -------------------------------------------------------------------------------
@@ -104,6 +117,7 @@ class Coordinator:
     async def _coordinate(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
             msg = event.message
+            received = time.perf_counter()
             try:
                 record = self._decode(msg.topic, msg.value)
             except DecodeError as exc:
@@ -116,12 +130,12 @@ class Coordinator:
                 self._count_ignored("rekeyed")
                 continue
             try:
-                await self._apply(record, msg)
+                await self._apply(record, msg, received)
             except Exception as exc:  # a bug must not stop every other run
                 log.exception("coordinator failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
                 await self.dlq.send(msg, f"internal error: {type(exc).__name__}: {exc}")
 
-    async def _apply(self, record: Any, msg: Any) -> None:
+    async def _apply(self, record: Any, msg: Any, received: float | None = None) -> None:
         key = record.run_id.encode()
         raw = self.table.get(key)
         state = RunState.model_validate_json(raw) if raw is not None else None
@@ -129,15 +143,23 @@ class Coordinator:
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
             # Redelivered after a crash: the state already holds this event. Its commands may have been lost
             # with the process, so re-issue what the run is waiting on (ids are deterministic; duplicates drop).
-            commands = outstanding(state) if state.cursor[position] == msg.offset else []
+            wf = self.machine.workflows.get(state.workflow)
+            completion_topic = wf.definition.completion_topic if wf else None
+            commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
             await self._carry_out(commands)
             return
-        new_state, commands = self.machine.decide(state, record, now_ms())
+        now = now_ms()
+        new_state, commands = self.machine.decide(state, record, now)
         if new_state is not None and new_state is not state:
             new_state.cursor[position] = msg.offset
             self.table[key] = new_state.model_dump_json(exclude_defaults=True).encode()
         await self._carry_out(commands)
+        if self.metrics is not None:
+            kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child"}.get(type(record), "trigger")
+            self.metrics.event_processed(kind)
+            overhead = time.perf_counter() - received if kind == "completion" and received is not None else None
+            self.metrics.decision(state, new_state, commands, now, overhead)
 
     async def _carry_out(self, commands: list[Any]) -> None:
         for command in commands:
@@ -151,6 +173,15 @@ class Coordinator:
                 await self._topic(self.topics.runs).send(key=command.event.run_id.encode(), value=value)
                 if command.completion_topic:
                     await self._topic(command.completion_topic).send(key=command.event.run_id.encode(), value=value)
+            elif isinstance(command, CancelRequest):
+                c = command.cancel
+                await self._topic(self.topics.cancellations).send(key=c.run_id.encode(), value=codec.dumps(c))
+            elif isinstance(command, StartChildRun):
+                a = command.accepted
+                await self.coordinator_topic.send(key=a.run_id.encode(), value=codec.dumps(a))
+            elif isinstance(command, NotifyParent):
+                f = command.finished
+                await self.coordinator_topic.send(key=f.run_id.encode(), value=codec.dumps(f))
             elif isinstance(command, EventIgnored):
                 self._count_ignored(command.reason)
                 log.info("ignored event for run %s: %s %s", command.run_id, command.reason, command.detail)
@@ -163,6 +194,9 @@ class Coordinator:
             if raw is None or f'"{timer_id}"' not in raw.decode():
                 continue  # finished or cleared since it was set
             await self.coordinator_topic.send(key=run_id.encode(), value=codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)))
+
+    async def _report_in_flight(self) -> None:
+        self.metrics.runs_in_flight(count_in_flight(list(self.table.values())))
 
     async def _on_rebalance_complete(self, *args: Any, **kwargs: Any) -> None:
         """Re-arm the timers of every run this process now holds: they survive restarts and takeovers."""
@@ -187,6 +221,8 @@ class Coordinator:
             return codec.validate(RunAccepted, raw)
         if kind == "timer.fired":
             return codec.validate(TimerFired, raw)
+        if kind == "child.finished":
+            return codec.validate(ChildRunFinished, raw)
         raise DecodeError(f"unknown record type {kind!r}")
 
     def _partition_of(self, run_id: str) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 import faust
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from handlers.registry import Activity, ActivityError, Result
 from streams.dlq import DeadLetters
+from streams.worker_support import BoundedSet, Batcher, Cancellations, ResultCache, TokenBucket, batch_settings, fingerprint, tail_topic
 from topics import codec
 from topics.codec import DecodeError
 from topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo
@@ -24,33 +24,23 @@ from topics.names import Topics
 
 log = logging.getLogger("legato.worker")
 
-_SEEN_REQUESTS = 100_000
-
-
-class _Seen:
-    """Request ids this process already took, so a redelivered request is not executed twice."""
-
-    def __init__(self, size: int = _SEEN_REQUESTS):
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._size = size
-
-    def add(self, request_id: str) -> bool:
-        if request_id in self._ids:
-            return False
-        self._ids[request_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-        return True
-
-
-async def execute(activity: Activity, request: ActivityRequested) -> ActivityCompleted:
+async def execute(activity: Activity, request: ActivityRequested, batcher: Batcher | None = None) -> ActivityCompleted:
     """Run one request through its handler; every outcome becomes a completion, never an exception."""
     timeout = None
     if request.deadline is not None:
         timeout = max(0.0, request.deadline / 1000 - time.time())
     base = {"request_id": request.request_id, "run_id": request.run_id, "step_id": request.step_id, "attempt": request.attempt}
+    settings = batch_settings(request)
     try:
-        result = await asyncio.wait_for(activity(request.input), timeout=timeout)
+        if batcher is not None and settings is not None:
+            call = batcher.submit(request.input, *settings)
+        else:
+            call = activity([request.input] if activity.batched else request.input)
+        result = await asyncio.wait_for(call, timeout=timeout)
+        if activity.batched and (batcher is None or settings is None):
+            if not isinstance(result, list) or len(result) != 1:
+                raise TypeError("a batch handler must return a list with one result per input")
+            result = result[0]
     except asyncio.TimeoutError:
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="ActivityTimeout", message=f"handler ran past its deadline ({timeout:.3f}s)", retryable=True))
     except ActivityError as exc:
@@ -75,12 +65,20 @@ async def execute(activity: Activity, request: ActivityRequested) -> ActivityCom
 class Workers:
     """Registers one agent per activity on a faust app."""
 
-    def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None):
+    def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None, bootstrap: str = "localhost:9092"):
         self.app = app
+        self.bootstrap = bootstrap
+        self.cancellations = Cancellations()
+        self.cache = ResultCache()
+        self.buckets: dict[str, TokenBucket] = {}
+        self.batchers = {name: Batcher(act) for name, act in activities.items() if act.batched}
+        self.cache_topic = app.topic(topics.cache, key_serializer="raw", value_serializer="raw")
+        app.task(self._tail_cancellations)
+        app.task(self._tail_cache)
         self.topics = topics
         self.dlq = dlq
         self.metrics = metrics
-        self.seen = _Seen()
+        self.seen = BoundedSet()
         self.completions = app.topic(topics.completions, key_serializer="raw", value_serializer="raw")
         self.skipped: dict[str, int] = {}
         for name, activity in sorted(activities.items()):
@@ -118,10 +116,46 @@ class Workers:
             if request.deadline is not None and request.deadline < time.time() * 1000:
                 self._skip("expired_request")  # the coordinator has stopped waiting: don't spend a model call
                 return
+            if request.request_id in self.cancellations.cancelled:
+                self._skip("cancelled_request")
+                return
+            key = fingerprint(activity.name, request.input) if request.cache_ttl_ms else None
+            if key is not None:
+                hit = self.cache.get(key, request.cache_ttl_ms, int(time.time() * 1000))
+                if hit is not None:
+                    completion = ActivityCompleted(request_id=request.request_id, run_id=request.run_id, step_id=request.step_id, attempt=request.attempt,
+                                                   status="succeeded", output=hit.get("output"), confidence=hit.get("confidence"), cached=True)
+                    await (await self.completions.send(key=request.run_id.encode(), value=codec.dumps(completion)))
+                    self._skip("cache_hit")
+                    return
+            if request.rate_limit:
+                bucket = self.buckets.get(activity.name)
+                if bucket is None or bucket.rate != request.rate_limit:
+                    bucket = self.buckets[activity.name] = TokenBucket(request.rate_limit)
+                await bucket.take()  # the request waits here (and in its topic), it is never dropped
+                if request.request_id in self.cancellations.cancelled:
+                    self._skip("cancelled_request")
+                    return
             started = time.time()
             if self.metrics is not None and request.requested_ms:
                 self.metrics.activity_wait(activity.name, started - request.requested_ms / 1000)
-            completion = await execute(activity, request)
+            if self.metrics is not None:
+                self.metrics.activity_started(activity.name)
+            self.cancellations.running[request.request_id] = asyncio.current_task()
+            try:
+                completion = await execute(activity, request, self.batchers.get(activity.name))
+            except asyncio.CancelledError:
+                if request.request_id not in self.cancellations.cancelled:
+                    raise  # the process is stopping
+                self._skip("cancelled_running")  # the coordinator stopped waiting: nothing to report
+                return
+            finally:
+                self.cancellations.running.pop(request.request_id, None)
+                if self.metrics is not None:
+                    self.metrics.activity_finished(activity.name)
+            if key is not None and completion.status == "succeeded":
+                entry = {"output": completion.output, "confidence": completion.confidence, "stored_ms": int(time.time() * 1000)}
+                await self.cache_topic.send(key=key.encode(), value=orjson.dumps(entry))
             if self.metrics is not None:
                 self.metrics.activity_done(activity.name, completion.status, time.time() - started, completion.error.type if completion.error else "")
             fut = await self.completions.send(key=request.run_id.encode(), value=codec.dumps(completion))
@@ -134,3 +168,9 @@ class Workers:
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    async def _tail_cancellations(self) -> None:
+        await tail_topic(self.bootstrap, self.topics.cancellations, self.cancellations.on_record, from_beginning=False)
+
+    async def _tail_cache(self) -> None:
+        await tail_topic(self.bootstrap, self.topics.cache, self.cache.on_record, from_beginning=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from workflows.machine import _jitter
+
 from tests.machine_helpers import (
     T0,
     Harness,
@@ -41,7 +43,7 @@ steps:
 """
 
 
-def retrying(max_attempts: int = 3, backoff: str = "100ms", multiplier: float = 2, max_backoff: str = "1s", timeout: str = "5s") -> str:
+def retrying(max_attempts: int = 3, backoff: str = "100ms", multiplier: float = 2, max_backoff: str = "1s", timeout: str = "5s", jitter: str = "false") -> str:
     return f"""
 name: retrying
 steps:
@@ -49,7 +51,7 @@ steps:
     activity: flaky
     input: {{n: "${{ input.n }}"}}
     timeout: {timeout}
-    retry: {{max_attempts: {max_attempts}, backoff: {backoff}, multiplier: {multiplier}, max_backoff: {max_backoff}}}
+    retry: {{max_attempts: {max_attempts}, backoff: {backoff}, multiplier: {multiplier}, max_backoff: {max_backoff}, jitter: {jitter}}}
 """
 
 
@@ -79,7 +81,7 @@ def test_success_finishes_the_run_with_the_activity_output():
     assert end.event.duration_ms == 250
     step = h.state.steps["a"]
     assert (step.status, step.output, step.confidence, step.attempt) == ("succeeded", {"answer": 42}, 0.7, 1)
-    assert h.state.view["a"] == {"output": {"answer": 42}, "status": "succeeded", "confidence": 0.7, "attempt": 1}
+    assert h.state.view["a"] == {"output": {"answer": 42}, "status": "succeeded", "confidence": 0.7, "attempt": 1, "cached": False}
     assert h.state.requests == {} and h.state.timers == {}
 
 
@@ -151,6 +153,18 @@ RETRY_DELAYS = [
     ("2s", 2, "3s", [2000, 3000, 3000]),
     ("0.5", 2, "60s", [500, 1000, 2000]),  # a bare number is seconds
 ]
+
+
+def test_retry_backoff_has_deterministic_jitter_by_default():
+    # given the default jitter; when attempt 1 fails; then the backoff is scaled by a factor in [0.8, 1.2)
+    # derived from the request id, so many runs spread their retries and a replay computes the same instant
+    h = Harness(machine_from(retrying(3, "1s", 2, "10s", jitter="true")))
+    h.start("retrying", {"n": 1}, now=T0)
+    out = h.fail(h.pending_for("a"), retryable=True, now=T0 + 1000)
+    [timer] = timers_in(out)
+    factor = _jitter("r1/a/1")
+    assert 0.8 <= factor < 1.2
+    assert timer.due_ms == T0 + 1000 + round(1.0 * factor * 1000)
 
 
 @pytest.mark.parametrize("backoff,multiplier,max_backoff,delays", RETRY_DELAYS)

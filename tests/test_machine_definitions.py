@@ -226,9 +226,9 @@ REFUSED = [
         name: w
         steps:
           - id: p
-            parallel: {branches: {b: [{id: a, activity: x, retry: {max_attempts: 2, jitter: true}}]}}
+            parallel: {branches: {b: [{id: a, activity: x, retry: {max_attempts: 2, jiggle: true}}]}}
         """,
-        "steps[0].parallel.branches.b[0].retry.jitter",
+        "steps[0].parallel.branches.b[0].retry.jiggle",
         "Extra inputs are not permitted",
     ),
     (
@@ -281,7 +281,7 @@ REFUSED = [
           - {id: a, activity: x, loop: {max_iterations: 2, steps: [{id: b, activity: y}]}}
         """,
         "steps[0]",
-        "exactly one of: activity, parallel, choice, loop, end, fail",
+        "exactly one of: activity, parallel, map, choice, loop, workflow, end, fail",
     ),
     (
         "a step with no kind",

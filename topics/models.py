@@ -49,6 +49,9 @@ class ActivityRequested(_Record):
     deadline: int | None = None  # epoch ms after which the coordinator no longer waits
     workflow: str | None = None
     requested_ms: int | None = None  # epoch ms when the coordinator decided it (queue-time metric)
+    cache_ttl_ms: int | None = None  # answer from the result cache when an identical request succeeded within it
+    batch: dict[str, Any] | None = None  # {max_size, max_wait_ms}: the handler may take several requests at once
+    rate_limit: float | None = None  # requests per second per worker process
 
 
 class ActivityCompleted(_Record):
@@ -63,6 +66,18 @@ class ActivityCompleted(_Record):
     confidence: float | None = Field(default=None, ge=0, le=1)
     cost: Cost | None = None
     error: ErrorInfo | None = None
+    cached: bool | None = None  # answered from the result cache
+
+
+class RequestCancelled(_Record):
+    """On ``legato.cancellations``: the coordinator no longer waits for this request (a lost race, a failed
+    sibling, a finished run). Workers skip it when still queued and cancel it when running."""
+
+    type: Literal["request.cancelled"] = "request.cancelled"
+    request_id: str
+    run_id: str
+    activity: str
+    reason: str = ""
 
 
 class RunEvent(_Record):
@@ -105,6 +120,19 @@ class RunAccepted(_Record):
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
     parent: dict[str, Any] | None = None
+
+
+class ChildRunFinished(_Record):
+    """A sub-workflow's child run ended; keyed by the parent's run_id."""
+
+    type: Literal["child.finished"] = "child.finished"
+    run_id: str  # the parent run
+    step_key: str
+    child_run_id: str
+    status: Literal["succeeded", "failed"]
+    output: Any = None
+    error: ErrorInfo | None = None
+    cost: dict[str, Any] | None = None
 
 
 class TimerFired(_Record):

@@ -30,6 +30,16 @@ class Topics:
         return f"{self.prefix}.dlq"
 
     @property
+    def cancellations(self) -> str:
+        """Requests the coordinator stopped waiting for; every worker process reads all of it."""
+        return f"{self.prefix}.cancellations"
+
+    @property
+    def cache(self) -> str:
+        """Compacted: activity results by request fingerprint, for ``cache: {ttl}`` steps."""
+        return f"{self.prefix}.cache"
+
+    @property
     def coordinator(self) -> str:
         """Internal: triggers re-keyed by run_id and timer events."""
         return f"{self.prefix}.coordinator"
@@ -39,4 +49,4 @@ class Topics:
 
     def run_keyed(self, activities: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Every topic keyed by run_id; they must share one partition count."""
-        return [self.completions, self.runs, self.coordinator, *(self.requests(a) for a in activities)]
+        return [self.completions, self.runs, self.coordinator, self.cancellations, *(self.requests(a) for a in activities)]

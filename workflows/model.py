@@ -25,7 +25,13 @@ from workflows.durations import parse_duration
 from workflows.expressions import Expression, ExpressionError, Template, compile_expression, compile_template
 
 ENGINE_MAX_ITERATIONS = 1000
-"""Hard cap on any loop's iterations, whatever the definition says."""
+"""Hard cap on any loop's iterations: a definition asking for more is refused."""
+
+DEFAULT_MAX_ITERATIONS = 100
+"""The bound of a loop that sets no ``max_iterations`` (a for_each loop: its number of batches, up to the cap)."""
+
+MAX_WORKFLOW_DEPTH = 5
+"""How deep sub-workflows may nest."""
 
 DEFAULT_ACTIVITY_TIMEOUT = 600.0
 """Seconds an activity attempt may take when its step sets no ``timeout``."""
@@ -34,7 +40,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=150)]
 
-_STEP_KINDS = ("activity", "parallel", "choice", "loop", "end", "fail")
+_STEP_KINDS = ("activity", "parallel", "map", "choice", "loop", "workflow", "end", "fail")
 
 
 class DefinitionError(ValueError):
@@ -54,10 +60,47 @@ class Retry(_Spec):
     backoff: Duration = 1.0
     multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
     max_backoff: Duration = 60.0
+    jitter: bool = True  # scale each backoff by a factor in [0.8, 1.2) derived from the request id
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1``."""
         return min(self.backoff * self.multiplier ** (attempt - 1), self.max_backoff)
+
+
+class DefaultValue(_Spec):
+    """``{default: VALUE}``: substitute VALUE for a failed step's or branch's output and go on."""
+
+    default: Any
+
+
+class Fallback(_Spec):
+    """``{fallback: [steps]}``: run these steps instead (e.g. escalate to a human-review activity)."""
+
+    fallback: list["Step"] = Field(min_length=1)
+
+
+OnError = Union[Literal["fail", "continue"], DefaultValue, Fallback]
+FailurePolicy = Union[Literal["fail_fast", "continue", "retry"], DefaultValue]
+
+
+class NOf(_Spec):
+    n_of: int = Field(ge=1)
+
+
+Join = Union[Literal["all", "any", "first_success"], NOf]
+
+
+class Cache(_Spec):
+    ttl: Duration
+
+
+class Batch(_Spec):
+    max_size: int = Field(ge=1, le=1000)
+    max_wait: Duration = 0.05
+
+
+class RateLimit(_Spec):
+    per_second: float = Field(gt=0)
 
 
 class ActivityStep(_Spec):
@@ -66,15 +109,71 @@ class ActivityStep(_Spec):
     input: Any = None
     timeout: Duration | None = None
     retry: Retry = Retry()
+    on_error: OnError = "fail"
+    non_retryable: list[str] = Field(default_factory=list)
+    cache: Cache | None = None
+    batch: Batch | None = None
+    rate_limit: RateLimit | None = None
 
 
-class ParallelSpec(_Spec):
-    branches: dict[StepId, Annotated[list["Step"], Field(min_length=1)]] = Field(min_length=1)
+class WorkflowStep(_Spec):
+    """A sub-workflow: starts a child run through the same topics and resumes on its terminal event."""
+
+    id: StepId
+    workflow: Name
+    input: Any = None
+    timeout: Duration | None = None
+    on_error: OnError = "fail"
+
+
+class Branch(_Spec):
+    """A parallel branch with its own failure policy."""
+
+    on_failure: FailurePolicy | None = None
+    steps: list["Step"] = Field(min_length=1)
+
+
+class _FanOut(_Spec):
+    join: Join = "all"
+    timeout: Duration | None = None
+    on_timeout: Literal["proceed", "fail"] = "fail"
+    on_failure: FailurePolicy = "fail_fast"
+
+
+class ParallelSpec(_FanOut):
+    branches: dict[StepId, Union[Annotated[list["Step"], Field(min_length=1)], Branch]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _join_fits(self) -> "ParallelSpec":
+        if isinstance(self.join, NOf) and self.join.n_of > len(self.branches):
+            raise ValueError(f"join n_of {self.join.n_of} is larger than the number of branches ({len(self.branches)})")
+        return self
+
+    def branch_steps(self, name: str) -> list[Any]:
+        branch = self.branches[name]
+        return branch.steps if isinstance(branch, Branch) else branch
+
+    def branch_policy(self, name: str) -> Any:
+        branch = self.branches[name]
+        if isinstance(branch, Branch) and branch.on_failure is not None:
+            return branch.on_failure
+        return self.on_failure
 
 
 class ParallelStep(_Spec):
     id: StepId
     parallel: ParallelSpec
+
+
+class MapSpec(_FanOut):
+    items: str
+    steps: list["Step"] = Field(min_length=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class MapStep(_Spec):
+    id: StepId
+    map: MapSpec
 
 
 class Case(_Spec):
@@ -109,10 +208,17 @@ class ChoiceStep(_Spec):
 
 class LoopSpec(_Spec):
     steps: list["Step"] = Field(min_length=1)
-    max_iterations: int = Field(ge=1)
+    max_iterations: int | None = Field(default=None, ge=1)
     until: str | None = None
     timeout: Duration | None = None
-    on_exhausted: Literal["fail", "continue"] = "fail"
+    no_progress: int | None = Field(default=None, ge=1)
+    on_exhausted: Union[Literal["fail", "continue"], Annotated[list["Step"], Field(min_length=1)]] = "fail"
+    for_each: str | None = None
+    batch_size: int = Field(default=1, ge=1)
+
+    @property
+    def bound(self) -> int:
+        return self.max_iterations if self.max_iterations is not None else DEFAULT_MAX_ITERATIONS
 
 
 class LoopStep(_Spec):
@@ -151,6 +257,8 @@ Step = Annotated[
     Union[
         Annotated[ActivityStep, Tag("activity")],
         Annotated[ParallelStep, Tag("parallel")],
+        Annotated[MapStep, Tag("map")],
+        Annotated[WorkflowStep, Tag("workflow")],
         Annotated[ChoiceStep, Tag("choice")],
         Annotated[LoopStep, Tag("loop")],
         Annotated[EndStep, Tag("end")],
@@ -166,11 +274,18 @@ Step = Annotated[
 _KIND_MODELS: dict[str, type] = {
     "activity": ActivityStep,
     "parallel": ParallelStep,
+    "map": MapStep,
+    "workflow": WorkflowStep,
     "choice": ChoiceStep,
     "loop": LoopStep,
     "end": EndStep,
     "fail": FailStep,
 }
+
+
+class Budget(_Spec):
+    usd: float | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, gt=0)
 
 
 class Workflow(_Spec):
@@ -180,10 +295,12 @@ class Workflow(_Spec):
     timeout: Duration | None = None
     output: str | None = None
     completion_topic: Name | None = None
+    budget: Budget | None = None
+    on_budget: Literal["fail", "finish"] = "fail"
     steps: list[Step] = Field(min_length=1)
 
 
-for _model in (ParallelSpec, Case, ChoiceSpec, LoopSpec, Workflow):
+for _model in (Fallback, ActivityStep, Branch, ParallelSpec, MapSpec, Case, ChoiceSpec, LoopSpec, Workflow):
     _model.model_rebuild()
 
 
@@ -206,6 +323,7 @@ class CompiledWorkflow:
     expressions: dict[str, Expression] = field(default_factory=dict)
     templates: dict[str, Template] = field(default_factory=dict)
     activities: set[str] = field(default_factory=set)
+    children: set[str] = field(default_factory=set)  # workflows started by `workflow:` steps
 
     @property
     def name(self) -> str:
@@ -257,7 +375,14 @@ def load_directories(dirs: list[str | Path]) -> dict[str, CompiledWorkflow]:
                 raise DefinitionError(str(path), "name", f"workflow {wf.name!r} v{wf.version} is defined twice")
             if wf.name not in found or found[wf.name].version < wf.version:
                 found[wf.name] = wf
+    for wf in found.values():
+        missing = sorted(wf.children - set(found))
+        if missing:
+            raise DefinitionError(wf.definition.name, "steps", f"sub-workflow {missing[0]!r} is not defined in {', '.join(map(str, dirs))}")
     return found
+
+
+_UNION_MEMBERS = {"DefaultValue", "Fallback", "NOf", "Branch"}
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -268,6 +393,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         elif part in _STEP_KINDS and isinstance(prev, int):
             pass  # the discriminator's tag, not a key of the document
+        elif isinstance(part, str) and ("[" in part or part in _UNION_MEMBERS):
+            pass  # which member of a union pydantic tried, not a key of the document
         else:
             out += f".{part}" if out else str(part)
         prev = part
@@ -314,8 +441,11 @@ class _Compiler:
             self._fail(f"{path}.id", f"duplicate step id {sid!r} (first at {self.paths[sid]})")
         self.out.steps[sid] = step
         self.paths[sid] = path
-        if isinstance(step, ActivityStep):
-            self.out.activities.add(step.activity)
+        if isinstance(step, (ActivityStep, WorkflowStep)):
+            if isinstance(step, ActivityStep):
+                self.out.activities.add(step.activity)
+            else:
+                self.out.children.add(step.workflow)
             try:
                 template = compile_template(step.input)
             except ExpressionError as exc:
@@ -323,9 +453,17 @@ class _Compiler:
             self.out.templates[sid] = template
             for expr in template.expressions():
                 self.refs.append((f"{path}.input", sid, expr))
+            if isinstance(step.on_error, Fallback):
+                self._sequence(f"{sid}/fallback", step.on_error.fallback, f"{path}.on_error.fallback", loop_depth)
         elif isinstance(step, ParallelStep):
-            for name, branch in step.parallel.branches.items():
-                self._sequence(f"{sid}/{name}", branch, f"{path}.parallel.branches.{name}", loop_depth)
+            for name in step.parallel.branches:
+                branch_path = f"{path}.parallel.branches.{name}"
+                if isinstance(step.parallel.branches[name], Branch):
+                    branch_path += ".steps"
+                self._sequence(f"{sid}/{name}", step.parallel.branch_steps(name), branch_path, loop_depth)
+        elif isinstance(step, MapStep):
+            self._expression(f"{sid}.items", step.map.items, f"{path}.map.items")
+            self._sequence(f"{sid}/item", step.map.steps, f"{path}.map.steps", loop_depth)
         elif isinstance(step, ChoiceStep):
             spec = step.choice
             for i, case in enumerate(spec.cases):
@@ -345,7 +483,11 @@ class _Compiler:
                 )
             if spec.until is not None:
                 self._expression(f"{sid}.until", spec.until, f"{path}.loop.until")
+            if spec.for_each is not None:
+                self._expression(f"{sid}.for_each", spec.for_each, f"{path}.loop.for_each")
             self._sequence(f"{sid}/body", spec.steps, f"{path}.loop.steps", loop_depth + 1)
+            if isinstance(spec.on_exhausted, list):
+                self._sequence(f"{sid}/exhausted", spec.on_exhausted, f"{path}.loop.on_exhausted", loop_depth)
         elif isinstance(step, EndStep):
             if step.end.when is not None:
                 self._expression(f"{sid}.when", step.end.when, f"{path}.end.when")

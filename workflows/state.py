@@ -33,7 +33,18 @@ class StepState(_State):
     iteration: int | None = None
     children: list[str] = Field(default_factory=list)  # frame ids of a compound step
     path: str | None = None  # the case or route a choice took
-    ended_by: str | None = None  # how a loop ended: until | max_iterations | timeout | failed
+    ended_by: str | None = None  # how a loop ended: until | max_iterations | items | timeout | no_progress | budget | failed
+    cached: bool = False  # the output came from the result cache
+    child_run: str | None = None  # run_id of a sub-workflow step's child run
+    # fan-out (parallel, map): results by branch name / item index, counters, the next item to start
+    results: dict[str, Any] = Field(default_factory=dict)
+    succeeded_n: int = 0
+    failed_n: int = 0
+    done_n: int = 0
+    total: int = 0
+    next_index: int = 0
+    items: list[Any] | None = None  # a map's items or a for_each loop's list
+    unchanged: int = 0  # a loop's iterations in a row whose output did not change (no_progress)
     cost: dict[str, Any] | None = None
 
 
@@ -47,7 +58,10 @@ class Frame(_State):
     status: str = "running"  # running | succeeded | failed | cancelled
     last_output: Any = None
     error: ErrorInfo | None = None
-    scope: dict[str, Any] = Field(default_factory=dict)  # iteration, previous
+    scope: dict[str, Any] = Field(default_factory=dict)  # iteration, previous, item, index
+    name: str | None = None  # branch name or item index within its fan-out step
+    attempt: int = 1  # a parallel branch restarted by on_failure: retry
+    step_keys: list[str] = Field(default_factory=list)  # steps started in this frame (to drop finished map items)
 
 
 class Timer(_State):
@@ -77,6 +91,8 @@ class RunState(_State):
     path: list[str] = Field(default_factory=list)
     cost: dict[str, Any] = Field(default_factory=dict)
     cursor: dict[str, int] = Field(default_factory=dict)  # the shell's last applied offset per source partition
+    depth: int = 0  # sub-workflow nesting
+    budget_exhausted: bool = False
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,176 @@
+"""``legato runs show RUN_ID``: a run's state from the coordinator's changelog, as a table or a Mermaid gantt."""
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from aiokafka.partitioner import DefaultPartitioner
+
+from workflows.state import RunState, StepState
+
+TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+
+
+def changelog_topic(prefix: str, role: str) -> str:
+    """The coordinator's run-table changelog: ``<prefix>-<role>-runs-changelog`` (role coordinator or dev)."""
+    return f"{prefix}-{role}-runs-changelog"
+
+
+async def load_run(bootstrap: str, prefix: str, role: str, run_id: str, timeout: float = 30.0) -> RunState | None:
+    """The last state of ``run_id`` in the changelog, or None when the run is unknown (or was deleted).
+
+    Reads only the key's partition (murmur2 like aiokafka's default partitioner), from the beginning to the
+    end offset seen when reading starts.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic = changelog_topic(prefix, role)
+    key = run_id.encode()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return None
+        ordered = sorted(partitions)
+        partition = DefaultPartitioner()(key, ordered, ordered)
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        last: bytes | None = None
+        found = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while await consumer.position(tp) < end:
+            if loop.time() > deadline:
+                raise TimeoutError(f"reading {topic}[{partition}] took longer than {timeout}s")
+            batch = await consumer.getmany(tp, timeout_ms=500)
+            for record in batch.get(tp, []):
+                if record.key == key:
+                    found, last = True, record.value
+        if not found or last is None:  # never written, or a tombstone
+            return None
+        return RunState.model_validate_json(last)
+    finally:
+        await consumer.stop()
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def _ms(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _cost(cost: dict[str, Any] | None) -> str:
+    if not cost:
+        return "-"
+    parts = []
+    if "usd" in cost:
+        parts.append(f"${cost['usd']:.4f}")
+    tokens = (cost.get("tokens_in") or 0) + (cost.get("tokens_out") or 0)
+    if tokens:
+        parts.append(f"{tokens} tok")
+    models = sorted(cost.get("models") or ([cost["model"]] if cost.get("model") else []))
+    if models:
+        parts.append(",".join(map(str, models)))
+    return " ".join(parts) or "-"
+
+
+def _iterations(step: StepState) -> str:
+    if step.kind == "loop":
+        ended = f" ({step.ended_by})" if step.ended_by else ""
+        return f"{(step.iteration or 0) + 1}{ended}"
+    return "-" if step.iteration is None else f"#{step.iteration}"
+
+
+def _ordered(state: RunState) -> list[StepState]:
+    """Steps in the order they started (ties: insertion order, which is decision order)."""
+    return [s for _, s in sorted(enumerate(state.steps.values()), key=lambda p: (p[1].started_ms, p[0]))]
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render_table(state: RunState) -> str:
+    """Each step's kind, status, attempts, start offset and duration (ms), path, iterations and cost; then totals."""
+    rows = []
+    for step in _ordered(state):
+        duration = None if step.finished_ms is None else step.finished_ms - step.started_ms
+        rows.append([
+            step.key,
+            step.kind,
+            step.status,
+            str(step.attempt) if step.kind == "activity" else "-",
+            _ms(step.started_ms - state.started_ms),
+            _ms(duration),
+            step.path or "-",
+            _iterations(step),
+            _cost(step.cost),
+        ])
+    header = f"run {state.run_id}  workflow {state.workflow} v{state.version}  status {state.status}"
+    body = _table(["step", "kind", "status", "attempt", "start_ms", "duration_ms", "path", "iterations", "cost"], rows)
+    duration = None if state.finished_ms is None else state.finished_ms - state.started_ms
+    totals = [
+        f"started   {_iso(state.started_ms)}",
+        f"finished  {_iso(state.finished_ms)}",
+        f"duration  {_ms(duration)} ms",
+        f"path      {' → '.join(state.path) if state.path else '-'}",
+        f"cost      {_cost(state.cost)}",
+    ]
+    models = (state.cost or {}).get("models") or {}
+    if models:
+        totals.append("by model  " + ", ".join(f"{m} ${usd:.4f}" for m, usd in sorted(models.items())))
+    if state.error is not None:
+        totals.append(f"error     {state.error.type}: {state.error.message}")
+    if state.output is not None:
+        totals.append(f"output    {json.dumps(state.output, sort_keys=True, default=str)[:500]}")
+    return "\n".join([header, "", body, "", *totals])
+
+
+def _task_name(text: str) -> str:
+    # ':' and '#' have meaning in gantt task lines
+    return text.replace(":", "﹕").replace("#", " iteration ").replace(";", ",")
+
+
+def render_gantt(state: RunState) -> str:
+    """A Mermaid gantt chart: one task per step from its start to its end (ms); parallel branches overlap.
+
+    Sections group steps by their top-level step, so branches and iterations sit under what started them.
+    A step without an end (the run is still going) ends at the run's end, or at its start.
+    """
+    end_of_run = state.finished_ms
+    lines = [
+        "gantt",
+        f"    title {state.workflow} run {state.run_id} ({state.status})",
+        "    dateFormat x",
+        "    axisFormat %M:%S.%L",
+    ]
+    section = None
+    for i, step in enumerate(_ordered(state)):
+        top = step.key.split("/", 1)[0].split("#", 1)[0]
+        if top != section:
+            section = top
+            lines.append(f"    section {_task_name(top)}")
+        end = step.finished_ms if step.finished_ms is not None else (end_of_run if end_of_run is not None else step.started_ms)
+        end = max(end, step.started_ms + 1)  # mermaid drops zero-length tasks
+        tag = {"failed": "crit, ", "timed_out": "crit, ", "running": "active, ", "cancelled": "done, ", "skipped": "done, "}.get(step.status, "")
+        label = f"{step.key} ({step.kind}, {step.status})"
+        lines.append(f"    {_task_name(label)} :{tag}s{i}, {step.started_ms}, {end}")
+    return "\n".join(lines) + "\n"
