@@ -6,6 +6,7 @@ decode → load the run → decide → store the run → send the commands → c
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 import logging
 import time
 import uuid
@@ -35,6 +36,9 @@ from workflows.model import CompiledWorkflow
 from workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
+
+_DECODED_STATES = 10_000
+"""Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
 
@@ -83,6 +87,7 @@ class Coordinator:
         self.dlq = dlq
         self.metrics = metrics
         self.timers = Timers()
+        self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
         self.ignored: dict[str, int] = {}
         self._partitioner = DefaultPartitioner()
         self._out_topics: dict[str, faust.TopicT] = {}
@@ -138,7 +143,7 @@ class Coordinator:
     async def _apply(self, record: Any, msg: Any, received: float | None = None) -> None:
         key = record.run_id.encode()
         raw = self.table.get(key)
-        state = RunState.model_validate_json(raw) if raw is not None else None
+        state = self._load(record.run_id, raw)
         position = f"{msg.topic}:{msg.partition}"
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
             # Redelivered after a crash: the state already holds this event. Its commands may have been lost
@@ -150,16 +155,25 @@ class Coordinator:
             await self._carry_out(commands)
             return
         now = now_ms()
-        new_state, commands = self.machine.decide(state, record, now)
-        if new_state is not None and new_state is not state:
+        before = self.metrics.snapshot(state) if self.metrics is not None else state
+        try:
+            # in place: the state was decoded for this event alone (a deep copy costs more than the decision)
+            new_state, commands = self.machine.decide(state, record, now, in_place=True)
+        except Exception:
+            self._states.pop(record.run_id, None)  # possibly half-changed
+            raise
+        unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
+        if new_state is not None and not unchanged:
             new_state.cursor[position] = msg.offset
-            self.table[key] = new_state.model_dump_json(exclude_defaults=True).encode()
+            stored = new_state.model_dump_json(exclude_defaults=True).encode()
+            self.table[key] = stored
+            self._remember(record.run_id, stored, new_state)
         await self._carry_out(commands)
         if self.metrics is not None:
             kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child"}.get(type(record), "trigger")
             self.metrics.event_processed(kind)
             overhead = time.perf_counter() - received if kind == "completion" and received is not None else None
-            self.metrics.decision(state, new_state, commands, now, overhead)
+            self.metrics.decision(before, new_state, commands, now, overhead)
 
     async def _carry_out(self, commands: list[Any]) -> None:
         for command in commands:
@@ -211,6 +225,24 @@ class Coordinator:
         log.info("re-armed %d timers after rebalance", count)
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _load(self, run_id: str, raw: bytes | None) -> RunState | None:
+        """The run's state, reusing the object decoded last time while the table still holds those bytes."""
+        if raw is None:
+            return None
+        cached = self._states.get(run_id)
+        if cached is not None and cached[0] is raw:
+            self._states.move_to_end(run_id)
+            return cached[1]
+        state = RunState.model_validate_json(raw)
+        self._remember(run_id, raw, state)
+        return state
+
+    def _remember(self, run_id: str, raw: bytes, state: RunState) -> None:
+        self._states[run_id] = (raw, state)
+        self._states.move_to_end(run_id)
+        if len(self._states) > _DECODED_STATES:
+            self._states.popitem(last=False)
 
     def _decode(self, topic: str, value: bytes | None) -> Any:
         if topic == self.topics.completions:

@@ -144,6 +144,13 @@ class Metrics:
     def lag(self, group: str, topic: str, partition: int, value: float) -> None:
         self.consumer_lag.labels(group, topic, str(partition)).set(value)
 
+    @staticmethod
+    def snapshot(state: RunState | None) -> RunState | None:
+        """What ``decision`` needs of the state before an in-place decision: its status, path and steps."""
+        if state is None:
+            return None
+        return state.model_copy(update={"path": list(state.path), "steps": {k: v.model_copy() for k, v in state.steps.items()}})
+
     def decision(self, old: RunState | None, new: RunState | None, commands: Iterable[Any], now_ms: int, overhead_seconds: float | None = None) -> None:
         """Derive run, step and pattern metrics from one decision of the state machine.
 

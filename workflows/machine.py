@@ -118,8 +118,12 @@ class Machine:
         self.workflows = dict(workflows)
         self.max_state_bytes = max_state_bytes
 
-    def decide(self, state: RunState | None, event: Event, now_ms: int) -> tuple[RunState | None, list[Command]]:
-        """Apply ``event`` to a copy of ``state``; return the new state and the commands to carry out."""
+    def decide(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> tuple[RunState | None, list[Command]]:
+        """Apply ``event`` to a copy of ``state``; return the new state and the commands to carry out.
+
+        ``in_place=True`` skips the copy and changes ``state`` itself: for a caller that owns a state it just
+        decoded and discards on error (the coordinator), since a deep copy costs more than the decision.
+        """
         if isinstance(event, RunAccepted):
             if state is not None:
                 return state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger")]
@@ -130,10 +134,10 @@ class Machine:
             return state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))]
         wf = self.workflows.get(state.workflow)
         if wf is None:  # the definition was removed while the run was in flight
-            run = _Run(state.model_copy(deep=True), None, now_ms, self.max_state_bytes)
+            run = _Run(state if in_place else state.model_copy(deep=True), None, now_ms, self.max_state_bytes)
             run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=f"workflow {state.workflow!r} is no longer loaded", retryable=False))
             return run.state, run.out
-        run = _Run(state.model_copy(deep=True), wf, now_ms, self.max_state_bytes)
+        run = _Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes)
         if isinstance(event, ActivityCompleted):
             run.on_completion(event)
         elif isinstance(event, ChildRunFinished):

@@ -48,3 +48,112 @@ async def e2e_flaky(data: dict[str, Any]) -> dict[str, Any]:
 async def e2e_fatal(data: Any) -> Any:
     """Always fail with a non-retryable error."""
     raise ActivityError("the e2e handler refuses", type="E2EFatal", retryable=False)
+
+
+# --- handlers for tests/integration/test_semantics.py -------------------------------------------
+# The worker is its own process: these record what they saw in memory, keyed by ``data['key']`` (the test
+# passes a fresh key), and `e2e_probe` returns the records through a run (sem_probe), so tests read them
+# through Kafka like everything else.
+
+import random as _random
+import time as _time
+
+import handlers.proposal  # noqa: E402,F401  (the proposal example's handlers; harmless once conftest lists the module)
+
+_CALLS: dict[str, int] = {}
+_EVENTS: dict[str, list[str]] = {}
+_STARTS: dict[str, list[float]] = {}
+_BATCHES: dict[str, list[int]] = {}
+_INFLIGHT: dict[str, int] = {}
+_MAX_INFLIGHT: dict[str, int] = {}
+
+
+def _note(key: str, what: str) -> None:
+    _EVENTS.setdefault(key, []).append(what)
+
+
+@activity("e2e_tracked")
+async def e2e_tracked(data: dict[str, Any]) -> Result:
+    """Sleep ``seconds``; record start/done/cancelled of ``tag`` under ``key``; fail when ``fail`` is set."""
+    key, tag = str(data["key"]), str(data.get("tag"))
+    _note(key, f"start:{tag}")
+    try:
+        await asyncio.sleep(float(data.get("seconds", 0)))
+    except asyncio.CancelledError:
+        _note(key, f"cancelled:{tag}")
+        raise
+    if data.get("fail"):
+        _note(key, f"failed:{tag}")
+        raise ActivityError(f"branch {tag} fails", type=str(data.get("error_type", "E2EBranchFailed")), retryable=False)
+    _note(key, f"done:{tag}")
+    return Result({"tag": tag}, confidence=0.9, cost={"usd": 0.001, "model": "e2e"})
+
+
+@activity("e2e_counted")
+async def e2e_counted(data: dict[str, Any]) -> Result:
+    """Count calls per ``key``; return the value with the call number and a cost."""
+    key = str(data["key"])
+    _CALLS[key] = _CALLS.get(key, 0) + 1
+    return Result({"value": data.get("value"), "call": _CALLS[key]}, confidence=0.8, cost={"usd": 0.01, "tokens_in": 100, "tokens_out": 10, "model": "e2e-big"})
+
+
+@activity("e2e_item")
+async def e2e_item(data: dict[str, Any]) -> dict[str, Any]:
+    """A map item: random short sleep (so items finish out of order); tracks how many run at once per ``key``."""
+    key = str(data["key"])
+    _INFLIGHT[key] = _INFLIGHT.get(key, 0) + 1
+    _MAX_INFLIGHT[key] = max(_MAX_INFLIGHT.get(key, 0), _INFLIGHT[key])
+    try:
+        await asyncio.sleep(_random.uniform(0.0, 0.03))
+    finally:
+        _INFLIGHT[key] -= 1
+    return {"i": data["i"], "square": int(data["i"]) ** 2}
+
+
+@activity("e2e_rate")
+async def e2e_rate(data: dict[str, Any]) -> dict[str, Any]:
+    """Record the start time (epoch seconds) per ``key``."""
+    _STARTS.setdefault(str(data["key"]), []).append(_time.time())
+    return {"i": data.get("i")}
+
+
+@activity("e2e_batch", batched=True)
+async def e2e_batch(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A batch handler: records the size of every call per ``key`` and doubles each ``i``."""
+    for key in {str(item["key"]) for item in items}:
+        _BATCHES.setdefault(key, []).append(len(items))
+    await asyncio.sleep(0.02)
+    return [{"i": item["i"], "doubled": int(item["i"]) * 2} for item in items]
+
+
+@activity("e2e_fail_as")
+async def e2e_fail_as(data: dict[str, Any]) -> Any:
+    """Always fail with error ``type`` (``retryable`` default true); counts attempts per ``key``."""
+    key = str(data["key"])
+    _CALLS[key] = _CALLS.get(key, 0) + 1
+    raise ActivityError(f"attempt {_CALLS[key]} of {key} fails", type=str(data.get("type", "E2EFailure")), retryable=bool(data.get("retryable", True)))
+
+
+@activity("e2e_cost")
+async def e2e_cost(data: dict[str, Any]) -> Result:
+    """Return ``n`` with a cost of ``usd`` and ``tokens`` (tokens_in)."""
+    return Result({"n": data.get("n")}, confidence=0.9, cost={"usd": float(data.get("usd", 0)), "tokens_in": int(data.get("tokens", 0)), "model": str(data.get("model", "e2e-model"))})
+
+
+@activity("e2e_big")
+async def e2e_big(data: dict[str, Any]) -> dict[str, Any]:
+    """An output of about ``bytes`` bytes."""
+    return {"blob": "x" * int(data["bytes"])}
+
+
+@activity("e2e_probe")
+async def e2e_probe(data: dict[str, Any]) -> dict[str, Any]:
+    """What the handlers above recorded under ``key``."""
+    key = str(data["key"])
+    return {
+        "calls": _CALLS.get(key, 0),
+        "events": _EVENTS.get(key, []),
+        "starts": _STARTS.get(key, []),
+        "batches": _BATCHES.get(key, []),
+        "max_inflight": _MAX_INFLIGHT.get(key, 0),
+    }
