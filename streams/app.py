@@ -47,7 +47,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     app = faust.App(
         f"{settings.prefix}-{role}",
         broker=[f"kafka://{b.strip()}" for b in settings.bootstrap.split(",")],
-        store="memory://",
+        store="rocksdict://" if settings.store == "rocksdb" else "memory://",
         datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
@@ -79,4 +79,12 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
     """Run the app until SIGTERM/SIGINT."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = faust.Worker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+
+    @legato.app.task
+    async def _quiet_libraries() -> None:
+        # The worker's logging setup leaves the client libraries' loggers at DEBUG: every send would build a
+        # log record (7 % of the coordinator's time in a profile). Pin them to the chosen level.
+        for name in ("aiokafka", "faust", "mode"):
+            logging.getLogger(name).setLevel(loglevel.upper())
+
     worker.execute_from_commandline()

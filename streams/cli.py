@@ -97,10 +97,13 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import overhead
+    from streams.bench import NAMES, main as bench_main
 
     s = _settings(args)
-    return overhead(s, runs=args.runs, steps=args.steps, output=Path(args.output) if args.output else None)
+    names = list(NAMES) if args.name == "all" else [args.name]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    return bench_main(s, names, runs=args.runs, output=Path(args.output) if args.output else None, sizes=sizes,
+                      memory_runs=args.memory_runs, store=args.store)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -191,21 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
-    p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe")
-    p.add_argument("name", nargs="?", default="overhead", choices=["overhead"])
-    p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--steps", type=int, default=20)
+    p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
+    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout"])
+    p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
+    p.add_argument("--sizes", default="10,100,1000,10000", help="fan-out sizes")
+    p.add_argument("--memory-runs", type=int, default=100_000)
+    p.add_argument("--store", default="memory", choices=["memory", "rocksdb"], help="run table store for the memory benchmark")
     p.add_argument("--output", default=None, help="append the results to this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
-    p = sub.add_parser("runs", help="inspect runs")
-    runs = p.add_subparsers(dest="runs_command", required=True)
-    p = runs.add_parser("show", help="a run's steps as a table (or --gantt: a Mermaid gantt timeline)")
-    p.add_argument("run_id")
-    p.add_argument("--gantt", action="store_true", help="print a Mermaid gantt chart instead of the table")
-    p.add_argument("--role", choices=["coordinator", "dev"], default=None, help="whose changelog to read (default: coordinator, then dev)")
-    p.add_argument("--loglevel", default=None)
-    p.set_defaults(fn=cmd_runs, workflows=[], handlers=[])
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)

@@ -22,6 +22,7 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: _cache_dir() / "data")
     metrics_port: int | None = None
     loglevel: str = "warning"
+    store: str = "memory"  # the run table's local store: memory, or rocksdb (on disk, through rocksdict)
 
     @property
     def topics(self) -> Topics:
@@ -42,4 +43,5 @@ class Settings:
             data_dir=Path(env["LEGATO_DATA_DIR"]) if env.get("LEGATO_DATA_DIR") else _cache_dir() / "data",
             metrics_port=int(port) if port else None,
             loglevel=env.get("LEGATO_LOGLEVEL", "warning"),
+            store=env.get("LEGATO_STORE", "memory"),
         )

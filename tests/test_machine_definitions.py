@@ -404,7 +404,7 @@ def _choice_with(when: str) -> str:
         """
 
 
-def test_bug_a_step_reference_inside_a_cel_string_literal_refuses_a_valid_definition():
+def test_fixed_a_step_reference_inside_a_cel_string_literal_refuses_a_valid_definition():
     """BUG (model.py / expressions.py ``_STEP_REF``): unknown-step detection is a regex over the source text, so
     ``input.kind == 'see steps.foo'`` (a string literal, no step read) is refused with
     "refers to unknown step 'foo'". Expected: the definition compiles."""
@@ -412,7 +412,7 @@ def test_bug_a_step_reference_inside_a_cel_string_literal_refuses_a_valid_defini
     assert "c.when.0" in wf.expressions
 
 
-def test_bug_an_unknown_step_read_by_index_is_not_refused():
+def test_fixed_an_unknown_step_read_by_index_is_not_refused():
     """BUG (same regex): ``steps['ghost'].output == 1`` reads an unknown step but is accepted; it only fails at
     run time (KeyError -> ExpressionError). Expected: DefinitionError at steps[0].choice.cases[0].when."""
     with pytest.raises(DefinitionError) as caught:

@@ -354,3 +354,36 @@ def test_a_branch_policy_that_is_not_a_policy_is_refused():
     with pytest.raises(DefinitionError) as caught:
         compile_yaml(fork(branches=branches))
     assert caught.value.path.startswith("steps[0].parallel.branches.a")
+
+
+# unknown step ids read in CEL anywhere a new step kind or option allows an expression
+UNKNOWN_REFS = [
+    ("end when", [{"id": "e", "end": {"when": "steps.ghost.output", "output": "1"}}], "steps[0].end.when"),
+    ("end output", [{"id": "e", "end": {"output": "steps.ghost.output"}}], "steps[0].end.output"),
+    ("fail when", [{"id": "f", "fail": {"reason": "'x'", "when": "steps.ghost.ok"}}], "steps[0].fail.when"),
+    ("fail reason", [{"id": "f", "fail": {"reason": "steps.ghost.output"}}], "steps[0].fail.reason"),
+    ("workflow input", [{"id": "w", "workflow": "child", "input": {"x": "${ steps.ghost.output }"}}], "steps[0].input"),
+    ("inside a branch with a policy", [{"id": "p", "parallel": {"branches": {"b": {"on_failure": "continue", "steps": [
+        {"id": "a", "activity": "a", "input": {"x": "${ steps.ghost.output }"}}]}}}}], "steps[0].parallel.branches.b.steps[0].input"),
+    ("inside a fallback", [{"id": "a", "activity": "a", "on_error": {"fallback": [
+        {"id": "b", "activity": "b", "input": {"x": "${ steps.ghost.output }"}}]}}], "steps[0].on_error.fallback[0].input"),
+    ("inside on_exhausted", [{"id": "l", "loop": {"max_iterations": 2, "steps": [{"id": "a", "activity": "a"}], "on_exhausted": [
+        {"id": "b", "activity": "b", "input": {"x": "${ steps.ghost.output }"}}]}}], "steps[0].loop.on_exhausted[0].input"),
+    ("inside map steps", [{"id": "m", "map": {"items": "[1]", "steps": [
+        {"id": "b", "activity": "b", "input": {"x": "${ steps.ghost.output }"}}]}}], "steps[0].map.steps[0].input"),
+]
+
+
+@pytest.mark.parametrize("name,steps,path", UNKNOWN_REFS, ids=[u[0] for u in UNKNOWN_REFS])
+def test_an_unknown_step_read_in_cel_is_refused_with_its_path(name, steps, path):
+    with pytest.raises(DefinitionError) as caught:
+        compile_yaml(json.dumps({"name": "w", "steps": steps}), "flows/w.yaml")
+    assert caught.value.file == "flows/w.yaml" and caught.value.path == path
+    assert "refers to unknown step 'ghost'" in caught.value.reason
+
+
+def test_duplicate_ids_inside_a_branch_with_a_policy_are_refused_with_the_steps_path():
+    branches = {"a": {"on_failure": "retry", "steps": [{"id": "p", "activity": "x"}]}}
+    with pytest.raises(DefinitionError) as caught:
+        compile_yaml(fork(branches=branches))
+    assert caught.value.path == "steps[0].parallel.branches.a.steps[0].id" and "duplicate step id 'p'" in caught.value.reason

@@ -2,6 +2,7 @@
 joins and failure policies, dropped item frames, and a 10,000-item run."""
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from typing import Any
@@ -117,7 +118,7 @@ def test_items_that_fail_to_evaluate_fail_the_step_with_expression_error():
 # ("ok"/"fail" by index; output or error type; indices cancelled)
 MAP_TABLE = [
     ("fail_fast", "all", [(1, "fail")], "failed", "Boom", [0, 2, 3]),
-    ("continue", "all", [(1, "fail"), (0, "ok"), (3, "ok"), (2, "fail")], "succeeded", [0, None, 30, None], []),
+    ("continue", "all", [(1, "fail"), (0, "ok"), (3, "ok"), (2, "fail")], "succeeded", [0, None, None, 30], []),
     ({"default": -1}, "all", [(2, "fail"), (0, "ok"), (1, "ok"), (3, "ok")], "succeeded", [0, 10, -1, 30], []),
     ("fail_fast", "any", [(2, "ok")], "succeeded", [None, None, 20, None], [0, 1, 3]),
     ("continue", "first_success", [(0, "fail"), (3, "ok")], "succeeded", [None, None, None, 30], [1, 2]),
@@ -243,17 +244,32 @@ def test_duplicate_ids_inside_the_item_steps_are_refused():
     assert caught.value.path == "steps[0].map.steps[0].id"
 
 
-def test_bug_on_failure_retry_is_ignored_by_map_and_acts_as_fail_fast():
-    """BUG (machine.py ``_fanout_child_finished``: ``policy == "retry" and not is_map``): a map accepts
-    ``on_failure: retry`` (the issue: map has "the same join/timeout/failure options") but never re-runs a failed
-    item: input items [1, 2], item 0 fails once (non-retryable activity error).
-    Expected: item 0 is re-run from its first step (request r1/m[0]~2/... or similar), the step still running.
-    Actual: the map step fails at once (as fail_fast), item 1 is cancelled and the run fails with Boom."""
+def test_on_failure_retry_reruns_a_failed_item_with_its_item_and_index():
+    """Regression: at commit 399678d a map accepted ``on_failure: retry`` but treated it as fail_fast (the retry
+    branch in ``_fanout_child_finished`` had ``and not is_map``): one failed item failed the whole map. Fixed in
+    the working tree."""
     h = Harness(machine_from(mapping(on_failure="retry", after=False)))
     h.start("mapping", {"xs": [1, 2]})
     out = h.fail(by_index(h)[0], "Boom", retryable=False)
     assert h.state.steps["m"].status == "running"
     assert [r.input for r in requests_in(out)] == [{"item": 1, "index": 0}]
+    h.succeed(by_index(h)[0], "one")
+    h.succeed(by_index(h)[1], "two")
+    assert h.terminal().event.output == ["one", "two"]
+
+
+def test_on_failure_retry_gives_an_item_three_runs_in_all_then_fails_the_map():
+    h = Harness(machine_from(mapping(on_failure="retry", after=False)))
+    h.start("mapping", {"xs": ["a", "b"]})
+    ids = []
+    for _ in range(3):
+        req = by_index(h)[0]
+        ids.append(req.request_id)
+        assert req.input == {"item": "a", "index": 0}
+        h.fail(req, "Boom", retryable=False)
+    assert len(set(ids)) == 3
+    assert h.terminal().event.error.type == "Boom"
+    assert h.state.requests == {}
 
 
 # --- state stays small; 10,000 items ------------------------------------------------------------------
@@ -274,31 +290,36 @@ def test_finished_item_frames_are_dropped_from_the_state():
 
 
 def test_a_map_of_10000_items_with_max_concurrency_100_completes(capsys):
+    """Feeds 10,000 completions, the way the coordinator does (``in_place=True`` where the machine offers it:
+    the coordinator decides on a state it has just decoded). Prints decide()'s total time; asserts no time."""
     machine = Machine({"mapping": compile_yaml(mapping(max_concurrency=100, after=False))})
+    kw = {"in_place": True} if "in_place" in inspect.signature(machine.decide).parameters else {}
     n = 10_000
     now = 1_700_000_000_000
-    spent = 0.0
     t = time.perf_counter()
     state, out = machine.decide(None, accepted("mapping", {"xs": list(range(n))}), now)
-    spent += time.perf_counter() - t
+    spent = time.perf_counter() - t
     queue = requests_in(out)
     assert len(queue) == 100
     decisions = 1
     peak_pending = len(state.requests)
-    peak_frames = len(state.frames)
+    peak_frames = peak_steps = 0
     while queue:
         req = queue.pop(0)
         now += 1
         event = ActivityCompleted(request_id=req.request_id, run_id=req.run_id, step_id=req.step_id, attempt=1, status="succeeded", output=req.input["item"] * 2)
         t = time.perf_counter()
-        state, out = machine.decide(state, event, now)
+        state, out = machine.decide(state, event, now, **kw)
         spent += time.perf_counter() - t
         decisions += 1
         queue.extend(requests_in(out))
         peak_pending = max(peak_pending, len(state.requests))
         peak_frames = max(peak_frames, len(state.frames))
+        peak_steps = max(peak_steps, len(state.steps))
     assert state.status == "succeeded"
     assert state.output == [i * 2 for i in range(n)]
-    assert peak_pending <= 100 and peak_frames <= 101
+    assert peak_pending <= 100 and peak_frames <= 101 and peak_steps <= 101
     with capsys.disabled():
-        print(f"\n10,000-item map, max_concurrency 100: {decisions} decisions, decide() total {spent:.2f} s ({spent / decisions * 1e3:.2f} ms each)")
+        mode = "in place" if kw else "copying the state"
+        print(f"\n10,000-item map, max_concurrency 100, decide {mode}: {decisions} decisions, "
+              f"decide() total {spent:.2f} s ({spent / decisions * 1e3:.3f} ms each)")

@@ -1,7 +1,8 @@
 """Property tests of the state machine: termination, one terminal event, determinism, idempotence.
 
-A strategy builds random workflows (activity/parallel/choice/loop nested up to depth 3, with occasional end/fail
-steps), and an adversarial driver feeds the run: it completes a random pending request (success with a random
+A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail
+steps; joins, join timeouts, failure policies per step and per branch, on_error, no_progress, for_each, on_exhausted
+steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
 score, or a retryable/non-retryable failure), fires a random pending timer (at its due time, never moving time
 backwards), re-delivers an event it already delivered, or delivers a stale completion.
 """
@@ -23,6 +24,7 @@ from workflows.state import RunState
 
 MAX_EVENTS = 500
 MAX_DEPTH = 3
+MAX_ITEMS = 3  # of input.xs, which map steps and for_each loops iterate over
 SCORES = [0.0, 0.3, 0.6, 0.95]
 
 PROPERTY_SETTINGS = settings(
@@ -49,7 +51,29 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             step["retry"] = {"max_attempts": attempts, "backoff": draw(st.sampled_from(["100ms", "1s"])), "multiplier": 2, "max_backoff": "1s"}
         if draw(st.booleans()):
             step["timeout"] = "2s"
+        on_error = draw(st.sampled_from(["fail"] * 4 + ["continue", "default", "fallback"]))
+        if on_error == "continue":
+            step["on_error"] = "continue"
+        elif on_error == "default":
+            step["on_error"] = {"default": {"score": 0.0, "flag": False}}
+        elif on_error == "fallback":
+            step["on_error"] = {"fallback": [{"id": nid("a"), "activity": "rescue"}]}
+        if attempts > 1 and draw(st.booleans()):
+            step["non_retryable"] = ["Boom"]
         return step
+
+    def fan_out_options(spec: dict[str, Any], width: int) -> None:
+        """join / failure policy / timeout of a parallel (``width`` branches) or a map."""
+        join = draw(st.sampled_from(["all", "all", "any", "first_success", "n_of"]))
+        spec["join"] = {"n_of": draw(st.integers(1, width))} if join == "n_of" else join
+        spec["on_failure"] = failure_policy()
+        if draw(st.booleans()):
+            spec["timeout"] = draw(st.sampled_from(["5s", "1m"]))
+            spec["on_timeout"] = draw(st.sampled_from(["proceed", "fail"]))
+
+    def failure_policy() -> Any:
+        policy = draw(st.sampled_from(["fail_fast", "fail_fast", "continue", "retry", "default"]))
+        return {"default": None} if policy == "default" else policy
 
     def condition(prev: str | None) -> str:
         if prev is not None and draw(st.booleans()):
@@ -68,7 +92,7 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
     def compound(depth: int, prev: str | None) -> dict[str, Any]:
         kinds = ["activity"] * 3 + ["terminal"]
         if depth < MAX_DEPTH:
-            kinds += ["parallel", "choice", "loop"] * 2
+            kinds += ["parallel", "choice", "loop", "map"] * 2
         kind = draw(st.sampled_from(kinds))
         if kind == "activity":
             return activity()
@@ -79,11 +103,26 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             return {"id": nid("f"), "fail": {"when": f"input.n == {k}", "reason": "'refused'"}}
         if kind == "parallel":
             n = draw(st.integers(1, 3))
-            return {"id": nid("p"), "parallel": {"branches": {f"b{i}": sequence(depth + 1, 2) for i in range(n)}}}
+            branches: dict[str, Any] = {}
+            for i in range(n):
+                steps = sequence(depth + 1, 2)
+                # a branch may carry its own failure policy
+                branches[f"b{i}"] = {"on_failure": failure_policy(), "steps": steps} if draw(st.integers(0, 3)) == 0 else steps
+            spec: dict[str, Any] = {"branches": branches}
+            if draw(st.booleans()):
+                fan_out_options(spec, n)
+            return {"id": nid("p"), "parallel": spec}
+        if kind == "map":  # over input.xs (0 to 3 items)
+            spec = {"items": "input.xs", "steps": sequence(depth + 1, 2)}
+            if draw(st.booleans()):
+                spec["max_concurrency"] = draw(st.integers(1, 2))
+            if draw(st.booleans()):
+                fan_out_options(spec, 1)
+            return {"id": nid("m"), "map": spec}
         if kind == "choice":
             if draw(st.booleans()):
                 cases = [{"when": condition(prev), "steps": sequence(depth + 1, 2)} for _ in range(draw(st.integers(1, 2)))]
-                spec: dict[str, Any] = {"cases": cases}
+                spec = {"cases": cases}
             else:
                 spec = {"route": "input.route", "routes": {"r0": sequence(depth + 1, 2), "r1": sequence(depth + 1, 2)}}
             spec["default"] = sequence(depth + 1, 2)
@@ -99,14 +138,23 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             loop["until"] = f"steps.{first['id']}.output.flag"
         elif until == "iteration":
             loop["until"] = "iteration >= 2"
-        loop["on_exhausted"] = draw(st.sampled_from(["fail", "continue"]))
+        exhausted = draw(st.sampled_from(["fail", "continue", "steps"]))
+        loop["on_exhausted"] = [activity()] if exhausted == "steps" else exhausted
         if draw(st.booleans()):
             loop["timeout"] = "30s"
+        if draw(st.integers(0, 2)) == 0:
+            loop["no_progress"] = draw(st.integers(1, 2))
+        if draw(st.integers(0, 2)) == 0:
+            loop["for_each"] = "input.xs"
+            loop["batch_size"] = draw(st.integers(1, 2))
         return {"id": nid("l"), "loop": loop}
 
     doc: dict[str, Any] = {"name": "gen", "steps": sequence(0, 4, min_len=2)}
     if draw(st.booleans()):
         doc["timeout"] = "10m"
+    if draw(st.integers(0, 3)) == 0:  # every applied completion costs usd 0.001
+        doc["budget"] = {"usd": draw(st.sampled_from([0.0025, 0.0055]))}
+        doc["on_budget"] = draw(st.sampled_from(["fail", "finish"]))
     return doc
 
 
@@ -119,15 +167,20 @@ def progress_bound(doc: dict[str, Any]) -> int:
     def step(s: dict[str, Any]) -> int:
         if "activity" in s:
             attempts = s.get("retry", {}).get("max_attempts", 1)
-            return 2 * attempts - 1  # each attempt ends once; a retry timer between attempts
+            fallback = s.get("on_error", {}).get("fallback", []) if isinstance(s.get("on_error"), dict) else []
+            return 2 * attempts - 1 + seq(fallback)  # each attempt ends once; a retry timer between attempts
         if "parallel" in s:
-            return sum(seq(b) for b in s["parallel"]["branches"].values())
+            # a branch retried by on_failure runs up to 3 times; the join timeout may fire once
+            return sum(3 * seq(b["steps"] if isinstance(b, dict) else b) for b in s["parallel"]["branches"].values()) + 1
+        if "map" in s:
+            return MAX_ITEMS * 3 * seq(s["map"]["steps"]) + 1
         if "choice" in s:
             spec = s["choice"]
             paths = [c["steps"] for c in spec.get("cases", [])] + list(spec.get("routes", {}).values()) + [spec["default"]]
             return max(seq(p) for p in paths)
         if "loop" in s:
-            return s["loop"]["max_iterations"] * seq(s["loop"]["steps"]) + 1
+            exhausted = s["loop"]["on_exhausted"]
+            return s["loop"]["max_iterations"] * seq(s["loop"]["steps"]) + 1 + (seq(exhausted) if isinstance(exhausted, list) else 0)
         return 0
 
     return seq(doc["steps"]) + 1
@@ -136,7 +189,11 @@ def progress_bound(doc: dict[str, Any]) -> int:
 @st.composite
 def scenarios(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     doc = draw(workflow_docs().filter(lambda d: progress_bound(d) <= 200))
-    run_input = {"n": draw(st.integers(0, 5)), "route": draw(st.sampled_from(["r0", "r1", "other"]))}
+    run_input = {
+        "n": draw(st.integers(0, 5)),
+        "route": draw(st.sampled_from(["r0", "r1", "other"])),
+        "xs": draw(st.lists(st.integers(0, 9), max_size=MAX_ITEMS)),
+    }
     return doc, run_input
 
 
@@ -163,10 +220,10 @@ def check_invariants(state: RunState) -> None:
             assert target.status == "running" and target.attempt == timer.attempt, (timer_id, target.status)
         elif timer.kind == "retry":
             assert target.status == "waiting_retry" and target.attempt == timer.attempt, (timer_id, target.status)
-        elif timer.kind == "loop_timeout":
+        elif timer.kind in ("loop_timeout", "join_timeout"):
             assert target.status == "running", (timer_id, target.status)
     for step in state.steps.values():
-        if step.kind == "activity" and step.status == "running":
+        if step.kind == "activity" and step.status == "running" and not step.children:  # (children: its fallback runs)
             assert state.requests.get(step.request_id) == step.key, step.key
         if step.status == "waiting_retry":
             assert f"{step.key}:retry:{step.attempt}" in state.timers, step.key

@@ -37,10 +37,14 @@ class Expression:
 
     source: str
     program: Any
+    names: frozenset[str] = frozenset()
 
     def evaluate(self, variables: dict[str, Any]) -> Any:
+        # Only the variables the expression names are converted to CEL values: a 10,000-item `input` would
+        # otherwise be converted again for every item of a map.
+        used = {k: v for k, v in variables.items() if k in self.names}
         try:
-            return self.program.execute(cel.Context(variables=variables, functions=_FUNCTIONS))
+            return self.program.execute(cel.Context(variables=used, functions=_FUNCTIONS))
         except Exception as exc:  # the CEL binding raises KeyError, TypeError, ValueError...
             raise ExpressionError(f"{self.source!r}: {type(exc).__name__}: {exc}") from None
 
@@ -59,7 +63,7 @@ def compile_expression(source: str) -> Expression:
         program = cel.compile(source)
     except Exception as exc:
         raise ExpressionError(f"{source!r} does not compile: {exc}") from None
-    return Expression(source, program)
+    return Expression(source, program, frozenset(program.variables()))
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,13 @@ from workflows.model import (
     ChoiceStep,
     CompiledWorkflow,
     EndStep,
+    Fallback,
     FailStep,
     LoopStep,
+    MapStep,
+    NOf,
     ParallelStep,
+    WorkflowStep,
 )
 
 __all__ = ["mermaid"]
@@ -77,6 +81,10 @@ def mermaid(wf: CompiledWorkflow) -> str:
 
 
 # --- text helpers -------------------------------------------------------------------------------
+
+
+def _join_text(join: Any) -> str:
+    return f"{join.n_of} of n" if isinstance(join, NOf) else str(join)
 
 
 def _node_id(prefix: str, step_id: str) -> str:
@@ -193,6 +201,12 @@ class _Renderer:
             return self.activity(step)
         if isinstance(step, ParallelStep):
             return self.parallel(step)
+        if isinstance(step, MapStep):
+            return self.map(step)
+        if isinstance(step, WorkflowStep):
+            sid = _node_id("s", step.id)
+            self.node(sid, "[[", _label(step.id, "workflow: " + step.workflow), "]]")
+            return self._on_error(step, _Fragment(sid, [(sid, None)]))
         if isinstance(step, ChoiceStep):
             return self.choice(step)
         if isinstance(step, LoopStep):
@@ -207,18 +221,37 @@ class _Renderer:
     def activity(self, step: ActivityStep) -> _Fragment:
         sid = _node_id("s", step.id)
         self.node(sid, "[", _label(step.id, step.activity), "]")
-        return _Fragment(sid, [(sid, None)])
+        return self._on_error(step, _Fragment(sid, [(sid, None)]))
+
+    def _on_error(self, step: Any, frag: _Fragment) -> _Fragment:
+        """A fallback runs when the step fails for good; its end joins the step's own way on."""
+        if isinstance(step.on_error, Fallback):
+            fallback = self.sequence(step.on_error.fallback, [(frag.entry, "on error")])
+            return _Fragment(frag.entry, frag.exits + fallback.exits)
+        return frag
+
+    def map(self, step: MapStep) -> _Fragment:
+        spec = step.map
+        fork, join = _node_id("s", step.id), _node_id("j", step.id)
+        limit = f", max {spec.max_concurrency} at once" if spec.max_concurrency else ""
+        self.node(fork, "{{", _label(f"map: {step.id}", f"each of {_shorten(spec.items)}{limit}"), "}}", "control")
+        ends = self.sequence(spec.steps, [(fork, "item")]).exits
+        if not ends:
+            return _Fragment(fork)
+        self.node(join, "((", _label(f"join ({_join_text(spec.join)})"), "))", "control")
+        self.connect(ends, join)
+        return _Fragment(fork, [(join, None)])
 
     def parallel(self, step: ParallelStep) -> _Fragment:
         fork, join = _node_id("s", step.id), _node_id("j", step.id)
         self.node(fork, "{{", _label(f"parallel: {step.id}"), "}}", "control")
         ends: list[tuple[str, str | None]] = []
-        for name, branch in step.parallel.branches.items():
-            ends += self.sequence(branch, [(fork, name)]).exits
+        for name in step.parallel.branches:
+            ends += self.sequence(step.parallel.branch_steps(name), [(fork, name)]).exits
         if not ends:
             # Every branch stops the run (end/fail): a join nothing reaches would suggest otherwise.
             return _Fragment(fork)
-        self.node(join, "((", _label("join (all)"), "))", "control")
+        self.node(join, "((", _label(f"join ({_join_text(step.parallel.join)})"), "))", "control")
         self.connect(ends, join)
         return _Fragment(fork, [(join, None)])
 
@@ -245,7 +278,8 @@ class _Renderer:
     def loop(self, step: LoopStep) -> _Fragment:
         spec = step.loop
         sid, group, exhausted = _node_id("s", step.id), _node_id("g", step.id), _node_id("q", step.id)
-        title = f"loop: {step.id} (max {spec.max_iterations}"
+        bound_n = spec.bound
+        title = f"loop: {step.id} (" + (f"for each of {_shorten(spec.for_each)}, " if spec.for_each else "") + f"max {bound_n}"
         title += f", timeout {_duration(spec.timeout)})" if spec.timeout is not None else ")"
         self.nodes.append("    " * self.depth + f"subgraph {group}[{_label(title)}]")
         self.depth += 1
@@ -260,14 +294,18 @@ class _Renderer:
 
         if spec.until is None:
             # A counted loop: running out of iterations is its normal end; only a timeout is not.
-            self.edge(sid, body.entry, f"next iteration (max {spec.max_iterations})", dotted=True)
-            exits: list[tuple[str, str | None]] = [(sid, f"after {spec.max_iterations} iterations")]
+            self.edge(sid, body.entry, f"next iteration (max {bound_n})", dotted=True)
+            exits: list[tuple[str, str | None]] = [(sid, "after the last batch" if spec.for_each else f"after {bound_n} iterations")]
             bound = "timeout" if spec.timeout is not None else None
         else:
-            self.edge(sid, body.entry, f"until not met (max {spec.max_iterations})", dotted=True)
+            self.edge(sid, body.entry, f"until not met (max {bound_n})", dotted=True)
             exits = [(sid, _shorten(spec.until))]
-            bound = f"max {spec.max_iterations}" + (" / timeout" if spec.timeout is not None else "")
-        if bound is not None and spec.on_exhausted == "fail":
+            bound = f"max {bound_n}" + (" / timeout" if spec.timeout is not None else "")
+        if spec.no_progress is not None:
+            bound = (bound + " / " if bound else "") + f"no progress x{spec.no_progress}"
+        if bound is not None and isinstance(spec.on_exhausted, list):
+            exits += self.sequence(spec.on_exhausted, [(sid, f"{bound} reached")]).exits
+        elif bound is not None and spec.on_exhausted == "fail":
             self.node(exhausted, "([", _label(f"fail: {step.id} exhausted"), "])", "fail")
             self.edge(sid, exhausted, f"{bound} reached")
         elif bound is not None:

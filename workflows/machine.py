@@ -145,6 +145,7 @@ class Machine:
         else:
             run.on_timer(event)
         run.drain()
+        run.enforce_size()
         if not run.changed:
             return state, run.out
         return run.state, run.out
@@ -299,13 +300,17 @@ class _Run:
 
     def on_child_finished(self, event: ChildRunFinished) -> None:
         step = self.state.steps.get(event.step_key)
-        if step is None or step.child_run != event.child_run_id or step.status != "running":
+        fallback_running = step is not None and f"{step.key}/fallback" in step.children
+        if step is None or step.child_run != event.child_run_id or step.status != "running" or fallback_running:
             self._ignore("stale_child", f"child run {event.child_run_id} of step {event.step_key}")
             return
         self._clear_timer(f"{step.key}:timeout:1")
         if event.cost:
             self._add_cost(step, {k: v for k, v in event.cost.items() if k != "models"}, models=event.cost.get("models"))
-        if event.status == "succeeded":
+        too_big = self._too_big(event.output) if event.status == "succeeded" else None
+        if too_big:
+            self._failed_finally(step, ErrorInfo(type="ContextTooLarge", message=too_big, retryable=False), "failed")
+        elif event.status == "succeeded":
             step.output = event.output
             self.finish_step(step, "succeeded")
         else:
@@ -454,6 +459,7 @@ class _Run:
             step.output = output
         step.status = status
         step.finished_ms = self.now
+        step.request = None  # only a pending request is ever re-sent; keep the state small
         self._update_view(step)
         frame = self.state.frames.get(step.frame)
         if frame is None or frame.status != "running" or self.state.finished:
@@ -475,7 +481,7 @@ class _Run:
             step.status = "waiting_retry"
             delay = definition.retry.delay(step.attempt)
             if definition.retry.jitter:
-                delay *= _jitter(f"{self.state.run_id}/{step.key}/{step.attempt}")
+                delay = min(delay * _jitter(f"{self.state.run_id}/{step.key}/{step.attempt}"), definition.retry.max_backoff)
             self.set_timer(f"{step.key}:retry:{step.attempt}", delay, "retry", target=step.key, attempt=step.attempt)
             return
         self._failed_finally(step, error, final_status)
@@ -582,10 +588,13 @@ class _Run:
             step.results[name] = frame.last_output
             step.succeeded_n += 1
         else:
-            policy = spec.on_failure if is_map else spec.branch_policy(name)
-            if policy == "retry" and not is_map and frame.attempt < BRANCH_ATTEMPTS:
+            policy = spec.failure_policy if is_map else spec.branch_policy(name)
+            if policy == "retry" and frame.attempt < BRANCH_ATTEMPTS:
+                # run the branch (or the map item) again from its first step, with the same scope
+                base = f"{step.key}[{name}]" if is_map else f"{step.key}/{name}"
+                scope = {k: frame.scope[k] for k in ("item", "index") if k in frame.scope}
                 self._drop_frame(frame)
-                retry = self._child_frame(step, f"{step.key}/{name}~{frame.attempt + 1}", frame.ref, self.state.frames[step.frame], name=name)
+                retry = self._child_frame(step, f"{base}~{frame.attempt + 1}", frame.ref, self.state.frames[step.frame], name=name, **scope)
                 retry.attempt = frame.attempt + 1
                 self.advance(retry.id)
                 return
@@ -739,7 +748,7 @@ class _Run:
         spec = definition.loop
         self._clear_timer(f"{step.key}:loop_timeout")
         step.ended_by = bound
-        if bound == "budget" or (spec.until is None and bound == "max_iterations" and spec.no_progress is None):
+        if bound == "budget" or (spec.until is None and spec.for_each is None and bound == "max_iterations" and spec.no_progress is None):
             self.finish_step(step, "succeeded", output=output)  # a counted loop ran to its end; a budget stop keeps what it has
         elif spec.on_exhausted == "continue":
             self.finish_step(step, "succeeded", output=output)
@@ -882,12 +891,35 @@ class _Run:
 
     def _too_big(self, output: Any) -> str | None:
         size = len(orjson.dumps(output))
-        if size * 16 < self.max_state_bytes:
-            return None  # small outputs cannot matter; skip measuring the whole state
-        total = size + len(self.state.model_dump_json())
-        if total > self.max_state_bytes:
-            return f"an output of {size} bytes would grow the run's state to {total} bytes, over the limit of {self.max_state_bytes}"
+        # An accepted output is held three times: the step's output, the CEL view and its frame's last output
+        # (a next step whose input copies it adds more: enforce_size catches that). Measuring the whole state
+        # costs as much as storing it, so measure only once the running estimate comes near the limit.
+        projected = self.state.size_hint + 3 * size
+        if projected * 2 < self.max_state_bytes:
+            self.state.size_hint = projected
+            return None
+        projected = len(self.state.model_dump_json()) + 3 * size
+        if projected > self.max_state_bytes:
+            return f"an output of {size} bytes would grow the run's state to about {projected} bytes, over the limit of {self.max_state_bytes}"
+        self.state.size_hint = projected
         return None
+
+    def enforce_size(self) -> None:
+        """The last guard: a state that still grew past the limit (fan-out outputs gathered in one list) fails
+        the run and sheds its outputs, so the document stays storable."""
+        if self.state.size_hint * 2 < self.max_state_bytes or self.state.finished:
+            return
+        size = len(self.state.model_dump_json())
+        self.state.size_hint = size
+        if size <= self.max_state_bytes:
+            return
+        for step in self.state.steps.values():
+            step.output, step.results, step.items, step.request = None, {}, None, None
+        for frame in self.state.frames.values():
+            frame.last_output = None
+        for entry in self.state.view.values():
+            entry["output"] = None
+        self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
 
     def _step_of_request(self, request_id: str) -> StepState | None:
         """The step an earlier request of this run belonged to (ids are ``<run_id>/<step key>/<attempt>``)."""

@@ -137,7 +137,14 @@ class _FanOut(_Spec):
     join: Join = "all"
     timeout: Duration | None = None
     on_timeout: Literal["proceed", "fail"] = "fail"
-    on_failure: FailurePolicy = "fail_fast"
+    on_failure: FailurePolicy | None = None  # default: fail_fast for all/any, continue for first_success/n_of
+
+    @property
+    def failure_policy(self) -> Any:
+        if self.on_failure is not None:
+            return self.on_failure
+        # first_success and n_of exist to tolerate failing branches: failing fast would make them `any`
+        return "continue" if self.join == "first_success" or isinstance(self.join, NOf) else "fail_fast"
 
 
 class ParallelSpec(_FanOut):
@@ -157,7 +164,7 @@ class ParallelSpec(_FanOut):
         branch = self.branches[name]
         if isinstance(branch, Branch) and branch.on_failure is not None:
             return branch.on_failure
-        return self.on_failure
+        return self.failure_policy
 
 
 class ParallelStep(_Spec):
@@ -476,7 +483,7 @@ class _Compiler:
             self._sequence(f"{sid}/default", spec.default, f"{path}.choice.default", loop_depth)
         elif isinstance(step, LoopStep):
             spec = step.loop
-            if spec.max_iterations > ENGINE_MAX_ITERATIONS:
+            if spec.max_iterations is not None and spec.max_iterations > ENGINE_MAX_ITERATIONS:
                 self._fail(
                     f"{path}.loop.max_iterations",
                     f"{spec.max_iterations} is above the engine cap of {ENGINE_MAX_ITERATIONS}",

@@ -93,6 +93,7 @@ class RunState(_State):
     cursor: dict[str, int] = Field(default_factory=dict)  # the shell's last applied offset per source partition
     depth: int = 0  # sub-workflow nesting
     budget_exhausted: bool = False
+    size_hint: int = 0  # an upper estimate of this document's JSON size, re-measured near the limit
 
     @property
     def finished(self) -> bool:

@@ -31,7 +31,7 @@ from topics.names import Topics
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
 EXAMPLES_DIR = REPO_ROOT / "workflows" / "examples"
-HANDLERS = "handlers.demo,tests.integration.e2e_handlers"
+HANDLERS = "handlers.demo,handlers.proposal,tests.integration.e2e_handlers"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 60

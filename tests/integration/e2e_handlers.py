@@ -58,7 +58,6 @@ async def e2e_fatal(data: Any) -> Any:
 import random as _random
 import time as _time
 
-import handlers.proposal  # noqa: E402,F401  (the proposal example's handlers; harmless once conftest lists the module)
 
 _CALLS: dict[str, int] = {}
 _EVENTS: dict[str, list[str]] = {}

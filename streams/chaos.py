@@ -1,0 +1,1255 @@
+"""``legato chaos``: kill real processes on a real broker and count what was lost or duplicated.
+
+Every scenario starts its own ``legato coordinator`` / ``legato worker`` OS processes with a fresh topic prefix and
+data dir, drives them only through Kafka, and judges the result only from the topics (``<prefix>.runs``,
+``<prefix>.requests.*``, ``<prefix>.completions``, ``<prefix>.dlq``) and the processes' /metrics:
+
+- ``coordinator``: N runs of a workflow with parallel, choice and loop steps; SIGKILL + restart the coordinator K times
+- ``worker``: SIGKILL the worker while every run has an activity in its handler; restart it
+- ``takeover``: two coordinators on 8 partitions, one SIGKILLed for good; the survivor takes its partitions over
+- ``broker``: a private broker (own port and data dir) is stopped and started in the middle of runs
+- ``timers``: the coordinator is killed while step timeouts, then retry back-offs, are pending
+- ``fuzz``: generated bad messages on triggers and completions, interleaved with valid runs
+
+Results are printed and appended to RELIABILITY.md (command, date, machine). The integration tests in
+``tests/integration/test_reliability.py`` and ``test_fuzz.py`` run the same code at CI size.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from streams.config import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "fuzz")
+TERMINAL = ("run.completed", "run.failed")
+
+HANDLERS_MODULE = "chaos_handlers"
+HANDLERS_SRC = '''\
+"""Activities of `legato chaos` (written by streams/chaos.py; loaded by the worker subprocess)."""
+import asyncio
+import os
+
+from handlers.registry import activity
+
+DELAY = float(os.environ.get("CHAOS_DELAY", "0.005"))
+
+
+@activity("chaos_echo", concurrency=64)
+async def chaos_echo(data):
+    await asyncio.sleep(DELAY)
+    return data
+
+
+@activity("chaos_slow", concurrency=64)
+async def chaos_slow(data):
+    await asyncio.sleep(float(data.get("seconds", 1)))
+    return {"tag": data.get("tag"), "slept": data.get("seconds")}
+
+
+@activity("chaos_raise")
+async def chaos_raise(data):
+    raise RuntimeError("chaos handler raised on purpose")
+
+
+@activity("chaos_hang")
+async def chaos_hang(data):
+    await asyncio.sleep(3600)
+
+
+@activity("chaos_unserializable")
+async def chaos_unserializable(data):
+    return {"value": object()}
+'''
+
+WORKFLOWS = {
+    # 7 activities per run: a step, a parallel of two, a choice, a loop of three iterations.
+    "chaos_mix": """\
+name: chaos_mix
+timeout: 10m
+steps:
+  - id: prep
+    activity: chaos_echo
+    input: {n: "${ input.n }"}
+  - id: fan
+    parallel:
+      branches:
+        a: [{id: a, activity: chaos_echo, input: {v: "${ input.n }"}}]
+        b: [{id: b, activity: chaos_echo, input: {v: "${ input.n * 2 }"}}]
+  - id: route
+    choice:
+      cases:
+        - when: "input.n % 2 == 0"
+          steps: [{id: even, activity: chaos_echo, input: {kind: even}}]
+      default:
+        - {id: odd, activity: chaos_echo, input: {kind: odd}}
+  - id: count
+    loop:
+      max_iterations: 5
+      until: "steps.tick.output.i >= 2"
+      steps:
+        - {id: tick, activity: chaos_echo, input: {i: "${ iteration }"}}
+output: "{'n': input.n, 'sum': steps.fan.output.a.v + steps.fan.output.b.v, 'kind': steps.route.output.kind, 'iters': steps.count.output.i}"
+""",
+    "chaos_slow": """\
+name: chaos_slow
+timeout: 10m
+steps:
+  - id: slow
+    activity: chaos_slow
+    input: {seconds: "${ input.seconds }", tag: "${ input.tag }"}
+    timeout: 20s
+    retry: {max_attempts: 5, backoff: 200ms, jitter: false}
+output: "{'tag': steps.slow.output.tag, 'attempt': steps.slow.attempt}"
+""",
+    # Nobody serves chaos_nobody: only the coordinator's timers can finish these runs.
+    "chaos_timer": """\
+name: chaos_timer
+timeout: 10m
+steps:
+  - id: wait
+    activity: chaos_nobody
+    input: {}
+    timeout: 3s
+    retry: {max_attempts: 2, backoff: 4s, jitter: false}
+    on_error: {default: {timed_out: true}}
+output: "{'timed_out': steps.wait.output.timed_out}"
+""",
+    "chaos_probe": """\
+name: chaos_probe
+steps:
+  - {id: echo, activity: chaos_echo, input: {probe: true}}
+""",
+    "chaos_raise": "name: chaos_raise\nsteps:\n  - {id: boom, activity: chaos_raise, input: {}, retry: {max_attempts: 2, backoff: 50ms}}\n",
+    "chaos_hang": "name: chaos_hang\nsteps:\n  - {id: stuck, activity: chaos_hang, input: {}, timeout: 1s}\n",
+    "chaos_unserializable": "name: chaos_unserializable\nsteps:\n  - {id: weird, activity: chaos_unserializable, input: {}}\n",
+}
+ACTIVITIES = ["chaos_echo", "chaos_slow", "chaos_nobody", "chaos_raise", "chaos_hang", "chaos_unserializable"]
+
+
+def mix_expected(n: int) -> dict[str, Any]:
+    return {"n": n, "sum": 3 * n, "kind": "even" if n % 2 == 0 else "odd", "iters": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def legato_executable() -> str:
+    candidate = Path(sys.executable).with_name("legato")
+    return str(candidate) if candidate.exists() else str(REPO_ROOT / ".venv" / "bin" / "legato")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    cwd: Path
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.cwd / f"{self.name}.log"
+        with open(log, "ab") as out:
+            out.write(f"\n===== start #{self.starts} at {time.time():.3f}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen([legato_executable(), *self.args], cwd=self.cwd, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> float:
+        """SIGKILL (no clean-up, no commit, no leave-group); returns the wall-clock time of the kill."""
+        assert self.proc is not None
+        t = time.time()
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        return t
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join((self.cwd / f"{self.name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Env:
+    """A fresh prefix, data dirs, workflow dir and handler module in a temp dir, and the processes started there."""
+
+    def __init__(self, bootstrap: str, workdir: Path | None = None, partitions: int = 8, extra_env: dict[str, str] | None = None,
+                 loglevel: str = "warning"):
+        self.bootstrap = bootstrap
+        self.prefix = f"chaos{uuid.uuid4().hex[:10]}"
+        self.partitions = partitions
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="legato-chaos-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "workflows").mkdir(exist_ok=True)
+        for name, text in WORKFLOWS.items():
+            (self.workdir / "workflows" / f"{name}.yaml").write_text(text)
+        (self.workdir / f"{HANDLERS_MODULE}.py").write_text(HANDLERS_SRC)
+        self.procs: list[Proc] = []
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LEGATO_")},
+            "LEGATO_BOOTSTRAP": bootstrap,
+            "LEGATO_TOPIC_PREFIX": self.prefix,
+            "LEGATO_PARTITIONS": str(partitions),
+            "LEGATO_WORKFLOWS": str(self.workdir / "workflows"),
+            "LEGATO_HANDLERS": HANDLERS_MODULE,
+            "LEGATO_LOGLEVEL": loglevel,
+            "PYTHONPATH": os.pathsep.join([str(self.workdir), str(REPO_ROOT)]),
+            "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
+        }
+        from topics.names import Topics
+
+        self.topics = Topics(self.prefix)
+
+    def settings(self) -> Settings:
+        return Settings(bootstrap=self.bootstrap, prefix=self.prefix, partitions=self.partitions)
+
+    async def create_topics(self, changelog: bool = False) -> None:
+        from streams.admin import ensure_topics
+
+        await ensure_topics(self.bootstrap, self.topics, ACTIVITIES, self.partitions)
+        if changelog:
+            # Work-around (see RELIABILITY.md, "found"): on a broker that has just started, faust may never create the
+            # run table's changelog, and every table write then fails with PartitionsMismatch.
+            from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+            from aiokafka.errors import TopicAlreadyExistsError
+
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(f"{self.prefix}-coordinator-runs-changelog", self.partitions, 1,
+                                                    topic_configs={"cleanup.policy": "compact"})])
+            except TopicAlreadyExistsError:
+                pass
+            finally:
+                await admin.close()
+
+    def process(self, role: str, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
+        name = name or role
+        data = self.workdir / f"data-{name}"
+        data.mkdir(exist_ok=True)
+        p = Proc(name, [role], {**self.env, "LEGATO_DATA_DIR": str(data), **(env or {})}, self.workdir)
+        self.procs.append(p)
+        p.start()
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log_tail()}" for p in self.procs)
+
+
+# --------------------------------------------------------------------------- reading topics
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # ms
+    key: bytes | None
+    value: bytes | None
+    seen: float  # wall clock when read
+
+    def json(self) -> Any:
+        try:
+            return orjson.loads(self.value) if self.value is not None else None
+        except orjson.JSONDecodeError:
+            return None
+
+
+class Tail:
+    """Every record of some topics from the beginning, read continuously without a consumer group."""
+
+    def __init__(self, bootstrap: str, topics: list[str], **kafka: Any):
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.kafka = kafka
+        self.records: list[Rec] = []
+        self.listeners: list[Callable[[Rec], None]] = []
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> "Tail":
+        self._task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self._ready.wait(), 60)
+        return self
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                    max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024, **self.kafka)
+        await consumer.start()
+        try:
+            tps = []
+            for topic in self.topics:
+                parts = None
+                for _ in range(300):
+                    await consumer._client.force_metadata_update()
+                    parts = consumer.partitions_for_topic(topic)
+                    if parts:
+                        break
+                    await asyncio.sleep(0.2)
+                tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            self._ready.set()
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                now = time.time()
+                for tp, msgs in batch.items():
+                    for m in msgs:
+                        rec = Rec(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value, now)
+                        self.records.append(rec)
+                        for fn in self.listeners:
+                            fn(rec)
+        finally:
+            await consumer.stop()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class RunWatch:
+    """Run events by run_id (terminal ones counted, duplicates included)."""
+
+    def __init__(self, tail: Tail):
+        self.terminal: dict[str, list[dict]] = defaultdict(list)
+        self.terminal_recs: dict[str, list[Rec]] = defaultdict(list)
+        self.started: Counter = Counter()
+        self.by_partition: dict[int, list[Rec]] = defaultdict(list)
+        tail.listeners.append(self._on)
+
+    def _on(self, rec: Rec) -> None:
+        value = rec.json()
+        if not isinstance(value, dict):
+            return
+        self.by_partition[rec.partition].append(rec)
+        if value.get("type") in TERMINAL:
+            self.terminal[value["run_id"]].append(value)
+            self.terminal_recs[value["run_id"]].append(rec)
+        elif value.get("type") == "run.started":
+            self.started[value["run_id"]] += 1
+
+    def done(self, run_ids: set[str] | list[str]) -> int:
+        return sum(1 for r in run_ids if r in self.terminal)
+
+    async def wait(self, run_ids: set[str], timeout: float, procs: list[Proc] | None = None, progress: Callable[[str], None] | None = None) -> bool:
+        deadline = time.monotonic() + timeout
+        last = 0.0
+        while time.monotonic() < deadline:
+            if self.done(run_ids) == len(run_ids):
+                return True
+            if progress and time.monotonic() - last > 10:
+                last = time.monotonic()
+                progress(f"  … {self.done(run_ids)}/{len(run_ids)} runs finished")
+            await asyncio.sleep(0.2)
+        return False
+
+
+def count_by_request(records: list[Rec]) -> Counter:
+    c: Counter = Counter()
+    for r in records:
+        v = r.json()
+        if isinstance(v, dict) and isinstance(v.get("request_id"), str):
+            c[v["request_id"]] += 1
+    return c
+
+
+def judge(run_ids: dict[str, Any], watch: RunWatch, completions: list[Rec], requests: list[Rec]) -> dict[str, Any]:
+    """What happened to the runs: completed, lost, wrong output, duplicate terminal events and executions."""
+    ours = set(run_ids)
+    lost = sorted(r for r in ours if r not in watch.terminal)
+    dup_terminal = sum(len(watch.terminal[r]) - 1 for r in ours if r in watch.terminal)
+    conflicting = sorted(r for r in ours if len({e["status"] for e in watch.terminal.get(r, [])}) > 1)
+    wrong = []
+    for r, expected in run_ids.items():
+        events = watch.terminal.get(r)
+        if not events:
+            continue
+        first = events[0]
+        if expected is not None and (first["status"] != "succeeded" or first.get("output") != expected):
+            wrong.append((r, first.get("status"), first.get("output"), first.get("error")))
+    prefix_of = lambda v: isinstance(v, dict) and v.get("run_id") in ours
+    comp = count_by_request([c for c in completions if prefix_of(c.json())])
+    reqs = count_by_request([c for c in requests if prefix_of(c.json())])
+    return {
+        "runs": len(ours),
+        "completed": len(ours) - len(lost),
+        "succeeded": sum(1 for r in ours if watch.terminal.get(r) and watch.terminal[r][0]["status"] == "succeeded"),
+        "lost": len(lost),
+        "lost_ids": lost[:10],
+        "wrong_output": len(wrong),
+        "wrong_examples": wrong[:3],
+        "conflicting_terminal": len(conflicting),
+        "duplicate_terminal_events": dup_terminal,
+        "runs_with_duplicate_terminal": sum(1 for r in ours if len(watch.terminal.get(r, [])) > 1),
+        "activity_requests": sum(reqs.values()),
+        "distinct_requests": len(reqs),
+        "reissued_requests": sum(v - 1 for v in reqs.values()),
+        "executions": sum(comp.values()),
+        "duplicate_executions": sum(v - 1 for v in comp.values()),
+    }
+
+
+async def producer(bootstrap: str, **kafka: Any):
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=8 * 1024 * 1024, **kafka)
+    await p.start()
+    return p
+
+
+async def trigger(prod: Any, env: Env, workflow: str, input: dict, run_id: str) -> Any:
+    """Publish a trigger and wait for the broker's ack, retrying: a run the harness failed to trigger is not a
+    run Legato lost. (The run_id is the idempotency key, so a retried trigger cannot start a second run.)"""
+    value = orjson.dumps({"workflow": workflow, "input": input, "run_id": run_id})
+    for attempt in range(10):
+        try:
+            return await prod.send_and_wait(env.topics.triggers, value, key=run_id.encode())
+        except Exception:
+            if attempt == 9:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def wait_ready(env: Env, prod: Any, watch: RunWatch, procs: list[Proc], timeout: float = 120.0) -> float:
+    """Probe runs until one completes: every process is up and consuming. Returns seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited during start-up:\n{p.log_tail()}")
+        rid = f"probe-{uuid.uuid4().hex[:8]}"
+        await trigger(prod, env, "chaos_probe", {}, rid)
+        for _ in range(50):
+            if rid in watch.terminal:
+                return time.monotonic() - t0
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"processes not ready after {timeout}s:\n{env.logs()}")
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+async def scenario_coordinator(bootstrap: str, runs: int = 2000, kills: int = 5, rate: float = 40.0, seed: int = 1,
+                               extra_env: dict[str, str] | None = None, timeout: float = 900.0, say: Callable[[str], None] = print,
+                               workdir: Path | None = None) -> dict[str, Any]:
+    """N chaos_mix runs triggered at ``rate``/s; the coordinator SIGKILLed at random moments ``kills`` times and restarted."""
+    rnd = random.Random(seed)
+    env = Env(bootstrap, workdir, extra_env=extra_env)
+    await env.create_topics()
+    coord, worker = env.process("coordinator"), env.process("worker")
+    tail = await Tail(bootstrap, [env.topics.runs]).start()
+    watch = RunWatch(tail)
+    other = await Tail(bootstrap, [env.topics.completions, env.topics.requests("chaos_echo")]).start()
+    prod = await producer(bootstrap)
+    t0 = time.time()
+    kill_log: list[dict] = []
+    try:
+        ready = await wait_ready(env, prod, watch, [coord, worker])
+        say(f"  processes ready after {ready:.1f}s (prefix {env.prefix}, logs {env.workdir})")
+        expected = {f"mix-{i}": mix_expected(i) for i in range(runs)}
+        ids = list(expected)
+        window = runs / rate
+        # random moments within the trigger window (and a little after), at least 8 s apart so each restart counts
+        moments = sorted(rnd.uniform(1.0, window + 5.0) for _ in range(kills))
+        for i in range(1, len(moments)):
+            moments[i] = max(moments[i], moments[i - 1] + 8.0)
+        start = time.monotonic()
+
+        async def produce_all() -> None:
+            for i, rid in enumerate(ids):
+                target = start + i / rate
+                delay = target - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await trigger(prod, env, "chaos_mix", {"n": i}, rid)
+            await prod.flush()
+
+        async def chaos() -> None:
+            resumed_at = 0
+            for m in moments:
+                delay = start + m - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                # kill a coordinator that is serving, not one still recovering from the last kill: wait until it has
+                # finished runs again (bounded), then a random extra 0-3 s
+                waited = time.monotonic()
+                while kill_log and watch.done(ids) < min(runs, resumed_at + 20) and time.monotonic() - waited < 300:
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(rnd.uniform(0.0, 3.0))
+                done_before = watch.done(ids)
+                t_kill = coord.kill()
+                down = rnd.uniform(0.0, 2.0)
+                await asyncio.sleep(down)
+                coord.start()
+                resumed_at = watch.done(ids)
+                kill_log.append({"at_s": round(t_kill - t0, 1), "finished_before": done_before, "down_s": round(down, 2)})
+                say(f"  SIGKILL coordinator at +{t_kill - t0:.1f}s ({done_before}/{runs} finished), restarted after {down:.1f}s")
+
+        await asyncio.gather(produce_all(), chaos())
+        finished = await watch.wait(set(ids), timeout, progress=say)
+        await asyncio.sleep(5.0)  # let late duplicates arrive
+        elapsed = time.time() - t0
+        result = judge(expected, watch, [r for r in other.records if r.topic == env.topics.completions],
+                       [r for r in other.records if r.topic != env.topics.completions])
+        result.update({"scenario": "coordinator", "kills": len(kill_log), "kill_log": kill_log, "elapsed_s": round(elapsed, 1),
+                       "all_finished": finished, "processes_alive": coord.alive() and worker.alive(), "rate": rate, "prefix": env.prefix})
+        return result
+    finally:
+        await prod.stop()
+        await tail.stop()
+        await other.stop()
+        env.stop_all()
+
+
+async def scenario_worker(bootstrap: str, runs: int = 20, seconds: float = 4.0, extra_env: dict[str, str] | None = None,
+                          timeout: float = 300.0, say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
+    """Runs whose activity takes ``seconds``; the worker is SIGKILLed while every one is in its handler, then restarted."""
+    env = Env(bootstrap, workdir, extra_env=extra_env)
+    await env.create_topics()
+    coord, worker = env.process("coordinator"), env.process("worker")
+    tail = await Tail(bootstrap, [env.topics.runs]).start()
+    watch = RunWatch(tail)
+    other = await Tail(bootstrap, [env.topics.completions, env.topics.requests("chaos_slow")]).start()
+    prod = await producer(bootstrap)
+    try:
+        await wait_ready(env, prod, watch, [coord, worker])
+        expected = {f"slow-{i}": {"tag": f"t{i}", "attempt": None} for i in range(runs)}
+        for i, rid in enumerate(expected):
+            await trigger(prod, env, "chaos_slow", {"seconds": seconds, "tag": f"t{i}"}, rid)
+        await prod.flush()
+        # all requests issued and picked up (the handler sleeps `seconds`): kill in the middle of the activities
+        while sum(1 for r in other.records if r.topic != env.topics.completions and (r.key or b"").startswith(b"slow-")) < runs:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(min(1.5, seconds / 2))
+        t_kill = worker.kill()
+        completions_at_kill = sum(1 for r in other.records if r.topic == env.topics.completions and (r.key or b"").startswith(b"slow-"))
+        worker.start()
+        say(f"  SIGKILL worker with {runs - completions_at_kill} activities in flight; restarted")
+        finished = await watch.wait(set(expected), timeout, progress=say)
+        await asyncio.sleep(2.0)
+        res = judge({k: None for k in expected}, watch, [r for r in other.records if r.topic == env.topics.completions],
+                    [r for r in other.records if r.topic != env.topics.completions])
+        ends = [watch.terminal_recs[r][0].timestamp / 1000 for r in expected if r in watch.terminal_recs]
+        attempts = Counter(watch.terminal[r][0].get("output", {}).get("attempt") for r in expected if r in watch.terminal)
+        wrong = [r for r in expected if r in watch.terminal and (watch.terminal[r][0]["status"] != "succeeded"
+                                                                 or watch.terminal[r][0]["output"]["tag"] != expected[r]["tag"])]
+        res.update({"scenario": "worker", "kills": 1, "in_flight_at_kill": runs - completions_at_kill, "all_finished": finished,
+                    "wrong_output": len(wrong), "recovery_s": round(max(ends) - t_kill, 1) if ends else None,
+                    "step_attempts": dict(attempts), "processes_alive": coord.alive() and worker.alive(), "prefix": env.prefix})
+        return res
+    finally:
+        await prod.stop()
+        await tail.stop()
+        await other.stop()
+        env.stop_all()
+
+
+async def scenario_takeover(bootstrap: str, runs: int = 400, rate: float = 20.0, extra_env: dict[str, str] | None = None,
+                            timeout: float = 600.0, say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
+    """Two coordinators share 8 partitions; one is SIGKILLed for good mid-load. Takeover time: for each partition of
+    ``<prefix>.runs``, the first record written after the kill; the takeover time is the largest of these gaps (the
+    partitions the survivor already owned answer at once, the dead one's answer once the survivor has rebuilt their
+    run tables from the changelog and serves them)."""
+    env = Env(bootstrap, workdir, extra_env={"CHAOS_DELAY": "0.05", **(extra_env or {})})
+    await env.create_topics()
+    c1, c2 = env.process("coordinator", "coordinator-a"), env.process("coordinator", "coordinator-b")
+    worker = env.process("worker")
+    tail = await Tail(bootstrap, [env.topics.runs]).start()
+    watch = RunWatch(tail)
+    other = await Tail(bootstrap, [env.topics.completions, env.topics.requests("chaos_echo")]).start()
+    prod = await producer(bootstrap)
+    try:
+        await wait_ready(env, prod, watch, [c1, c2, worker])
+        members = await group_members(bootstrap, f"{env.prefix}-coordinator", want=2)
+        say(f"  coordinator group has {members} members")
+        expected = {f"take-{i}": mix_expected(i) for i in range(runs)}
+        ids = list(expected)
+        start = time.monotonic()
+        kill_at = runs / rate / 2
+        t_kill = 0.0
+
+        async def produce_all() -> None:
+            for i, rid in enumerate(ids):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await trigger(prod, env, "chaos_mix", {"n": i}, rid)
+            await prod.flush()
+
+        async def kill() -> None:
+            nonlocal t_kill
+            await asyncio.sleep(kill_at)
+            t_kill = c2.kill()
+            say(f"  SIGKILL coordinator-b at +{kill_at:.0f}s ({watch.done(ids)}/{runs} finished); not restarted")
+
+        await asyncio.gather(produce_all(), kill())
+        finished = await watch.wait(set(ids), timeout, progress=say)
+        await asyncio.sleep(3.0)
+        gaps = {}
+        for p, recs in sorted(watch.by_partition.items()):
+            after = [r.timestamp / 1000 for r in recs if r.timestamp / 1000 > t_kill]
+            gaps[p] = round(min(after) - t_kill, 2) if after else None
+        res = judge(expected, watch, [r for r in other.records if r.topic == env.topics.completions],
+                    [r for r in other.records if r.topic != env.topics.completions])
+        known = [g for g in gaps.values() if g is not None]
+        res.update({"scenario": "takeover", "kills": 1, "takeover_s": max(known) if known else None, "gap_by_partition_s": gaps,
+                    "all_finished": finished, "processes_alive": c1.alive() and worker.alive(), "prefix": env.prefix})
+        return res
+    finally:
+        await prod.stop()
+        await tail.stop()
+        await other.stop()
+        env.stop_all()
+
+
+async def group_members(bootstrap: str, group: str, want: int, timeout: float = 120.0) -> int:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        n = 0
+        while time.monotonic() < deadline:
+            groups = [g for resp in await admin.describe_consumer_groups([group]) for g in resp.groups]
+            # (error_code, group_id, state, protocol_type, protocol, members, ...)
+            n = len(groups[0][5]) if groups else 0
+            state = groups[0][2] if groups else ""
+            if n >= want and state == "Stable":
+                return n
+            await asyncio.sleep(0.5)
+        return n
+    finally:
+        await admin.close()
+
+
+async def scenario_timers(bootstrap: str, runs: int = 10, extra_env: dict[str, str] | None = None, timeout: float = 300.0,
+                          say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
+    """chaos_timer runs wait on an activity nobody serves: only timers can finish them. The coordinator is killed
+    while every run's step timeout is pending and stays down past its due time; restarted; killed again while every
+    run's retry back-off is pending and down past it; restarted. Every run must still end (by the on_error default
+    after the second attempt's timeout), and each attempt's request must have been issued."""
+    env = Env(bootstrap, workdir, extra_env=extra_env)
+    await env.create_topics()
+    coord = env.process("coordinator")
+    worker = env.process("worker")  # serves chaos_probe's chaos_echo only
+    changelog = f"{env.prefix}-coordinator-runs-changelog"
+    tail = await Tail(bootstrap, [env.topics.runs]).start()
+    watch = RunWatch(tail)
+    prod = await producer(bootstrap)
+    states: dict[str, dict] = {}
+    try:
+        await wait_ready(env, prod, watch, [coord, worker])
+        ct = await Tail(bootstrap, [changelog, env.topics.requests("chaos_nobody")]).start()
+
+        def on_state(rec: Rec) -> None:
+            if rec.topic == changelog and rec.key and rec.key.startswith(b"timer-"):
+                v = rec.json()
+                if isinstance(v, dict):
+                    states[rec.key.decode()] = v
+
+        ct.listeners.append(on_state)
+        ids = [f"timer-{i}" for i in range(runs)]
+        for rid in ids:
+            await trigger(prod, env, "chaos_timer", {}, rid)
+        await prod.flush()
+        phases = []
+        for phase, pattern in (("step timeout", ":timeout:1"), ("retry back-off", ":retry:1")):
+            deadline = time.monotonic() + timeout
+            while not all(rid in states and any(pattern in t for t in states[rid].get("timers", {})) for rid in ids):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"timers {pattern} never pending for all runs:\n{env.logs()}")
+                await asyncio.sleep(0.05)
+            due = max(t["due_ms"] for rid in ids for k, t in states[rid]["timers"].items() if pattern in k) / 1000
+            t_kill = coord.kill()
+            await asyncio.sleep(max(0.0, due - time.time()) + 1.0)
+            t_restart = time.time()
+            coord.start()
+            phases.append({"phase": phase, "killed_s_before_due": round(due - t_kill, 2), "restarted_s_after_due": round(t_restart - due, 2)})
+            say(f"  {phase}: SIGKILL {due - t_kill:.1f}s before the timers were due; restarted {t_restart - due:.1f}s after")
+        finished = await watch.wait(set(ids), timeout, progress=say)
+        await asyncio.sleep(1.0)
+        attempts = Counter()
+        for r in ct.records:
+            v = r.json()
+            if r.topic != changelog and isinstance(v, dict) and v.get("run_id") in ids:
+                attempts[v["attempt"]] += 1
+        ok = [r for r in ids if r in watch.terminal and watch.terminal[r][0]["status"] == "succeeded"
+              and watch.terminal[r][0].get("output") == {"timed_out": True}]
+        await ct.stop()
+        return {"scenario": "timers", "runs": runs, "kills": 2, "phases": phases, "all_finished": finished,
+                "completed": watch.done(ids), "lost": runs - watch.done(ids), "right_output": len(ok),
+                "requests_by_attempt": dict(sorted(attempts.items())),
+                "duplicate_terminal_events": sum(len(watch.terminal[r]) - 1 for r in ids if r in watch.terminal),
+                "processes_alive": coord.alive(), "prefix": env.prefix}
+    finally:
+        await prod.stop()
+        await tail.stop()
+        env.stop_all()
+
+
+# --------------------------------------------------------------------------- a private broker
+
+
+class PrivateBroker:
+    """A single-node KRaft broker with its own port, data dir and config, reusing the local broker's jars.
+
+    ``sasl_users`` ({user: password}) puts the client listener on SASL_PLAINTEXT with PLAIN and SCRAM-SHA-256/512;
+    the controller listener stays PLAINTEXT on 127.0.0.1.
+    """
+
+    def __init__(self, port: int | None = None, workdir: Path | None = None, sasl_users: dict[str, str] | None = None, heap: str = "-Xmx384m"):
+        from streams import kafka_local
+
+        self.kl = kafka_local
+        self.port = port or free_port()
+        self.cport = self.port + 1
+        while kafka_local._port_open("127.0.0.1", self.cport):  # the controller needs port+1
+            self.port = free_port()
+            self.cport = self.port + 1
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="legato-broker-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sasl_users = sasl_users
+        self.heap = heap
+        self.proc: subprocess.Popen | None = None
+        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self._formatted = False
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def properties(self) -> str:
+        text = self.kl.server_properties(self.bootstrap, self.dir / "data")
+        if not self.sasl_users:
+            return text
+        admin_pw = self.sasl_users.get("admin") or "admin-" + uuid.uuid4().hex
+        users = {"admin": admin_pw, **self.sasl_users}
+        plain_users = " ".join(f'user_{u}="{p}"' for u, p in users.items())
+        replace = {
+            "listeners": f"SASL_PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.cport}",
+            "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{self.port}",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+        }
+        lines = []
+        for line in text.splitlines():
+            k = line.split("=", 1)[0]
+            lines.append(f"{k}={replace[k]}" if k in replace else line)
+        scram = 'org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="%s";' % admin_pw
+        lines += [
+            "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule "
+            f'required username="admin" password="{admin_pw}" {plain_users};',
+            f"listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config={scram}",
+            f"listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={scram}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _jvm(self) -> list[str]:
+        return [self.kl._java(), "-Xms128m", self.heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}", f"-Dkafka.logs.dir={self.dir}",
+                "-cp", str(self.kl.libs_dir() / "*")]
+
+    def start(self, timeout: float = 120.0) -> None:
+        if not self.kl.jars_present():
+            self.kl.fetch_jars()
+        props = self.dir / "server.properties"
+        props.write_text(self.properties())
+        (self.dir / "log4j.properties").write_text(self.kl._log4j_properties(self.dir / "broker.log"))
+        if not self._formatted:
+            cmd = [*self._jvm(), "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props), "--ignore-formatted"]
+            if self.sasl_users:  # SCRAM credentials are stored in the cluster metadata at format time
+                for user, pw in self.sasl_users.items():
+                    for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                        cmd += ["--add-scram", f"{mech}=[name={user},password={pw}]"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+            if proc.returncode != 0:
+                raise RuntimeError(f"formatting the private broker failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            self._formatted = True
+        with open(self.dir / "broker.out", "ab") as out:
+            self.proc = subprocess.Popen([*self._jvm(), "kafka.Kafka", str(props)], stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"private broker exited ({self.proc.returncode}):\n{self.log_tail()}")
+            if self.sasl_users:
+                if self.kl._port_open("127.0.0.1", self.port):
+                    time.sleep(2.0)  # the listener is up; clients retry their own connects
+                    return
+            elif self.kl.broker_alive(self.bootstrap, 2.0):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"private broker did not come up in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(15)
+
+    def log_tail(self, lines: int = 40) -> str:
+        out = []
+        for name in ("broker.out", "broker.log"):
+            try:
+                out += (self.dir / name).read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                pass
+        return "\n".join(out)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def scenario_broker(bootstrap: str | None = None, runs: int = 200, down_s: float = 5.0, extra_env: dict[str, str] | None = None,
+                          timeout: float = 600.0, precreate_changelog: bool = True, say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
+    """A private broker is stopped (SIGTERM) in the middle of runs and started again; nobody restarts the Legato
+    processes. Half of the runs are triggered before the outage, half after it."""
+    broker = PrivateBroker()
+    await asyncio.to_thread(broker.start)
+    say(f"  private broker at {broker.bootstrap} (data {broker.dir})")
+    env = Env(broker.bootstrap, workdir, extra_env={"CHAOS_DELAY": "0.05", **(extra_env or {})})
+    coord = worker = None
+    tail = other = prod = None
+    try:
+        await env.create_topics(changelog=precreate_changelog)
+        coord, worker = env.process("coordinator"), env.process("worker")
+        pids = (coord.proc.pid, worker.proc.pid)
+        tail = await Tail(broker.bootstrap, [env.topics.runs]).start()
+        watch = RunWatch(tail)
+        other = await Tail(broker.bootstrap, [env.topics.completions, env.topics.requests("chaos_echo")]).start()
+        prod = await producer(broker.bootstrap)
+        await wait_ready(env, prod, watch, [coord, worker])
+        expected = {f"brk-{i}": mix_expected(i) for i in range(runs)}
+        ids = list(expected)
+        half = runs // 2
+        for i in range(half):
+            await trigger(prod, env, "chaos_mix", {"n": i}, ids[i])
+        await prod.flush()
+        await asyncio.sleep(1.0)
+        before = watch.done(ids)
+        t_stop = time.time()
+        await asyncio.to_thread(broker.stop)
+        say(f"  broker stopped with {before}/{half} runs finished; down for {down_s}s")
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(broker.start)
+        t_back = time.time()
+        say(f"  broker back after {t_back - t_stop:.1f}s")
+        for i in range(half, runs):
+            await trigger(prod, env, "chaos_mix", {"n": i}, ids[i])
+        await prod.flush()
+        finished = await watch.wait(set(ids), timeout, progress=say)
+        await asyncio.sleep(2.0)
+        res = judge(expected, watch, [r for r in other.records if r.topic == env.topics.completions],
+                    [r for r in other.records if r.topic != env.topics.completions])
+        ends = sorted(watch.terminal_recs[r][0].timestamp / 1000 for r in ids[:half] if r in watch.terminal_recs)
+        res.update({"scenario": "broker", "kills": 1, "finished_before_outage": before, "all_finished": finished,
+                    "outage_s": round(t_back - t_stop, 1),
+                    "first_half_done_s_after_back": round(ends[-1] - t_back, 1) if ends and ends[-1] > t_back else 0.0,
+                    "processes_alive": coord.alive() and worker.alive(),
+                    "same_pids": (coord.proc.pid, worker.proc.pid) == pids and coord.starts == 1 and worker.starts == 1,
+                    "prefix": env.prefix})
+        return res
+    finally:
+        for x in (prod, tail, other):
+            if x is not None:
+                await x.stop()
+        env.stop_all()
+        await asyncio.to_thread(broker.cleanup)
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+
+@dataclass
+class Bad:
+    topic: str  # "triggers" | "completions"
+    category: str
+    key: bytes | None
+    value: bytes | None
+    expect: str  # "dlq" | "ignored" | "failed_run" | "refused" (by the broker)
+
+
+def bad_message_strategy(known_runs: list[str]):
+    """A hypothesis strategy of bad messages for ``legato.triggers`` and ``legato.completions``."""
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=40)
+    ints = st.integers(-(2**53), 2**53)  # JSON numbers orjson can write
+    json_scalar = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False, allow_infinity=False), text)
+    json_any = st.recursive(json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(text, inner, max_size=4)), max_leaves=10)
+    not_object = json_any.filter(lambda v: not isinstance(v, dict))
+    key = st.one_of(st.none(), st.binary(max_size=16), st.text(max_size=16).map(str.encode),
+                    st.binary(min_size=1, max_size=16).map(lambda b: b"\xff" + b))  # \xff is never UTF-8
+    run_id = st.one_of(st.sampled_from(known_runs or ["x"]), st.uuids().map(str))
+    good_completion = st.fixed_dictionaries({
+        "request_id": text, "run_id": run_id, "step_id": text, "attempt": st.integers(1, 10**6),
+        "status": st.sampled_from(["succeeded", "failed"]), "output": json_any})
+
+    def b(v: Any) -> bytes:
+        return orjson.dumps(v)
+
+    def deep(depth: int) -> bytes:
+        return b'{"workflow":"chaos_mix","input":{"n":' + b"[" * depth + b"1" + b"]" * depth + b"}}"
+
+    over = 1024 * 1024 + 1
+    strategies = [
+        # triggers
+        st.builds(lambda k, v: Bad("triggers", "random bytes", k, b"\xff" + v, "dlq"), key, st.binary(max_size=64)),
+        st.builds(lambda k, v: Bad("triggers", "non-JSON text", k, ("{" + v).encode(), "dlq"), key, text),
+        st.builds(lambda k, v: Bad("triggers", "JSON, not an object", k, b(v), "dlq"), key, not_object),
+        st.builds(lambda k, w, i: Bad("triggers", "wrong types", k, b({"workflow": w, "input": i}), "dlq"), key,
+                  st.one_of(ints, st.none(), st.lists(ints, max_size=2), st.just("")), st.one_of(ints, text, st.lists(ints))),
+        st.builds(lambda k, v: Bad("triggers", "missing fields", k, b(v), "dlq"), key,
+                  st.dictionaries(st.sampled_from(["input", "run_id", "correlation_id", "flow"]), st.dictionaries(text, json_scalar, max_size=2), max_size=3)),
+        st.builds(lambda k, w, i: Bad("triggers", "unknown workflow", k, b({"workflow": "nope_" + w, "input": i}), "failed_run"), key,
+                  st.from_regex(r"[a-z0-9_]{1,20}", fullmatch=True), st.dictionaries(text, json_scalar, max_size=3)),
+        st.builds(lambda k: Bad("triggers", "empty value (null)", k, None, "dlq"), key),
+        st.builds(lambda d: Bad("triggers", "deeply nested JSON", None, deep(d), "dlq"), st.integers(1100, 5000)),
+        st.builds(lambda k: Bad("triggers", "non-UTF-8 key", k, b"\xfe\xfe not json", "dlq"), st.binary(min_size=1, max_size=8).map(lambda x: b"\xff" + x)),
+        # completions
+        st.builds(lambda k, v: Bad("completions", "random bytes", k, b"\xff" + v, "dlq"), key, st.binary(max_size=64)),
+        st.builds(lambda k, v: Bad("completions", "non-JSON text", k, ("[" + v).encode(), "dlq"), key, text),
+        st.builds(lambda k, v: Bad("completions", "JSON, not an object", k, b(v), "dlq"), key, not_object),
+        st.builds(lambda c, f, v: Bad("completions", "wrong types", c["run_id"].encode(), b({**c, f: v}), "dlq"), good_completion,
+                  st.sampled_from(["attempt", "status", "request_id", "run_id"]), st.one_of(st.none(), st.lists(ints, max_size=2), st.just(-1), st.just({"a": 1}))),
+        st.builds(lambda c, f: Bad("completions", "missing fields", c["run_id"].encode(), b({k: v for k, v in c.items() if k != f}), "dlq"),
+                  good_completion, st.sampled_from(["request_id", "run_id", "step_id", "status"])),
+        st.builds(lambda c: Bad("completions", "unknown run", str(uuid.UUID(int=abs(hash(c["request_id"])) % 2**128)).encode(),
+                                None, "ignored"), good_completion),
+        st.builds(lambda c: Bad("completions", "unknown request / stale attempt", c["run_id"].encode(), b(c), "ignored"),
+                  good_completion.filter(lambda c: c["run_id"] in known_runs) if known_runs else good_completion),
+        st.builds(lambda d: Bad("completions", "deeply nested JSON", None, b'{"request_id":' + b"[" * d + b"]" * d + b"}", "dlq"), st.integers(1100, 5000)),
+        st.builds(lambda c: Bad("completions", "non-UTF-8 key", b"\xff\xfe" + c["run_id"].encode(), b"\xff garbage", "dlq"), good_completion),
+    ]
+    return st.one_of(strategies)
+
+
+def finish_bad(bad: Bad) -> Bad:
+    """Fill in what a strategy could not build lazily (unknown-run completions get a value keyed by their key)."""
+    if bad.category == "unknown run" and bad.value is None:
+        rid = bad.key.decode()
+        bad.value = orjson.dumps({"request_id": f"{rid}/x/1", "run_id": rid, "step_id": "x", "attempt": 1, "status": "succeeded", "output": 1})
+    return bad
+
+
+def oversize(topic: str) -> Bad:
+    return Bad(topic, "payload over the size limit", b"big", b'{"workflow":"chaos_mix","input":{"pad":"' + b"x" * (1024 * 1024 + 64) + b'"}}', "refused")
+
+
+def blowups() -> list[Bad]:
+    """Messages under the broker's limit whose dead letter is over it (JSON escaping / base64 expansion)."""
+    return [Bad("triggers", "dead letter over the limit (control chars)", b"esc", b"\x01" * 200_000, "dlq"),
+            Bad("completions", "dead letter over the limit (non-UTF-8)", b"b64", b"\xff" * 900_000, "dlq")]
+
+
+def generate_bad(count: int, known_runs: list[str], seed: int = 0) -> list[Bad]:
+    """``count`` bad messages drawn by hypothesis (deterministically for a seed)."""
+    from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
+
+    out: list[Bad] = []
+
+    @hseed(seed)
+    @settings(max_examples=count, phases=[Phase.generate], database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(bad_message_strategy(known_runs))
+    def collect(bad: Bad) -> None:
+        out.append(finish_bad(bad))
+
+    while len(out) < count:
+        collect()
+    return out[:count]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text → {sample with labels: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def metric_sum(samples: dict[str, float], name: str, label_filter: Callable[[str], bool] = lambda s: True) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(name + "{") and label_filter(k) or k == name)
+
+
+async def scenario_fuzz(bootstrap: str, bad: int = 10_000, valid: int = 500, seed: int = 0, extra_env: dict[str, str] | None = None,
+                        timeout: float = 900.0, with_blowups: bool = True, say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
+    """``bad`` generated bad messages interleaved with ``valid`` chaos_mix runs and three misbehaving handlers."""
+    port = free_port()
+    env = Env(bootstrap, workdir, extra_env=extra_env)
+    await env.create_topics()
+    coord = env.process("coordinator", env={"LEGATO_METRICS_PORT": str(port)})
+    worker = env.process("worker")
+    tail = await Tail(bootstrap, [env.topics.runs]).start()
+    watch = RunWatch(tail)
+    dlq = await Tail(bootstrap, [env.topics.dlq]).start()
+    prod = await producer(bootstrap)
+    try:
+        await wait_ready(env, prod, watch, [coord, worker])
+        base = scrape(port)
+        expected = {f"fz-{i}": mix_expected(i) for i in range(valid)}
+        ids = list(expected)
+        t_gen = time.monotonic()
+        msgs = await asyncio.to_thread(generate_bad, bad, ids, seed)
+        say(f"  generated {len(msgs)} bad messages in {time.monotonic() - t_gen:.1f}s")
+        msgs += [oversize("triggers"), oversize("completions")] + (blowups() if with_blowups else [])
+        rnd = random.Random(seed)
+        plan: list[tuple[str, Any]] = [("bad", m) for m in msgs] + [("valid", i) for i in range(valid)]
+        rnd.shuffle(plan)
+        # valid runs first in their own order so their run_ids exist when bad completions name them
+        refused: Counter = Counter()
+        sent_bad: list[Bad] = []
+        futures = []
+        for n, (kind, item) in enumerate(plan):
+            if kind == "valid":
+                await trigger(prod, env, "chaos_mix", {"n": item}, ids[item])
+            else:
+                topic = env.topics.triggers if item.topic == "triggers" else env.topics.completions
+                try:
+                    futures.append(await prod.send(topic, item.value, key=item.key))
+                    sent_bad.append(item)
+                except Exception as exc:  # refused by the client or broker (size)
+                    refused[f"{item.category}: {type(exc).__name__}"] += 1
+            if n % 500 == 499:
+                await prod.flush()
+                await asyncio.sleep(0.2)  # bounded rate
+        for f in futures:
+            try:
+                await f
+            except Exception as exc:
+                refused[type(exc).__name__] += 1
+        finished = await watch.wait(set(ids), timeout, progress=say)
+        # misbehaving handlers: each fails only its own run, with a clear error
+        handler_runs = {}
+        for wf in ("chaos_raise", "chaos_hang", "chaos_unserializable"):
+            rid = f"{wf}-{uuid.uuid4().hex[:6]}"
+            handler_runs[rid] = wf
+            await trigger(prod, env, wf, {}, rid)
+        await prod.flush()
+        await watch.wait(set(handler_runs), 120)
+        expected_dlq = sum(1 for m in sent_bad if m.expect == "dlq")
+        expected_failed = sum(1 for m in sent_bad if m.expect == "failed_run")
+        expected_ignored = sum(1 for m in sent_bad if m.expect == "ignored")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(dlq.records) < expected_dlq:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)
+        after = scrape(port)
+        ign = lambda s: metric_sum(s, "legato_events_ignored_total", lambda k: "rekeyed" not in k and "replayed" not in k)
+        ignored_by_reason = {k.split('"')[1]: after[k] - base.get(k, 0) for k in after if k.startswith("legato_events_ignored_total{")}
+        reasons: Counter = Counter()
+        for r in dlq.records:
+            v = r.json()
+            reasons[(v.get("source_topic", "?").split(".")[-1], (v.get("reason") or "<none>").split(":")[0])] += 1
+        no_reason = sum(1 for r in dlq.records if not (r.json() or {}).get("reason"))
+        failed_unknown = sum(1 for rid, evs in watch.terminal.items()
+                             if not rid.startswith(("fz-", "probe-", "chaos_")) and evs[0].get("error", {}).get("type") == "UnknownWorkflow")
+        from topics.codec import payload_text
+
+        in_dlq = Counter((v.get("source_topic", "").rsplit(".", 1)[-1], v.get("payload")) for v in (r.json() or {} for r in dlq.records))
+        missing: Counter = Counter()
+        for m in sent_bad:
+            if m.expect == "dlq":
+                k = (m.topic, payload_text(m.value))
+                if in_dlq[k] > 0:
+                    in_dlq[k] -= 1
+                else:
+                    missing[f"{m.topic}/{m.category}"] += 1
+        res = judge(expected, watch, [], [])
+        res["dlq_missing_by_category"] = dict(missing)
+        by_cat: Counter = Counter((m.topic, m.category, m.expect) for m in sent_bad)
+        res.update({
+            "scenario": "fuzz", "bad_generated": len(msgs), "bad_sent": len(sent_bad), "refused_at_produce": dict(refused),
+            "expected_dlq": expected_dlq, "dlq_records": len(dlq.records), "dlq_without_reason": no_reason,
+            "dlq_by_reason": {f"{t}/{r}": n for (t, r), n in sorted(reasons.items())},
+            "expected_ignored": expected_ignored, "ignored_counted": ign(after) - ign(base), "ignored_by_reason": {k: v for k, v in ignored_by_reason.items() if v},
+            "expected_unknown_workflow_runs": expected_failed, "unknown_workflow_runs_failed": failed_unknown,
+            "by_category": {f"{t}/{c} -> {e}": n for (t, c, e), n in sorted(by_cat.items())},
+            "handler_runs": {wf: (watch.terminal[rid][0]["status"], (watch.terminal[rid][0].get("error") or {}).get("type"),
+                                  (watch.terminal[rid][0].get("error") or {}).get("message", "")[:120]) if rid in watch.terminal else None
+                             for rid, wf in handler_runs.items()},
+            "all_finished": finished, "processes_alive": coord.alive() and worker.alive(),
+            "coordinator_restarts": coord.starts - 1, "prefix": env.prefix,
+        })
+        return res
+    finally:
+        await prod.stop()
+        await tail.stop()
+        await dlq.stop()
+        env.stop_all()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, CPython {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+KEYS = ["runs", "kills", "completed", "lost", "wrong_output", "duplicate_terminal_events", "runs_with_duplicate_terminal",
+        "distinct_requests", "reissued_requests", "executions", "duplicate_executions", "takeover_s", "recovery_s", "elapsed_s"]
+
+
+def render(results: list[dict[str, Any]], command: str, mode: str) -> str:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"### `{command}` — {now}", "", f"Machine: {machine()}, broker on the same cores (shared with other test runs)  ",
+             f"Mode: {mode}", "", "| scenario | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+    for r in results:
+        lines.append(f"| {r['scenario']} | " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in KEYS) + " |")
+    lines.append("")
+    for r in results:
+        extra = {k: v for k, v in r.items() if k not in KEYS and k not in ("scenario", "lost_ids", "wrong_examples") and v not in (None, [], {})}
+        if r.get("lost_ids"):
+            extra["lost_ids"] = r["lost_ids"]
+        if r.get("wrong_examples"):
+            extra["wrong_examples"] = r["wrong_examples"]
+        lines.append(f"- **{r['scenario']}**: " + "; ".join(f"{k}: {v}" for k, v in extra.items()))
+    return "\n".join(lines) + "\n\n"
+
+
+def verdict(r: dict[str, Any]) -> bool:
+    ok = r.get("lost", 0) == 0 and r.get("all_finished", True) and r.get("wrong_output", 0) == 0 and r.get("conflicting_terminal", 0) == 0
+    if r["scenario"] == "fuzz":
+        ok = ok and r["dlq_records"] >= r["expected_dlq"] and r["dlq_without_reason"] == 0 and r["processes_alive"] \
+            and r["unknown_workflow_runs_failed"] >= r["expected_unknown_workflow_runs"] and r["coordinator_restarts"] == 0
+    if r["scenario"] == "timers":
+        ok = ok and r["right_output"] == r["runs"]
+    if r["scenario"] == "broker":
+        ok = ok and r["same_pids"] and r["processes_alive"]
+    return ok
+
+
+async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kills: int, bad: int, valid: int, rate: float,
+                        exactly_once: bool, session_timeout: float | None, timeout: float = 900.0) -> list[dict[str, Any]]:
+    extra: dict[str, str] = {}
+    if exactly_once:
+        extra["PROCESSING_GUARANTEE"] = "exactly_once"  # read by faust from the environment
+    if session_timeout:
+        extra["BROKER_SESSION_TIMEOUT"] = str(session_timeout)
+    results = []
+    for name in scenarios:
+        print(f"== {name}", flush=True)
+        t0 = time.monotonic()
+        if name == "coordinator":
+            r = await scenario_coordinator(settings.bootstrap, runs, kills, rate, extra_env=extra, timeout=timeout)
+        elif name == "worker":
+            r = await scenario_worker(settings.bootstrap, extra_env=extra)
+        elif name == "takeover":
+            r = await scenario_takeover(settings.bootstrap, min(runs, 400), extra_env=extra)
+        elif name == "broker":
+            r = await scenario_broker(None, min(runs, 200), extra_env=extra)
+        elif name == "timers":
+            r = await scenario_timers(settings.bootstrap, extra_env=extra)
+        else:
+            r = await scenario_fuzz(settings.bootstrap, bad, valid, extra_env=extra, timeout=timeout)
+        r.setdefault("elapsed_s", round(time.monotonic() - t0, 1))
+        r["ok"] = verdict(r)
+        print("  " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kill_log", "by_category", "gap_by_partition_s")), flush=True)
+        results.append(r)
+    return results
+
+
+def main(settings: Settings, scenario: str = "all", runs: int = 2000, kills: int = 5, bad: int = 10_000, valid: int = 500,
+         rate: float = 40.0, exactly_once: bool = False, session_timeout: float | None = None, output: Path | None = REPO_ROOT / "RELIABILITY.md",
+         command: str | None = None, timeout: float = 900.0) -> int:
+    """Run one scenario or all of them, print the figures, append them to ``output``; exit 1 when a goal is missed."""
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM still stops every process we started
+    scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
+    results = asyncio.run(run_scenarios(settings, scenarios, runs, kills, bad, valid, rate, exactly_once, session_timeout, timeout))
+    mode = ("exactly_once" if exactly_once else "at_least_once (default)") + (f", BROKER_SESSION_TIMEOUT={session_timeout}s" if session_timeout else ", faust's default session timeout (60 s)")
+    text = render(results, command or "legato chaos " + " ".join(sys.argv[2:]), mode)
+    print(text)
+    if output is not None:
+        with open(output, "a", encoding="utf-8") as f:
+            f.write(text)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m streams.chaos")
+    ap.add_argument("scenario", nargs="?", default="all", choices=["all", *SCENARIOS])
+    ap.add_argument("--runs", type=int, default=2000)
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--bad", type=int, default=10_000)
+    ap.add_argument("--valid", type=int, default=500)
+    ap.add_argument("--rate", type=float, default=40.0)
+    ap.add_argument("--exactly-once", action="store_true")
+    ap.add_argument("--session-timeout", type=float, default=None)
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the runs to finish")
+    ap.add_argument("--output", default=str(REPO_ROOT / "RELIABILITY.md"))
+    a = ap.parse_args()
+    sys.exit(main(Settings.from_env(), a.scenario, a.runs, a.kills, a.bad, a.valid, a.rate, a.exactly_once, a.session_timeout,
+                  Path(a.output) if a.output != "-" else None, "python -m streams.chaos " + " ".join(sys.argv[1:]), a.timeout))
