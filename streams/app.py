@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     app = faust.App(
         f"{settings.prefix}-{role}",
         broker=[f"kafka://{b.strip()}" for b in settings.bootstrap.split(",")],
-        store="rocksdict://" if settings.store == "rocksdb" else "memory://",
+        store="rocksdb://" if settings.store == "rocksdb" else "memory://",  # rocksdb:// uses rocksdict when installed
         datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
@@ -55,8 +56,8 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
-        producer_linger=0.0,
-        broker_commit_interval=0.5,
+        producer_linger=float(os.environ.get("LEGATO_LINGER_MS", "0")) / 1000,
+        broker_commit_interval=float(os.environ.get("LEGATO_COMMIT_INTERVAL", "0.5")),
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
