@@ -766,7 +766,9 @@ class PrivateBroker:
         self.sasl_users = sasl_users
         self.heap = heap
         self.proc: subprocess.Popen | None = None
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.cluster_id = "-"
+        while self.cluster_id.startswith("-"):  # an id starting with '-' is read as an option by kafka-storage
+            self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self._formatted = False
 
     @property
@@ -965,7 +967,7 @@ def bad_message_strategy(known_runs: list[str]):
                   st.dictionaries(st.sampled_from(["input", "run_id", "correlation_id", "flow"]), st.dictionaries(text, json_scalar, max_size=2), max_size=3)),
         st.builds(lambda k, w, i: Bad("triggers", "unknown workflow", k, b({"workflow": "nope_" + w, "input": i}), "failed_run"), key,
                   st.from_regex(r"[a-z0-9_]{1,20}", fullmatch=True), st.dictionaries(text, json_scalar, max_size=3)),
-        st.builds(lambda k: Bad("triggers", "empty value (null)", k, None, "dlq"), key),
+        st.builds(lambda k: Bad("triggers", "empty value (null)", k or b"k", None, "dlq"), key),  # a record needs a key or a value
         st.builds(lambda d: Bad("triggers", "deeply nested JSON", None, deep(d), "dlq"), st.integers(1100, 5000)),
         st.builds(lambda k: Bad("triggers", "non-UTF-8 key", k, b"\xfe\xfe not json", "dlq"), st.binary(min_size=1, max_size=8).map(lambda x: b"\xff" + x)),
         # completions
