@@ -4,16 +4,19 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from streams import security
 from topics.names import Topics
 
 
-async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int, extra: list[str] | None = None) -> None:
+async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int, extra: list[str] | None = None,
+                        compacted: list[str] | None = None) -> None:
     """Create the contract's topics that are missing; refuse a run-keyed topic with another partition count.
 
     ``extra`` names further topics to create (workflows' completion topics).
     """
-    names = [topics.triggers, topics.dlq, topics.cache, *topics.run_keyed(sorted(activities)), *(extra or [])]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin")
+    compact = {topics.cache, *(compacted or [])}
+    names = [topics.triggers, topics.dlq, topics.cache, *topics.run_keyed(sorted(activities)), *(extra or []), *(compacted or [])]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin", **security.aiokafka_kwargs())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -21,7 +24,7 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
         if missing:
             try:
                 await admin.create_topics([
-                    NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n == topics.cache else {})
+                    NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n in compact else {})
                     for n in missing
                 ])
             except TopicAlreadyExistsError:

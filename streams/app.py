@@ -10,6 +10,7 @@ from typing import Any
 import faust
 
 from handlers.registry import Activity, load_handler_modules
+from streams import security
 from streams.admin import ensure_topics
 from streams.config import Settings
 from streams.coordinator import Coordinator
@@ -42,7 +43,10 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         role = "worker-" + "-".join(sorted(only_activities))
     needed = sorted({a for wf in workflows.values() for a in wf.activities} | set(activities))
     completion_topics = sorted({wf.definition.completion_topic for wf in workflows.values() if wf.definition.completion_topic})
-    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics))
+    # faust creates the run table's changelog lazily and, on a freshly started broker, sometimes not at all
+    # (every table write then fails): create it with the other topics, compacted like faust would.
+    changelog = [f"{settings.prefix}-{role}-runs-changelog"] if coordinator else []
+    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
     datadir = settings.data_dir / f"{settings.prefix}-{role}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -56,11 +60,15 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
+        broker_credentials=security.faust_credentials(),
         producer_linger=float(os.environ.get("LEGATO_LINGER_MS", "0")) / 1000,
         broker_commit_interval=float(os.environ.get("LEGATO_COMMIT_INTERVAL", "0.5")),
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
+        # a killed process's partitions move after this; faust's 60 s default stalls every run on them that long
+        broker_session_timeout=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")),
+        broker_heartbeat_interval=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) / 4,
     )
     metrics = Metrics() if settings.metrics_port else None
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
@@ -79,6 +87,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
 def run(legato: Legato, loglevel: str = "warning") -> None:
     """Run the app until SIGTERM/SIGINT."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    security.install_redaction()
     worker = faust.Worker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
 
     @legato.app.task

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streams import kafka_local
+from streams import kafka_local, security
 from streams.admin import ensure_topics
 from streams.config import Settings
 from topics.client import LegatoClient
@@ -105,8 +105,8 @@ class MeasuringWorker:
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(self.topics.requests(ACTIVITY), bootstrap_servers=self.bootstrap, group_id=f"bench-worker-{uuid.uuid4()}",
-                                    auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000)
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0)
+                                    auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, **security.aiokafka_kwargs())
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0, **security.aiokafka_kwargs())
         await consumer.start()
         await producer.start()
         try:
@@ -140,8 +140,8 @@ class MeasuringWorker:
 async def raw_pipe(bootstrap: str, topics: Topics, steps: int, stop: asyncio.Event, ready: asyncio.Event) -> None:
     """The baseline: read each completion and produce the next request, with no state and no decisions."""
     consumer = AIOKafkaConsumer(topics.completions, bootstrap_servers=bootstrap, group_id=f"rawpipe-{uuid.uuid4()}",
-                                auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+                                auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, **security.aiokafka_kwargs())
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, **security.aiokafka_kwargs())
     await consumer.start()
     await producer.start()
     try:
@@ -235,7 +235,7 @@ class Bench:
             pipe_ready.set()
         await worker.ready.wait()
         await pipe_ready.wait()
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=5)
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=5, **security.aiokafka_kwargs())
         await producer.start()
         expected = runs * steps
         try:
@@ -284,7 +284,7 @@ class Bench:
         task = asyncio.create_task(worker.run())
         await worker.ready.wait()
         try:
-            async with LegatoClient(self.settings.bootstrap, topics.prefix) as client:
+            async with LegatoClient(self.settings.bootstrap, topics.prefix, **security.aiokafka_kwargs()) as client:
                 deadline = time.monotonic() + 120
                 while True:
                     try:
@@ -355,7 +355,7 @@ async def _fanout_once(b: Bench, topics: Topics, procs: Coordinators, n: int) ->
     task = asyncio.create_task(worker.run())
     await worker.ready.wait()
     try:
-        async with LegatoClient(b.settings.bootstrap, topics.prefix) as client:
+        async with LegatoClient(b.settings.bootstrap, topics.prefix, **security.aiokafka_kwargs()) as client:
             cpu0 = procs.cpu_seconds()
             started = time.perf_counter()
             run = asyncio.create_task(client.run("bench_fanout", {"items": list(range(n))}, timeout=max(300, n / 20)))
@@ -386,7 +386,7 @@ def bench_speedup(b: Bench, runs: int = 3) -> Report:
     durations: dict[str, list[float]] = {}
     try:
         async def go() -> None:
-            async with LegatoClient(b.settings.bootstrap, topics.prefix) as client:
+            async with LegatoClient(b.settings.bootstrap, topics.prefix, **security.aiokafka_kwargs()) as client:
                 customer = {"name": "Ada", "credit_score": 742, "references": ["a", "b", "c"]}
                 deadline = time.monotonic() + 120
                 while True:
@@ -424,7 +424,7 @@ def bench_memory(b: Bench, runs: int, store: str) -> Report:
         rss0 = procs.rss_bytes()
 
         async def flood() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=b.settings.bootstrap, linger_ms=20)
+            producer = AIOKafkaProducer(bootstrap_servers=b.settings.bootstrap, linger_ms=20, **security.aiokafka_kwargs())
             await producer.start()
             try:
                 for i in range(runs):
@@ -436,7 +436,7 @@ def bench_memory(b: Bench, runs: int, store: str) -> Report:
             finally:
                 await producer.stop()
             # nobody answers the requests: every run waits in its step; wait until the coordinator has them all
-            consumer = AIOKafkaConsumer(topics.requests(ACTIVITY), bootstrap_servers=b.settings.bootstrap, group_id=None, auto_offset_reset="earliest")
+            consumer = AIOKafkaConsumer(topics.requests(ACTIVITY), bootstrap_servers=b.settings.bootstrap, group_id=None, auto_offset_reset="earliest", **security.aiokafka_kwargs())
             await consumer.start()
             try:
                 from aiokafka import TopicPartition

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from streams import security
 from streams.config import Settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
@@ -20,6 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    security.from_env()  # bad security settings fail here, with a message, before anything connects
     s = Settings.from_env(args.workflows, args.handlers)
     if args.loglevel:
         s.loglevel = args.loglevel
@@ -84,7 +86,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         return 2
 
     async def go() -> int:
-        async with LegatoClient(s.bootstrap, s.prefix) as client:
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
             if not args.wait:
                 run_id = await client.trigger(args.workflow, payload, run_id=args.run_id)
                 print(run_id)
@@ -104,6 +106,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
     return bench_main(s, names, runs=args.runs, output=Path(args.output) if args.output else None, sizes=sizes,
                       memory_runs=args.memory_runs, store=args.store)
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from streams.chaos import main as chaos_main
+
+    return chaos_main(_settings(args), args.scenario, runs=args.runs, kills=args.kills, bad=args.bad, valid=args.valid, rate=args.rate,
+                      exactly_once=args.exactly_once, session_timeout=args.session_timeout,
+                      output=None if args.output == "-" else Path(args.output), command="legato chaos " + " ".join(sys.argv[2:]), timeout=args.timeout)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -203,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="append the results to this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
+    p = sub.add_parser("chaos", help="kill real processes on a real broker; figures appended to RELIABILITY.md")
+    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "fuzz"])
+    p.add_argument("--runs", type=int, default=2000)
+    p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--bad", type=int, default=10_000)
+    p.add_argument("--valid", type=int, default=500)
+    p.add_argument("--rate", type=float, default=40.0, help="triggers per second")
+    p.add_argument("--exactly-once", action="store_true")
+    p.add_argument("--session-timeout", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--output", default="RELIABILITY.md", help="'-' for none")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_chaos, workflows=[], handlers=[])
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_kafka)
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench", "runs"):
+    if args.command in ("trigger", "demo", "bench", "runs", "chaos"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     return args.fn(args) or 0
 

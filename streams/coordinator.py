@@ -5,6 +5,7 @@ decode → load the run → decide → store the run → send the commands → c
 """
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections import OrderedDict
 import logging
@@ -41,6 +42,14 @@ _DECODED_STATES = 10_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
+
+
+_IO_ATTEMPTS = 12
+"""Tries to store and send one event's results (backing off up to 10 s) before it is dead-lettered."""
+
+
+class _DecisionFailed(Exception):
+    """The state machine raised: a bug, not the broker."""
 
 
 def now_ms() -> int:
@@ -117,7 +126,16 @@ class Coordinator:
                 continue
             run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
             accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
-            await self.coordinator_topic.send(key=run_id.encode(), value=codec.dumps(accepted))
+            for attempt in range(_IO_ATTEMPTS):
+                try:
+                    await self._send(self.topics.coordinator, run_id.encode(), codec.dumps(accepted))
+                    break
+                except Exception as exc:  # the broker is away: keep the trigger, don't crash the agent
+                    log.warning("cannot route trigger %s:%s@%s (%s); retrying", msg.topic, msg.partition, msg.offset, exc)
+                    if attempt == _IO_ATTEMPTS - 1:
+                        await self.dlq.send(msg, f"internal error: cannot route the trigger: {type(exc).__name__}: {exc}")
+                    else:
+                        await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
 
     async def _coordinate(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -134,11 +152,24 @@ class Coordinator:
                 await self._topic(msg.topic).send(key=record.run_id.encode(), value=msg.value)
                 self._count_ignored("rekeyed")
                 continue
-            try:
-                await self._apply(record, msg, received)
-            except Exception as exc:  # a bug must not stop every other run
-                log.exception("coordinator failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
-                await self.dlq.send(msg, f"internal error: {type(exc).__name__}: {exc}")
+            for attempt in range(_IO_ATTEMPTS):
+                try:
+                    await self._apply(record, msg, received)
+                    break
+                except _DecisionFailed as exc:  # a bug in deciding this event must not stop every other run
+                    log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
+                    await self.dlq.send(msg, f"internal error: {exc}")
+                    break
+                except Exception as exc:
+                    # Storing or sending failed (broker away, a topic missing): the event is fine, so retry it
+                    # rather than dead-letter it. A retry after a partial write is recognised as a replay.
+                    delay = min(10.0, 0.5 * 2**attempt)
+                    log.warning("coordinator could not store or send for %s:%s@%s (%s: %s); retrying in %.1fs",
+                                msg.topic, msg.partition, msg.offset, type(exc).__name__, exc, delay)
+                    if attempt == _IO_ATTEMPTS - 1:
+                        await self.dlq.send(msg, f"internal error after {_IO_ATTEMPTS} attempts: {type(exc).__name__}: {exc}")
+                    else:
+                        await asyncio.sleep(delay)
 
     async def _apply(self, record: Any, msg: Any, received: float | None = None) -> None:
         key = record.run_id.encode()
@@ -159,9 +190,9 @@ class Coordinator:
         try:
             # in place: the state was decoded for this event alone (a deep copy costs more than the decision)
             new_state, commands = self.machine.decide(state, record, now, in_place=True)
-        except Exception:
+        except Exception as exc:
             self._states.pop(record.run_id, None)  # possibly half-changed
-            raise
+            raise _DecisionFailed(f"{type(exc).__name__}: {exc}") from exc
         unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
         if new_state is not None and not unchanged:
             new_state.cursor[position] = msg.offset

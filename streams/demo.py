@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from streams import kafka_local
+from streams import kafka_local, security
 from streams.config import Settings
 from streams.demo_proposal import run_proposal_demo
 from topics.client import LegatoClient
@@ -39,7 +39,7 @@ def main(settings: Settings) -> int:
 
 
 async def _demo(settings: Settings, proc: subprocess.Popen) -> int:
-    async with LegatoClient(settings.bootstrap, settings.prefix) as client:
+    async with LegatoClient(settings.bootstrap, settings.prefix, **security.aiokafka_kwargs()) as client:
         deadline = time.monotonic() + 90
         while True:  # the first run also waits for the coordinator to join its group
             if proc.poll() is not None:

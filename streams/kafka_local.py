@@ -130,10 +130,17 @@ async def broker_alive_async(bootstrap: str, timeout: float = 2.0) -> bool:
     from aiokafka.client import AIOKafkaClient
 
     token = _probing.set(True)
+    try:
+        from streams.security import aiokafka_kwargs
+
+        secured = aiokafka_kwargs()
+    except Exception:  # a probe must answer even when the security settings are broken
+        secured = {}
     client = AIOKafkaClient(
         bootstrap_servers=bootstrap,
         request_timeout_ms=max(int(timeout * 1000), 1000),
         connections_max_idle_ms=60_000,
+        **secured,
     )
     try:
         # bootstrap() connects and sends a MetadataRequest; it raises if none answered.
@@ -289,7 +296,9 @@ def _cluster_id() -> str:
         cid = path.read_text().strip()
         if len(cid) == 22:
             return cid
-    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cid = "-"
+    while cid.startswith("-"):  # `kafka-storage format -t -abc` would read the id as an option
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     path.write_text(cid + "\n")
     return cid
 

@@ -28,7 +28,9 @@ async def load_run(bootstrap: str, prefix: str, role: str, run_id: str, timeout:
 
     topic = changelog_topic(prefix, role)
     key = run_id.encode()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+    from streams import security
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **security.aiokafka_kwargs())
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic)

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streams import security
 from topics import codec
 from topics.codec import DecodeError
 from topics.models import ActivityRequested, RequestCancelled
@@ -43,7 +44,7 @@ class BoundedSet:
 
 async def tail_topic(bootstrap: str, topic: str, on_record: Callable[[bytes | None, bytes | None], None], from_beginning: bool, ready: asyncio.Event | None = None, **kafka: Any) -> None:
     """Read every partition of ``topic`` without a consumer group (each process sees everything)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **kafka)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **{**security.aiokafka_kwargs(), **kafka})
     await consumer.start()
     try:
         partitions = None

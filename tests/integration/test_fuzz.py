@@ -50,8 +50,6 @@ async def test_fuzz_bad_messages_with_valid_runs(kafka_bootstrap, tmp_path):
     assert hr["chaos_unserializable"][0] == "failed" and hr["chaos_unserializable"][1] == "OutputNotSerializable", hr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: streams/dlq.py sends the whole payload; a message under the size limit whose "
-                   "dead letter is over it (JSON escaping, base64) crashes the agent and the message is in no DLQ")
 async def test_dead_letter_of_a_message_near_the_limit(kafka_bootstrap, tmp_path):
     env = Env(kafka_bootstrap, tmp_path)
     await env.create_topics()
