@@ -23,6 +23,7 @@ import base64
 import contextvars
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -384,12 +385,13 @@ def _log_tail(lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def start(bootstrap: str = DEFAULT_BOOTSTRAP) -> str:
+def start(bootstrap: str = DEFAULT_BOOTSTRAP, fresh: bool = False) -> str:
     """Start the local broker for ``bootstrap`` (detached) and wait until it serves metadata.
 
     No-op when a broker already answers there. Fetches the jars on first use,
     formats the storage and writes the pid file. Raises RuntimeError (with the
-    tail of broker.log) if the broker does not come up within 90 s.
+    tail of broker.log) if the broker does not come up within 90 s. ``fresh`` wipes
+    the data first (test sessions: every session's topics add open files).
     """
     if broker_alive(bootstrap):
         return f"Kafka broker already running at {bootstrap}"
@@ -413,6 +415,8 @@ def start(bootstrap: str = DEFAULT_BOOTSTRAP) -> str:
 
     t0 = time.monotonic()
     fetch_jars()
+    if fresh and _data_dir().exists():
+        shutil.rmtree(_data_dir())
     props = _write_config(bootstrap)
     _format_storage(props)
 
@@ -425,6 +429,7 @@ def start(bootstrap: str = DEFAULT_BOOTSTRAP) -> str:
             stderr=subprocess.STDOUT,
             cwd=str(broker_dir()),
             start_new_session=True,  # survive the caller's Ctrl-C / test session end
+            preexec_fn=_raise_open_files_limit,
         )
     finally:
         log.close()
@@ -438,6 +443,16 @@ def start(bootstrap: str = DEFAULT_BOOTSTRAP) -> str:
             f"(pid {proc.pid}, {state}).\n--- {_log_file()} (tail) ---\n{_log_tail()}"
         )
     return f"Kafka broker started at {bootstrap} (pid {proc.pid}) in {time.monotonic() - t0:.1f}s; logs: {_log_file()}"
+
+
+def _raise_open_files_limit() -> None:
+    """A broker keeps several files open per partition: thousands of test topics exceed the usual 20,000."""
+    for limit in (1_048_576, 262_144, 65_536):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def _wait_alive(bootstrap: str, timeout: float, pid: int, proc: subprocess.Popen | None = None) -> bool:
@@ -487,8 +502,8 @@ def status(bootstrap: str = DEFAULT_BOOTSTRAP) -> tuple[bool, str]:
     return False, f"no Kafka broker answering at {bootstrap}"
 
 
-def ensure_broker(bootstrap: str) -> None:
-    """Make sure a broker answers at ``bootstrap``, starting the local one if needed.
+def ensure_broker(bootstrap: str, fresh: bool = False) -> None:
+    """Make sure a broker answers at ``bootstrap``, starting the local one if needed (``fresh``: on empty data).
 
     Raises RuntimeError when nothing answers and the bootstrap is not local,
     since we can only start brokers on this machine.
@@ -500,7 +515,7 @@ def ensure_broker(bootstrap: str) -> None:
             f"no Kafka broker answers at {bootstrap}, and it is not on localhost/127.0.0.1 "
             "so Legato cannot start one. Check LEGATO_BOOTSTRAP or start that broker."
         )
-    start(bootstrap)
+    start(bootstrap, fresh=fresh)
 
 
 def _main(argv: list[str]) -> int:

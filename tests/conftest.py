@@ -36,5 +36,6 @@ def kafka_bootstrap() -> str:
         return external
     from streams.kafka_local import ensure_broker
 
-    ensure_broker(TEST_BOOTSTRAP)
+    # A new test broker starts on empty data: topics of earlier sessions would only add open files.
+    ensure_broker(TEST_BOOTSTRAP, fresh=True)
     return TEST_BOOTSTRAP
