@@ -52,6 +52,10 @@ Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished]
 DEFAULT_MAX_STATE_BYTES = 1024 * 1024
 """A run's state may not grow past this; an output that would make it is refused (catchable by on_error)."""
 
+DEFAULT_MAP_CONCURRENCY = 256
+"""Item sub-flows a map keeps in flight when it sets no ``max_concurrency``: every one in flight is held in the
+run's state, so an unbounded 10,000-item fan-out could not fit the state limit (it measured 8 MB)."""
+
 BRANCH_ATTEMPTS = 3
 """How often a parallel branch with ``on_failure: retry`` runs before its failure fails the step."""
 
@@ -176,6 +180,7 @@ class Machine:
         run.state.frames["root"] = Frame(id="root", ref="root")
         run.advance("root")
         run.drain()
+        run.enforce_size()
         return run.state, run.out
 
 
@@ -570,7 +575,7 @@ class _Run:
             self.finish_step(step, "succeeded", output=[])
             return
         self._arm_join_timeout(step, definition.map)
-        limit = definition.map.max_concurrency or len(items)
+        limit = definition.map.max_concurrency or DEFAULT_MAP_CONCURRENCY
         for _ in range(min(limit, len(items))):
             self._start_item(step, definition, frame)
 
@@ -907,7 +912,11 @@ class _Run:
     def enforce_size(self) -> None:
         """The last guard: a state that still grew past the limit (fan-out outputs gathered in one list) fails
         the run and sheds its outputs, so the document stays storable."""
-        if self.state.size_hint * 2 < self.max_state_bytes or self.state.finished:
+        if self.state.finished:
+            return
+        # fan-outs add state that no output estimate sees: count them in by the number of steps and frames
+        hint = max(self.state.size_hint, 600 * (len(self.state.steps) + len(self.state.frames)))
+        if hint * 2 < self.max_state_bytes:
             return
         size = len(self.state.model_dump_json())
         self.state.size_hint = size
