@@ -6,6 +6,24 @@ cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 
+# System tools some tests use: kcat (an activity worker in another language) and Prometheus/promtool.
+missing=()
+command -v kcat >/dev/null 2>&1 || missing+=(kcat)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+        SUDO="sudo"
+    fi
+    echo "ci: installing ${missing[*]}"
+    # They are only needed by some tests; let the suite run (and report) without them.
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"; }; then
+        echo "ci: WARNING: could not install ${missing[*]}; tests that need them will be skipped" >&2
+    fi
+fi
+
+
 rc=0
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
