@@ -38,7 +38,7 @@ from workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
 
-_DECODED_STATES = 10_000
+_DECODED_STATES = 1_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
