@@ -58,7 +58,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if not s.workflow_dirs:
         s.workflow_dirs = [str(EXAMPLES)]
     if not s.handler_modules:
-        s.handler_modules = ["handlers.demo"]
+        s.handler_modules = ["handlers.demo", "handlers.proposal"]
     kafka_local.ensure_broker(s.bootstrap)
     run(build(s, coordinator=True, worker=True), s.loglevel)
     return 0
