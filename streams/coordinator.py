@@ -81,9 +81,6 @@ class Timers:
             fired.append((run_id, timer_id))
         return fired
 
-    def __len__(self) -> int:
-        return len(self._heap)
-
 
 class Coordinator:
     """Wires the state machine into a faust app."""
@@ -97,14 +94,12 @@ class Coordinator:
         self.metrics = metrics
         self.timers = Timers()
         self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
-        self.ignored: dict[str, int] = {}
         self._partitioner = DefaultPartitioner()
         self._out_topics: dict[str, faust.TopicT] = {}
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
         self.triggers = app.topic(topics.triggers, partitions=partitions, **raw)
         self.input = app.topic(topics.coordinator, topics.completions, partitions=partitions, **raw)
         self.coordinator_topic = app.topic(topics.coordinator, partitions=partitions, **raw)
-        self.completions_topic = app.topic(topics.completions, partitions=partitions, **raw)
         self.table = app.Table("runs", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
         app.agent(self.triggers, name="legato.route_triggers")(self._route_triggers)
         app.agent(self.input, name="legato.coordinate")(self._coordinate)
@@ -187,11 +182,13 @@ class Coordinator:
             return
         now = now_ms()
         before = self.metrics.snapshot(state) if self.metrics is not None else state
+        # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
+        # leaves the cache until its bytes are in the table: a retry after a failed write must decode the table's
+        # bytes again, not reuse an object that already holds this event.
+        self._states.pop(record.run_id, None)
         try:
-            # in place: the state was decoded for this event alone (a deep copy costs more than the decision)
             new_state, commands = self.machine.decide(state, record, now, in_place=True)
         except Exception as exc:
-            self._states.pop(record.run_id, None)  # possibly half-changed
             raise _DecisionFailed(f"{type(exc).__name__}: {exc}") from exc
         unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
         if new_state is not None and not unchanged:
@@ -304,6 +301,5 @@ class Coordinator:
         return topic
 
     def _count_ignored(self, reason: str) -> None:
-        self.ignored[reason] = self.ignored.get(reason, 0) + 1
         if self.metrics is not None:
             self.metrics.ignored(reason)

@@ -80,7 +80,6 @@ class Workers:
         self.metrics = metrics
         self.seen = BoundedSet()
         self.completions = app.topic(topics.completions, key_serializer="raw", value_serializer="raw")
-        self.skipped: dict[str, int] = {}
         for name, activity in sorted(activities.items()):
             topic = app.topic(topics.requests(name), partitions=partitions, key_serializer="raw", value_serializer="raw")
             app.agent(topic, name=f"legato.worker.{name}")(self._agent_for(activity))
@@ -101,6 +100,7 @@ class Workers:
 
     async def _handle(self, activity: Activity, event: Any, slots: asyncio.Semaphore) -> None:
         msg = event.message
+        stopping = False
         try:
             try:
                 request = codec.decode(ActivityRequested, msg.value)
@@ -146,7 +146,8 @@ class Workers:
                 completion = await execute(activity, request, self.batchers.get(activity.name))
             except asyncio.CancelledError:
                 if request.request_id not in self.cancellations.cancelled:
-                    raise  # the process is stopping
+                    stopping = True
+                    raise  # the process is stopping: leave the request unacknowledged for the next worker
                 self._skip("cancelled_running")  # the coordinator stopped waiting: nothing to report
                 return
             finally:
@@ -163,11 +164,12 @@ class Workers:
         except Exception:
             log.exception("worker failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
         finally:
-            event.ack()
+            if not stopping:
+                event.ack()
             slots.release()
 
     def _skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.info("skipped a request: %s", reason)
 
     async def _tail_cancellations(self) -> None:
         await tail_topic(self.bootstrap, self.topics.cancellations, self.cancellations.on_record, from_beginning=False)
