@@ -89,6 +89,20 @@ steps:
 """
 
 
+async def _assigned_pipe(bootstrap: str, topic: str, group: str) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """A started consumer of ``topic`` (its own group, positioned at the end) and a linger-0 producer."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{group}-{uuid.uuid4()}",
+                                auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, **security.aiokafka_kwargs())
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, **security.aiokafka_kwargs())
+    await consumer.start()
+    await producer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.05)
+    for tp in consumer.assignment():
+        await consumer.position(tp)
+    return consumer, producer
+
+
 class MeasuringWorker:
     """Answers every request at once; records completion-produced → next-request-received per run."""
 
@@ -104,16 +118,8 @@ class MeasuringWorker:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(self.topics.requests(ACTIVITY), bootstrap_servers=self.bootstrap, group_id=f"bench-worker-{uuid.uuid4()}",
-                                    auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, **security.aiokafka_kwargs())
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0, **security.aiokafka_kwargs())
-        await consumer.start()
-        await producer.start()
+        consumer, producer = await _assigned_pipe(self.bootstrap, self.topics.requests(ACTIVITY), "bench-worker")
         try:
-            while not consumer.assignment():
-                await asyncio.sleep(0.05)
-            for tp in consumer.assignment():
-                await consumer.position(tp)
             self.ready.set()
             while not self.stop.is_set():
                 batch = await consumer.getmany(timeout_ms=50)
@@ -139,16 +145,8 @@ class MeasuringWorker:
 
 async def raw_pipe(bootstrap: str, topics: Topics, steps: int, stop: asyncio.Event, ready: asyncio.Event) -> None:
     """The baseline: read each completion and produce the next request, with no state and no decisions."""
-    consumer = AIOKafkaConsumer(topics.completions, bootstrap_servers=bootstrap, group_id=f"rawpipe-{uuid.uuid4()}",
-                                auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, **security.aiokafka_kwargs())
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, **security.aiokafka_kwargs())
-    await consumer.start()
-    await producer.start()
+    consumer, producer = await _assigned_pipe(bootstrap, topics.completions, "rawpipe")
     try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.05)
-        for tp in consumer.assignment():
-            await consumer.position(tp)
         ready.set()
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=50)
