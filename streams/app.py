@@ -1,8 +1,12 @@
-"""Builds the faust app for a role: coordinator, worker, or both (``legato dev``)."""
+"""Builds a process for a role: coordinator, worker, or both (``legato dev``).
+
+The workers are a faust app; the coordinator is its own transactional aiokafka loop (streams/coordinator.py), run
+as a task of the faust app in ``legato dev`` and on its own event loop in ``legato coordinator``."""
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +17,7 @@ from handlers.registry import Activity, load_handler_modules
 from streams import security
 from streams.admin import ensure_topics
 from streams.config import Settings
-from streams.coordinator import Coordinator
+from streams.coordinator import Coordinator, changelog_topic
 from streams.dlq import DeadLetters
 from streams.metrics import LagReporter, Metrics
 from streams.worker import Workers
@@ -22,7 +26,7 @@ from workflows.model import CompiledWorkflow, load_directories
 
 @dataclass
 class Legato:
-    app: faust.App
+    app: faust.App | None
     coordinator: Coordinator | None
     workers: Workers | None
     workflows: dict[str, CompiledWorkflow]
@@ -43,10 +47,14 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         role = "worker-" + "-".join(sorted(only_activities))
     needed = sorted({a for wf in workflows.values() for a in wf.activities} | set(activities))
     completion_topics = sorted({wf.definition.completion_topic for wf in workflows.values() if wf.definition.completion_topic})
-    # faust creates the run table's changelog lazily and, on a freshly started broker, sometimes not at all
-    # (every table write then fails): create it with the other topics, compacted like faust would.
-    changelog = [f"{settings.prefix}-{role}-runs-changelog"] if coordinator else []
+    changelog = [changelog_topic(settings.prefix)] if coordinator else []
     asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
+    metrics = Metrics() if settings.metrics_port else None
+    coord = Coordinator(settings, workflows, metrics) if coordinator else None
+    if not (worker and activities):
+        if coord is None:
+            raise SystemExit("nothing to run: no workflows for a coordinator and no activities for a worker")
+        return Legato(None, coord, None, workflows, activities)
     datadir = settings.data_dir / f"{settings.prefix}-{role}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -70,24 +78,53 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         broker_session_timeout=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")),
         broker_heartbeat_interval=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) / 4,
     )
-    metrics = Metrics() if settings.metrics_port else None
+    _read_committed(app)
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
-    coord = Coordinator(app, settings.topics, workflows, settings.partitions, dlq, metrics) if coordinator else None
-    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap) if worker and activities else None
+    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap)
     if metrics is not None:
+        groups = [app.conf.id] + ([coord.group] if coord is not None else [])
         async def serve_metrics() -> None:
-            """/metrics on LEGATO_METRICS_PORT, and this process's consumer lag every 5 s."""
-            metrics.serve(settings.metrics_port)
-            await LagReporter(settings.bootstrap, [app.conf.id], metrics).run()
+            await _serve_metrics(settings, metrics, groups)
 
         app.task(serve_metrics)
+    if coord is not None:
+        app.task(coord.serve)
     return Legato(app, coord, workers, workflows, activities)
 
 
+async def _serve_metrics(settings: Settings, metrics: Metrics, groups: list[str]) -> None:
+    """/metrics on LEGATO_METRICS_PORT, and the consumer lag of this process's groups every 5 s."""
+    metrics.serve(settings.metrics_port)
+    await LagReporter(settings.bootstrap, groups, metrics).run()
+
+
+def _read_committed(app: faust.App) -> None:
+    """Workers read only committed records: a request from a coordinator transaction that was aborted (the
+    coordinator died mid-batch) is never executed; its successor produces the same request again, committed.
+    faust reads committed only in its exactly_once mode, which Legato does not use (RELIABILITY.md)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    if getattr(AIOKafkaConsumerThread, "_legato_read_committed", False):
+        return
+    create = AIOKafkaConsumerThread._create_worker_consumer
+
+    def create_read_committed(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create_read_committed  # type: ignore[method-assign]
+    AIOKafkaConsumerThread._legato_read_committed = True  # type: ignore[attr-defined]
+
+
 def run(legato: Legato, loglevel: str = "warning") -> None:
-    """Run the app until SIGTERM/SIGINT."""
+    """Run until SIGTERM/SIGINT."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     security.install_redaction()
+    if legato.app is None:
+        assert legato.coordinator is not None
+        _run_coordinator(legato.coordinator, loglevel)
+        return
     worker = faust.Worker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
 
     @legato.app.task
@@ -98,3 +135,27 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
             logging.getLogger(name).setLevel(loglevel.upper())
 
     worker.execute_from_commandline()
+
+
+def _run_coordinator(coordinator: Coordinator, loglevel: str) -> None:
+    """The coordinator alone, on its own event loop; SIGTERM and SIGINT stop it cleanly (leaving the group)."""
+    for name in ("aiokafka", "kafka"):
+        logging.getLogger(name).setLevel(loglevel.upper())
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        serving = asyncio.create_task(coordinator.serve())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, serving.cancel)
+        tasks = []
+        if coordinator.metrics is not None:
+            tasks.append(asyncio.create_task(_serve_metrics(coordinator.settings, coordinator.metrics, [coordinator.group])))
+        try:
+            await serving
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    asyncio.run(main())

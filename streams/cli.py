@@ -112,7 +112,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     from streams.chaos import main as chaos_main
 
     return chaos_main(_settings(args), args.scenario, runs=args.runs, kills=args.kills, bad=args.bad, valid=args.valid, rate=args.rate,
-                      exactly_once=args.exactly_once, session_timeout=args.session_timeout,
+                      session_timeout=args.session_timeout,
                       output=None if args.output == "-" else Path(args.output), command="legato chaos " + " ".join(sys.argv[2:]), timeout=args.timeout)
 
 
@@ -159,21 +159,12 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from streams.runs_show import load_run, render_gantt, render_table
+    from streams.runs_show import changelog_topic, load_run, render_gantt, render_table
 
     s = _settings(args)
-    roles = [args.role] if args.role else ["coordinator", "dev"]
-
-    async def find():
-        for role in roles:
-            state = await load_run(s.bootstrap, s.prefix, role, args.run_id)
-            if state is not None:
-                return state
-        return None
-
-    state = asyncio.run(find())
+    state = asyncio.run(load_run(s.bootstrap, s.prefix, args.run_id))
     if state is None:
-        print(f"legato runs show: no run {args.run_id!r} in {' or '.join(f'{s.prefix}-{r}-runs-changelog' for r in roles)}", file=sys.stderr)
+        print(f"legato runs show: no run {args.run_id!r} in {changelog_topic(s.prefix)}", file=sys.stderr)
         return 1
     print(render_gantt(state) if args.gantt else render_table(state), end="" if args.gantt else "\n")
     return 0
@@ -220,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bad", type=int, default=10_000)
     p.add_argument("--valid", type=int, default=500)
     p.add_argument("--rate", type=float, default=40.0, help="triggers per second")
-    p.add_argument("--exactly-once", action="store_true")
     p.add_argument("--session-timeout", type=float, default=None)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--output", default="RELIABILITY.md", help="'-' for none")

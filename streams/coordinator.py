@@ -1,23 +1,40 @@
-"""The coordinator: a faust agent over the run-keyed input, a run table keyed by run_id, and timers.
+"""The coordinator: a transactional consume → decide → produce loop over the run-keyed input.
 
-decode → load the run → decide → store the run → send the commands → count. Every decision is made by
-``workflows.machine``; this module only moves bytes.
+Per input partition ``p`` (the triggers, coordinator and completions topics, co-partitioned by run_id) there is one
+task: the run table of ``p`` (loaded from partition ``p`` of the changelog when the task is assigned) and one
+transactional producer whose ``transactional.id`` is ``<group>-<p>``. Each batch a task reads is decided by
+``workflows.machine`` and then committed in ONE Kafka transaction holding everything it caused: the requests,
+run events, cancellations and child records it produced, the new state of every run it touched (changelog), any
+dead letters, and the input offsets. Either all of it becomes visible to ``read_committed`` consumers or none of it.
+
+Killing the process at any moment therefore loses nothing and repeats nothing: the next owner of ``p`` starts a
+producer with the same ``transactional.id``, which fences the dead one and aborts its open transaction, then loads
+the changelog and resumes from the committed offsets. faust's own ``exactly_once`` mode lost runs in our kill tests
+and its at-least-once mode acknowledges records fetched before a rebalance (RELIABILITY.md); this loop is why the
+coordinator uses aiokafka directly. The activity workers stay on faust.
 """
 from __future__ import annotations
 
 import asyncio
 import heapq
-from collections import OrderedDict
 import logging
+import os
 import time
 import uuid
-from typing import Any
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
 
-import faust
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import ProducerFenced
 from aiokafka.partitioner import DefaultPartitioner
 
-from streams.dlq import DeadLetters
-from streams.metrics import count_in_flight
+from streams import security
+from streams.dlq import dead_letter
+from streams.runs_show import changelog_topic
 from topics import codec
 from topics.codec import DecodeError
 from topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunRequested, TimerFired
@@ -43,13 +60,11 @@ _DECODED_STATES = 1_000
 
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
 
+_MAX_BATCH = 2_000
+"""Records per poll; one transaction per partition per poll."""
 
-_IO_ATTEMPTS = 12
-"""Tries to store and send one event's results (backing off up to 10 s) before it is dead-lettered."""
-
-
-class _DecisionFailed(Exception):
-    """The state machine raised: a bug, not the broker."""
+_TRANSACTION_TIMEOUT_MS = 15_000
+"""A transaction left open by a process that died without a successor blocks read_committed readers this long."""
 
 
 def now_ms() -> int:
@@ -61,8 +76,12 @@ def run_id_for(topic: str, partition: int, offset: int) -> str:
     return str(uuid.uuid5(_RUN_ID_NAMESPACE, f"{topic}:{partition}:{offset}"))
 
 
+def group_id(prefix: str) -> str:
+    return f"{prefix}-coordinator"
+
+
 class Timers:
-    """Pending timers in memory; the run table is the truth, rescanned after every rebalance."""
+    """Pending timers in memory; the run table is the truth, rescanned whenever a partition is assigned."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, str, str]] = []
@@ -82,180 +101,427 @@ class Timers:
         return fired
 
 
-class Coordinator:
-    """Wires the state machine into a faust app."""
+class _Store:
+    """One partition's run table: run_id bytes → state bytes, in memory or on disk (rocksdict)."""
 
-    def __init__(self, app: faust.App, topics: Topics, workflows: dict[str, CompiledWorkflow], partitions: int, dlq: DeadLetters, metrics: Any = None):
-        self.app = app
-        self.topics = topics
+    def __init__(self, path: Path | None):
+        self._path = path
+        if path is None:
+            self._data: Any = {}
+        else:
+            from rocksdict import Rdict
+
+            Rdict.destroy(str(path))  # rebuilt from the changelog, which is the truth
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._data = Rdict(str(path))
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._data[key] = value
+
+    def values(self) -> Iterable[bytes]:
+        return self._data.values()
+
+    def close(self) -> None:
+        if self._path is not None:
+            self._data.close()
+
+
+@dataclass
+class _Batch:
+    """What one poll of one task produced, committed in one transaction."""
+
+    sends: list[tuple[str, bytes | None, bytes, int | None]] = field(default_factory=list)  # topic, key, value, partition
+    written: dict[bytes, bytes] = field(default_factory=dict)  # run key → its last state in this batch
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    timers: list[StartTimer] = field(default_factory=list)
+    metrics: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+class _Task:
+    """Input partition ``p``: its run table, its transactional producer, where each input topic resumes."""
+
+    def __init__(self, partition: int, producer: AIOKafkaProducer, store: _Store):
+        self.partition = partition
+        self.producer = producer
+        self.store = store
+        self.next_offset: dict[TopicPartition, int] = {}
+        self.running = 0
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, coordinator: "Coordinator"):
+        self.c = coordinator
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.c._revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.c._assign(assigned)
+
+
+class Coordinator:
+    """Runs the transactional coordinator loop for one process (several processes share the partitions)."""
+
+    def __init__(self, settings: Any, workflows: dict[str, CompiledWorkflow], metrics: Any = None):
+        self.settings = settings
+        self.topics: Topics = settings.topics
         self.machine = Machine(workflows)
-        self.partitions = partitions
-        self.dlq = dlq
+        self.partitions: int = settings.partitions
         self.metrics = metrics
+        self.group = group_id(settings.prefix)
+        self.changelog = changelog_topic(settings.prefix)
         self.timers = Timers()
+        self.tasks: dict[int, _Task] = {}
         self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
         self._partitioner = DefaultPartitioner()
-        self._out_topics: dict[str, faust.TopicT] = {}
-        raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.triggers = app.topic(topics.triggers, partitions=partitions, **raw)
-        self.input = app.topic(topics.coordinator, topics.completions, partitions=partitions, **raw)
-        self.coordinator_topic = app.topic(topics.coordinator, partitions=partitions, **raw)
-        self.table = app.Table("runs", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
-        app.agent(self.triggers, name="legato.route_triggers")(self._route_triggers)
-        app.agent(self.input, name="legato.coordinate")(self._coordinate)
-        app.timer(interval=0.02, name="legato.fire_timers")(self._fire_timers)
-        if metrics is not None:
-            app.timer(interval=5.0, name="legato.runs_in_flight")(self._report_in_flight)
-        app.on_rebalance_complete.connect(self._on_rebalance_complete)
+        self._lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._timer_producer: AIOKafkaProducer | None = None
+        self._parked: dict[int, _Task] = {}
+        self._session_timeout_ms = int(float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) * 1000)
 
-    # --- agents -------------------------------------------------------------------------------
+    # --- lifecycle ----------------------------------------------------------------------------
 
-    async def _route_triggers(self, stream: faust.StreamT) -> None:
-        """Validate triggers and re-key them by run_id onto the coordinator topic."""
-        async for event in stream.events():
-            msg = event.message
-            try:
-                trigger = codec.decode(RunRequested, msg.value)
-            except DecodeError as exc:
-                await self.dlq.send(msg, f"bad trigger: {exc}")
+    async def serve(self) -> None:
+        """Consume, decide and commit until cancelled; then leave the group so the partitions move at once."""
+        kw = security.aiokafka_kwargs()
+        self._timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, **kw)
+        await self._timer_producer.start()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),  # co-partitions the three input topics
+            session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 4),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=100,
+            **kw,
+        )
+        self._consumer.subscribe([self.topics.triggers, self.topics.coordinator, self.topics.completions], listener=_Rebalance(self))
+        await self._consumer.start()
+        timers = asyncio.create_task(self._fire_timers(), name="legato.fire_timers")
+        gauge = asyncio.create_task(self._report_in_flight(), name="legato.runs_in_flight") if self.metrics is not None else None
+        try:
+            await self._consume()
+        finally:
+            timers.cancel()
+            if gauge is not None:
+                gauge.cancel()
+            await self._consumer.stop()  # revokes and leaves the group
+            self._parked.update(self.tasks)
+            self.tasks.clear()
+            await self._close_parked()
+            await self._timer_producer.stop()
+
+    async def _consume(self) -> None:
+        assert self._consumer is not None
+        while True:
+            polled = await self._consumer.getmany(timeout_ms=200, max_records=_MAX_BATCH)
+            if not polled:
                 continue
-            run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
-            accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
-            for attempt in range(_IO_ATTEMPTS):
-                try:
-                    await self._send(self.topics.coordinator, run_id.encode(), codec.dumps(accepted))
-                    break
-                except Exception as exc:  # the broker is away: keep the trigger, don't crash the agent
-                    log.warning("cannot route trigger %s:%s@%s (%s); retrying", msg.topic, msg.partition, msg.offset, exc)
-                    if attempt == _IO_ATTEMPTS - 1:
-                        await self.dlq.send(msg, f"internal error: cannot route the trigger: {type(exc).__name__}: {exc}")
-                    else:
-                        await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
-
-    async def _coordinate(self, stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            msg = event.message
             received = time.perf_counter()
-            try:
-                record = self._decode(msg.topic, msg.value)
-            except DecodeError as exc:
-                await self.dlq.send(msg, f"bad {'completion' if msg.topic == self.topics.completions else 'coordinator record'}: {exc}")
-                continue
-            if msg.partition != self._partition_of(record.run_id):
-                # A producer that did not key by run_id (or used another partitioner): move the record to the
-                # run's partition instead of splitting the run's state.
-                await self._topic(msg.topic).send(key=record.run_id.encode(), value=msg.value)
-                self._count_ignored("rekeyed")
-                continue
-            for attempt in range(_IO_ATTEMPTS):
-                try:
-                    await self._apply(record, msg, received)
-                    break
-                except _DecisionFailed as exc:  # a bug in deciding this event must not stop every other run
-                    log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
-                    await self.dlq.send(msg, f"internal error: {exc}")
-                    break
-                except Exception as exc:
-                    # Storing or sending failed (broker away, a topic missing): the event is fine, so retry it
-                    # rather than dead-letter it. A retry after a partial write is recognised as a replay.
-                    delay = min(10.0, 0.5 * 2**attempt)
-                    log.warning("coordinator could not store or send for %s:%s@%s (%s: %s); retrying in %.1fs",
-                                msg.topic, msg.partition, msg.offset, type(exc).__name__, exc, delay)
-                    if attempt == _IO_ATTEMPTS - 1:
-                        await self.dlq.send(msg, f"internal error after {_IO_ATTEMPTS} attempts: {type(exc).__name__}: {exc}")
-                    else:
-                        await asyncio.sleep(delay)
+            async with self._lock:  # a revocation waits for the batch to commit, and sees no half-done batch
+                by_task: dict[int, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+                for tp, records in polled.items():
+                    if tp.partition in self.tasks:  # fetched before a revocation: the new owner reads them
+                        by_task[tp.partition].append((tp, records))
+                await asyncio.gather(*(self._process(self.tasks[p], parts, received) for p, parts in by_task.items()))
 
-    async def _apply(self, record: Any, msg: Any, received: float | None = None) -> None:
+    # --- one batch, one transaction -----------------------------------------------------------
+
+    async def _process(self, task: _Task, parts: list[tuple[TopicPartition, list[Any]]], received: float) -> None:
+        batch = _Batch()
+        for tp, records in parts:
+            start = task.next_offset.get(tp, 0)
+            for msg in records:
+                if msg.offset < start:
+                    continue  # already committed (fetched before this task's offsets were known)
+                self._handle(task, msg, batch, received)
+                batch.offsets[tp] = msg.offset + 1
+        if not batch.offsets:
+            return
+        try:
+            await self._commit(task, batch)
+        except ProducerFenced:
+            log.warning("partition %d was fenced by another coordinator; dropping it until the next assignment", task.partition)
+            await self._close_tasks([task.partition])
+            return
+        except Exception as exc:
+            # The broker is away or refused the transaction: nothing of this batch is visible. Rebuild the task
+            # from the log (its in-memory table already holds the batch) and read the batch again.
+            log.warning("partition %d: transaction failed (%s: %s); reloading the partition and retrying", task.partition, type(exc).__name__, exc)
+            await self._close_tasks([task.partition])
+            await self._reopen(task.partition)
+            return
+        for tp, offset in batch.offsets.items():
+            task.next_offset[tp] = offset
+        for timer in batch.timers:
+            self.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
+        if self.metrics is not None:
+            done = time.perf_counter()
+            for kind, before, after, commands, now, rec in batch.metrics:
+                self.metrics.event_processed(kind)
+                self.metrics.decision(before, after, commands, now, done - rec if kind == "completion" else None)
+
+    async def _commit(self, task: _Task, batch: _Batch) -> None:
+        producer = task.producer
+        await producer.begin_transaction()
+        try:
+            futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]
+            futures += [await producer.send(self.changelog, value, key=key, partition=task.partition) for key, value in batch.written.items()]
+            await producer.send_offsets_to_transaction(batch.offsets, self.group)
+            await producer.commit_transaction()
+        except ProducerFenced:
+            raise
+        except BaseException:
+            try:
+                await producer.abort_transaction()
+            except Exception:
+                pass  # the task is rebuilt with a fresh producer, which aborts it anyway
+            raise
+        for fut in futures:
+            fut.result()  # commit_transaction flushed them; an error here is a bug worth seeing
+
+    def _handle(self, task: _Task, msg: Any, batch: _Batch, received: float) -> None:
+        if msg.topic == self.topics.triggers:
+            self._route_trigger(msg, batch)
+            return
+        try:
+            record = self._decode(msg.topic, msg.value)
+        except DecodeError as exc:
+            self._dead_letter(batch, msg, f"bad {'completion' if msg.topic == self.topics.completions else 'coordinator record'}: {exc}")
+            return
+        if msg.partition != self._partition_of(record.run_id):
+            # A producer that did not key by run_id (or used another partitioner): move the record to the run's
+            # partition instead of splitting the run's state.
+            batch.sends.append((msg.topic, record.run_id.encode(), msg.value, None))
+            self._count_ignored("rekeyed")
+            return
+        try:
+            self._apply(task, record, msg, batch, received)
+        except Exception as exc:  # a bug in deciding this event must not stop every other run
+            log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
+            self._dead_letter(batch, msg, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _route_trigger(self, msg: Any, batch: _Batch) -> None:
+        """Validate a trigger and re-key it by run_id onto the coordinator topic (in the same transaction)."""
+        try:
+            trigger = codec.decode(RunRequested, msg.value)
+        except DecodeError as exc:
+            self._dead_letter(batch, msg, f"bad trigger: {exc}")
+            return
+        run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
+        accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
+        batch.sends.append((self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None))
+
+    def _apply(self, task: _Task, record: Any, msg: Any, batch: _Batch, received: float) -> None:
         key = record.run_id.encode()
-        raw = self.table.get(key)
+        raw = task.store.get(key)
         state = self._load(record.run_id, raw)
         position = f"{msg.topic}:{msg.partition}"
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
-            # Redelivered after a crash: the state already holds this event. Its commands may have been lost
-            # with the process, so re-issue what the run is waiting on (ids are deterministic; duplicates drop).
+            # The state already holds this event (offsets reset by hand, or read again after an unclean
+            # hand-over): re-issue what the run is waiting on; ids are deterministic, so duplicates drop.
             wf = self.machine.workflows.get(state.workflow)
             completion_topic = wf.definition.completion_topic if wf else None
             commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
-            await self._carry_out(commands)
+            self._carry_out(commands, batch)
             return
         now = now_ms()
-        before = self.metrics.snapshot(state) if self.metrics is not None else state
+        before = self.metrics.snapshot(state) if self.metrics is not None else None
+        was_running = state is not None and state.status == "running"
         # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
-        # leaves the cache until its bytes are in the table: a retry after a failed write must decode the table's
-        # bytes again, not reuse an object that already holds this event.
+        # leaves the cache until its bytes are in the table: a decision that raises leaves the stored bytes intact.
         self._states.pop(record.run_id, None)
-        try:
-            new_state, commands = self.machine.decide(state, record, now, in_place=True)
-        except Exception as exc:
-            raise _DecisionFailed(f"{type(exc).__name__}: {exc}") from exc
+        new_state, commands = self.machine.decide(state, record, now, in_place=True)
         unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
         if new_state is not None and not unchanged:
             new_state.cursor[position] = msg.offset
             stored = new_state.model_dump_json(exclude_defaults=True).encode()
-            self.table[key] = stored
+            task.store.put(key, stored)
+            batch.written[key] = stored
             self._remember(record.run_id, stored, new_state)
-        await self._carry_out(commands)
+            task.running += (new_state.status == "running") - was_running
+        self._carry_out(commands, batch)
         if self.metrics is not None:
             kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child"}.get(type(record), "trigger")
-            self.metrics.event_processed(kind)
-            overhead = time.perf_counter() - received if kind == "completion" and received is not None else None
-            self.metrics.decision(before, new_state, commands, now, overhead)
+            batch.metrics.append((kind, before, new_state, commands, now, received))
 
-    async def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        # Straight to the app's producer: faust's Topic.send builds channel and sensor objects per message,
-        # which cost more than the decision. Same producer, so the flush before each offset commit covers it.
-        await self.app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
-
-    async def _carry_out(self, commands: list[Any]) -> None:
+    def _carry_out(self, commands: list[Any], batch: _Batch) -> None:
+        sends = batch.sends
         for command in commands:
             if isinstance(command, RequestActivity):
                 req = command.request
-                await self._send(self.topics.requests(req.activity), req.run_id.encode(), codec.dumps(req))
+                sends.append((self.topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
             elif isinstance(command, StartTimer):
-                self.timers.schedule(command.run_id, command.timer_id, command.due_ms)
+                batch.timers.append(command)
             elif isinstance(command, PublishRunEvent):
                 value = codec.dumps(command.event)
-                await self._send(self.topics.runs, command.event.run_id.encode(), value)
+                sends.append((self.topics.runs, command.event.run_id.encode(), value, None))
                 if command.completion_topic:
-                    await self._send(command.completion_topic, command.event.run_id.encode(), value)
+                    sends.append((command.completion_topic, command.event.run_id.encode(), value, None))
             elif isinstance(command, CancelRequest):
                 c = command.cancel
-                await self._send(self.topics.cancellations, c.run_id.encode(), codec.dumps(c))
+                sends.append((self.topics.cancellations, c.run_id.encode(), codec.dumps(c), None))
             elif isinstance(command, StartChildRun):
                 a = command.accepted
-                await self._send(self.topics.coordinator, a.run_id.encode(), codec.dumps(a))
+                sends.append((self.topics.coordinator, a.run_id.encode(), codec.dumps(a), None))
             elif isinstance(command, NotifyParent):
                 f = command.finished
-                await self._send(self.topics.coordinator, f.run_id.encode(), codec.dumps(f))
+                sends.append((self.topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
             elif isinstance(command, EventIgnored):
                 self._count_ignored(command.reason)
                 log.info("ignored event for run %s: %s %s", command.run_id, command.reason, command.detail)
 
+    def _dead_letter(self, batch: _Batch, msg: Any, reason: str) -> None:
+        key, value = dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, reason)
+        batch.sends.append((self.topics.dlq, key, value, None))
+        if self.metrics is not None:
+            self.metrics.dead_letter(msg.topic, reason)
+
+    # --- assignment ---------------------------------------------------------------------------
+
+    async def _revoke(self, revoked: Iterable[TopicPartition]) -> None:
+        """Park the revoked tasks once the batch in hand has committed; they are reused if assigned back."""
+        async with self._lock:
+            for p in sorted({tp.partition for tp in revoked} & set(self.tasks)):
+                self._parked[p] = self.tasks.pop(p)
+
+    async def _assign(self, assigned: Iterable[TopicPartition]) -> None:
+        """Keep the parked tasks assigned back (nobody else owned them in between), open the new ones."""
+        async with self._lock:
+            wanted = {tp.partition for tp in assigned}
+            for p in sorted(wanted & set(self._parked)):
+                self.tasks[p] = self._parked.pop(p)
+            await self._close_parked()
+            await self._open_tasks(sorted(wanted - set(self.tasks)))
+
+    async def _close_parked(self) -> None:
+        parked = list(self._parked)
+        self.tasks.update(self._parked)
+        self._parked.clear()
+        await self._close_tasks(parked)
+
+    async def _open_tasks(self, partitions: list[int]) -> None:
+        """Fence the previous owner, load the run table from the changelog, resume from the committed offsets."""
+        assert self._consumer is not None
+        for p in partitions:
+            started = time.perf_counter()
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap,
+                transactional_id=f"{self.group}-{p}",
+                transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
+                linger_ms=0,
+                **security.aiokafka_kwargs(),
+            )
+            await producer.start()  # InitProducerId: aborts the dead owner's open transaction, fences it for good
+            task = _Task(p, producer, _Store(self._store_path(p)))
+            try:
+                loaded = await self._restore(task) if p < self.partitions else 0
+                for topic in (self.topics.triggers, self.topics.coordinator, self.topics.completions):
+                    tp = TopicPartition(topic, p)
+                    if tp not in self._consumer.assignment():
+                        continue
+                    committed = await self._consumer.committed(tp)  # asked after the fence: no pending offsets left
+                    if committed is not None:
+                        self._consumer.seek(tp, committed)
+                        task.next_offset[tp] = committed
+            except BaseException:
+                await producer.stop()
+                task.store.close()
+                raise
+            self.tasks[p] = task
+            log.info("partition %d: %d runs loaded in %.2fs", p, loaded, time.perf_counter() - started)
+
+    async def _reopen(self, p: int) -> None:
+        """Open partition ``p`` again after a failed transaction, waiting out a broker that is away."""
+        attempt = 0
+        while True:
+            try:
+                await self._open_tasks([p])
+                return
+            except Exception as exc:
+                delay = min(5.0, 0.25 * 2**attempt)
+                attempt += 1
+                log.warning("partition %d: cannot reload (%s: %s); retrying in %.1fs", p, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _close_tasks(self, partitions: list[int]) -> None:
+        for p in partitions:
+            task = self.tasks.pop(p, None)
+            if task is None:
+                continue
+            try:
+                await task.producer.stop()
+            except Exception as exc:
+                log.warning("partition %d: closing its producer failed: %s", p, exc)
+            task.store.close()
+        if partitions:
+            self._states.clear()
+
+    async def _restore(self, task: _Task) -> int:
+        """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
+        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=None, enable_auto_commit=False,
+                                  isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
+        await reader.start()
+        tp = TopicPartition(self.changelog, task.partition)
+        loaded = 0
+        try:
+            reader.assign([tp])
+            end = (await reader.end_offsets([tp]))[tp]
+            await reader.seek_to_beginning(tp)
+            while await reader.position(tp) < end:
+                for records in (await reader.getmany(tp, timeout_ms=1000, max_records=10_000)).values():
+                    for rec in records:
+                        if rec.value is not None:
+                            task.store.put(rec.key, rec.value)
+        finally:
+            await reader.stop()
+        for raw in task.store.values():
+            loaded += 1
+            if b'"status"' not in raw:  # exclude_defaults drops status while it is "running"
+                task.running += 1
+            if b'"timers"' in raw:
+                state = RunState.model_validate_json(raw)
+                for timer_id, timer in state.timers.items():
+                    self.timers.schedule(state.run_id, timer_id, timer.due_ms)
+        return loaded
+
+    def _store_path(self, p: int) -> Path | None:
+        if self.settings.store != "rocksdb":
+            return None
+        return self.settings.data_dir / self.group / f"runs-{p}"
+
     # --- timers -------------------------------------------------------------------------------
 
     async def _fire_timers(self) -> None:
-        for run_id, timer_id in self.timers.due(now_ms()):
-            raw = self.table.get(run_id.encode())
-            if raw is None or f'"{timer_id}"' not in raw.decode():
-                continue  # finished or cleared since it was set
-            await self.coordinator_topic.send(key=run_id.encode(), value=codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)))
+        """Due timers become TimerFired records on the coordinator topic: the decision is made by the loop."""
+        assert self._timer_producer is not None
+        while True:
+            await asyncio.sleep(0.02)
+            for run_id, timer_id in self.timers.due(now_ms()):
+                key = run_id.encode()
+                task = self.tasks.get(self._partition_of(run_id))
+                raw = task.store.get(key) if task is not None else None
+                if raw is None or f'"{timer_id}"'.encode() not in raw:
+                    continue  # finished, cleared, or no longer this process's
+                try:
+                    await self._timer_producer.send(self.topics.coordinator, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)
+                except Exception as exc:  # the broker is away: the timer is in the table, try again shortly
+                    log.warning("cannot fire timer %s of run %s (%s); retrying", timer_id, run_id, exc)
+                    self.timers.schedule(run_id, timer_id, now_ms() + 1000)
 
     async def _report_in_flight(self) -> None:
-        self.metrics.runs_in_flight(count_in_flight(list(self.table.values())))
-
-    async def _on_rebalance_complete(self, *args: Any, **kwargs: Any) -> None:
-        """Re-arm the timers of every run this process now holds: they survive restarts and takeovers."""
-        count = 0
-        for key, raw in list(self.table.items()):
-            if raw is None or b'"timers"' not in raw:
-                continue
-            state = RunState.model_validate_json(raw)
-            for timer_id, timer in state.timers.items():
-                self.timers.schedule(state.run_id, timer_id, timer.due_ms)
-                count += 1
-        log.info("re-armed %d timers after rebalance", count)
+        while True:
+            self.metrics.runs_in_flight(sum(t.running for t in list(self.tasks.values())))
+            await asyncio.sleep(5.0)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -264,7 +530,7 @@ class Coordinator:
         if raw is None:
             return None
         cached = self._states.get(run_id)
-        if cached is not None and cached[0] is raw:
+        if cached is not None and cached[0] == raw:
             self._states.move_to_end(run_id)
             return cached[1]
         state = RunState.model_validate_json(raw)
@@ -293,12 +559,6 @@ class Coordinator:
     def _partition_of(self, run_id: str) -> int:
         key = run_id.encode()
         return self._partitioner(key, list(range(self.partitions)), list(range(self.partitions)))
-
-    def _topic(self, name: str) -> faust.TopicT:
-        topic = self._out_topics.get(name)
-        if topic is None:
-            topic = self._out_topics[name] = self.app.topic(name, key_serializer="raw", value_serializer="raw")
-        return topic
 
     def _count_ignored(self, reason: str) -> None:
         if self.metrics is not None:

@@ -26,34 +26,39 @@ class DeadLetters:
         self.count = 0
 
     async def send(self, message: Any, reason: str) -> None:
-        """Dead-letter a consumed faust message with ``reason``; never raises.
-
-        The payload is cut to MAX_PAYLOAD_CHARS: a message near the size limit grows when written as JSON text or
-        base64, and a dead letter the broker refuses would stop the agent that was only trying to set it aside.
-        """
-        key = message.key
-        payload = codec.payload_text(message.value)
-        if len(payload) > MAX_PAYLOAD_CHARS:
-            digest = hashlib.sha256(message.value or b"").hexdigest()
-            reason = f"{reason} [payload of {len(message.value or b'')} bytes cut to {MAX_PAYLOAD_CHARS} characters; sha256 {digest}]"
-            payload = payload[:MAX_PAYLOAD_CHARS]
-        letter = DeadLetter(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            reason=reason[:2000],
-            payload=payload,
-            key=codec.payload_text(key)[:1000] if key is not None else None,
-        )
-        data = codec.dumps(letter)
-        while len(data) > MAX_LETTER_BYTES and letter.payload:  # escaped control characters grow 6x in JSON
-            letter = letter.model_copy(update={"payload": letter.payload[: len(letter.payload) // 2]})
-            data = codec.dumps(letter)
-        log.warning("dead letter from %s:%s@%s: %s", message.topic, message.partition, message.offset, reason[:500])
+        """Dead-letter a consumed faust message with ``reason``; never raises."""
+        key, data = dead_letter(message.topic, message.partition, message.offset, message.key, message.value, reason)
         try:
-            await self.topic.send(key=key[:1000] if key else key, value=data)
+            await self.topic.send(key=key, value=data)
         except Exception:
             log.exception("cannot write the dead letter of %s:%s@%s", message.topic, message.partition, message.offset)
         self.count += 1
         if self.metrics is not None:
             self.metrics.dead_letter(message.topic, reason)
+
+
+def dead_letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str) -> tuple[bytes | None, bytes]:
+    """The dead letter of a consumed record: its key (cut to 1000 bytes) and the encoded DeadLetter.
+
+    The payload is cut to MAX_PAYLOAD_CHARS: a message near the size limit grows when written as JSON text or base64,
+    and a dead letter the broker refuses would stop the consumer that was only trying to set it aside.
+    """
+    payload = codec.payload_text(value)
+    if len(payload) > MAX_PAYLOAD_CHARS:
+        digest = hashlib.sha256(value or b"").hexdigest()
+        reason = f"{reason} [payload of {len(value or b'')} bytes cut to {MAX_PAYLOAD_CHARS} characters; sha256 {digest}]"
+        payload = payload[:MAX_PAYLOAD_CHARS]
+    letter = DeadLetter(
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        reason=reason[:2000],
+        payload=payload,
+        key=codec.payload_text(key)[:1000] if key is not None else None,
+    )
+    data = codec.dumps(letter)
+    while len(data) > MAX_LETTER_BYTES and letter.payload:  # escaped control characters grow 6x in JSON
+        letter = letter.model_copy(update={"payload": letter.payload[: len(letter.payload) // 2]})
+        data = codec.dumps(letter)
+    log.warning("dead letter from %s:%s@%s: %s", topic, partition, offset, reason[:500])
+    return (key[:1000] if key else key), data

@@ -13,12 +13,12 @@ from workflows.state import RunState, StepState
 TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 
 
-def changelog_topic(prefix: str, role: str) -> str:
-    """The coordinator's run-table changelog: ``<prefix>-<role>-runs-changelog`` (role coordinator or dev)."""
-    return f"{prefix}-{role}-runs-changelog"
+def changelog_topic(prefix: str) -> str:
+    """The coordinator's run-table changelog: ``<prefix>-coordinator-runs-changelog``."""
+    return f"{prefix}-coordinator-runs-changelog"
 
 
-async def load_run(bootstrap: str, prefix: str, role: str, run_id: str, timeout: float = 30.0) -> RunState | None:
+async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30.0) -> RunState | None:
     """The last state of ``run_id`` in the changelog, or None when the run is unknown (or was deleted).
 
     Reads only the key's partition (murmur2 like aiokafka's default partitioner), from the beginning to the
@@ -26,11 +26,12 @@ async def load_run(bootstrap: str, prefix: str, role: str, run_id: str, timeout:
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    topic = changelog_topic(prefix, role)
+    topic = changelog_topic(prefix)
     key = run_id.encode()
     from streams import security
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **security.aiokafka_kwargs())
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed", **security.aiokafka_kwargs())
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic)

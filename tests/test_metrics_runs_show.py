@@ -71,7 +71,7 @@ def test_gantt_marks_failed_steps_critical():
 
 async def test_load_run_reads_the_last_value_of_the_key_from_its_partition(kafka_bootstrap):
     prefix = f"rs{uuid.uuid4().hex[:10]}"
-    topic = changelog_topic(prefix, "coordinator")
+    topic = changelog_topic(prefix)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
@@ -92,9 +92,8 @@ async def test_load_run_reads_the_last_value_of_the_key_from_its_partition(kafka
         await producer.send_and_wait(topic, other.state.model_dump_json().encode(), key=b"run-b")
     finally:
         await producer.stop()
-    state = await load_run(kafka_bootstrap, prefix, "coordinator", "run-a")
+    state = await load_run(kafka_bootstrap, prefix, "run-a")
     assert state is not None and state.run_id == "run-a" and state.status == "succeeded"
     assert state.model_dump() == first.state.model_dump()
-    assert (await load_run(kafka_bootstrap, prefix, "coordinator", "run-b")).run_id == "run-b"
-    assert await load_run(kafka_bootstrap, prefix, "coordinator", "nope") is None
-    assert await load_run(kafka_bootstrap, prefix, "dev", "run-a") is None  # no such changelog
+    assert (await load_run(kafka_bootstrap, prefix, "run-b")).run_id == "run-b"
+    assert await load_run(kafka_bootstrap, prefix, "nope") is None

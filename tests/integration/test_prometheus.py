@@ -371,7 +371,7 @@ def test_metric_values_follow_the_demo(observed: Observed):
 
 async def test_runs_show_reads_the_coordinator_changelog(observed: Observed):
     run_id = observed.run_ids["due_diligence"][0]
-    state = await load_run(observed.bootstrap, observed.prefix, "coordinator", run_id)
+    state = await load_run(observed.bootstrap, observed.prefix, run_id)
     assert state is not None and state.run_id == run_id and state.status == "succeeded"
     assert state.steps["checks"].kind == "parallel"
     table = render_table(state)
@@ -385,4 +385,4 @@ async def test_runs_show_reads_the_coordinator_changelog(observed: Observed):
     branches = [v for k, v in spans.items() if k.startswith("checks/")]
     assert len(branches) == 4
     assert max(s for s, _ in branches) < min(e for _, e in branches), "the four checks ran at the same time"
-    assert await load_run(observed.bootstrap, observed.prefix, "coordinator", "no-such-run") is None
+    assert await load_run(observed.bootstrap, observed.prefix, "no-such-run") is None
