@@ -115,7 +115,7 @@ def run_events_in(commands: Iterable[Command]) -> list[PublishRunEvent]:
 
 
 def terminal_events_in(commands: Iterable[Command]) -> list[PublishRunEvent]:
-    return [c for c in commands if isinstance(c, PublishRunEvent) and c.event.type in ("run.completed", "run.failed")]
+    return [c for c in commands if isinstance(c, PublishRunEvent) and c.event.type in ("run.completed", "run.failed", "run.cancelled")]
 
 
 def ignored_in(commands: Iterable[Command]) -> list[EventIgnored]:

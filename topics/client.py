@@ -15,7 +15,7 @@ from topics.codec import DecodeError
 from topics.models import RunEvent, RunRequested
 from topics.names import DEFAULT_PREFIX, Topics
 
-TERMINAL_TYPES = ("run.completed", "run.failed")
+TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
 
 
 class LegatoClient:

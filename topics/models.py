@@ -83,10 +83,10 @@ class RequestCancelled(_Record):
 class RunEvent(_Record):
     """On ``legato.runs`` (and a workflow's own ``completion_topic``): a run's lifecycle."""
 
-    type: Literal["run.started", "run.completed", "run.failed"]
+    type: Literal["run.started", "run.completed", "run.failed", "run.cancelled"]
     run_id: str
     workflow: str
-    status: Literal["running", "succeeded", "failed"]
+    status: Literal["running", "succeeded", "failed", "cancelled"]
     output: Any = None
     error: ErrorInfo | None = None
     started_at: str
@@ -95,6 +95,7 @@ class RunEvent(_Record):
     correlation_id: str | None = None
     path: list[str] | None = None  # branches taken by choice steps, e.g. ["route:default"]
     cost: dict[str, Any] | None = None
+    stopped_by: Literal["budget"] | None = None  # the run went over its budget (on_budget: finish) and ended with what it had
 
 
 class DeadLetter(_Record):
@@ -141,3 +142,13 @@ class TimerFired(_Record):
     type: Literal["timer.fired"] = "timer.fired"
     run_id: str
     timer_id: str
+
+
+class RunCancelRequested(_Record):
+    """Stop a run; keyed by its run_id. A parent sends it for a child run it no longer waits for; a user may
+    produce it to cancel any run. The run cancels what it waits for (its own child runs too) and ends cancelled."""
+
+    type: Literal["run.cancel_requested"] = "run.cancel_requested"
+    run_id: str = Field(min_length=1)  # the run to stop
+    reason: str = Field(default="", max_length=1000)
+    requested_by: str | None = None  # the parent's run_id when a parent stopped its child; None for a user

@@ -1,4 +1,5 @@
-"""JSON Schemas of every record on the public topics, generated from the models.
+"""JSON Schemas of every record on the public topics, and of the one record a user may produce to the internal
+coordinator topic (``cancel.json``: RunCancelRequested), generated from the models.
 
 ``python -m topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from topics.models import ActivityCompleted, ActivityRequested, DeadLetter, RunEvent, RunRequested
+from topics.models import ActivityCompleted, ActivityRequested, DeadLetter, RunCancelRequested, RunEvent, RunRequested
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
@@ -17,11 +18,12 @@ RECORDS = {
     "completions": ActivityCompleted,
     "runs": RunEvent,
     "dlq": DeadLetter,
+    "cancel": RunCancelRequested,
 }
 
 
 def render() -> dict[str, str]:
-    """File name -> schema text for every public topic."""
+    """File name -> schema text for every record in RECORDS."""
     out = {}
     for topic, model in RECORDS.items():
         schema = model.model_json_schema(mode="validation")

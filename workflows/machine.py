@@ -23,6 +23,7 @@ from topics.models import (
     ErrorInfo,
     RequestCancelled,
     RunAccepted,
+    RunCancelRequested,
     RunEvent,
     TimerFired,
 )
@@ -47,7 +48,7 @@ from workflows.model import (
 )
 from workflows.state import Frame, RunState, StepState, Timer
 
-Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished]
+Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested]
 
 DEFAULT_MAX_STATE_BYTES = 1024 * 1024
 """A run's state may not grow past this; an output that would make it is refused (catchable by on_error)."""
@@ -94,6 +95,12 @@ class StartChildRun(_Command):
     accepted: RunAccepted
 
 
+class CancelChildRun(_Command):
+    """Stop a child run the parent no longer waits for (sent to the coordinator topic, keyed by the child's run_id)."""
+
+    cancel: RunCancelRequested
+
+
 class NotifyParent(_Command):
     """Tell a parent run that its child finished (sent to the coordinator topic, keyed by the parent's run_id)."""
 
@@ -104,11 +111,11 @@ class EventIgnored(_Command):
     """A refused transition: duplicate, stale or unknown. Counted by the shell, never silently dropped."""
 
     run_id: str
-    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer
+    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer | stale_child
     detail: str = ""
 
 
-Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, NotifyParent, EventIgnored]
+Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, EventIgnored]
 
 
 def iso(ms: int) -> str:
@@ -137,6 +144,10 @@ class Machine:
         if state.finished:
             return state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))]
         wf = self.workflows.get(state.workflow)
+        if isinstance(event, RunCancelRequested):
+            run = _Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes)
+            run.cancel_run(event)
+            return run.state, run.out
         if wf is None:  # the definition was removed while the run was in flight
             run = _Run(state if in_place else state.model_copy(deep=True), None, now_ms, self.max_state_bytes)
             run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=f"workflow {state.workflow!r} is no longer loaded", retryable=False))
@@ -149,6 +160,7 @@ class Machine:
         else:
             run.on_timer(event)
         run.drain()
+        run.stop_for_budget()
         run.enforce_size()
         if not run.changed:
             return state, run.out
@@ -186,9 +198,11 @@ class Machine:
 
 def outstanding(state: RunState, completion_topic: str | None = None) -> list[Command]:
     """Commands that a replayed event must re-issue after a crash: pending requests and child runs, timers,
-    and a finished run's terminal event (and its parent's notice).
+    the cancellation of child runs the run stopped waiting for, and a finished run's terminal event (and its
+    parent's notice).
 
-    Re-issuing is safe: request and child run ids are deterministic, so workers and the coordinator drop duplicates.
+    Re-issuing is safe: request and child run ids are deterministic, so workers and the coordinator drop duplicates;
+    a child run that already ended ignores its cancellation.
     """
     out: list[Command] = []
     for key in state.requests.values():
@@ -198,13 +212,26 @@ def outstanding(state: RunState, completion_topic: str | None = None) -> list[Co
     for step in state.steps.values():
         if step.kind == "workflow" and step.status == "running" and step.request is not None:
             out.append(StartChildRun(accepted=RunAccepted.model_validate(step.request)))
+        elif _abandoned_child(step):
+            out.append(CancelChildRun(cancel=RunCancelRequested(run_id=step.child_run, reason="the parent no longer waits for it", requested_by=state.run_id)))
     for timer_id, timer in state.timers.items():
         out.append(StartTimer(run_id=state.run_id, timer_id=timer_id, due_ms=timer.due_ms))
     if state.finished:
         out.append(PublishRunEvent(event=_terminal_event(state), completion_topic=completion_topic))
-        if state.parent:
+        if _parent_waits(state):
             out.append(NotifyParent(finished=_child_finished(state)))
     return out
+
+
+def _abandoned_child(step: StepState) -> bool:
+    """Whether a sub-workflow step stopped waiting for its child run (a lost race, a timeout, a finished run)."""
+    timed_out = step.error is not None and step.error.type == "ChildRunTimeout"
+    return step.kind == "workflow" and step.child_run is not None and (step.status in ("cancelled", "timed_out") or timed_out)
+
+
+def _parent_waits(state: RunState) -> bool:
+    """A finished child run tells its parent, unless the parent cancelled it (the parent has moved on)."""
+    return bool(state.parent) and not (state.status == "cancelled" and state.cancelled_by == state.parent.get("run_id"))
 
 
 def _child_finished(state: RunState) -> ChildRunFinished:
@@ -233,17 +260,20 @@ def _describe(event: Event) -> str:
         return f"timer {event.timer_id}"
     if isinstance(event, ChildRunFinished):
         return f"child run {event.child_run_id}"
+    if isinstance(event, RunCancelRequested):
+        return f"cancellation requested by {event.requested_by or 'a user'}: {event.reason}"
     return ""
 
 
 def _terminal_event(state: RunState) -> RunEvent:
     ok = state.status == "succeeded"
+    status = state.status if state.status in ("succeeded", "cancelled") else "failed"
     finished = state.finished_ms or state.started_ms
     return RunEvent(
-        type="run.completed" if ok else "run.failed",
+        type={"succeeded": "run.completed", "cancelled": "run.cancelled"}.get(status, "run.failed"),
         run_id=state.run_id,
         workflow=state.workflow,
-        status="succeeded" if ok else "failed",
+        status=status,
         output=state.output if ok else None,
         error=None if ok else state.error,
         started_at=iso(state.started_ms),
@@ -252,6 +282,7 @@ def _terminal_event(state: RunState) -> RunEvent:
         correlation_id=state.correlation_id,
         path=list(state.path),
         cost=dict(state.cost) or None,
+        stopped_by="budget" if ok and state.budget_exhausted else None,
     )
 
 
@@ -337,6 +368,7 @@ class _Run:
         if timer.kind == "activity_timeout" and step.status == "running" and step.attempt == timer.attempt:
             self._clear_pending(step)
             if step.kind == "workflow":
+                self._cancel_child_run(step, "the step timed out")
                 self._failed_finally(step, ErrorInfo(type="ChildRunTimeout", message=f"child run {step.child_run} took longer than the step's timeout", retryable=False), "timed_out")
             else:
                 self.attempt_failed(step, ErrorInfo(type="ActivityTimeout", message=f"attempt {step.attempt} took longer than its timeout", retryable=True), "timed_out")
@@ -371,6 +403,8 @@ class _Run:
             frame.status = "succeeded"
             self._frame_finished(frame)
             return
+        if self.state.budget_exhausted:
+            return  # on_budget: finish: nothing new starts once over budget; stop_for_budget ends the run
         self._start_step(steps[frame.index], frame)
 
     def _frame_finished(self, frame: Frame) -> None:
@@ -779,25 +813,66 @@ class _Run:
             try:
                 output = self.wf.expr("output").evaluate({"input": state.input, "steps": state.view})
             except ExpressionError as exc:
-                ok, output = False, None
-                error = ErrorInfo(type="ExpressionError", message=f"workflow output: {exc}", retryable=False)
+                if state.budget_exhausted:  # on_budget: finish: the run ends with what it has, not on an error
+                    output = self._outputs_so_far()
+                else:
+                    ok, output = False, None
+                    error = ErrorInfo(type="ExpressionError", message=f"workflow output: {exc}", retryable=False)
+        self._end("succeeded" if ok else "failed", output, error or ErrorInfo(type="RunFailed", message="the run failed", retryable=False))
+
+    def cancel_run(self, event: RunCancelRequested) -> None:
+        """A RunCancelRequested: stop what the run waits for (its child runs too) and end it cancelled."""
+        self.state.cancelled_by = event.requested_by
+        who = f"run {event.requested_by}" if event.requested_by else "a user"
+        self._end("cancelled", None, ErrorInfo(type="cancelled", message=event.reason or f"cancelled by {who}", retryable=False))
+
+    def _end(self, status: str, output: Any, error: ErrorInfo) -> None:
+        state = self.state
+        ok = status == "succeeded"
+        reason = "the run was cancelled" if status == "cancelled" else "the run finished"
         for key in list(state.requests.values()):
             step = state.steps[key]
-            self._cancel_request(step, "the run finished")
+            self._cancel_request(step, reason)
             step.status, step.finished_ms = "cancelled", self.now
         state.requests.clear()
+        for step in state.steps.values():
+            if self._child_running(step):
+                self._cancel_child_run(step, reason)
+                step.status, step.finished_ms = "cancelled", self.now
         state.timers.clear()
         for frame in state.frames.values():
             if frame.status == "running":
                 frame.status = "cancelled" if not ok or frame.owner is not None else "succeeded"
-        state.status = "succeeded" if ok else "failed"
+        state.status = status
         state.output = output if ok else None
-        state.error = None if ok else (error or ErrorInfo(type="RunFailed", message="the run failed", retryable=False))
+        state.error = None if ok else error
         state.finished_ms = self.now
         completion_topic = self.wf.definition.completion_topic if self.wf else None
         self.out.append(PublishRunEvent(event=_terminal_event(state), completion_topic=completion_topic))
-        if state.parent:
+        if _parent_waits(state):
             self.out.append(NotifyParent(finished=_child_finished(state)))
+
+    def stop_for_budget(self) -> None:
+        """``on_budget: finish``, once over budget: nothing new has started since (``_advance`` holds every frame
+        where it is), and a loop whose iteration ended in this decision has made its check. Stop every loop still
+        running with its last iteration's output (inner loops first, so their frames move on and the joins and
+        loops around them settle), then end the run with what it has; finish_run cancels what is still in flight."""
+        state = self.state
+        if state.finished or not state.budget_exhausted:
+            return
+        for step in [s for s in reversed(state.steps.values()) if s.kind == "loop"]:
+            if step.status == "running" and not state.finished:
+                self._cancel_children(step, "the budget is spent")
+                self._clear_timer(f"{step.key}:loop_timeout")
+                step.ended_by = step.ended_by or "budget"
+                self.finish_step(step, "succeeded")
+                self.drain()
+        self.finish_run(True, self._outputs_so_far(), None)
+
+    def _outputs_so_far(self) -> dict[str, Any]:
+        """The latest output of every step that ran and was not cancelled, by step id (what CEL sees as
+        ``steps.<id>.output``)."""
+        return {step_id: entry["output"] for step_id, entry in self.state.view.items() if entry["status"] != "cancelled"}
 
     def publish(self, kind: str) -> None:
         s = self.state
@@ -841,6 +916,14 @@ class _Run:
             activity = self.wf.steps[step.step_id].activity if self.wf else ""
             self.out.append(CancelRequest(cancel=RequestCancelled(request_id=step.request_id, run_id=self.state.run_id, activity=activity, reason=reason)))
 
+    def _child_running(self, step: StepState) -> bool:
+        """Whether a sub-workflow step still waits for its child run (not for its fallback steps)."""
+        return step.kind == "workflow" and step.status == "running" and step.child_run is not None and f"{step.key}/fallback" not in step.children
+
+    def _cancel_child_run(self, step: StepState, reason: str) -> None:
+        if self._child_running(step):
+            self.out.append(CancelChildRun(cancel=RunCancelRequested(run_id=step.child_run, reason=reason, requested_by=self.state.run_id)))
+
     def _cancel_children(self, step: StepState, reason: str, status: str = "cancelled") -> None:
         """Cancel every unfinished step below ``step`` (lost races, failed siblings, timeouts)."""
         for frame_id in step.children:
@@ -851,6 +934,7 @@ class _Run:
         for other in self.state.steps.values():
             if other.key.startswith(prefixes) and other.status in ("running", "waiting_retry"):
                 self._cancel_request(other, reason)
+                self._cancel_child_run(other, reason)
                 self._clear_pending(other)
                 self._clear_timer(f"{other.key}:loop_timeout")
                 self._clear_timer(f"{other.key}:join_timeout")

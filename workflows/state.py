@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from topics.models import ErrorInfo
 
-TERMINAL = ("succeeded", "failed")
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class _State(BaseModel):
@@ -75,7 +75,7 @@ class RunState(_State):
     run_id: str
     workflow: str
     version: int
-    status: str = "running"
+    status: str = "running"  # running | succeeded | failed | cancelled
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
     parent: dict[str, Any] | None = None
@@ -93,6 +93,7 @@ class RunState(_State):
     cursor: dict[str, int] = Field(default_factory=dict)  # the shell's last applied offset per source partition
     depth: int = 0  # sub-workflow nesting
     budget_exhausted: bool = False
+    cancelled_by: str | None = None  # who cancelled the run (RunCancelRequested.requested_by): its parent needs no notice
     size_hint: int = 0  # an upper estimate of this document's JSON size, re-measured near the limit
 
     @property

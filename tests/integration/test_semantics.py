@@ -307,10 +307,11 @@ async def test_budget_exceeded_fails_the_run(legato):
 async def test_budget_finish_stops_the_loop_and_completes(legato):
     key = new_key("budgetfin")
     event = await legato.run("sem_budget_finish", {}, run_id=key)
-    assert event.status == "succeeded", event
+    assert event.status == "succeeded" and event.stopped_by == "budget", event
     assert event.output == {"last": 2}
     assert event.cost["usd"] == pytest.approx(0.012)
     assert len(await requests_of(legato, "e2e_cost", key)) == 3
+    assert await requests_of(legato, "e2e_echo", key) == [], "nothing starts once the budget is spent"
 
 
 async def test_result_cache_answers_an_identical_request(legato):
