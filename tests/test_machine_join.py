@@ -274,6 +274,18 @@ def test_retry_gives_a_branch_branch_attempts_runs_in_all_then_fails_the_step():
     assert cancels_in(h.last) == ["r1/p/b/b/1"]
 
 
+def test_a_late_duplicate_from_a_branchs_first_run_is_stale_after_the_branch_ran_again():
+    """The first run's frame and steps are dropped when the branch starts again; its requests are still ours."""
+    h = Harness(machine_from(fork("all", branches=TWO_STEP_RETRY)))
+    h.start("fork")
+    first = h.pending_for("a1")
+    h.fail(first, retryable=False)
+    snapshot = dump(h.state)
+    [ignored] = h.deliver(succeeded(first, "late"))
+    assert ignored.reason == "stale_attempt" and "ran again" in ignored.detail
+    assert dump(h.state) == snapshot
+
+
 def test_retry_as_the_step_policy_applies_to_every_branch():
     h = Harness(machine_from(fork("all", "retry")))
     h.start("fork")

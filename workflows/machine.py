@@ -309,7 +309,7 @@ class _Run:
             elif earlier is not None:
                 self._ignore("stale_attempt", f"request {event.request_id} is no longer pending (step {earlier.key} at attempt {earlier.attempt}, {earlier.status})")
             elif self._made_here(event.request_id):
-                self._ignore("stale_attempt", f"request {event.request_id} belongs to a finished loop iteration or map item")
+                self._ignore("stale_attempt", f"request {event.request_id} belongs to a finished loop iteration or map item, or a branch that ran again")
             else:
                 self._ignore("unknown_request", f"request {event.request_id} was never made by this run")
             return
@@ -1024,10 +1024,17 @@ class _Run:
         return step if step is not None and attempt.isdigit() and int(attempt) <= max(step.attempt, 1) else None
 
     def _made_here(self, request_id: str) -> bool:
-        """Whether ``request_id`` has the shape of this run's request ids (its step may since be dropped)."""
+        """Whether ``request_id`` is one of this run's whose step was dropped with its frame: a finished loop
+        iteration (``#``) or map item (``[``), or a parallel branch that ran again (``~``: the first run of
+        branch ``p/b`` is dropped when ``p/b~2`` starts)."""
         prefix = self.state.run_id + "/"
         key, _, attempt = request_id[len(prefix):].rpartition("/")
-        return request_id.startswith(prefix) and attempt.isdigit() and ("#" in key or "[" in key)
+        if not (request_id.startswith(prefix) and attempt.isdigit()):
+            return False
+        if "#" in key or "[" in key or "~" in key:
+            return True
+        rerun = tuple(key[:i] + "~" for i, ch in enumerate(key) if ch == "/")
+        return bool(rerun) and any(frame_id.startswith(rerun) for frame_id in self.state.frames)
 
     def _ignore(self, reason: str, detail: str) -> None:
         self.changed = False
