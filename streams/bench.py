@@ -92,7 +92,7 @@ steps:
 async def _assigned_pipe(bootstrap: str, topic: str, group: str) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
     """A started consumer of ``topic`` (its own group, positioned at the end) and a linger-0 producer."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{group}-{uuid.uuid4()}",
-                                auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, **security.aiokafka_kwargs())
+                                auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, isolation_level="read_committed", **security.aiokafka_kwargs())
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, **security.aiokafka_kwargs())
     await consumer.start()
     await producer.start()
@@ -434,7 +434,7 @@ def bench_memory(b: Bench, runs: int, store: str) -> Report:
             finally:
                 await producer.stop()
             # nobody answers the requests: every run waits in its step; wait until the coordinator has them all
-            consumer = AIOKafkaConsumer(topics.requests(ACTIVITY), bootstrap_servers=b.settings.bootstrap, group_id=None, auto_offset_reset="earliest", **security.aiokafka_kwargs())
+            consumer = AIOKafkaConsumer(topics.requests(ACTIVITY), bootstrap_servers=b.settings.bootstrap, group_id=None, auto_offset_reset="earliest", isolation_level="read_committed", **security.aiokafka_kwargs())
             await consumer.start()
             try:
                 from aiokafka import TopicPartition

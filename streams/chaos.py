@@ -43,7 +43,7 @@ from streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "fuzz")
-TERMINAL = ("run.completed", "run.failed")
+TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
 HANDLERS_MODULE = "chaos_handlers"
 HANDLERS_SRC = '''\
@@ -311,7 +311,7 @@ class Tail:
     async def _run(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                     max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024,
                                     **{"isolation_level": "read_committed", **self.kafka})
         await consumer.start()

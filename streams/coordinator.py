@@ -37,9 +37,10 @@ from streams.dlq import dead_letter
 from streams.runs_show import changelog_topic
 from topics import codec
 from topics.codec import DecodeError
-from topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunRequested, TimerFired
+from topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
 from topics.names import Topics
 from workflows.machine import (
+    CancelChildRun,
     CancelRequest,
     EventIgnored,
     Machine,
@@ -134,10 +135,21 @@ class _Batch:
     """What one poll of one task produced, committed in one transaction."""
 
     sends: list[tuple[str, bytes | None, bytes, int | None]] = field(default_factory=list)  # topic, key, value, partition
-    written: dict[bytes, bytes] = field(default_factory=dict)  # run key → its last state in this batch
+    changed: dict[str, RunState] = field(default_factory=dict)  # runs this batch changed, encoded once at its end
+    written: dict[bytes, bytes] = field(default_factory=dict)  # run key → the state bytes this batch stores
+    running: int = 0  # runs started minus runs finished
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     timers: list[StartTimer] = field(default_factory=list)
     metrics: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+class _Poisoned(Exception):
+    """The state machine raised on a record: a bug. The batch is dropped and read again, without that record."""
+
+    def __init__(self, position: tuple[str, int, int], reason: str):
+        super().__init__(reason)
+        self.position = position
+        self.reason = reason
 
 
 class _Task:
@@ -181,6 +193,7 @@ class Coordinator:
         self._consumer: AIOKafkaConsumer | None = None
         self._timer_producer: AIOKafkaProducer | None = None
         self._parked: dict[int, _Task] = {}
+        self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
         self._session_timeout_ms = int(float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) * 1000)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -242,10 +255,25 @@ class Coordinator:
             for msg in records:
                 if msg.offset < start:
                     continue  # already committed (fetched before this task's offsets were known)
-                self._handle(task, msg, batch, received)
+                try:
+                    self._handle(task, msg, batch, received)
+                except _Poisoned as exc:
+                    # The decision changed the run's state object in place before it raised, and earlier records of
+                    # this batch may share that object: drop the batch, reload the partition, read it all again
+                    # and dead-letter this one record without deciding it.
+                    self._poisoned[exc.position] = exc.reason
+                    await self._close_tasks([task.partition])
+                    await self._reopen(task.partition)
+                    return
                 batch.offsets[tp] = msg.offset + 1
         if not batch.offsets:
             return
+        for run_id, state in batch.changed.items():
+            stored = state.model_dump_json(exclude_defaults=True).encode()
+            key = run_id.encode()
+            task.store.put(key, stored)
+            batch.written[key] = stored
+            self._remember(run_id, stored, state)
         try:
             await self._commit(task, batch)
         except ProducerFenced:
@@ -261,6 +289,9 @@ class Coordinator:
             return
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
+        task.running += batch.running
+        if self._poisoned:
+            self._poisoned = {k: v for k, v in self._poisoned.items() if k[2] >= task.next_offset.get(TopicPartition(k[0], k[1]), 0)}
         for timer in batch.timers:
             self.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
         if self.metrics is not None:
@@ -289,6 +320,10 @@ class Coordinator:
             fut.result()  # commit_transaction flushed them; an error here is a bug worth seeing
 
     def _handle(self, task: _Task, msg: Any, batch: _Batch, received: float) -> None:
+        poisoned = self._poisoned.get((msg.topic, msg.partition, msg.offset))
+        if poisoned is not None:
+            self._dead_letter(batch, msg, poisoned)
+            return
         if msg.topic == self.topics.triggers:
             self._route_trigger(msg, batch)
             return
@@ -303,11 +338,7 @@ class Coordinator:
             batch.sends.append((msg.topic, record.run_id.encode(), msg.value, None))
             self._count_ignored("rekeyed")
             return
-        try:
-            self._apply(task, record, msg, batch, received)
-        except Exception as exc:  # a bug in deciding this event must not stop every other run
-            log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
-            self._dead_letter(batch, msg, f"internal error: {type(exc).__name__}: {exc}")
+        self._apply(task, record, msg, batch, received)
 
     def _route_trigger(self, msg: Any, batch: _Batch) -> None:
         """Validate a trigger and re-key it by run_id onto the coordinator topic (in the same transaction)."""
@@ -321,9 +352,9 @@ class Coordinator:
         batch.sends.append((self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None))
 
     def _apply(self, task: _Task, record: Any, msg: Any, batch: _Batch, received: float) -> None:
-        key = record.run_id.encode()
-        raw = task.store.get(key)
-        state = self._load(record.run_id, raw)
+        state = batch.changed.get(record.run_id)
+        if state is None:
+            state = self._load(record.run_id, task.store.get(record.run_id.encode()))
         position = f"{msg.topic}:{msg.partition}"
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
             # The state already holds this event (offsets reset by hand, or read again after an unclean
@@ -338,20 +369,21 @@ class Coordinator:
         before = self.metrics.snapshot(state) if self.metrics is not None else None
         was_running = state is not None and state.status == "running"
         # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
-        # leaves the cache until its bytes are in the table: a decision that raises leaves the stored bytes intact.
+        # leaves the cache until the batch has stored its bytes.
         self._states.pop(record.run_id, None)
-        new_state, commands = self.machine.decide(state, record, now, in_place=True)
+        try:
+            new_state, commands = self.machine.decide(state, record, now, in_place=True)
+            self._carry_out(commands, batch)
+        except Exception as exc:  # a bug in deciding this event must not stop every other run
+            log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
+            raise _Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc
         unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
         if new_state is not None and not unchanged:
             new_state.cursor[position] = msg.offset
-            stored = new_state.model_dump_json(exclude_defaults=True).encode()
-            task.store.put(key, stored)
-            batch.written[key] = stored
-            self._remember(record.run_id, stored, new_state)
-            task.running += (new_state.status == "running") - was_running
-        self._carry_out(commands, batch)
+            batch.changed[record.run_id] = new_state
+            batch.running += (new_state.status == "running") - was_running
         if self.metrics is not None:
-            kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child"}.get(type(record), "trigger")
+            kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel"}.get(type(record), "trigger")
             batch.metrics.append((kind, before, new_state, commands, now, received))
 
     def _carry_out(self, commands: list[Any], batch: _Batch) -> None:
@@ -373,12 +405,17 @@ class Coordinator:
             elif isinstance(command, StartChildRun):
                 a = command.accepted
                 sends.append((self.topics.coordinator, a.run_id.encode(), codec.dumps(a), None))
+            elif isinstance(command, CancelChildRun):
+                c = command.cancel
+                sends.append((self.topics.coordinator, c.run_id.encode(), codec.dumps(c), None))
             elif isinstance(command, NotifyParent):
                 f = command.finished
                 sends.append((self.topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
             elif isinstance(command, EventIgnored):
                 self._count_ignored(command.reason)
                 log.info("ignored event for run %s: %s %s", command.run_id, command.reason, command.detail)
+            else:
+                raise TypeError(f"the coordinator cannot carry out {type(command).__name__}")
 
     def _dead_letter(self, batch: _Batch, msg: Any, reason: str) -> None:
         key, value = dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, reason)
@@ -468,7 +505,7 @@ class Coordinator:
 
     async def _restore(self, task: _Task) -> int:
         """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
-        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=None, enable_auto_commit=False,
+        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                   isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
         await reader.start()
         tp = TopicPartition(self.changelog, task.partition)
@@ -554,6 +591,8 @@ class Coordinator:
             return codec.validate(TimerFired, raw)
         if kind == "child.finished":
             return codec.validate(ChildRunFinished, raw)
+        if kind == "run.cancel_requested":
+            return codec.validate(RunCancelRequested, raw)
         raise DecodeError(f"unknown record type {kind!r}")
 
     def _partition_of(self, run_id: str) -> int:

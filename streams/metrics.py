@@ -75,6 +75,7 @@ class Metrics:
         self.runs_started = Counter("legato_runs_started", "Runs started (run.started published).", ["workflow"], registry=r)
         self.runs_completed = Counter("legato_runs_completed", "Runs that finished successfully.", ["workflow"], registry=r)
         self.runs_failed = Counter("legato_runs_failed", "Runs that failed, by the run's error type.", ["workflow", "error_type"], registry=r)
+        self.runs_cancelled = Counter("legato_runs_cancelled", "Runs cancelled (by their parent run or a run.cancel_requested record).", ["workflow"], registry=r)
         self.run_duration = Histogram("legato_run_duration_seconds", "End-to-end run duration (accepted → terminal).", ["workflow", "outcome"], buckets=RUN_SECONDS, registry=r)
         self.in_flight_runs = Gauge("legato_runs_in_flight", "Runs in the coordinator's run table that are still running.", registry=r)
         # steps and patterns
@@ -216,10 +217,12 @@ class Metrics:
 
     def _run_finished(self, workflow: str, state: RunState, now_ms: int) -> None:
         finished = state.finished_ms if state.finished_ms is not None else now_ms
-        outcome = "succeeded" if state.status == "succeeded" else "failed"
+        outcome = state.status if state.status in ("succeeded", "cancelled") else "failed"
         self.run_duration.labels(workflow, outcome).observe(max(0, finished - state.started_ms) / 1000)
         if outcome == "succeeded":
             self.runs_completed.labels(workflow).inc()
+        elif outcome == "cancelled":
+            self.runs_cancelled.labels(workflow).inc()
         else:
             self.runs_failed.labels(workflow, state.error.type if state.error is not None else "unknown").inc()
         cost = state.cost or {}
@@ -307,7 +310,7 @@ class LagReporter:
             await admin.start()
             self._admin = admin
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, **security.aiokafka_kwargs())
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed", **security.aiokafka_kwargs())
             await consumer.start()
             self._consumer = consumer
         lags: dict[tuple[str, str, int], int] = {}

@@ -44,7 +44,9 @@ class BoundedSet:
 
 async def tail_topic(bootstrap: str, topic: str, on_record: Callable[[bytes | None, bytes | None], None], from_beginning: bool, ready: asyncio.Event | None = None, **kafka: Any) -> None:
     """Read every partition of ``topic`` without a consumer group (each process sees everything)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **{**security.aiokafka_kwargs(), **kafka})
+    # auto_offset_reset matches the seek below: a reset racing the seek must not move the position elsewhere
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest" if from_beginning else "latest",
+                                **{"isolation_level": "read_committed", **security.aiokafka_kwargs(), **kafka})
     await consumer.start()
     try:
         partitions = None

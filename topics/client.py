@@ -116,7 +116,8 @@ class _RunsConsumer:
     """A group-less consumer of every partition of the given topics, positioned before anything is triggered."""
 
     def __init__(self, bootstrap: str, topics: list[str], from_beginning: bool, kafka: dict):
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **kafka)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                         auto_offset_reset="earliest" if from_beginning else "latest", **{"isolation_level": "read_committed", **kafka})
         self.topics = topics
         self.from_beginning = from_beginning
 

@@ -150,7 +150,7 @@ class Legato:
         Without ``until``: up to the end offsets seen when reading starts. With ``until``: keeps reading until
         ``until(records)`` is true, and fails after ``timeout`` seconds.
         """
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed", auto_offset_reset="earliest")
         await consumer.start()
         records: list[Any] = []
         deadline = time.monotonic() + timeout
