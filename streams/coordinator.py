@@ -140,7 +140,7 @@ class _Batch:
     running: int = 0  # runs started minus runs finished
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     timers: list[StartTimer] = field(default_factory=list)
-    metrics: list[tuple[Any, ...]] = field(default_factory=list)
+    overheads: list[str] = field(default_factory=list)  # workflow of each completion that requested the next activity
 
 
 class _Poisoned(Exception):
@@ -294,11 +294,10 @@ class Coordinator:
             self._poisoned = {k: v for k, v in self._poisoned.items() if k[2] >= task.next_offset.get(TopicPartition(k[0], k[1]), 0)}
         for timer in batch.timers:
             self.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
-        if self.metrics is not None:
-            done = time.perf_counter()
-            for kind, before, after, commands, now, rec in batch.metrics:
-                self.metrics.event_processed(kind)
-                self.metrics.decision(before, after, commands, now, done - rec if kind == "completion" else None)
+        if self.metrics is not None and batch.overheads:
+            overhead = time.perf_counter() - received  # completion polled → its requests committed
+            for workflow in batch.overheads:
+                self.metrics.orchestration_overhead(workflow, overhead)
 
     async def _commit(self, task: _Task, batch: _Batch) -> None:
         producer = task.producer
@@ -383,8 +382,13 @@ class Coordinator:
             batch.changed[record.run_id] = new_state
             batch.running += (new_state.status == "running") - was_running
         if self.metrics is not None:
+            # Derived now, while the state object still is this decision's result (later records of the batch
+            # change it in place). A batch whose transaction fails is read again and counted again: rare.
             kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel"}.get(type(record), "trigger")
-            batch.metrics.append((kind, before, new_state, commands, now, received))
+            self.metrics.event_processed(kind)
+            self.metrics.decision(before, new_state, commands, now)
+            if kind == "completion" and new_state is not None and self.metrics.observes_overhead(commands):
+                batch.overheads.append(new_state.workflow)
 
     def _carry_out(self, commands: list[Any], batch: _Batch) -> None:
         sends = batch.sends
@@ -467,7 +471,9 @@ class Coordinator:
                     if tp not in self._consumer.assignment():
                         continue
                     committed = await self._consumer.committed(tp)  # asked after the fence: no pending offsets left
-                    if committed is not None:
+                    if committed is None:
+                        await self._consumer.seek_to_beginning(tp)
+                    else:
                         self._consumer.seek(tp, committed)
                         task.next_offset[tp] = committed
             except BaseException:

@@ -139,6 +139,15 @@ class Metrics:
         if status != "succeeded":
             self.activity_errors.labels(activity, error_type or "unknown").inc()
 
+    @staticmethod
+    def observes_overhead(commands: Iterable[Any]) -> bool:
+        """A completion's decision counts towards the per-step overhead when it requested the next activity."""
+        return any(isinstance(c, RequestActivity) for c in commands)
+
+    def orchestration_overhead(self, workflow: str, seconds: float) -> None:
+        """Observe the overhead of one completion once its requests are committed (see ``observes_overhead``)."""
+        self.overhead.labels(workflow).observe(max(0.0, seconds))
+
     def runs_in_flight(self, n: int) -> None:
         self.in_flight_runs.set(n)
 
@@ -171,7 +180,7 @@ class Metrics:
         if new is None or new is old:
             return
         workflow = _workflow_label(new)
-        if overhead_seconds is not None and any(isinstance(c, RequestActivity) for c in commands):
+        if overhead_seconds is not None and self.observes_overhead(commands):
             self.overhead.labels(workflow).observe(max(0.0, overhead_seconds))
         old_path = old.path if old is not None else []
         for entry in new.path[len(old_path):]:
