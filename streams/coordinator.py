@@ -161,6 +161,7 @@ class _Task:
         self.store = store
         self.next_offset: dict[TopicPartition, int] = {}
         self.running = 0
+        self.timers = Timers()  # fired only while the task is active (not while it is parked in a rebalance)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -185,7 +186,6 @@ class Coordinator:
         self.metrics = metrics
         self.group = group_id(settings.prefix)
         self.changelog = changelog_topic(settings.prefix)
-        self.timers = Timers()
         self.tasks: dict[int, _Task] = {}
         self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
         self._partitioner = DefaultPartitioner()
@@ -293,7 +293,7 @@ class Coordinator:
         if self._poisoned:
             self._poisoned = {k: v for k, v in self._poisoned.items() if k[2] >= task.next_offset.get(TopicPartition(k[0], k[1]), 0)}
         for timer in batch.timers:
-            self.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
+            task.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
         if self.metrics is not None and batch.overheads:
             overhead = time.perf_counter() - received  # completion polled → its requests committed
             for workflow in batch.overheads:
@@ -534,7 +534,7 @@ class Coordinator:
             if b'"timers"' in raw:
                 state = RunState.model_validate_json(raw)
                 for timer_id, timer in state.timers.items():
-                    self.timers.schedule(state.run_id, timer_id, timer.due_ms)
+                    task.timers.schedule(state.run_id, timer_id, timer.due_ms)
         return loaded
 
     def _store_path(self, p: int) -> Path | None:
@@ -549,17 +549,21 @@ class Coordinator:
         assert self._timer_producer is not None
         while True:
             await asyncio.sleep(0.02)
-            for run_id, timer_id in self.timers.due(now_ms()):
-                key = run_id.encode()
-                task = self.tasks.get(self._partition_of(run_id))
-                raw = task.store.get(key) if task is not None else None
-                if raw is None or f'"{timer_id}"'.encode() not in raw:
-                    continue  # finished, cleared, or no longer this process's
-                try:
-                    await self._timer_producer.send(self.topics.coordinator, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)
-                except Exception as exc:  # the broker is away: the timer is in the table, try again shortly
-                    log.warning("cannot fire timer %s of run %s (%s); retrying", timer_id, run_id, exc)
-                    self.timers.schedule(run_id, timer_id, now_ms() + 1000)
+            for task in list(self.tasks.values()):
+                await self._fire_due(task)
+
+    async def _fire_due(self, task: _Task) -> None:
+        assert self._timer_producer is not None
+        for run_id, timer_id in task.timers.due(now_ms()):
+            key = run_id.encode()
+            raw = task.store.get(key)
+            if raw is None or f'"{timer_id}"'.encode() not in raw:
+                continue  # finished or cleared since it was set
+            try:
+                await self._timer_producer.send(self.topics.coordinator, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)
+            except Exception as exc:  # the broker is away: the timer is in the table, try again shortly
+                log.warning("cannot fire timer %s of run %s (%s); retrying", timer_id, run_id, exc)
+                task.timers.schedule(run_id, timer_id, now_ms() + 1000)
 
     async def _report_in_flight(self) -> None:
         while True:
