@@ -29,11 +29,11 @@ from typing import Any, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import ProducerFenced
 from aiokafka.partitioner import DefaultPartitioner
 
 from streams import security
 from streams.dlq import dead_letter
+from streams.metrics import count_in_flight
 from streams.runs_show import changelog_topic
 from topics import codec
 from topics.codec import DecodeError
@@ -64,8 +64,9 @@ _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
 _MAX_BATCH = 2_000
 """Records per poll; one transaction per partition per poll."""
 
-_TRANSACTION_TIMEOUT_MS = 15_000
-"""A transaction left open by a process that died without a successor blocks read_committed readers this long."""
+_TRANSACTION_TIMEOUT_MS = 60_000
+"""A transaction left open by a process that died without a successor blocks read_committed readers this long (a
+successor aborts it at once). Shorter would let the broker abort a live transaction stuck behind a broker restart."""
 
 
 def now_ms() -> int:
@@ -193,6 +194,8 @@ class Coordinator:
         self._consumer: AIOKafkaConsumer | None = None
         self._timer_producer: AIOKafkaProducer | None = None
         self._parked: dict[int, _Task] = {}
+        self._parked_as: tuple[Any, Any] = (None, None)  # (member id, generation) when the tasks were parked
+        self._pending: set[int] = set()  # assigned partitions to open (or reopen) from the consume loop
         self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
         self._session_timeout_ms = int(float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) * 1000)
 
@@ -234,7 +237,14 @@ class Coordinator:
 
     async def _consume(self) -> None:
         assert self._consumer is not None
+        failures = 0
         while True:
+            if self._pending:
+                if await self._open_pending():
+                    failures = 0
+                else:  # the broker is away: the other partitions keep going, this one is tried again
+                    failures += 1
+                    await asyncio.sleep(min(5.0, 0.1 * 2**failures))
             polled = await self._consumer.getmany(timeout_ms=200, max_records=_MAX_BATCH)
             if not polled:
                 continue
@@ -249,43 +259,25 @@ class Coordinator:
     # --- one batch, one transaction -----------------------------------------------------------
 
     async def _process(self, task: _Task, parts: list[tuple[TopicPartition, list[Any]]], received: float) -> None:
-        batch = _Batch()
-        for tp, records in parts:
-            start = task.next_offset.get(tp, 0)
-            for msg in records:
-                if msg.offset < start:
-                    continue  # already committed (fetched before this task's offsets were known)
-                try:
-                    self._handle(task, msg, batch, received)
-                except _Poisoned as exc:
-                    # The decision changed the run's state object in place before it raised, and earlier records of
-                    # this batch may share that object: drop the batch, reload the partition, read it all again
-                    # and dead-letter this one record without deciding it.
-                    self._poisoned[exc.position] = exc.reason
-                    await self._close_tasks([task.partition])
-                    await self._reopen(task.partition)
-                    return
-                batch.offsets[tp] = msg.offset + 1
-        if not batch.offsets:
-            return
-        for run_id, state in batch.changed.items():
-            stored = state.model_dump_json(exclude_defaults=True).encode()
-            key = run_id.encode()
-            task.store.put(key, stored)
-            batch.written[key] = stored
-            self._remember(run_id, stored, state)
         try:
-            await self._commit(task, batch)
-        except ProducerFenced:
-            log.warning("partition %d was fenced by another coordinator; dropping it until the next assignment", task.partition)
-            await self._close_tasks([task.partition])
+            batch = self._decide_batch(task, parts, received)
+            if batch is not None:
+                await self._commit(task, batch)
+        except _Poisoned as exc:
+            # The decision changed the run's state object in place before it raised, and earlier records of this
+            # batch may share that object: drop the batch, reload the partition, read it all again and
+            # dead-letter this one record without deciding it.
+            self._poisoned[exc.position] = exc.reason
+            await self._reload(task, "a record the state machine raised on")
             return
         except Exception as exc:
-            # The broker is away or refused the transaction: nothing of this batch is visible. Rebuild the task
-            # from the log (its in-memory table already holds the batch) and read the batch again.
-            log.warning("partition %d: transaction failed (%s: %s); reloading the partition and retrying", task.partition, type(exc).__name__, exc)
-            await self._close_tasks([task.partition])
-            await self._reopen(task.partition)
+            # The broker is away, the transaction was refused or fenced (the broker aborted it, or another member
+            # owns the partition now): nothing of this batch is visible. The table already holds the batch, so
+            # rebuild the partition from the log and read the batch again.
+            log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
+            await self._reload(task, f"{type(exc).__name__}")
+            return
+        if batch is None:
             return
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
@@ -299,6 +291,25 @@ class Coordinator:
             for workflow in batch.overheads:
                 self.metrics.orchestration_overhead(workflow, overhead)
 
+    def _decide_batch(self, task: _Task, parts: list[tuple[TopicPartition, list[Any]]], received: float) -> _Batch | None:
+        batch = _Batch()
+        for tp, records in parts:
+            start = task.next_offset.get(tp, 0)
+            for msg in records:
+                if msg.offset < start:
+                    continue  # already committed (fetched before this task's offsets were known)
+                self._handle(task, msg, batch, received)
+                batch.offsets[tp] = msg.offset + 1
+        if not batch.offsets:
+            return None
+        for run_id, state in batch.changed.items():
+            stored = state.model_dump_json(exclude_defaults=True).encode()
+            key = run_id.encode()
+            task.store.put(key, stored)
+            batch.written[key] = stored
+            self._remember(run_id, stored, state)
+        return batch
+
     async def _commit(self, task: _Task, batch: _Batch) -> None:
         producer = task.producer
         await producer.begin_transaction()
@@ -306,17 +317,15 @@ class Coordinator:
             futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]
             futures += [await producer.send(self.changelog, value, key=key, partition=task.partition) for key, value in batch.written.items()]
             await producer.send_offsets_to_transaction(batch.offsets, self.group)
+            for fut in futures:
+                await fut  # aiokafka would commit a transaction in which a record failed: check every one first
             await producer.commit_transaction()
-        except ProducerFenced:
-            raise
         except BaseException:
             try:
                 await producer.abort_transaction()
             except Exception:
-                pass  # the task is rebuilt with a fresh producer, which aborts it anyway
+                pass  # fenced or fatal: the task is rebuilt with a fresh producer, which aborts it anyway
             raise
-        for fut in futures:
-            fut.result()  # commit_transaction flushed them; an error here is a bug worth seeing
 
     def _handle(self, task: _Task, msg: Any, batch: _Batch, received: float) -> None:
         poisoned = self._poisoned.get((msg.topic, msg.partition, msg.offset))
@@ -432,17 +441,32 @@ class Coordinator:
     async def _revoke(self, revoked: Iterable[TopicPartition]) -> None:
         """Park the revoked tasks once the batch in hand has committed; they are reused if assigned back."""
         async with self._lock:
-            for p in sorted({tp.partition for tp in revoked} & set(self.tasks)):
+            partitions = {tp.partition for tp in revoked}
+            for p in sorted(partitions & set(self.tasks)):
                 self._parked[p] = self.tasks.pop(p)
+            self._pending -= partitions
+            self._parked_as = self._membership()
 
     async def _assign(self, assigned: Iterable[TopicPartition]) -> None:
-        """Keep the parked tasks assigned back (nobody else owned them in between), open the new ones."""
+        """Keep the parked tasks assigned back, and leave the new partitions paused for the consume loop to open:
+        this callback runs without heartbeats, so loading run tables here could cost the group membership."""
+        assert self._consumer is not None
         async with self._lock:
             wanted = {tp.partition for tp in assigned}
-            for p in sorted(wanted & set(self._parked)):
-                self.tasks[p] = self._parked.pop(p)
+            member, generation = self._membership()
+            # reused only across one rebalance this member took part in: nobody else owned them in between
+            if member is not None and member == self._parked_as[0] and generation == (self._parked_as[1] or 0) + 1:
+                for p in sorted(wanted & set(self._parked)):
+                    self.tasks[p] = self._parked.pop(p)
             await self._close_parked()
-            await self._open_tasks(sorted(wanted - set(self.tasks)))
+            self._pending = wanted - set(self.tasks)
+            paused = [tp for tp in assigned if tp.partition in self._pending]
+            if paused:
+                self._consumer.pause(*paused)
+
+    def _membership(self) -> tuple[Any, Any]:
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        return getattr(coordinator, "member_id", None), getattr(coordinator, "generation", None)
 
     async def _close_parked(self) -> None:
         parked = list(self._parked)
@@ -450,51 +474,61 @@ class Coordinator:
         self._parked.clear()
         await self._close_tasks(parked)
 
-    async def _open_tasks(self, partitions: list[int]) -> None:
+    async def _reload(self, task: _Task, why: str) -> None:
+        """Drop a partition's task and open it again from the log (the consume loop does, with back-off)."""
+        assert self._consumer is not None
+        log.warning("partition %d: reloading it from the changelog (%s)", task.partition, why)
+        await self._close_tasks([task.partition])
+        tps = [tp for tp in self._consumer.assignment() if tp.partition == task.partition]
+        if tps:
+            self._pending.add(task.partition)
+            self._consumer.pause(*tps)
+
+    async def _open_pending(self) -> bool:
+        """Open the pending partitions; False when one could not be opened (it stays pending)."""
+        assert self._consumer is not None
+        async with self._lock:
+            for p in sorted(self._pending):
+                try:
+                    await self._open_task(p)
+                except Exception as exc:
+                    log.warning("partition %d: cannot open it (%s: %s); trying again", p, type(exc).__name__, exc)
+                    return False
+                self._pending.discard(p)
+                self._consumer.resume(*[tp for tp in self._consumer.assignment() if tp.partition == p])
+        return True
+
+    async def _open_task(self, p: int) -> None:
         """Fence the previous owner, load the run table from the changelog, resume from the committed offsets."""
         assert self._consumer is not None
-        for p in partitions:
-            started = time.perf_counter()
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap,
-                transactional_id=f"{self.group}-{p}",
-                transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
-                linger_ms=0,
-                **security.aiokafka_kwargs(),
-            )
+        started = time.perf_counter()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap,
+            transactional_id=f"{self.group}-{p}",
+            transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
+            linger_ms=0,
+            **security.aiokafka_kwargs(),
+        )
+        task = _Task(p, producer, _Store(self._store_path(p)))
+        try:
             await producer.start()  # InitProducerId: aborts the dead owner's open transaction, fences it for good
-            task = _Task(p, producer, _Store(self._store_path(p)))
-            try:
-                loaded = await self._restore(task) if p < self.partitions else 0
-                for topic in (self.topics.triggers, self.topics.coordinator, self.topics.completions):
-                    tp = TopicPartition(topic, p)
-                    if tp not in self._consumer.assignment():
-                        continue
-                    committed = await self._consumer.committed(tp)  # asked after the fence: no pending offsets left
-                    if committed is None:
-                        await self._consumer.seek_to_beginning(tp)
-                    else:
-                        self._consumer.seek(tp, committed)
-                        task.next_offset[tp] = committed
-            except BaseException:
-                await producer.stop()
-                task.store.close()
-                raise
-            self.tasks[p] = task
-            log.info("partition %d: %d runs loaded in %.2fs", p, loaded, time.perf_counter() - started)
-
-    async def _reopen(self, p: int) -> None:
-        """Open partition ``p`` again after a failed transaction, waiting out a broker that is away."""
-        attempt = 0
-        while True:
-            try:
-                await self._open_tasks([p])
-                return
-            except Exception as exc:
-                delay = min(5.0, 0.25 * 2**attempt)
-                attempt += 1
-                log.warning("partition %d: cannot reload (%s: %s); retrying in %.1fs", p, type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+            loaded = await self._restore(task) if p < self.partitions else 0
+            for topic in (self.topics.triggers, self.topics.coordinator, self.topics.completions):
+                tp = TopicPartition(topic, p)
+                if tp not in self._consumer.assignment():
+                    continue
+                committed = await self._consumer.committed(tp)  # asked after the fence: no pending offsets left
+                if committed is None:
+                    await self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, committed)
+                    task.next_offset[tp] = committed
+        except BaseException:
+            await producer.stop()
+            task.store.close()
+            raise
+        self.tasks[p] = task
+        log.info("partition %d: %d runs loaded in %.2fs", p, loaded, time.perf_counter() - started)
 
     async def _close_tasks(self, partitions: list[int]) -> None:
         for p in partitions:
@@ -513,10 +547,10 @@ class Coordinator:
         """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
         reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                   isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
-        await reader.start()
         tp = TopicPartition(self.changelog, task.partition)
         loaded = 0
         try:
+            await reader.start()
             reader.assign([tp])
             end = (await reader.end_offsets([tp]))[tp]
             await reader.seek_to_beginning(tp)
@@ -529,12 +563,11 @@ class Coordinator:
             await reader.stop()
         for raw in task.store.values():
             loaded += 1
-            if b'"status"' not in raw:  # exclude_defaults drops status while it is "running"
-                task.running += 1
             if b'"timers"' in raw:
                 state = RunState.model_validate_json(raw)
                 for timer_id, timer in state.timers.items():
                     task.timers.schedule(state.run_id, timer_id, timer.due_ms)
+        task.running = count_in_flight(task.store.values())
         return loaded
 
     def _store_path(self, p: int) -> Path | None:
@@ -550,11 +583,16 @@ class Coordinator:
         while True:
             await asyncio.sleep(0.02)
             for task in list(self.tasks.values()):
-                await self._fire_due(task)
+                try:
+                    await self._fire_due(task)
+                except Exception:  # one partition's trouble (closed under us) must not stop every timer
+                    log.exception("partition %d: firing timers failed", task.partition)
 
     async def _fire_due(self, task: _Task) -> None:
         assert self._timer_producer is not None
         for run_id, timer_id in task.timers.due(now_ms()):
+            if self.tasks.get(task.partition) is not task:
+                return  # closed or reloaded while a send was awaited; a reload re-arms its timers
             key = run_id.encode()
             raw = task.store.get(key)
             if raw is None or f'"{timer_id}"'.encode() not in raw:
