@@ -69,6 +69,9 @@ _TRANSACTION_TIMEOUT_MS = 60_000
 successor aborts it at once). Shorter would let the broker abort a live transaction stuck behind a broker restart."""
 
 
+_TRANSACTION_RETRY_BACKOFF_MS = 10
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -507,6 +510,9 @@ class Coordinator:
             transactional_id=f"{self.group}-{p}",
             transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             linger_ms=0,
+            # aiokafka's 100 ms back-off also paces CONCURRENT_TRANSACTIONS retries (the previous commit's markers
+            # still being written): it was most of the p99 per-step overhead (BENCHMARKS.md)
+            retry_backoff_ms=_TRANSACTION_RETRY_BACKOFF_MS,
             **security.aiokafka_kwargs(),
         )
         task = _Task(p, producer, _Store(self._store_path(p)))
