@@ -61,15 +61,18 @@ _DECODED_STATES = 1_000
 
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
 
-_MAX_BATCH = 2_000
-"""Records per poll; one transaction per partition per poll."""
+_MAX_POLL = 2_000
+"""Records per poll."""
+
+_MAX_QUEUED = 4_000
+"""Records queued for one partition before its fetching pauses (while its transaction commits)."""
 
 _TRANSACTION_TIMEOUT_MS = 60_000
 """A transaction left open by a process that died without a successor blocks read_committed readers this long (a
 successor aborts it at once). Shorter would let the broker abort a live transaction stuck behind a broker restart."""
 
 
-_TRANSACTION_RETRY_BACKOFF_MS = 10
+_TRANSACTION_RETRY_BACKOFF_MS = 20
 
 
 def now_ms() -> int:
@@ -116,8 +119,8 @@ class _Store:
         else:
             from rocksdict import Rdict
 
+            path.parent.mkdir(parents=True, exist_ok=True)  # before destroy: rocksdb cannot lock in a missing dir
             Rdict.destroy(str(path))  # rebuilt from the changelog, which is the truth
-            path.parent.mkdir(parents=True, exist_ok=True)
             self._data = Rdict(str(path))
 
     def get(self, key: bytes) -> bytes | None:
@@ -166,6 +169,12 @@ class _Task:
         self.next_offset: dict[TopicPartition, int] = {}
         self.running = 0
         self.timers = Timers()  # fired only while the task is active (not while it is parked in a rebalance)
+        self.inbox: list[tuple[TopicPartition, list[Any], float]] = []  # polled, not yet decided
+        self.queued = 0
+        self.wake = asyncio.Event()
+        self.busy = asyncio.Lock()  # held while a batch is decided and committed
+        self.loop: asyncio.Task | None = None
+        self.paused = False
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -232,6 +241,10 @@ class Coordinator:
             timers.cancel()
             if gauge is not None:
                 gauge.cancel()
+            loops = [t.loop for t in self.tasks.values() if t.loop is not None]
+            for loop in loops:
+                loop.cancel()  # a batch being committed is aborted: whoever owns the partition next reads it again
+            await asyncio.gather(*loops, return_exceptions=True)
             await self._consumer.stop()  # revokes and leaves the group
             self._parked.update(self.tasks)
             self.tasks.clear()
@@ -239,6 +252,8 @@ class Coordinator:
             await self._timer_producer.stop()
 
     async def _consume(self) -> None:
+        """Poll, and hand each partition's records to its task; each task decides and commits on its own, so one
+        partition's transaction never holds up another's records."""
         assert self._consumer is not None
         failures = 0
         while True:
@@ -248,22 +263,49 @@ class Coordinator:
                 else:  # the broker is away: the other partitions keep going, this one is tried again
                     failures += 1
                     await asyncio.sleep(min(5.0, 0.1 * 2**failures))
-            polled = await self._consumer.getmany(timeout_ms=200, max_records=_MAX_BATCH)
-            if not polled:
-                continue
+            polled = await self._consumer.getmany(timeout_ms=200, max_records=_MAX_POLL)
             received = time.perf_counter()
-            async with self._lock:  # a revocation waits for the batch to commit, and sees no half-done batch
-                by_task: dict[int, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
-                for tp, records in polled.items():
-                    if tp.partition in self.tasks:  # fetched before a revocation: the new owner reads them
-                        by_task[tp.partition].append((tp, records))
-                await asyncio.gather(*(self._process(self.tasks[p], parts, received) for p, parts in by_task.items()))
+            for tp, records in polled.items():
+                task = self.tasks.get(tp.partition)
+                if task is None:
+                    continue  # fetched before a revocation (the new owner reads them) or while it reloads
+                task.inbox.append((tp, records, received))
+                task.queued += len(records)
+                task.wake.set()
+                if task.queued >= _MAX_QUEUED and not task.paused:
+                    task.paused = True
+                    self._consumer.pause(*self._assigned(task.partition))
+
+    async def _run_task(self, task: _Task) -> None:
+        """Decide and commit the task's queued records, one transaction per turn, until the task is closed."""
+        assert self._consumer is not None
+        while self.tasks.get(task.partition) is task:
+            await task.wake.wait()
+            async with task.busy:
+                task.wake.clear()
+                if self.tasks.get(task.partition) is not task:
+                    return
+                parts, task.inbox, task.queued = task.inbox, [], 0
+                if parts:
+                    await self._process(task, parts)
+                if task.paused and self.tasks.get(task.partition) is task:
+                    task.paused = False
+                    self._consumer.resume(*self._assigned(task.partition))
+
+    def _assigned(self, p: int) -> list[TopicPartition]:
+        assert self._consumer is not None
+        return [tp for tp in self._consumer.assignment() if tp.partition == p]
+
+    def _start(self, task: _Task) -> None:
+        self.tasks[task.partition] = task
+        task.loop = asyncio.create_task(self._run_task(task), name=f"legato.partition-{task.partition}")
 
     # --- one batch, one transaction -----------------------------------------------------------
 
-    async def _process(self, task: _Task, parts: list[tuple[TopicPartition, list[Any]]], received: float) -> None:
+    async def _process(self, task: _Task, parts: list[tuple[TopicPartition, list[Any], float]]) -> None:
+        received = min(r for _, _, r in parts)
         try:
-            batch = self._decide_batch(task, parts, received)
+            batch = self._decide_batch(task, parts)
             if batch is not None:
                 await self._commit(task, batch)
         except _Poisoned as exc:
@@ -294,10 +336,10 @@ class Coordinator:
             for workflow in batch.overheads:
                 self.metrics.orchestration_overhead(workflow, overhead)
 
-    def _decide_batch(self, task: _Task, parts: list[tuple[TopicPartition, list[Any]]], received: float) -> _Batch | None:
+    def _decide_batch(self, task: _Task, parts: list[tuple[TopicPartition, list[Any], float]]) -> _Batch | None:
         batch = _Batch()
-        for tp, records in parts:
-            start = task.next_offset.get(tp, 0)
+        for tp, records, received in parts:
+            start = max(task.next_offset.get(tp, 0), batch.offsets.get(tp, 0))
             for msg in records:
                 if msg.offset < start:
                     continue  # already committed (fetched before this task's offsets were known)
@@ -442,11 +484,19 @@ class Coordinator:
     # --- assignment ---------------------------------------------------------------------------
 
     async def _revoke(self, revoked: Iterable[TopicPartition]) -> None:
-        """Park the revoked tasks once the batch in hand has committed; they are reused if assigned back."""
+        """Park the revoked tasks once their batch in hand has committed; they are reused if assigned back. What
+        they had queued is dropped: it is not committed, so whoever owns the partition next reads it again."""
         async with self._lock:
             partitions = {tp.partition for tp in revoked}
             for p in sorted(partitions & set(self.tasks)):
-                self._parked[p] = self.tasks.pop(p)
+                task = self.tasks[p]
+                async with task.busy:
+                    if self.tasks.get(p) is not task:
+                        continue  # its last batch failed and closed it: the partition was pending a reload
+                    del self.tasks[p]
+                    task.inbox, task.queued, task.paused = [], 0, False
+                    task.wake.set()  # its loop sees it is no longer active and ends
+                self._parked[p] = task
             self._pending -= partitions
             self._parked_as = self._membership()
 
@@ -460,7 +510,11 @@ class Coordinator:
             # reused only across one rebalance this member took part in: nobody else owned them in between
             if member is not None and member == self._parked_as[0] and generation == (self._parked_as[1] or 0) + 1:
                 for p in sorted(wanted & set(self._parked)):
-                    self.tasks[p] = self._parked.pop(p)
+                    task = self._parked.pop(p)
+                    for tp, offset in task.next_offset.items():
+                        if tp in assigned:
+                            self._consumer.seek(tp, offset)  # what it dropped from its queue is read again
+                    self._start(task)
             await self._close_parked()
             self._pending = wanted - set(self.tasks)
             paused = [tp for tp in assigned if tp.partition in self._pending]
@@ -482,7 +536,7 @@ class Coordinator:
         assert self._consumer is not None
         log.warning("partition %d: reloading it from the changelog (%s)", task.partition, why)
         await self._close_tasks([task.partition])
-        tps = [tp for tp in self._consumer.assignment() if tp.partition == task.partition]
+        tps = self._assigned(task.partition)
         if tps:
             self._pending.add(task.partition)
             self._consumer.pause(*tps)
@@ -498,7 +552,7 @@ class Coordinator:
                     log.warning("partition %d: cannot open it (%s: %s); trying again", p, type(exc).__name__, exc)
                     return False
                 self._pending.discard(p)
-                self._consumer.resume(*[tp for tp in self._consumer.assignment() if tp.partition == p])
+                self._consumer.resume(*self._assigned(p))
         return True
 
     async def _open_task(self, p: int) -> None:
@@ -515,7 +569,11 @@ class Coordinator:
             retry_backoff_ms=_TRANSACTION_RETRY_BACKOFF_MS,
             **security.aiokafka_kwargs(),
         )
-        task = _Task(p, producer, _Store(self._store_path(p)))
+        try:
+            task = _Task(p, producer, _Store(self._store_path(p)))
+        except BaseException:
+            await producer.stop()
+            raise
         try:
             await producer.start()  # InitProducerId: aborts the dead owner's open transaction, fences it for good
             loaded = await self._restore(task) if p < self.partitions else 0
@@ -533,7 +591,7 @@ class Coordinator:
             await producer.stop()
             task.store.close()
             raise
-        self.tasks[p] = task
+        self._start(task)
         log.info("partition %d: %d runs loaded in %.2fs", p, loaded, time.perf_counter() - started)
 
     async def _close_tasks(self, partitions: list[int]) -> None:
@@ -541,6 +599,7 @@ class Coordinator:
             task = self.tasks.pop(p, None)
             if task is None:
                 continue
+            task.wake.set()  # its loop sees it is no longer active and ends (it may be the caller)
             try:
                 await task.producer.stop()
             except Exception as exc:
