@@ -64,8 +64,10 @@ _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
 _MAX_POLL = 2_000
 """Records per poll."""
 
-_MAX_QUEUED = 4_000
-"""Records queued for one partition before its fetching pauses (while its transaction commits)."""
+_MAX_QUEUED = 500
+"""Records queued for one partition before its fetching pauses (while its transaction commits). It also bounds a
+transaction's size, and with it the memory that eight partitions' batches in flight hold at once (at 4,000 the
+coordinator's RSS grew by 6.14 KiB per run in the 100,000-run memory benchmark; BENCHMARKS.md)."""
 
 _TRANSACTION_TIMEOUT_MS = 60_000
 """A transaction left open by a process that died without a successor blocks read_committed readers this long (a
@@ -227,7 +229,6 @@ class Coordinator:
             partition_assignment_strategy=(RangePartitionAssignor,),  # co-partitions the three input topics
             session_timeout_ms=self._session_timeout_ms,
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 4),
-            max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_wait_ms=100,
             **kw,
         )
