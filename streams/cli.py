@@ -70,6 +70,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(_settings(args))
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from topics.client import LegatoClient
+
+    s = _settings(args)
+
+    async def go() -> int:
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            await client.cancel(args.run_id, args.reason)
+            if not args.wait:
+                return 0
+            try:
+                event = (await client.wait_for({args.run_id}, timeout=args.timeout))[args.run_id]
+            except asyncio.TimeoutError:
+                print(f"legato cancel: no terminal event for run {args.run_id!r} within {args.timeout:g}s (is the run_id right?)", file=sys.stderr)
+                return 1
+            print(event.model_dump_json(exclude_none=True))
+            return 0 if event.status == "cancelled" else 1
+
+    return asyncio.run(go())
+
+
 def cmd_trigger(args: argparse.Namespace) -> int:
     import orjson
 
@@ -195,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
+    p = sub.add_parser("cancel", help="cancel a run (its pending requests and child runs too)")
+    p.add_argument("run_id")
+    p.add_argument("--reason", default="cancelled by legato cancel", help="recorded in the run's error message")
+    p.add_argument("--wait", action="store_true", help="print the run's terminal event (exit 1 unless it ended cancelled)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_cancel, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
     p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from topics import codec
 from topics.codec import DecodeError
-from topics.models import RunEvent, RunRequested
+from topics.models import RunCancelRequested, RunEvent, RunRequested
 from topics.names import DEFAULT_PREFIX, Topics
 
 TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
@@ -43,6 +43,13 @@ class LegatoClient:
         record = RunRequested(workflow=workflow, input=input or {}, run_id=run_id, correlation_id=correlation_id)
         await self._producer.send_and_wait(self.topics.triggers, codec.dumps(record), key=run_id.encode())
         return run_id
+
+    async def cancel(self, run_id: str, reason: str = "") -> None:
+        """Ask the coordinator to cancel a run: it cancels the run's pending requests and child runs and ends it
+        with one ``run.cancelled`` event. A run that is unknown or already finished is left as it is."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        record = RunCancelRequested(run_id=run_id, reason=reason)
+        await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
 
     async def run(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, timeout: float = 300.0,
                   progress: Callable[[str], None] | None = None) -> RunEvent:

@@ -123,3 +123,31 @@ async def test_trigger_refuses_bad_input(legato, bad_input):
     assert code == 2
     assert out == ""
     assert "--input" in err
+
+
+async def test_cancel_ends_a_waiting_run_with_one_cancelled_event(legato):
+    run_id = f"cancel-{uuid.uuid4()}"
+    # external_upper has no worker here: the run waits in its step until it is cancelled
+    code, out, err = await cli("trigger", "e2e_external", "--input", '{"text": "hi"}', "--run-id", run_id, env=legato.env)
+    assert code == 0, err
+    code, out, err = await cli("cancel", run_id, "--reason", "customer withdrew", "--wait", "--timeout", "30", env=legato.env)
+    assert code == 0, (out, err)
+    event = RunEvent.model_validate(orjson.loads(out.strip()))
+    assert (event.type, event.status) == ("run.cancelled", "cancelled")
+    assert event.error is not None and event.error.type == "cancelled" and "customer withdrew" in event.error.message
+    await legato.assert_single_terminal(run_id)
+    # a second cancel finds the run finished: nothing changes, --wait prints the same terminal event
+    code, out, err = await cli("cancel", run_id, "--wait", "--timeout", "30", env=legato.env)
+    assert code == 0
+    assert RunEvent.model_validate(orjson.loads(out.strip())).error.message == event.error.message
+    await legato.assert_single_terminal(run_id)
+
+
+async def test_cancel_wait_exits_1_for_a_run_that_succeeded(legato):
+    run_id = f"done-{uuid.uuid4()}"
+    code, out, err = await cli("trigger", "e2e_noop", "--input", "{}", "--run-id", run_id, "--wait", "--timeout", "60", env=legato.env)
+    assert code == 0, err
+    code, out, err = await cli("cancel", run_id, "--wait", "--timeout", "30", env=legato.env)
+    assert code == 1
+    assert RunEvent.model_validate(orjson.loads(out.strip())).status == "succeeded"
+    await legato.assert_single_terminal(run_id)
