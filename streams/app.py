@@ -17,7 +17,7 @@ from handlers.registry import Activity, load_handler_modules
 from streams import security
 from streams.admin import ensure_topics
 from streams.config import Settings
-from streams.coordinator import Coordinator, changelog_topic
+from streams.coordinator import Coordinator
 from streams.dlq import DeadLetters
 from streams.metrics import LagReporter, Metrics
 from streams.worker import Workers
@@ -47,7 +47,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         role = "worker-" + "-".join(sorted(only_activities))
     needed = sorted({a for wf in workflows.values() for a in wf.activities} | set(activities))
     completion_topics = sorted({wf.definition.completion_topic for wf in workflows.values() if wf.definition.completion_topic})
-    changelog = [changelog_topic(settings.prefix)] if coordinator else []
+    changelog = [settings.topics.changelog] if coordinator else []
     asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
     metrics = Metrics() if settings.metrics_port else None
     coord = Coordinator(settings, workflows, metrics) if coordinator else None

@@ -248,9 +248,7 @@ class Env:
 
     async def create_topics(self) -> None:
         from streams.admin import ensure_topics
-        from streams.runs_show import changelog_topic
-
-        await ensure_topics(self.bootstrap, self.topics, ACTIVITIES, self.partitions, compacted=[changelog_topic(self.prefix)])
+        await ensure_topics(self.bootstrap, self.topics, ACTIVITIES, self.partitions, compacted=[self.topics.changelog])
 
     def process(self, role: str, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
         name = name or role
@@ -603,7 +601,7 @@ async def scenario_takeover(bootstrap: str, runs: int = 400, rate: float = 20.0,
     prod = await producer(bootstrap)
     try:
         await wait_ready(env, prod, watch, [c1, c2, worker])
-        members = await group_members(bootstrap, f"{env.prefix}-coordinator", want=2)
+        members = await group_members(bootstrap, env.topics.coordinator_group, want=2)
         say(f"  coordinator group has {members} members")
         expected = {f"take-{i}": mix_expected(i) for i in range(runs)}
         ids = list(expected)
@@ -676,7 +674,7 @@ async def scenario_timers(bootstrap: str, runs: int = 10, extra_env: dict[str, s
     await env.create_topics()
     coord = env.process("coordinator")
     worker = env.process("worker")  # serves chaos_probe's chaos_echo only
-    changelog = f"{env.prefix}-coordinator-runs-changelog"
+    changelog = env.topics.changelog
     tail = await Tail(bootstrap, [env.topics.runs]).start()
     watch = RunWatch(tail)
     prod = await producer(bootstrap)

@@ -180,12 +180,12 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from streams.runs_show import changelog_topic, load_run, render_gantt, render_table
+    from streams.runs_show import load_run, render_gantt, render_table
 
     s = _settings(args)
     state = asyncio.run(load_run(s.bootstrap, s.prefix, args.run_id))
     if state is None:
-        print(f"legato runs show: no run {args.run_id!r} in {changelog_topic(s.prefix)}", file=sys.stderr)
+        print(f"legato runs show: no run {args.run_id!r} in {s.topics.changelog}", file=sys.stderr)
         return 1
     print(render_gantt(state) if args.gantt else render_table(state), end="" if args.gantt else "\n")
     return 0

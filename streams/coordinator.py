@@ -35,7 +35,6 @@ from aiokafka.partitioner import DefaultPartitioner
 from streams import security
 from streams.dlq import dead_letter
 from streams.metrics import count_in_flight
-from streams.runs_show import changelog_topic
 from topics import codec
 from topics.codec import DecodeError
 from topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
@@ -76,6 +75,7 @@ successor aborts it at once). Shorter would let the broker abort a live transact
 
 
 _TRANSACTION_RETRY_BACKOFF_MS = 20
+"""aiokafka's default (100 ms) also paces CONCURRENT_TRANSACTIONS retries: most of the p99 overhead (BENCHMARKS.md)."""
 
 
 def now_ms() -> int:
@@ -85,10 +85,6 @@ def now_ms() -> int:
 def run_id_for(topic: str, partition: int, offset: int) -> str:
     """A trigger without a run_id gets one derived from its position, so a redelivered trigger gets the same."""
     return str(uuid.uuid5(_RUN_ID_NAMESPACE, f"{topic}:{partition}:{offset}"))
-
-
-def group_id(prefix: str) -> str:
-    return f"{prefix}-coordinator"
 
 
 async def _trim_heap(interval: float = 5.0) -> None:
@@ -156,7 +152,7 @@ class _Store:
 
 @dataclass
 class _Batch:
-    """What one poll of one task produced, committed in one transaction."""
+    """What one turn of a partition's task decided, committed in one transaction."""
 
     sends: list[tuple[str, bytes | None, bytes, int | None]] = field(default_factory=list)  # topic, key, value, partition
     changed: dict[str, RunState] = field(default_factory=dict)  # runs this batch changed, encoded once at its end
@@ -214,8 +210,8 @@ class Coordinator:
         self.machine = Machine(workflows)
         self.partitions: int = settings.partitions
         self.metrics = metrics
-        self.group = group_id(settings.prefix)
-        self.changelog = changelog_topic(settings.prefix)
+        self.group = self.topics.coordinator_group
+        self.changelog = self.topics.changelog
         self.tasks: dict[int, _Task] = {}
         self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
         self._partitioner = DefaultPartitioner()
@@ -356,12 +352,12 @@ class Coordinator:
 
     def _decide_batch(self, task: _Task, parts: list[tuple[TopicPartition, list[Any], float]]) -> _Batch | None:
         batch = _Batch()
-        for tp, records, received in parts:
+        for tp, records, _ in parts:
             start = max(task.next_offset.get(tp, 0), batch.offsets.get(tp, 0))
             for msg in records:
                 if msg.offset < start:
                     continue  # already committed (fetched before this task's offsets were known)
-                self._handle(task, msg, batch, received)
+                self._handle(task, msg, batch)
                 batch.offsets[tp] = msg.offset + 1
         if not batch.offsets:
             return None
@@ -390,7 +386,7 @@ class Coordinator:
                 pass  # fenced or fatal: the task is rebuilt with a fresh producer, which aborts it anyway
             raise
 
-    def _handle(self, task: _Task, msg: Any, batch: _Batch, received: float) -> None:
+    def _handle(self, task: _Task, msg: Any, batch: _Batch) -> None:
         poisoned = self._poisoned.get((msg.topic, msg.partition, msg.offset))
         if poisoned is not None:
             self._dead_letter(batch, msg, poisoned)
@@ -409,7 +405,7 @@ class Coordinator:
             batch.sends.append((msg.topic, record.run_id.encode(), msg.value, None))
             self._count_ignored("rekeyed")
             return
-        self._apply(task, record, msg, batch, received)
+        self._apply(task, record, msg, batch)
 
     def _route_trigger(self, msg: Any, batch: _Batch) -> None:
         """Validate a trigger and re-key it by run_id onto the coordinator topic (in the same transaction)."""
@@ -422,7 +418,7 @@ class Coordinator:
         accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
         batch.sends.append((self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None))
 
-    def _apply(self, task: _Task, record: Any, msg: Any, batch: _Batch, received: float) -> None:
+    def _apply(self, task: _Task, record: Any, msg: Any, batch: _Batch) -> None:
         state = batch.changed.get(record.run_id)
         if state is None:
             state = self._load(record.run_id, task.store.get(record.run_id.encode()))
@@ -582,8 +578,6 @@ class Coordinator:
             transactional_id=f"{self.group}-{p}",
             transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             linger_ms=0,
-            # aiokafka's 100 ms back-off also paces CONCURRENT_TRANSACTIONS retries (the previous commit's markers
-            # still being written): it was most of the p99 per-step overhead (BENCHMARKS.md)
             retry_backoff_ms=_TRANSACTION_RETRY_BACKOFF_MS,
             **security.aiokafka_kwargs(),
         )

@@ -8,14 +8,10 @@ from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner
 
+from topics.names import Topics
 from workflows.state import RunState, StepState
 
 TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
-
-
-def changelog_topic(prefix: str) -> str:
-    """The coordinator's run-table changelog: ``<prefix>-coordinator-runs-changelog``."""
-    return f"{prefix}-coordinator-runs-changelog"
 
 
 async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30.0) -> RunState | None:
@@ -26,7 +22,7 @@ async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    topic = changelog_topic(prefix)
+    topic = Topics(prefix).changelog
     key = run_id.encode()
     from streams import security
 

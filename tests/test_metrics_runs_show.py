@@ -8,7 +8,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.metrics import Metrics
-from streams.runs_show import changelog_topic, load_run, render_gantt, render_table
+from streams.runs_show import load_run, render_gantt, render_table
+from topics.names import Topics
 from tests.test_metrics import T0, TRIAGE, FRAGILE, Run, drive_triage, machine
 
 
@@ -71,7 +72,7 @@ def test_gantt_marks_failed_steps_critical():
 
 async def test_load_run_reads_the_last_value_of_the_key_from_its_partition(kafka_bootstrap):
     prefix = f"rs{uuid.uuid4().hex[:10]}"
-    topic = changelog_topic(prefix)
+    topic = Topics(prefix).changelog
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:

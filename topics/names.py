@@ -44,6 +44,16 @@ class Topics:
         """Internal: triggers re-keyed by run_id and timer events."""
         return f"{self.prefix}.coordinator"
 
+    @property
+    def changelog(self) -> str:
+        """Internal, compacted: the coordinator's run table (one JSON state per run), written in its transactions."""
+        return f"{self.prefix}-coordinator-runs-changelog"
+
+    @property
+    def coordinator_group(self) -> str:
+        """The coordinators' consumer group; ``<group>-<partition>`` are their transactional ids."""
+        return f"{self.prefix}-coordinator"
+
     def requests(self, activity: str) -> str:
         return f"{self.prefix}.requests.{activity}"
 

@@ -2,6 +2,7 @@
 completion topics."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 
@@ -11,7 +12,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from topics import codec
 from topics.client import TERMINAL_TYPES
-from topics.models import DeadLetter, RunEvent
+from topics.models import ActivityRequested, DeadLetter, RunEvent
 
 pytestmark = pytest.mark.integration
 
@@ -174,3 +175,35 @@ async def test_completion_topic_gets_the_terminal_event(legato):
     assert on_topic[0] == event, "the completion topic carries the same terminal event as the runs topic"
     assert [r.key for r in records if event.run_id.encode() in r.value] == [event.run_id.encode()]
     await legato.assert_single_terminal(event.run_id)
+
+
+async def test_workers_never_execute_a_request_from_an_aborted_transaction(legato):
+    """The coordinator writes requests in transactions; one aborted by a crash is repeated, committed, by the next
+    owner of the partition. Workers read committed records only, so the aborted copy never runs."""
+    from aiokafka import AIOKafkaProducer
+
+    run_id = f"txn-{uuid.uuid4()}"
+    topic = legato.topics.requests("e2e_echo")
+
+    def request(tag: str) -> bytes:
+        return codec.dumps(ActivityRequested(request_id=f"{run_id}/{tag}/1", run_id=run_id, step_id=tag, activity="e2e_echo",
+                                             attempt=1, input={"tag": tag}))
+
+    producer = AIOKafkaProducer(bootstrap_servers=legato.bootstrap, transactional_id=f"test-{run_id}")
+    await producer.start()
+    try:
+        for tag, commit in (("aborted", False), ("committed", True)):
+            await producer.begin_transaction()
+            await producer.send_and_wait(topic, request(tag), key=run_id.encode())
+            await (producer.commit_transaction() if commit else producer.abort_transaction())
+    finally:
+        await producer.stop()
+
+    def answered(records: list) -> bool:
+        return any(orjson.loads(r.value).get("request_id") == f"{run_id}/committed/1" for r in records if r.key == run_id.encode())
+
+    await legato.read_topic(legato.topics.completions, until=answered, timeout=30)
+    await asyncio.sleep(2.0)  # the aborted request came first: had it run, its completion would be there by now
+    records = await legato.read_topic(legato.topics.completions)
+    ours = [orjson.loads(r.value)["request_id"] for r in records if r.key == run_id.encode()]
+    assert ours == [f"{run_id}/committed/1"]

@@ -13,7 +13,6 @@ from aiokafka import AIOKafkaProducer
 from streams.admin import ensure_topics
 from streams.config import Settings
 from streams.coordinator import Coordinator
-from streams.runs_show import changelog_topic
 from topics import codec
 from topics.models import RunRequested
 from workflows.model import load_directories
@@ -47,7 +46,7 @@ async def test_a_record_the_machine_raises_on_is_dead_lettered_and_its_batch_sti
     (tmp_path / "wf" / "instant.yaml").write_text(INSTANT)
     settings = Settings(bootstrap=kafka_bootstrap, prefix=f"cb{uuid.uuid4().hex[:10]}", partitions=1,
                         workflow_dirs=[str(tmp_path / "wf")], data_dir=tmp_path / "data")
-    await ensure_topics(kafka_bootstrap, settings.topics, [], 1, [], compacted=[changelog_topic(settings.prefix)])
+    await ensure_topics(kafka_bootstrap, settings.topics, [], 1, [], compacted=[settings.topics.changelog])
     coordinator = Coordinator(settings, load_directories(settings.workflow_dirs))
     decide = coordinator.machine.decide
     raised: list[str] = []
