@@ -21,7 +21,6 @@ import base64
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -394,6 +393,43 @@ def count_by_request(records: list[Rec]) -> Counter:
     return c
 
 
+class Scene:
+    """What a scenario drives and reads through: its topics created, ``<prefix>.runs`` watched, ``other`` topics
+    tailed and a producer. Leaving it stops them and every process the scenario started in ``env``."""
+
+    def __init__(self, env: Env, other: list[str] | None = None):
+        self.env = env
+        self.other_topics = other or []
+        self.tail: Tail | None = None
+        self.other: Tail | None = None
+        self.prod: Any = None
+
+    async def __aenter__(self) -> "Scene":
+        try:
+            await self.env.create_topics()
+            self.tail = await Tail(self.env.bootstrap, [self.env.topics.runs]).start()
+            self.watch = RunWatch(self.tail)
+            if self.other_topics:
+                self.other = await Tail(self.env.bootstrap, self.other_topics).start()
+            self.prod = await producer(self.env.bootstrap)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for x in (self.prod, self.tail, self.other):
+            if x is not None:
+                await x.stop()
+        self.env.stop_all()
+
+    def judge(self, expected: dict[str, Any]) -> dict[str, Any]:
+        """``judge`` over the runs watched and the completions and requests tailed."""
+        records = self.other.records if self.other is not None else []
+        completions = self.env.topics.completions
+        return judge(expected, self.watch, [r for r in records if r.topic == completions], [r for r in records if r.topic != completions])
+
+
 def judge(run_ids: dict[str, Any], watch: RunWatch, completions: list[Rec], requests: list[Rec]) -> dict[str, Any]:
     """What happened to the runs: completed, lost, wrong output, duplicate terminal events and executions."""
     ours = set(run_ids)
@@ -476,15 +512,11 @@ async def scenario_coordinator(bootstrap: str, runs: int = 2000, kills: int = 5,
     """N chaos_mix runs triggered at ``rate``/s; the coordinator SIGKILLed at random moments ``kills`` times and restarted."""
     rnd = random.Random(seed)
     env = Env(bootstrap, workdir, extra_env=extra_env)
-    await env.create_topics()
-    coord, worker = env.process("coordinator"), env.process("worker")
-    tail = await Tail(bootstrap, [env.topics.runs]).start()
-    watch = RunWatch(tail)
-    other = await Tail(bootstrap, [env.topics.completions, env.topics.requests("chaos_echo")]).start()
-    prod = await producer(bootstrap)
     t0 = time.time()
     kill_log: list[dict] = []
-    try:
+    async with Scene(env, [env.topics.completions, env.topics.requests("chaos_echo")]) as scene:
+        coord, worker = env.process("coordinator"), env.process("worker")
+        watch, prod = scene.watch, scene.prod
         ready = await wait_ready(env, prod, watch, [coord, worker])
         say(f"  processes ready after {ready:.1f}s (prefix {env.prefix}, logs {env.workdir})")
         expected = {f"mix-{i}": mix_expected(i) for i in range(runs)}
@@ -530,29 +562,19 @@ async def scenario_coordinator(bootstrap: str, runs: int = 2000, kills: int = 5,
         finished = await watch.wait(set(ids), timeout, progress=say)
         await asyncio.sleep(5.0)  # let late duplicates arrive
         elapsed = time.time() - t0
-        result = judge(expected, watch, [r for r in other.records if r.topic == env.topics.completions],
-                       [r for r in other.records if r.topic != env.topics.completions])
+        result = scene.judge(expected)
         result.update({"scenario": "coordinator", "kills": len(kill_log), "kill_log": kill_log, "elapsed_s": round(elapsed, 1),
                        "all_finished": finished, "processes_alive": coord.alive() and worker.alive(), "rate": rate, "prefix": env.prefix})
         return result
-    finally:
-        await prod.stop()
-        await tail.stop()
-        await other.stop()
-        env.stop_all()
 
 
 async def scenario_worker(bootstrap: str, runs: int = 20, seconds: float = 4.0, extra_env: dict[str, str] | None = None,
                           timeout: float = 300.0, say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
     """Runs whose activity takes ``seconds``; the worker is SIGKILLed while every one is in its handler, then restarted."""
     env = Env(bootstrap, workdir, extra_env=extra_env)
-    await env.create_topics()
-    coord, worker = env.process("coordinator"), env.process("worker")
-    tail = await Tail(bootstrap, [env.topics.runs]).start()
-    watch = RunWatch(tail)
-    other = await Tail(bootstrap, [env.topics.completions, env.topics.requests("chaos_slow")]).start()
-    prod = await producer(bootstrap)
-    try:
+    async with Scene(env, [env.topics.completions, env.topics.requests("chaos_slow")]) as scene:
+        coord, worker = env.process("coordinator"), env.process("worker")
+        watch, other, prod = scene.watch, scene.other, scene.prod
         await wait_ready(env, prod, watch, [coord, worker])
         expected = {f"slow-{i}": {"tag": f"t{i}", "attempt": None} for i in range(runs)}
         for i, rid in enumerate(expected):
@@ -568,8 +590,7 @@ async def scenario_worker(bootstrap: str, runs: int = 20, seconds: float = 4.0, 
         say(f"  SIGKILL worker with {runs - completions_at_kill} activities in flight; restarted")
         finished = await watch.wait(set(expected), timeout, progress=say)
         await asyncio.sleep(2.0)
-        res = judge({k: None for k in expected}, watch, [r for r in other.records if r.topic == env.topics.completions],
-                    [r for r in other.records if r.topic != env.topics.completions])
+        res = scene.judge({k: None for k in expected})
         ends = [watch.terminal_recs[r][0].timestamp / 1000 for r in expected if r in watch.terminal_recs]
         attempts = Counter(watch.terminal[r][0].get("output", {}).get("attempt") for r in expected if r in watch.terminal)
         wrong = [r for r in expected if r in watch.terminal and (watch.terminal[r][0]["status"] != "succeeded"
@@ -578,11 +599,6 @@ async def scenario_worker(bootstrap: str, runs: int = 20, seconds: float = 4.0, 
                     "wrong_output": len(wrong), "recovery_s": round(max(ends) - t_kill, 1) if ends else None,
                     "step_attempts": dict(attempts), "processes_alive": coord.alive() and worker.alive(), "prefix": env.prefix})
         return res
-    finally:
-        await prod.stop()
-        await tail.stop()
-        await other.stop()
-        env.stop_all()
 
 
 async def scenario_takeover(bootstrap: str, runs: int = 400, rate: float = 20.0, extra_env: dict[str, str] | None = None,
@@ -592,14 +608,10 @@ async def scenario_takeover(bootstrap: str, runs: int = 400, rate: float = 20.0,
     partitions the survivor already owned answer at once, the dead one's answer once the survivor has rebuilt their
     run tables from the changelog and serves them)."""
     env = Env(bootstrap, workdir, extra_env={"CHAOS_DELAY": "0.05", **(extra_env or {})})
-    await env.create_topics()
-    c1, c2 = env.process("coordinator", "coordinator-a"), env.process("coordinator", "coordinator-b")
-    worker = env.process("worker")
-    tail = await Tail(bootstrap, [env.topics.runs]).start()
-    watch = RunWatch(tail)
-    other = await Tail(bootstrap, [env.topics.completions, env.topics.requests("chaos_echo")]).start()
-    prod = await producer(bootstrap)
-    try:
+    async with Scene(env, [env.topics.completions, env.topics.requests("chaos_echo")]) as scene:
+        c1, c2 = env.process("coordinator", "coordinator-a"), env.process("coordinator", "coordinator-b")
+        worker = env.process("worker")
+        watch, prod = scene.watch, scene.prod
         await wait_ready(env, prod, watch, [c1, c2, worker])
         members = await group_members(bootstrap, env.topics.coordinator_group, want=2)
         say(f"  coordinator group has {members} members")
@@ -630,17 +642,11 @@ async def scenario_takeover(bootstrap: str, runs: int = 400, rate: float = 20.0,
         for p, recs in sorted(watch.by_partition.items()):
             after = [r.timestamp / 1000 for r in recs if r.timestamp / 1000 > t_kill]
             gaps[p] = round(min(after) - t_kill, 2) if after else None
-        res = judge(expected, watch, [r for r in other.records if r.topic == env.topics.completions],
-                    [r for r in other.records if r.topic != env.topics.completions])
+        res = scene.judge(expected)
         known = [g for g in gaps.values() if g is not None]
         res.update({"scenario": "takeover", "kills": 1, "takeover_s": max(known) if known else None, "gap_by_partition_s": gaps,
                     "all_finished": finished, "processes_alive": c1.alive() and worker.alive(), "prefix": env.prefix})
         return res
-    finally:
-        await prod.stop()
-        await tail.stop()
-        await other.stop()
-        env.stop_all()
 
 
 async def group_members(bootstrap: str, group: str, want: int, timeout: float = 120.0) -> int:
@@ -671,15 +677,12 @@ async def scenario_timers(bootstrap: str, runs: int = 10, extra_env: dict[str, s
     run's retry back-off is pending and down past it; restarted. Every run must still end (by the on_error default
     after the second attempt's timeout), and each attempt's request must have been issued."""
     env = Env(bootstrap, workdir, extra_env=extra_env)
-    await env.create_topics()
-    coord = env.process("coordinator")
-    worker = env.process("worker")  # serves chaos_probe's chaos_echo only
     changelog = env.topics.changelog
-    tail = await Tail(bootstrap, [env.topics.runs]).start()
-    watch = RunWatch(tail)
-    prod = await producer(bootstrap)
     states: dict[str, dict] = {}
-    try:
+    async with Scene(env) as scene:
+        coord = env.process("coordinator")
+        worker = env.process("worker")  # serves chaos_probe's chaos_echo only
+        watch, prod = scene.watch, scene.prod
         await wait_ready(env, prod, watch, [coord, worker])
         ct = await Tail(bootstrap, [changelog, env.topics.requests("chaos_nobody")]).start()
 
@@ -723,10 +726,6 @@ async def scenario_timers(bootstrap: str, runs: int = 10, extra_env: dict[str, s
                 "requests_by_attempt": dict(sorted(attempts.items())),
                 "duplicate_terminal_events": sum(len(watch.terminal[r]) - 1 for r in ids if r in watch.terminal),
                 "processes_alive": coord.alive(), "prefix": env.prefix}
-    finally:
-        await prod.stop()
-        await tail.stop()
-        env.stop_all()
 
 
 # --------------------------------------------------------------------------- a private broker
@@ -859,53 +858,48 @@ async def scenario_broker(bootstrap: str | None = None, runs: int = 200, down_s:
     await asyncio.to_thread(broker.start)
     say(f"  private broker at {broker.bootstrap} (data {broker.dir})")
     env = Env(broker.bootstrap, workdir, extra_env={"CHAOS_DELAY": "0.05", **(extra_env or {})})
-    coord = worker = None
-    tail = other = prod = None
     try:
-        await env.create_topics()
-        coord, worker = env.process("coordinator"), env.process("worker")
-        pids = (coord.proc.pid, worker.proc.pid)
-        tail = await Tail(broker.bootstrap, [env.topics.runs]).start()
-        watch = RunWatch(tail)
-        other = await Tail(broker.bootstrap, [env.topics.completions, env.topics.requests("chaos_echo")]).start()
-        prod = await producer(broker.bootstrap)
-        await wait_ready(env, prod, watch, [coord, worker])
-        expected = {f"brk-{i}": mix_expected(i) for i in range(runs)}
-        ids = list(expected)
-        half = runs // 2
-        for i in range(half):
-            await trigger(prod, env, "chaos_mix", {"n": i}, ids[i])
-        await prod.flush()
-        await asyncio.sleep(1.0)
-        before = watch.done(ids)
-        t_stop = time.time()
-        await asyncio.to_thread(broker.stop)
-        say(f"  broker stopped with {before}/{half} runs finished; down for {down_s}s")
-        await asyncio.sleep(down_s)
-        await asyncio.to_thread(broker.start)
-        t_back = time.time()
-        say(f"  broker back after {t_back - t_stop:.1f}s")
-        for i in range(half, runs):
-            await trigger(prod, env, "chaos_mix", {"n": i}, ids[i])
-        await prod.flush()
-        finished = await watch.wait(set(ids), timeout, progress=say)
-        await asyncio.sleep(2.0)
-        res = judge(expected, watch, [r for r in other.records if r.topic == env.topics.completions],
-                    [r for r in other.records if r.topic != env.topics.completions])
-        ends = sorted(watch.terminal_recs[r][0].timestamp / 1000 for r in ids[:half] if r in watch.terminal_recs)
-        res.update({"scenario": "broker", "kills": 1, "finished_before_outage": before, "all_finished": finished,
-                    "outage_s": round(t_back - t_stop, 1),
-                    "first_half_done_s_after_back": round(ends[-1] - t_back, 1) if ends and ends[-1] > t_back else 0.0,
-                    "processes_alive": coord.alive() and worker.alive(),
-                    "same_pids": (coord.proc.pid, worker.proc.pid) == pids and coord.starts == 1 and worker.starts == 1,
-                    "prefix": env.prefix})
-        return res
+        async with Scene(env, [env.topics.completions, env.topics.requests("chaos_echo")]) as scene:
+            return await _broker_outage(env, scene, broker, runs, down_s, timeout, say)
     finally:
-        for x in (prod, tail, other):
-            if x is not None:
-                await x.stop()
-        env.stop_all()
         await asyncio.to_thread(broker.cleanup)
+
+
+async def _broker_outage(env: Env, scene: Scene, broker: "PrivateBroker", runs: int, down_s: float, timeout: float,
+                         say: Callable[[str], None]) -> dict[str, Any]:
+    coord, worker = env.process("coordinator"), env.process("worker")
+    pids = (coord.proc.pid, worker.proc.pid)
+    watch, prod = scene.watch, scene.prod
+    await wait_ready(env, prod, watch, [coord, worker])
+    expected = {f"brk-{i}": mix_expected(i) for i in range(runs)}
+    ids = list(expected)
+    half = runs // 2
+    for i in range(half):
+        await trigger(prod, env, "chaos_mix", {"n": i}, ids[i])
+    await prod.flush()
+    await asyncio.sleep(1.0)
+    before = watch.done(ids)
+    t_stop = time.time()
+    await asyncio.to_thread(broker.stop)
+    say(f"  broker stopped with {before}/{half} runs finished; down for {down_s}s")
+    await asyncio.sleep(down_s)
+    await asyncio.to_thread(broker.start)
+    t_back = time.time()
+    say(f"  broker back after {t_back - t_stop:.1f}s")
+    for i in range(half, runs):
+        await trigger(prod, env, "chaos_mix", {"n": i}, ids[i])
+    await prod.flush()
+    finished = await watch.wait(set(ids), timeout, progress=say)
+    await asyncio.sleep(2.0)
+    res = scene.judge(expected)
+    ends = sorted(watch.terminal_recs[r][0].timestamp / 1000 for r in ids[:half] if r in watch.terminal_recs)
+    res.update({"scenario": "broker", "kills": 1, "finished_before_outage": before, "all_finished": finished,
+                "outage_s": round(t_back - t_stop, 1),
+                "first_half_done_s_after_back": round(ends[-1] - t_back, 1) if ends and ends[-1] > t_back else 0.0,
+                "processes_alive": coord.alive() and worker.alive(),
+                "same_pids": (coord.proc.pid, worker.proc.pid) == pids and coord.starts == 1 and worker.starts == 1,
+                "prefix": env.prefix})
+    return res
 
 
 # --------------------------------------------------------------------------- fuzzing
@@ -942,7 +936,6 @@ def bad_message_strategy(known_runs: list[str]):
     def deep(depth: int) -> bytes:
         return b'{"workflow":"chaos_mix","input":{"n":' + b"[" * depth + b"1" + b"]" * depth + b"}}"
 
-    over = 1024 * 1024 + 1
     strategies = [
         # triggers
         st.builds(lambda k, v: Bad("triggers", "random bytes", k, b"\xff" + v, "dlq"), key, st.binary(max_size=64)),
@@ -1034,14 +1027,10 @@ async def scenario_fuzz(bootstrap: str, bad: int = 10_000, valid: int = 500, see
     """``bad`` generated bad messages interleaved with ``valid`` chaos_mix runs and three misbehaving handlers."""
     port = free_port()
     env = Env(bootstrap, workdir, extra_env=extra_env)
-    await env.create_topics()
-    coord = env.process("coordinator", env={"LEGATO_METRICS_PORT": str(port)})
-    worker = env.process("worker")
-    tail = await Tail(bootstrap, [env.topics.runs]).start()
-    watch = RunWatch(tail)
-    dlq = await Tail(bootstrap, [env.topics.dlq]).start()
-    prod = await producer(bootstrap)
-    try:
+    async with Scene(env, [env.topics.dlq]) as scene:
+        coord = env.process("coordinator", env={"LEGATO_METRICS_PORT": str(port)})
+        worker = env.process("worker")
+        watch, dlq, prod = scene.watch, scene.other, scene.prod
         await wait_ready(env, prod, watch, [coord, worker])
         base = scrape(port)
         expected = {f"fz-{i}": mix_expected(i) for i in range(valid)}
@@ -1129,11 +1118,6 @@ async def scenario_fuzz(bootstrap: str, bad: int = 10_000, valid: int = 500, see
             "coordinator_restarts": coord.starts - 1, "prefix": env.prefix,
         })
         return res
-    finally:
-        await prod.stop()
-        await tail.stop()
-        await dlq.stop()
-        env.stop_all()
 
 
 # --------------------------------------------------------------------------- report

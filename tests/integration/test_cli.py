@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 import orjson
 import pytest
