@@ -86,10 +86,13 @@ def activity(name: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY,
 
 
 def load_handler_modules(modules: list[str]) -> dict[str, Activity]:
-    """Import ``modules`` (from the working directory too) and return every registered activity."""
+    """Import ``modules`` (from the working directory too) and return every registered activity.
+
+    The working directory goes last on ``sys.path``: a user's module is found there, but never shadows an
+    installed one (Legato itself lives under ``legato.*``, so a user's ``handlers/`` package never collides)."""
     cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     for module in modules:
         importlib.import_module(module)
     return dict(REGISTRY.activities)

@@ -29,4 +29,4 @@ fi
 
 # The local broker needs the jars; fetch them now (once) so the first test run
 # or demo does not stall on a silent ~1 minute Maven download.
-.venv/bin/python -c 'from streams.kafka_local import fetch_jars; fetch_jars()'
+.venv/bin/python -c 'from legato.tools.kafka_local import fetch_jars; fetch_jars()'

@@ -4,8 +4,8 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from streams import security
-from topics.names import Topics
+from legato.streams import security
+from legato.topics.names import Topics
 
 
 async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int, extra: list[str] | None = None,

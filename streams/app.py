@@ -13,15 +13,15 @@ from typing import Any
 
 import faust
 
-from handlers.registry import Activity, load_handler_modules
-from streams import security
-from streams.admin import ensure_topics
-from streams.config import Settings
-from streams.coordinator import Coordinator
-from streams.dlq import DeadLetters
-from streams.metrics import LagReporter, Metrics
-from streams.worker import Workers
-from workflows.model import CompiledWorkflow, load_directories
+from legato.handlers.registry import Activity, load_handler_modules
+from legato.streams import security
+from legato.streams.admin import ensure_topics
+from legato.streams.config import Settings
+from legato.streams.coordinator import Coordinator
+from legato.streams.dlq import DeadLetters
+from legato.streams.metrics import LagReporter, Metrics
+from legato.streams.worker import Workers
+from legato.workflows.model import CompiledWorkflow, load_directories
 
 
 @dataclass

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from streams import security
-from streams.config import Settings
+from legato.streams import security
+from legato.streams.config import Settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
 
@@ -29,7 +29,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from streams.app import build, run
+    from legato.streams.app import build, run
 
     s = _settings(args)
     if not s.workflow_dirs:
@@ -40,7 +40,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streams.app import build, run
+    from legato.streams.app import build, run
 
     s = _settings(args)
     if not s.handler_modules:
@@ -51,27 +51,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from streams import kafka_local
-    from streams.app import build, run
+    from legato.tools import kafka_local
+    from legato.streams.app import build, run
 
     s = _settings(args)
     if not s.workflow_dirs:
         s.workflow_dirs = [str(EXAMPLES)]
     if not s.handler_modules:
-        s.handler_modules = ["handlers.demo", "handlers.proposal"]
+        s.handler_modules = ["legato.handlers.examples.demo", "legato.handlers.examples.proposal"]
     kafka_local.ensure_broker(s.bootstrap)
     run(build(s, coordinator=True, worker=True), s.loglevel)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import main as demo_main
+    from legato.tools.demo import main as demo_main
 
     return demo_main(_settings(args))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from topics.client import LegatoClient
+    from legato.topics.client import LegatoClient
 
     s = _settings(args)
 
@@ -94,7 +94,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_trigger(args: argparse.Namespace) -> int:
     import orjson
 
-    from topics.client import LegatoClient
+    from legato.topics.client import LegatoClient
 
     s = _settings(args)
     try:
@@ -120,7 +120,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import NAMES, main as bench_main
+    from legato.tools.bench import NAMES, main as bench_main
 
     s = _settings(args)
     names = list(NAMES) if args.name == "all" else [args.name]
@@ -130,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from streams.chaos import main as chaos_main
+    from legato.tools.chaos import main as chaos_main
 
     return chaos_main(_settings(args), args.scenario, runs=args.runs, kills=args.kills, bad=args.bad, valid=args.valid, rate=args.rate,
                       session_timeout=args.session_timeout,
@@ -138,7 +138,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from workflows.model import DefinitionError, load_workflow
+    from legato.workflows.model import DefinitionError, load_workflow
 
     failed = 0
     for file in args.files:
@@ -152,8 +152,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from workflows.graph import mermaid
-    from workflows.model import DefinitionError, load_workflow
+    from legato.workflows.graph import mermaid
+    from legato.workflows.model import DefinitionError, load_workflow
 
     try:
         wf = load_workflow(args.file)
@@ -165,13 +165,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from streams import kafka_local
+    from legato.tools import kafka_local
 
     bootstrap = os.environ.get("LEGATO_BOOTSTRAP", "localhost:9092")
     if args.action == "start":
         print(kafka_local.start(bootstrap))
     elif args.action == "stop":
-        print(kafka_local.stop())
+        print(kafka_local.stop(bootstrap))
     else:
         alive, message = kafka_local.status(bootstrap)
         print(message)
@@ -180,7 +180,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from streams.runs_show import load_run, render_gantt, render_table
+    from legato.tools.runs_show import load_run, render_gantt, render_table
 
     s = _settings(args)
     state = asyncio.run(load_run(s.bootstrap, s.prefix, args.run_id))

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
+from legato.topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
 
 
 def _cache_dir() -> Path:

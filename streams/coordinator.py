@@ -3,7 +3,7 @@
 Per input partition ``p`` (the triggers, coordinator and completions topics, co-partitioned by run_id) there is one
 task: the run table of ``p`` (loaded from partition ``p`` of the changelog when the task is assigned) and one
 transactional producer whose ``transactional.id`` is ``<group>-<p>``. Each batch a task reads is decided by
-``workflows.machine`` and then committed in ONE Kafka transaction holding everything it caused: the requests,
+``legato.workflows.machine`` and then committed in ONE Kafka transaction holding everything it caused: the requests,
 run events, cancellations and child records it produced, the new state of every run it touched (changelog), any
 dead letters, and the input offsets. Either all of it becomes visible to ``read_committed`` consumers or none of it.
 
@@ -32,14 +32,14 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import DefaultPartitioner
 
-from streams import security
-from streams.dlq import dead_letter
-from streams.metrics import count_in_flight
-from topics import codec
-from topics.codec import DecodeError
-from topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
-from topics.names import Topics
-from workflows.machine import (
+from legato.streams import security
+from legato.streams.dlq import dead_letter
+from legato.streams.metrics import count_in_flight
+from legato.topics import codec
+from legato.topics.codec import DecodeError
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
+from legato.topics.names import Topics
+from legato.workflows.machine import (
     CancelChildRun,
     CancelRequest,
     EventIgnored,
@@ -51,8 +51,8 @@ from workflows.machine import (
     StartTimer,
     outstanding,
 )
-from workflows.model import CompiledWorkflow
-from workflows.state import RunState
+from legato.workflows.model import CompiledWorkflow
+from legato.workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import faust
 
-from topics import codec
-from topics.models import DeadLetter
+from legato.topics import codec
+from legato.topics.models import DeadLetter
 
 log = logging.getLogger("legato.dlq")
 

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
-from workflows.machine import PublishRunEvent, RequestActivity
-from workflows.state import RunState, StepState
+from legato.workflows.machine import PublishRunEvent, RequestActivity
+from legato.workflows.state import RunState, StepState
 
 log = logging.getLogger("legato.metrics")
 
@@ -312,7 +312,7 @@ class LagReporter:
         from aiokafka import AIOKafkaConsumer
         from aiokafka.admin import AIOKafkaAdminClient
 
-        from streams import security
+        from legato.streams import security
 
         if self._admin is None:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **security.aiokafka_kwargs())

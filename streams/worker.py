@@ -14,13 +14,13 @@ import faust
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from handlers.registry import Activity, ActivityError, Result
-from streams.dlq import DeadLetters
-from streams.worker_support import BoundedSet, Batcher, Cancellations, ResultCache, TokenBucket, batch_settings, fingerprint, tail_topic
-from topics import codec
-from topics.codec import DecodeError
-from topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo
-from topics.names import Topics
+from legato.handlers.registry import Activity, ActivityError, Result
+from legato.streams.dlq import DeadLetters
+from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, ResultCache, TokenBucket, batch_settings, fingerprint, tail_topic
+from legato.topics import codec
+from legato.topics.codec import DecodeError
+from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo
+from legato.topics.names import Topics
 
 log = logging.getLogger("legato.worker")
 

@@ -14,10 +14,10 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams import security
-from topics import codec
-from topics.codec import DecodeError
-from topics.models import ActivityRequested, RequestCancelled
+from legato.streams import security
+from legato.topics import codec
+from legato.topics.codec import DecodeError
+from legato.topics.models import ActivityRequested, RequestCancelled
 
 log = logging.getLogger("legato.worker")
 

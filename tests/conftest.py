@@ -5,8 +5,10 @@ pyproject.toml), so ``async def test_...`` needs no decorator.
 
 Integration tests talk to a real Kafka broker: the one named by the
 ``LEGATO_BOOTSTRAP`` environment variable, or else a local single-node broker
-started on demand on 127.0.0.1:19092 (not 9092, so a developer's own broker
-is never touched).
+started on demand on 127.0.0.1:19092 (``LEGATO_TEST_BROKER_PORT`` changes it; never
+9092, so a developer's own broker is never touched). That broker has its own
+data directory and pid file (``~/.cache/legato/broker-19092``) and is stopped when
+the session ends, so the demo and the tests run in either order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 
 import pytest
 
-TEST_BOOTSTRAP = "127.0.0.1:19092"
+TEST_BOOTSTRAP = f"127.0.0.1:{int(os.environ.get('LEGATO_TEST_BROKER_PORT', '19092'))}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,14 +30,25 @@ def pytest_configure(config: pytest.Config) -> None:
 def kafka_bootstrap() -> str:
     """Bootstrap servers of a Kafka broker that answers metadata requests.
 
-    The local broker is deliberately left running after the session: the next
-    run reuses it (start-up costs a few seconds; `legato kafka stop` ends it).
+    The local test broker starts on empty data and stops when the session ends.
     """
     external = os.environ.get("LEGATO_BOOTSTRAP")
     if external:
         return external
-    from streams.kafka_local import ensure_broker
+    from legato.tools.kafka_local import ensure_broker
 
     # A new test broker starts on empty data: topics of earlier sessions would only add open files.
     ensure_broker(TEST_BOOTSTRAP, fresh=True)
+    _started.append(TEST_BOOTSTRAP)
     return TEST_BOOTSTRAP
+
+
+_started: list[str] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the test broker this session started: it must not outlive the suite (nor block `legato kafka start`)."""
+    if _started:
+        from legato.tools.kafka_local import stop
+
+        stop(_started.pop())

@@ -12,8 +12,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, RunAccepted, TimerFired
-from workflows.machine import (
+from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, RunAccepted, TimerFired
+from legato.workflows.machine import (
     Command,
     Event,
     EventIgnored,
@@ -22,8 +22,8 @@ from workflows.machine import (
     RequestActivity,
     StartTimer,
 )
-from workflows.model import CompiledWorkflow, compile_workflow, load_workflow
-from workflows.state import RunState
+from legato.workflows.model import CompiledWorkflow, compile_workflow, load_workflow
+from legato.workflows.state import RunState
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
 T0 = 1_700_000_000_000

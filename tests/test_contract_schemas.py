@@ -4,16 +4,16 @@ import json
 import jsonschema
 import pytest
 
-from topics import codec
-from topics.models import ActivityCompleted, RunEvent
-from topics.schemas import SCHEMA_DIR, render
+from legato.topics import codec
+from legato.topics.models import ActivityCompleted, RunEvent
+from legato.topics.schemas import SCHEMA_DIR, render
 
 
 def test_schema_files_are_current():
     for name, text in render().items():
         path = SCHEMA_DIR / name
-        assert path.exists(), f"{path} missing: run python -m topics.schemas"
-        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run python -m topics.schemas"
+        assert path.exists(), f"{path} missing: run python -m legato.topics.schemas"
+        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run python -m legato.topics.schemas"
 
 
 def _schema(name):

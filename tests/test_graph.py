@@ -1,4 +1,4 @@
-"""Structural checks of the Mermaid diagrams drawn by workflows.graph.
+"""Structural checks of the Mermaid diagrams drawn by legato.workflows.graph.
 
 No Mermaid parser is available offline, so the output is held to a strict line grammar (one node,
 edge, subgraph, class or comment per line) that is a subset of what Mermaid accepts, and then the
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.graph import LABEL_MAX, mermaid
-from workflows.model import (
+from legato.workflows.graph import LABEL_MAX, mermaid
+from legato.workflows.model import (
     ActivityStep,
     ChoiceStep,
     CompiledWorkflow,

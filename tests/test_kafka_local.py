@@ -1,4 +1,4 @@
-"""Tests for streams.kafka_local: config rendering (unit) and a real round trip (integration)."""
+"""Tests for legato.tools.kafka_local: config rendering (unit) and a real round trip (integration)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from streams import kafka_local
+from legato.tools import kafka_local
 
 
 def _props(text: str) -> dict[str, str]:
@@ -52,6 +52,8 @@ def test_paths_follow_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert kafka_local.libs_dir() == tmp_path / "legato" / "kafka-3.9.1" / "libs"
     assert kafka_local.broker_dir() == tmp_path / "legato" / "broker"
+    # the test broker's directory (pid file, data) is not the development broker's
+    assert kafka_local.broker_dir("127.0.0.1:19092") == tmp_path / "legato" / "broker-19092"
     assert not kafka_local.jars_present()
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from workflows.machine import _jitter
+from legato.workflows.machine import _jitter
 
 from tests.machine_helpers import (
     T0,
@@ -17,8 +17,8 @@ from tests.machine_helpers import (
     terminal_events_in,
     timers_in,
 )
-from topics.models import ActivityCompleted, ActivityRequested
-from workflows.machine import EventIgnored
+from legato.topics.models import ActivityCompleted, ActivityRequested
+from legato.workflows.machine import EventIgnored
 
 ONE = """
 name: one

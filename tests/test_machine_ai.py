@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from tests.machine_helpers import Harness, compile_yaml, machine_from, requests_in, terminal_events_in
-from topics.models import ActivityCompleted, ChildRunFinished, Cost
-from workflows.expressions import approx_tokens
-from workflows.machine import CancelRequest, Machine, NotifyParent, StartChildRun
+from legato.topics.models import ActivityCompleted, ChildRunFinished, Cost
+from legato.workflows.expressions import approx_tokens
+from legato.workflows.machine import CancelRequest, Machine, NotifyParent, StartChildRun
 
 
 def wf(steps: list[dict[str, Any]], **top: Any) -> str:
@@ -323,7 +323,7 @@ def test_cache_batch_and_rate_limit_are_carried_on_every_attempts_request(option
     {"cache": {}},
 ])
 def test_bad_cache_batch_or_rate_limit_options_are_refused(options):
-    from workflows.model import DefinitionError
+    from legato.workflows.model import DefinitionError
 
     with pytest.raises(DefinitionError) as caught:
         compile_yaml(wf([{"id": "embed", "activity": "embed", **options}]))
@@ -332,7 +332,7 @@ def test_bad_cache_batch_or_rate_limit_options_are_refused(options):
 
 @pytest.mark.parametrize("budget", [{"usd": 0}, {"tokens": 0}, {"usd": -1}])
 def test_a_budget_that_is_not_positive_is_refused(budget):
-    from workflows.model import DefinitionError
+    from legato.workflows.model import DefinitionError
 
     with pytest.raises(DefinitionError) as caught:
         compile_yaml(wf([{"id": "a", "activity": "a"}], budget=budget))

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, Harness, compile_yaml, dump, ignored_in, requests_in, run_events_in, succeeded, terminal_events_in
 from tests.test_machine_properties import PROPERTY_SETTINGS, Drive, check_invariants, machine_for, scenarios
-from topics import codec
-from topics.models import ActivityCompleted, ChildRunFinished, Cost, RunAccepted, RunCancelRequested
-from topics.schemas import SCHEMA_DIR
-from workflows.machine import CancelChildRun, CancelRequest, EventIgnored, Machine, NotifyParent, RequestActivity, StartChildRun, outstanding, replay
+from legato.topics import codec
+from legato.topics.models import ActivityCompleted, ChildRunFinished, Cost, RunAccepted, RunCancelRequested
+from legato.topics.schemas import SCHEMA_DIR
+from legato.workflows.machine import CancelChildRun, CancelRequest, EventIgnored, Machine, NotifyParent, RequestActivity, StartChildRun, outstanding, replay
 
 CHILD = {"name": "child", "steps": [{"id": "c1", "activity": "child_work"}, {"id": "c2", "activity": "child_more"}]}
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tests.machine_helpers import EXAMPLES, compile_yaml, example
-from workflows.model import ENGINE_MAX_ITERATIONS, DefinitionError, compile_workflow, load_directories, load_workflow
+from legato.workflows.model import ENGINE_MAX_ITERATIONS, DefinitionError, compile_workflow, load_directories, load_workflow
 
 # (name, yaml, path, a fragment of the reason)
 REFUSED = [

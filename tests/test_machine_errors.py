@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from tests.machine_helpers import T0, Harness, compile_yaml, machine_from, requests_in, timers_in
-from workflows.machine import CancelRequest, _jitter
-from workflows.model import DefinitionError, Retry
+from legato.workflows.machine import CancelRequest, _jitter
+from legato.workflows.model import DefinitionError, Retry
 
 
 def flow(on_error: Any = "fail", retry: dict[str, Any] | None = None, non_retryable: list[str] | None = None, timeout: str | None = None) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from tests.machine_helpers import Harness, compile_yaml, dump, ignored_in, machine_from, requests_in, succeeded, terminal_events_in
-from workflows.machine import BRANCH_ATTEMPTS, CancelRequest
-from workflows.model import DefinitionError
+from legato.workflows.machine import BRANCH_ATTEMPTS, CancelRequest
+from legato.workflows.model import DefinitionError
 
 
 def fork(join: Any = "all", on_failure: Any = "fail_fast", timeout: str | None = None, on_timeout: str | None = None, branches: dict[str, Any] | None = None) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from tests.machine_helpers import Harness, compile_yaml, ignored_in, machine_from, requests_in, succeeded, terminal_events_in
-from workflows.machine import CancelRequest, Machine
-from workflows.model import DEFAULT_MAX_ITERATIONS, ENGINE_MAX_ITERATIONS, DefinitionError
+from legato.workflows.machine import CancelRequest, Machine
+from legato.workflows.model import DEFAULT_MAX_ITERATIONS, ENGINE_MAX_ITERATIONS, DefinitionError
 
 
 def loop_doc(after: bool = False, **loop: Any) -> str:

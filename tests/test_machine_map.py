@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from tests.machine_helpers import Harness, accepted, compile_yaml, dump, ignored_in, machine_from, requests_in, succeeded, terminal_events_in
-from topics.models import ActivityCompleted
-from workflows.machine import CancelRequest, Machine
-from workflows.model import DefinitionError
+from legato.topics.models import ActivityCompleted
+from legato.workflows.machine import CancelRequest, Machine
+from legato.workflows.model import DefinitionError
 
 
 def mapping(items: str = "input.xs", steps: list[dict[str, Any]] | None = None, after: bool = True, **spec: Any) -> str:

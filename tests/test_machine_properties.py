@@ -17,10 +17,10 @@ from hypothesis import event as tally
 from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
-from topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired
-from workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, replay
-from workflows.model import compile_workflow
-from workflows.state import RunState
+from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired
+from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, replay
+from legato.workflows.model import compile_workflow
+from legato.workflows.state import RunState
 
 MAX_EVENTS = 500
 MAX_DEPTH = 3

@@ -18,7 +18,7 @@ from tests.machine_helpers import (
     terminal_events_in,
     timers_in,
 )
-from workflows.machine import EventIgnored, Machine, PublishRunEvent, outstanding, replay
+from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, outstanding, replay
 
 SIMPLE = """
 name: simple

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from tests.machine_helpers import Harness, compile_yaml, dump, ignored_in, requests_in, terminal_events_in
-from topics.models import ChildRunFinished, ErrorInfo, RunAccepted
-from workflows.machine import Machine, NotifyParent, StartChildRun, outstanding
-from workflows.model import MAX_WORKFLOW_DEPTH
+from legato.topics.models import ChildRunFinished, ErrorInfo, RunAccepted
+from legato.workflows.machine import Machine, NotifyParent, StartChildRun, outstanding
+from legato.workflows.model import MAX_WORKFLOW_DEPTH
 
 CHILD = {
     "name": "child",

@@ -1,4 +1,4 @@
-"""streams.metrics: metrics derived from real decisions of workflows.machine.Machine, read back from the registry."""
+"""legato.streams.metrics: metrics derived from real decisions of legato.workflows.machine.Machine, read back from the registry."""
 from __future__ import annotations
 
 import socket
@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.metrics import UNKNOWN_WORKFLOW, Metrics, count_in_flight, parallel_concurrency, reason_label
-from topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, RunAccepted, TimerFired
-from workflows.machine import Machine, RequestActivity
-from workflows.model import compile_workflow
-from workflows.state import RunState, StepState
+from legato.streams.metrics import UNKNOWN_WORKFLOW, Metrics, count_in_flight, parallel_concurrency, reason_label
+from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, RunAccepted, TimerFired
+from legato.workflows.machine import Machine, RequestActivity
+from legato.workflows.model import compile_workflow
+from legato.workflows.state import RunState, StepState
 
 T0 = 1_700_000_000_000
 

@@ -1,4 +1,4 @@
-"""streams.runs_show: rendering states produced by the Machine, and reading a changelog-shaped topic on a real broker."""
+"""legato.tools.runs_show: rendering states produced by the Machine, and reading a changelog-shaped topic on a real broker."""
 from __future__ import annotations
 
 import re
@@ -7,9 +7,9 @@ import uuid
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.metrics import Metrics
-from streams.runs_show import load_run, render_gantt, render_table
-from topics.names import Topics
+from legato.streams.metrics import Metrics
+from legato.tools.runs_show import load_run, render_gantt, render_table
+from legato.topics.names import Topics
 from tests.test_metrics import T0, TRIAGE, FRAGILE, Run, drive_triage, machine
 
 

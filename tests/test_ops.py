@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.metrics import Metrics
+from legato.streams.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "ops"

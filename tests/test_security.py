@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from streams import security
-from topics import codec
-from topics.models import RunRequested
+from legato.streams import security
+from legato.topics import codec
+from legato.topics.models import RunRequested
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["topics", "workflows", "streams", "handlers"]
@@ -64,7 +64,7 @@ def test_deep_nesting_is_a_decode_error_not_a_crash():
 
 
 def test_run_state_limit_is_documented_value():
-    from workflows.machine import DEFAULT_MAX_STATE_BYTES
+    from legato.workflows.machine import DEFAULT_MAX_STATE_BYTES
 
     assert DEFAULT_MAX_STATE_BYTES == 1024 * 1024
 

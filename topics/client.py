@@ -10,10 +10,10 @@ from typing import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from topics import codec
-from topics.codec import DecodeError
-from topics.models import RunCancelRequested, RunEvent, RunRequested
-from topics.names import DEFAULT_PREFIX, Topics
+from legato.topics import codec
+from legato.topics.codec import DecodeError
+from legato.topics.models import RunCancelRequested, RunEvent, RunRequested
+from legato.topics.names import DEFAULT_PREFIX, Topics
 
 TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
 

@@ -1,14 +1,14 @@
 """JSON Schemas of every record on the public topics, and of the one record a user may produce to the internal
 coordinator topic (``cancel.json``: RunCancelRequested), generated from the models.
 
-``python -m topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
+``python -m legato.topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from topics.models import ActivityCompleted, ActivityRequested, DeadLetter, RunCancelRequested, RunEvent, RunRequested
+from legato.topics.models import ActivityCompleted, ActivityRequested, DeadLetter, RunCancelRequested, RunEvent, RunRequested
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflows.model import (
+from legato.workflows.model import (
     ActivityStep,
     ChoiceStep,
     CompiledWorkflow,

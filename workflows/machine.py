@@ -16,7 +16,7 @@ import hashlib
 
 import orjson
 
-from topics.models import (
+from legato.topics.models import (
     ActivityCompleted,
     ActivityRequested,
     ChildRunFinished,
@@ -27,8 +27,8 @@ from topics.models import (
     RunEvent,
     TimerFired,
 )
-from workflows.expressions import ExpressionError
-from workflows.model import (
+from legato.workflows.expressions import ExpressionError
+from legato.workflows.model import (
     DEFAULT_ACTIVITY_TIMEOUT,
     ENGINE_MAX_ITERATIONS,
     MAX_WORKFLOW_DEPTH,
@@ -46,7 +46,7 @@ from workflows.model import (
     WorkflowStep,
     step_kind,
 )
-from workflows.state import Frame, RunState, StepState, Timer
+from legato.workflows.state import Frame, RunState, StepState, Timer
 
 Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested]
 

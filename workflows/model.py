@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from workflows.durations import parse_duration
-from workflows.expressions import Expression, ExpressionError, Template, compile_expression, compile_template
+from legato.workflows.durations import parse_duration
+from legato.workflows.expressions import Expression, ExpressionError, Template, compile_expression, compile_template
 
 ENGINE_MAX_ITERATIONS = 1000
 """Hard cap on any loop's iterations: a definition asking for more is refused."""

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from topics.models import ErrorInfo
+from legato.topics.models import ErrorInfo
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

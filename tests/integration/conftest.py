@@ -22,16 +22,16 @@ import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from topics import codec
-from topics.client import TERMINAL_TYPES, LegatoClient
-from topics.codec import DecodeError
-from topics.models import RunEvent
-from topics.names import Topics
+from legato.topics import codec
+from legato.topics.client import TERMINAL_TYPES, LegatoClient
+from legato.topics.codec import DecodeError
+from legato.topics.models import RunEvent
+from legato.topics.names import Topics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
 EXAMPLES_DIR = REPO_ROOT / "workflows" / "examples"
-HANDLERS = "handlers.demo,handlers.proposal,tests.integration.e2e_handlers"
+HANDLERS = "legato.handlers.examples.demo,legato.handlers.examples.proposal,tests.integration.e2e_handlers"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 60

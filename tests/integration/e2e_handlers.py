@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from handlers.registry import ActivityError, Result, activity
+from legato.handlers.registry import ActivityError, Result, activity
 
 # Attempts seen per key (the test passes its run_id in the input: handlers never see the request itself).
 _FLAKY_ATTEMPTS: dict[str, int] = {}

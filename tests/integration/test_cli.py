@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from tests.integration.conftest import REPO_ROOT, WORKFLOWS_DIR, legato_executable
-from topics.models import RunEvent
+from legato.topics.models import RunEvent
 
 pytestmark = pytest.mark.integration
 

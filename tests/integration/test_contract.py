@@ -10,9 +10,9 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from topics import codec
-from topics.client import TERMINAL_TYPES
-from topics.models import ActivityRequested, DeadLetter, RunEvent
+from legato.topics import codec
+from legato.topics.client import TERMINAL_TYPES
+from legato.topics.models import ActivityRequested, DeadLetter, RunEvent
 
 pytestmark = pytest.mark.integration
 

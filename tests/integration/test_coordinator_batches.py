@@ -10,12 +10,12 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams.admin import ensure_topics
-from streams.config import Settings
-from streams.coordinator import Coordinator
-from topics import codec
-from topics.models import RunRequested
-from workflows.model import load_directories
+from legato.streams.admin import ensure_topics
+from legato.streams.config import Settings
+from legato.streams.coordinator import Coordinator
+from legato.topics import codec
+from legato.topics.models import RunRequested
+from legato.workflows.model import load_directories
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ steps:
 
 
 async def _read_all(bootstrap: str, topic: str, want: int, timeout: float = 60.0) -> list[dict]:
-    from streams.chaos import Tail  # reads committed records, as the contract asks
+    from legato.tools.chaos import Tail  # reads committed records, as the contract asks
 
     tail = await Tail(bootstrap, [topic]).start()
     try:

@@ -15,7 +15,7 @@ import pytest
 
 import asyncio
 
-from streams.chaos import Env, RunWatch, Tail, blowups, generate_bad, producer, scenario_fuzz, wait_ready
+from legato.tools.chaos import Env, RunWatch, Tail, blowups, generate_bad, producer, scenario_fuzz, wait_ready
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from topics.models import ActivityCompleted, ActivityRequested
+from legato.topics.models import ActivityCompleted, ActivityRequested
 
 pytestmark = pytest.mark.integration
 

@@ -32,9 +32,9 @@ import pytest_asyncio
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from streams.runs_show import load_run, render_gantt, render_table
+from legato.tools.runs_show import load_run, render_gantt, render_table
 from tests.integration.conftest import EXAMPLES_DIR, REPO_ROOT, Service, _start
-from topics.client import LegatoClient
+from legato.topics.client import LegatoClient
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +207,7 @@ async def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
         "LEGATO_BOOTSTRAP": kafka_bootstrap,
         "LEGATO_TOPIC_PREFIX": prefix,
         "LEGATO_WORKFLOWS": os.pathsep.join([str(EXAMPLES_DIR), str(extra)]),
-        "LEGATO_HANDLERS": "handlers.demo",
+        "LEGATO_HANDLERS": "legato.handlers.examples.demo",
         "LEGATO_DEMO_SCALE": "0.05",
         "LEGATO_DATA_DIR": str(workdir / "data"),
         "LEGATO_LOGLEVEL": "info",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from streams import kafka_local
-from streams.chaos import scenario_broker, scenario_coordinator, scenario_takeover, scenario_timers, scenario_worker
+from legato.tools import kafka_local
+from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_takeover, scenario_timers, scenario_worker
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """A private broker with a SASL_PLAINTEXT listener: wrong credentials are refused, the right ones work.
 
 The broker is our own (own port, data dir and config, the local broker's jars), so the shared test broker is never
-touched. Clients get their settings only through ``streams.security`` from LEGATO_* variables, as Legato's own
+touched. Clients get their settings only through ``legato.streams.security`` from LEGATO_* variables, as Legato's own
 clients do.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams import kafka_local, security
-from streams.chaos import PrivateBroker
+from legato.tools import kafka_local, security
+from legato.tools.chaos import PrivateBroker
 
 pytestmark = pytest.mark.integration
 

@@ -17,11 +17,11 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from streams.worker_support import fingerprint
-from topics import codec
-from topics.codec import DecodeError
-from topics.models import ActivityCompleted, ActivityRequested, RequestCancelled
-from workflows.machine import _jitter
+from legato.streams.worker_support import fingerprint
+from legato.topics import codec
+from legato.topics.codec import DecodeError
+from legato.topics.models import ActivityCompleted, ActivityRequested, RequestCancelled
+from legato.workflows.machine import _jitter
 
 pytestmark = pytest.mark.integration
 
@@ -472,7 +472,7 @@ def test_fixed_run_state_grows_past_the_context_limit():
     view, the frame's last_output): one 400 KB output passes the check and leaves a 1.2 MB state, which is
     also over Kafka's default 1 MiB message size for the changelog record."""
     from tests.machine_helpers import Harness, compile_yaml
-    from workflows.machine import DEFAULT_MAX_STATE_BYTES, Machine
+    from legato.workflows.machine import DEFAULT_MAX_STATE_BYTES, Machine
 
     wf = compile_yaml(
         """

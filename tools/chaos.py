@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import orjson
 
-from streams.config import Settings
+from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "fuzz")
@@ -50,7 +50,7 @@ HANDLERS_SRC = '''\
 import asyncio
 import os
 
-from handlers.registry import activity
+from legato.handlers.registry import activity
 
 DELAY = float(os.environ.get("CHAOS_DELAY", "0.005"))
 
@@ -238,7 +238,7 @@ class Env:
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
-        from topics.names import Topics
+        from legato.topics.names import Topics
 
         self.topics = Topics(self.prefix)
 
@@ -246,7 +246,7 @@ class Env:
         return Settings(bootstrap=self.bootstrap, prefix=self.prefix, partitions=self.partitions)
 
     async def create_topics(self) -> None:
-        from streams.admin import ensure_topics
+        from legato.streams.admin import ensure_topics
         await ensure_topics(self.bootstrap, self.topics, ACTIVITIES, self.partitions, compacted=[self.topics.changelog])
 
     def process(self, role: str, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
@@ -739,7 +739,7 @@ class PrivateBroker:
     """
 
     def __init__(self, port: int | None = None, workdir: Path | None = None, sasl_users: dict[str, str] | None = None, heap: str = "-Xmx384m"):
-        from streams import kafka_local
+        from legato.tools import kafka_local
 
         self.kl = kafka_local
         self.port = port or free_port()
@@ -1090,7 +1090,7 @@ async def scenario_fuzz(bootstrap: str, bad: int = 10_000, valid: int = 500, see
         no_reason = sum(1 for r in dlq.records if not (r.json() or {}).get("reason"))
         failed_unknown = sum(1 for rid, evs in watch.terminal.items()
                              if not rid.startswith(("fz-", "probe-", "chaos_")) and evs[0].get("error", {}).get("type") == "UnknownWorkflow")
-        from topics.codec import payload_text
+        from legato.topics.codec import payload_text
 
         in_dlq = Counter((v.get("source_topic", "").rsplit(".", 1)[-1], v.get("payload")) for v in (r.json() or {} for r in dlq.records))
         missing: Counter = Counter()

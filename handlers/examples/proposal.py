@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from handlers.registry import ActivityError, Result, activity
+from legato.handlers.registry import ActivityError, Result, activity
 
 # usd per 1000 tokens (in, out) of the simulated models
 MODELS: dict[str, tuple[float, float]] = {

@@ -25,11 +25,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streams import kafka_local, security
-from streams.admin import ensure_topics
-from streams.config import Settings
-from topics.client import LegatoClient
-from topics.names import Topics
+from legato.tools import kafka_local, security
+from legato.streams.admin import ensure_topics
+from legato.streams.config import Settings
+from legato.topics.client import LegatoClient
+from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
@@ -176,7 +176,7 @@ class Coordinators:
     def start(self, n: int = 1, handlers: str | None = None, role: str = "coordinator") -> None:
         for i in range(n):
             log = open(self.workdir / f"{role}-{len(self.procs)}.log", "w")
-            cmd = [sys.executable, "-m", "streams.cli", role]
+            cmd = [sys.executable, "-m", "legato.streams.cli", role]
             if role in ("coordinator", "dev"):
                 cmd += ["--workflows", str(self.workdir / "workflows")]
             if handlers:
@@ -380,7 +380,7 @@ def bench_speedup(b: Bench, runs: int = 3) -> Report:
     examples = ROOT / "workflows" / "examples"
     for name in ("due_diligence.yaml", "due_diligence_sequential.yaml"):
         (b.workdir / "workflows" / name).write_text((examples / name).read_text())
-    procs.start(1, handlers="handlers.demo", role="dev")
+    procs.start(1, handlers="legato.handlers.examples.demo", role="dev")
     durations: dict[str, list[float]] = {}
     try:
         async def go() -> None:

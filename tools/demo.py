@@ -11,10 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from streams import kafka_local, security
-from streams.config import Settings
-from streams.demo_proposal import run_proposal_demo
-from topics.client import LegatoClient
+from legato.tools import kafka_local, security
+from legato.streams.config import Settings
+from legato.tools.demo_proposal import run_proposal_demo
+from legato.topics.client import LegatoClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
 CUSTOMER = {"name": "Ada Lovelace", "credit_score": 742, "references": ["Babbage", "Somerville", "De Morgan"]}
@@ -25,7 +25,7 @@ def main(settings: Settings) -> int:
     kafka_local.ensure_broker(settings.bootstrap)
     log = tempfile.NamedTemporaryFile(prefix="legato-demo-", suffix=".log", delete=False)
     env = {**os.environ, "LEGATO_BOOTSTRAP": settings.bootstrap, "LEGATO_TOPIC_PREFIX": settings.prefix}
-    cmd = [sys.executable, "-m", "streams.cli", "dev", "--workflows", str(EXAMPLES), "--handlers", "handlers.demo", "--handlers", "handlers.proposal"]
+    cmd = [sys.executable, "-m", "legato.streams.cli", "dev", "--workflows", str(EXAMPLES), "--handlers", "legato.handlers.examples.demo", "--handlers", "legato.handlers.examples.proposal"]
     print(f"starting the coordinator and the demo workers (log: {log.name})")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(EXAMPLES.parent.parent))
     try:

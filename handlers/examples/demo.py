@@ -6,7 +6,7 @@ import hashlib
 import os
 from typing import Any
 
-from handlers.registry import ActivityError, Result, activity
+from legato.handlers.registry import ActivityError, Result, activity
 
 
 def _scale() -> float:

@@ -11,8 +11,8 @@ import asyncio
 import statistics
 from typing import Any
 
-from topics.client import LegatoClient
-from topics.models import RunEvent
+from legato.topics.client import LegatoClient
+from legato.topics.models import RunEvent
 
 WORKFLOW = "proposal"
 CONCURRENT_RUNS = 4

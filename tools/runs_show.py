@@ -8,8 +8,8 @@ from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from topics.names import Topics
-from workflows.state import RunState, StepState
+from legato.topics.names import Topics
+from legato.workflows.state import RunState, StepState
 
 TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 
@@ -24,7 +24,7 @@ async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30
 
     topic = Topics(prefix).changelog
     key = run_id.encode()
-    from streams import security
+    from legato.streams import security
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                 isolation_level="read_committed", **security.aiokafka_kwargs())
