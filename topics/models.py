@@ -152,3 +152,35 @@ class RunCancelRequested(_Record):
     run_id: str = Field(min_length=1)  # the run to stop
     reason: str = Field(default="", max_length=1000)
     requested_by: str | None = None  # the parent's run_id when a parent stopped its child; None for a user
+
+
+class SignalSent(_Record):
+    """Someone (a person, a webhook, another system) sent a run a named signal; keyed by the run_id, on
+    ``legato.signals``. It completes the oldest ``wait`` step of that run waiting on ``signal``, or is kept by the
+    run until one starts. A repeated ``signal_id`` for the same run is ignored (and counted)."""
+
+    run_id: str = Field(min_length=1, max_length=200)
+    signal: str = Field(min_length=1, max_length=200)
+    data: Any = None
+    signal_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ProgressReported(_Record):
+    """A partial result of a running step (e.g. tokens of an LLM answer), on ``legato.progress``, keyed by run_id.
+    ``seq`` counts from 0 within one request. Never part of the run's state."""
+
+    run_id: str = Field(min_length=1)
+    step_id: str
+    request_id: str
+    seq: int = Field(ge=0)
+    chunk: Any = None
+
+
+class DefinitionDeployed(_Record):
+    """A workflow definition published to the compacted ``legato.definitions`` topic, keyed ``<name>@<version>``."""
+
+    name: str = Field(min_length=1, max_length=200)
+    version: int = Field(ge=1)
+    sha256: str = Field(min_length=64, max_length=64)
+    source: str  # the YAML text
+    deployed_at: str  # RFC 3339

@@ -54,9 +54,25 @@ class Topics:
         """The coordinators' consumer group; ``<group>-<partition>`` are their transactional ids."""
         return f"{self.prefix}-coordinator"
 
+    @property
+    def signals(self) -> str:
+        """Run-keyed: signals sent to runs (``SignalSent``), read by the coordinators."""
+        return f"{self.prefix}.signals"
+
+    @property
+    def progress(self) -> str:
+        """Run-keyed: partial results of running steps (``ProgressReported``), produced by workers."""
+        return f"{self.prefix}.progress"
+
+    @property
+    def definitions(self) -> str:
+        """Compacted: deployed workflow definitions (``DefinitionDeployed``), keyed ``<name>@<version>``."""
+        return f"{self.prefix}.definitions"
+
     def requests(self, activity: str) -> str:
         return f"{self.prefix}.requests.{activity}"
 
     def run_keyed(self, activities: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Every topic keyed by run_id; they must share one partition count."""
-        return [self.completions, self.runs, self.coordinator, self.cancellations, *(self.requests(a) for a in activities)]
+        return [self.completions, self.runs, self.coordinator, self.cancellations, self.signals, self.progress,
+                *(self.requests(a) for a in activities)]

@@ -8,7 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from legato.topics.models import ActivityCompleted, ActivityRequested, DeadLetter, RunCancelRequested, RunEvent, RunRequested
+from legato.topics.models import (
+    ActivityCompleted,
+    ActivityRequested,
+    DeadLetter,
+    DefinitionDeployed,
+    ProgressReported,
+    RunCancelRequested,
+    RunEvent,
+    RunRequested,
+    SignalSent,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
@@ -19,6 +29,9 @@ RECORDS = {
     "runs": RunEvent,
     "dlq": DeadLetter,
     "cancel": RunCancelRequested,
+    "signals": SignalSent,
+    "progress": ProgressReported,
+    "definitions": DefinitionDeployed,
 }
 
 
