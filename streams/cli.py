@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from aiokafka.errors import KafkaConnectionError
+
 from legato.streams import security
 from legato.streams.config import Settings
 
@@ -179,6 +181,12 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acl(args: argparse.Namespace) -> int:
+    from legato.streams.acl import command
+
+    return command(args.role, args.principal, _settings(args), args.activity, args.completion_topic, args.apply)
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from legato.tools.runs_show import load_run, render_gantt, render_table
 
@@ -253,11 +261,30 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("kafka", help="manage the local Apache Kafka broker")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.set_defaults(fn=cmd_kafka)
+    p = sub.add_parser("acl", help="print (and --apply) the Kafka ACLs of a role (docs/security.md)")
+    p.add_argument("role", choices=["coordinator", "worker", "trigger", "signal", "operator", "console", "observer"])
+    p.add_argument("--principal", required=True, help="User:NAME")
+    p.add_argument("--activity", action="append", default=[], help="the worker's activities (repeatable)")
+    p.add_argument("--completion-topic", action="append", default=[], help="a workflow's completion topic (repeatable)")
+    p.add_argument("--apply", action="store_true", help="create the ACLs through the admin API (needs ALTER on the cluster)")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_acl, workflows=[], handlers=[])
 
     args = parser.parse_args(argv)
     if args.command in ("trigger", "demo", "bench", "runs", "chaos"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except security.SecurityConfigError as exc:
+        print(f"legato {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KafkaConnectionError:
+        bootstrap = os.environ.get("LEGATO_BOOTSTRAP", "localhost:9092")
+        reason = security.diagnose(bootstrap)
+        if reason is None:
+            raise
+        print(f"legato {args.command}: cannot connect to {bootstrap}: {reason}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
