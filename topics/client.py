@@ -9,6 +9,7 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import TopicAuthorizationFailedError
 
 from legato.topics import codec
 from legato.topics.codec import DecodeError
@@ -119,6 +120,15 @@ class LegatoClient:
         return _RunsConsumer(self.bootstrap, [self.topics.runs], from_beginning, self._kafka)
 
 
+async def _refused(consumer: AIOKafkaConsumer, topic: str) -> bool:
+    """True when the broker refuses this principal ``topic`` (a listing of all topics just leaves it out)."""
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = consumer._client
+    response = await client.send(client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation=False))
+    return any(t[1] == topic and t[0] == TopicAuthorizationFailedError.errno for t in response.topics)
+
+
 class _RunsConsumer:
     """A group-less consumer of every partition of the given topics, positioned before anything is triggered."""
 
@@ -139,6 +149,9 @@ class _RunsConsumer:
                 partitions = metadata.partitions_for_topic(topic)
                 if partitions:
                     break
+                if _ == 0 and await _refused(c, topic):  # a refusal is an error now, not "does not exist" later
+                    await c.stop()
+                    raise TopicAuthorizationFailedError(f"not authorized to read {topic} (the principal's role lacks it: legato acl)")
                 await asyncio.sleep(0.1)
             if not partitions:
                 await c.stop()
