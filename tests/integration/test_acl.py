@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -109,7 +110,6 @@ def acl_broker(tmp_path_factory):
                     break
                 if attempt == 29:
                     raise AssertionError(f"legato acl {role} failed:\n{done.stderr}\n{broker.log_tail()}")
-                import time
                 time.sleep(1)
             assert f"User:{user} ALLOW" in done.stdout
         yield broker
@@ -251,6 +251,12 @@ async def test_coordinator_transactional_ids_are_the_coordinators(processes):
     await transactional("coordinator", txn_id)
     await refused(transactional("worker", txn_id))
     await refused(transactional("trigger", txn_id))
+
+
+async def test_acl_apply_needs_an_acl_admin(processes):
+    done = await asyncio.to_thread(cli, ["acl", "signal", "--principal", "User:mallory", "--apply"], "worker")
+    assert done.returncode == 1 and "ClusterAuthorizationFailed" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 async def wait_ready(services, trigger: LegatoClient, observer: LegatoClient, timeout: float = 90.0):

@@ -187,8 +187,12 @@ async def test_end_to_end_over_tls_and_mtls(mtls_processes, pki):
                                    {**tls_env(pki), "LEGATO_TOPIC_PREFIX": prefix})
     assert done.returncode == 0, done.stderr
     assert '"status":"succeeded"' in done.stdout and '"echoed":"cli"' in done.stdout, done.stdout
+    # and with a client certificate on the mTLS listener
+    done_mtls = await asyncio.to_thread(cli, ["trigger", "tls_echo", "--input", '{"value": "cli-mtls"}', "--wait", "--timeout", "60"],
+                                        {**tls_env(pki, MTLS_PORT, client_cert=True), "LEGATO_TOPIC_PREFIX": prefix})
+    assert done_mtls.returncode == 0 and '"echoed":"cli-mtls"' in done_mtls.stdout, done_mtls.stderr
     for s in services:
         assert s.proc.poll() is None, s.logs()
         text = s.stdout.read_text(errors="replace") + s.stderr.read_text(errors="replace")
         assert KEY_PASSWORD not in text and str(pki["keystore_password"]) not in text
-    assert KEY_PASSWORD not in done.stdout + done.stderr
+    assert KEY_PASSWORD not in done.stdout + done.stderr + done_mtls.stdout + done_mtls.stderr
