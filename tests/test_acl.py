@@ -101,3 +101,18 @@ def test_cli_prints_the_acls(capsys, monkeypatch):
     assert capsys.readouterr().out.strip() == "User:bob ALLOW WRITE    topic literal legato.signals"
     assert main(["acl", "worker", "--principal", "User:w"]) == 2
     assert "--activity" in capsys.readouterr().err
+
+
+def test_worker_group_matches_the_app_that_streams_app_builds(monkeypatch, tmp_path):
+    from legato.streams import app as app_module
+    from legato.streams.config import Settings
+
+    async def no_topics(*args, **kwargs) -> None:
+        return None
+
+    monkeypatch.setattr(app_module, "ensure_topics", no_topics)
+    monkeypatch.delenv("LEGATO_SECURITY_PROTOCOL", raising=False)
+    settings = Settings(prefix="grp", handler_modules=["tests.integration.e2e_handlers"], data_dir=tmp_path)
+    built = app_module.build(settings, coordinator=False, worker=True, only_activities=["e2e_sleep", "e2e_echo"])
+    assert built.app is not None and built.app.conf.id == acl.worker_group("grp", ["e2e_echo", "e2e_sleep"])
+    assert f"{built.app.conf.id}-__assignor-__leader" in {a.name for a in role_acls("worker", P, Topics("grp"), ["e2e_echo", "e2e_sleep"])}
