@@ -151,6 +151,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from legato.streams.admin import ensure_topics
+    from legato.streams.definitions import deploy, read_files
+
+    s = _settings(args)
+    candidates, errors = read_files(args.files)
+    for exc in errors:
+        print(f"invalid: {exc}", file=sys.stderr)
+    if errors:
+        print("legato deploy: nothing deployed", file=sys.stderr)
+        return 1
+
+    async def go() -> int:
+        kafka = security.aiokafka_kwargs()
+        await ensure_topics(s.bootstrap, s.topics, [], s.partitions)
+        plan = await deploy(candidates, s.bootstrap, s.topics, kafka=kafka)
+        for o in plan.outcomes:
+            c = o.candidate
+            if o.action == "refused":
+                print(f"refused: {c.file}: {o.reason}", file=sys.stderr)
+            elif not plan.refused:
+                word = "deployed" if o.action == "publish" else "unchanged"
+                print(f"{word}: {c.file}: {c.key} sha256 {c.sha256[:12]}")
+        if plan.refused:
+            print("legato deploy: nothing deployed", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(go())
+
+
+def cmd_definitions(args: argparse.Namespace) -> int:
+    from legato.streams.definitions import read_catalog
+
+    s = _settings(args)
+    table = asyncio.run(read_catalog(s.bootstrap, s.topics, kafka=security.aiokafka_kwargs()))
+    rows = [(d.name, str(d.version), d.sha256[:12], d.deployed_at) for d in table.catalog]
+    header = ("NAME", "VERSION", "SHA256", "DEPLOYED_AT")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for r in table.rejected:
+        print(f"unusable record {s.topics.definitions}[{r.partition}]@{r.offset} key {r.key!r}: {r.reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from legato.workflows.graph import mermaid
     from legato.workflows.model import DefinitionError, load_workflow
@@ -247,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("deploy", help="validate workflow files and publish them to the definitions topic (all or none)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_deploy, workflows=[], handlers=[])
+    p = sub.add_parser("definitions", help="list the deployed workflow definitions")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_definitions, workflows=[], handlers=[])
     p = sub.add_parser("graph", help="print a Mermaid flowchart of a workflow")
     p.add_argument("file")
     p.set_defaults(fn=cmd_graph)
@@ -255,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_kafka)
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench", "runs", "chaos"):
+    if args.command in ("trigger", "demo", "bench", "runs", "chaos", "deploy", "definitions"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     return args.fn(args) or 0
 

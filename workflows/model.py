@@ -357,16 +357,24 @@ def compile_workflow(doc: Any, file: str = "<string>") -> CompiledWorkflow:
 
 
 def load_workflow(path: str | Path) -> CompiledWorkflow:
-    path = Path(path)
+    return load_source(read_source(path), str(path))
+
+
+def read_source(path: str | Path) -> str:
+    """The text of a definition file, or DefinitionError when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DefinitionError(str(path), "", f"cannot read: {exc}") from None
+
+
+def load_source(text: str, file: str = "<string>") -> CompiledWorkflow:
+    """Parse, validate and compile a definition's YAML text (a file's, or a deployed record's ``source``)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DefinitionError(str(path), "", f"not valid YAML: {exc}") from None
-    return compile_workflow(doc, str(path))
+        raise DefinitionError(file, "", f"not valid YAML: {exc}") from None
+    return compile_workflow(doc, file)
 
 
 def load_directories(dirs: list[str | Path]) -> dict[str, CompiledWorkflow]:
