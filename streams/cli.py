@@ -91,6 +91,70 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_redrive(args: argparse.Namespace) -> int:
+    from legato.topics.client import LegatoClient
+    from legato.tools.runs_show import load_run
+
+    s = _settings(args)
+
+    async def go() -> int:
+        if args.wait:  # the coordinator counts a refused redrive and emits nothing: say why before waiting in vain
+            state = await load_run(s.bootstrap, s.prefix, args.run_id)
+            if state is None:
+                print(f"legato redrive: no run {args.run_id!r} (unknown, or forgotten after its retention)", file=sys.stderr)
+                return 1
+            if state.status != "failed":
+                print(f"legato redrive: run {args.run_id!r} is {state.status}: only a failed run can be redriven", file=sys.stderr)
+                return 1
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            if not args.wait:
+                await client.redrive(args.run_id, args.reason)
+                return 0
+            try:
+                event = await client.redriven(args.run_id, args.reason, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr))
+            except asyncio.TimeoutError:
+                print(f"legato redrive: no terminal event for run {args.run_id!r} within {args.timeout:g}s", file=sys.stderr)
+                return 1
+            print(event.model_dump_json(exclude_none=True))
+            return 0 if event.status == "succeeded" else 1
+
+    return asyncio.run(go())
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    import orjson
+
+    from legato.topics.client import LegatoClient
+
+    s = _settings(args)
+    payload = None
+    if args.input is not None:
+        try:
+            payload = orjson.loads(args.input)
+        except orjson.JSONDecodeError as exc:
+            print(f"legato fork: --input is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(payload, dict):
+            print("legato fork: --input must be a JSON object", file=sys.stderr)
+            return 2
+
+    async def go() -> int:
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            if not args.wait:
+                print(await client.fork(args.run_id, args.from_step, payload, new_run_id=args.run_id_new))
+                return 0
+            try:
+                event = await client.forked(args.run_id, args.from_step, payload, new_run_id=args.run_id_new, timeout=args.timeout,
+                                            progress=lambda line: print(line, file=sys.stderr))
+            except asyncio.TimeoutError:
+                print(f"legato fork: the forked run did not finish within {args.timeout:g}s (is {args.run_id!r} retained, with a top-level step {args.from_step!r}?)", file=sys.stderr)
+                return 1
+            print(event.model_dump_json(exclude_none=True))
+            return 0 if event.status == "succeeded" else 1
+
+    return asyncio.run(go())
+
+
 def cmd_trigger(args: argparse.Namespace) -> int:
     import orjson
 
@@ -269,6 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_cancel, workflows=[], handlers=[])
+    p = sub.add_parser("redrive", help="resume a failed run from what failed, keeping the outputs of the steps that succeeded")
+    p.add_argument("run_id")
+    p.add_argument("--reason", default="", help="recorded with the request")
+    p.add_argument("--wait", action="store_true", help="print the run's next terminal event (exit 1 unless it succeeded, or when the run is not failed)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_redrive, workflows=[], handlers=[])
+    p = sub.add_parser("fork", help="start a new run of a run's definition from one of its steps, reusing the outputs before it")
+    p.add_argument("run_id", help="the source run")
+    p.add_argument("--from", dest="from_step", required=True, metavar="STEP", help="a top-level step of the source run")
+    p.add_argument("--input", default=None, help="JSON object: the new run's input (default: the source run's)")
+    p.add_argument("--run-id", dest="run_id_new", default=None, metavar="NEW", help="the new run's id (default: a new uuid4)")
+    p.add_argument("--wait", action="store_true", help="show progress and print the new run's terminal event")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_fork, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
     p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
@@ -308,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_kafka)
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench", "runs", "chaos", "deploy", "definitions"):
+    if args.command in ("trigger", "demo", "bench", "runs", "chaos", "deploy", "definitions", "redrive", "fork"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     return args.fn(args) or 0
 
