@@ -217,7 +217,7 @@ class ForkedStep(_Record):
     """A step that finished before the fork point in the source run, copied into the forked run as it ended."""
 
     step_id: str
-    status: Literal["succeeded", "skipped"]
+    status: Literal["succeeded", "skipped", "failed", "timed_out"]  # failed ones let the run go on (on_error)
     output: Any = None
     confidence: float | None = None
     cached: bool = False

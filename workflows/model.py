@@ -121,6 +121,7 @@ class WorkflowStep(_Spec):
 
     id: StepId
     workflow: Name
+    version: int | None = Field(default=None, ge=1)  # pin the child's version; None: the highest when the child starts
     input: Any = None
     timeout: Duration | None = None
     on_error: OnError = "fail"
@@ -300,6 +301,7 @@ class Workflow(_Spec):
     version: int = Field(default=1, ge=1)
     description: str | None = None
     timeout: Duration | None = None
+    retention: Duration | None = None  # how long a finished run is kept (and its run_id taken); None: LEGATO_RETENTION
     output: str | None = None
     completion_topic: Name | None = None
     budget: Budget | None = None
