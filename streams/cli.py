@@ -217,7 +217,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from legato.streams.admin import ensure_topics
-    from legato.streams.definitions import deploy, read_files
+    from legato.streams.definitions import deploy, read_files, topics_needed
 
     s = _settings(args)
     candidates, errors = read_files(args.files)
@@ -229,7 +229,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         kafka = security.aiokafka_kwargs()
-        await ensure_topics(s.bootstrap, s.topics, [], s.partitions)
+        activities, completion_topics = topics_needed(candidates)
+        await ensure_topics(s.bootstrap, s.topics, activities, s.partitions, completion_topics)
         plan = await deploy(candidates, s.bootstrap, s.topics, kafka=kafka)
         for o in plan.outcomes:
             c = o.candidate

@@ -69,6 +69,15 @@ def read_files(files: Iterable[str | Path]) -> tuple[list[Candidate], list[Defin
     return candidates, errors
 
 
+def topics_needed(candidates: Iterable[Candidate]) -> tuple[list[str], list[str]]:
+    """The activities (their request topics) and completion topics the definitions use, to create before a run
+    of them needs them (like ``ensure_topics`` does for ``--workflows`` at start)."""
+    candidates = list(candidates)
+    activities = sorted({a for c in candidates for a in c.workflow.activities})
+    completion = sorted({c.workflow.definition.completion_topic for c in candidates if c.workflow.definition.completion_topic})
+    return activities, completion
+
+
 def definition_files(dirs: Iterable[str | Path]) -> list[Path]:
     """Every ``*.yaml``/``*.yml`` in ``dirs`` (not recursive), in order; DefinitionError for a missing directory."""
     files: list[Path] = []

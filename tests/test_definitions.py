@@ -13,6 +13,7 @@ from legato.streams.definitions import (
     deploy_files,
     plan_deploy,
     read_files,
+    topics_needed,
 )
 from legato.topics import codec
 from legato.topics.models import DefinitionDeployed
@@ -218,3 +219,10 @@ def test_catalog_is_immutable():
     one = empty.with_definition(_deployed(V1).get("greet", 1))
     assert len(empty) == 0 and len(one) == 1
     assert [d.key for d in one] == ["greet@1"]
+
+
+def test_topics_needed_lists_activities_and_completion_topics(tmp_path):
+    a = _write(tmp_path, "a.yaml", V1)
+    b = _write(tmp_path, "b.yaml", V2.replace("steps:", "completion_topic: greet.done\nsteps:"))
+    activities, completion = topics_needed(read_files([a, b])[0])
+    assert activities == ["say", "shout"] and completion == ["greet.done"]
