@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from legato.streams.admin import ensure_topics
 from legato.streams.definitions import DefinitionTable, DeployRefused, deploy, deploy_files, read_files
 from legato.topics import codec
+from legato.topics.client import LegatoClient
 from legato.topics.models import DeadLetter, DefinitionDeployed
 from legato.topics.names import Topics
 from legato.workflows.catalog import source_sha256
@@ -207,3 +208,44 @@ async def test_deploy_files_at_start_agrees_with_kafka_or_refuses(tmp_path, topi
     assert [o.action for o in plan.outcomes] == ["unchanged"]
     with pytest.raises(DeployRefused, match=f"{name}@1 is already deployed with other content"):
         await deploy_files([second], kafka_bootstrap, topics)
+
+
+KAFKA_ONLY = """\
+name: kafka_only
+steps:
+  - id: done
+    end: {output: "input.x"}
+"""
+
+
+async def test_a_coordinator_deploys_its_files_refuses_a_conflict_and_runs_what_is_deployed(tmp_path, env, topics, kafka_bootstrap):
+    """At start the coordinator deploys its --workflows files under deploy's rules (a conflict stops it, naming the
+    file) and decides every deployed definition, also those that are in no file of its own."""
+    deployed = tmp_path / "kafka_only.yaml"
+    deployed.write_text(KAFKA_ONLY, encoding="utf-8")
+    code, out, err = await cli("deploy", str(deployed), env=env)
+    assert code == 0, err
+
+    conflicting = tmp_path / "conflicting"
+    conflicting.mkdir()
+    (conflicting / "greet.yaml").write_text(V1.replace("say", "whisper"), encoding="utf-8")
+    code, out, err = await cli("coordinator", "--workflows", str(conflicting), env={**env, "LEGATO_DATA_DIR": str(tmp_path / "data")})
+    assert code != 0
+    assert f"refused: {conflicting / 'greet.yaml'}: greet@1 is already deployed with other content" in err, err
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "greet.yaml").write_text(V1, encoding="utf-8")  # deployed before: unchanged
+    log = (tmp_path / "coordinator.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(legato_executable(), "coordinator", "--workflows", str(own), cwd=REPO_ROOT,
+                                                env={**env, "LEGATO_DATA_DIR": str(tmp_path / "data")}, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=log, stderr=log)
+    try:
+        async with LegatoClient(kafka_bootstrap, topics.prefix) as client:
+            event = await client.run("kafka_only", {"x": 7}, timeout=60.0)
+        assert event.status == "succeeded" and event.output == 7, event
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 20)
+        log.close()
