@@ -13,6 +13,7 @@ import uuid
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from legato.streams.admin import ensure_topics
 from legato.streams.definitions import DefinitionTable, DeployRefused, deploy, deploy_files, read_files
@@ -132,6 +133,13 @@ async def test_deploy_redeploy_and_conflict(tmp_path, env, topics, kafka_bootstr
 
     code, out, err = await cli("deploy", str(v2), env=env)
     assert code == 0 and out.startswith(f"deployed: {v2}: greet@2 "), err
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert {topics.requests("say"), topics.requests("shout")} <= existing  # created by deploy, not by a first run
 
     code, out, err = await cli("definitions", env=env)
     assert code == 0, err
