@@ -257,3 +257,31 @@ async def test_a_coordinator_deploys_its_files_refuses_a_conflict_and_runs_what_
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 20)
         log.close()
+
+
+async def test_a_deployer_killed_mid_transaction_leaves_nothing_and_does_not_block_the_next(tmp_path, topics, kafka_bootstrap):
+    """A deployer that died with its transaction open: its record is never visible, and the next deployer fences it
+    at once (no wait for the transaction timeout)."""
+    name = f"killed_{uuid.uuid4().hex[:8]}"
+    dead_text = V1_EDITED.replace("greet", name)
+    dead = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=topics.deployer, enable_idempotence=True)
+    await dead.start()
+    try:
+        await dead.begin_transaction()
+        record = DefinitionDeployed(name=name, version=1, sha256=source_sha256(dead_text), source=dead_text, deployed_at="2026-01-01T00:00:00Z")
+        await dead.send_and_wait(topics.definitions, codec.dumps(record), key=f"{name}@1".encode())
+        # ... and the process is gone: no commit, no abort.
+        path = tmp_path / "next.yaml"
+        path.write_text(V1.replace("greet", name), encoding="utf-8")
+        started = time.monotonic()
+        plan = await deploy(read_files([path])[0], kafka_bootstrap, topics)
+        assert [o.action for o in plan.outcomes] == ["publish"]
+        assert time.monotonic() - started < 20.0  # the transaction timeout is 60 s
+        async with DefinitionTable(kafka_bootstrap, topics, dead_letters=False) as table:
+            assert table.catalog.get(name, 1).sha256 == source_sha256(V1.replace("greet", name))
+            assert not [r for r in table.rejected if r.key == f"{name}@1"]
+    finally:
+        try:
+            await dead.stop()
+        except Exception:
+            pass  # fenced
