@@ -94,17 +94,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_redrive(args: argparse.Namespace) -> int:
     from legato.topics.client import LegatoClient
     from legato.tools.runs_show import load_run
+    from legato.workflows.lifecycle import redrive_refusal
 
     s = _settings(args)
 
     async def go() -> int:
         if args.wait:  # the coordinator counts a refused redrive and emits nothing: say why before waiting in vain
-            state = await load_run(s.bootstrap, s.prefix, args.run_id)
-            if state is None:
-                print(f"legato redrive: no run {args.run_id!r} (unknown, or forgotten after its retention)", file=sys.stderr)
-                return 1
-            if state.status != "failed":
-                print(f"legato redrive: run {args.run_id!r} is {state.status}: only a failed run can be redriven", file=sys.stderr)
+            refusal = redrive_refusal(await load_run(s.bootstrap, s.prefix, args.run_id))
+            if refusal is not None:
+                print(f"legato redrive: run {args.run_id!r}: {refusal}", file=sys.stderr)
                 return 1
         async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
             if not args.wait:
@@ -139,6 +137,11 @@ def cmd_fork(args: argparse.Namespace) -> int:
             return 2
 
     async def go() -> int:
+        if args.wait:  # a refused fork starts nothing and emits nothing: say why before waiting in vain
+            refusal = await _fork_refusal(s, args.run_id, args.from_step)
+            if refusal is not None:
+                print(f"legato fork: {refusal}", file=sys.stderr)
+                return 1
         async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
             if not args.wait:
                 print(await client.fork(args.run_id, args.from_step, payload, new_run_id=args.run_id_new))
@@ -153,6 +156,24 @@ def cmd_fork(args: argparse.Namespace) -> int:
             return 0 if event.status == "succeeded" else 1
 
     return asyncio.run(go())
+
+
+async def _fork_refusal(s: Settings, run_id: str, from_step: str) -> str | None:
+    """Why the coordinator would refuse to fork ``run_id`` from ``from_step`` (the same guard, on what is stored now)."""
+    from legato.streams.definitions import read_catalog
+    from legato.tools.runs_show import load_run
+    from legato.topics.models import RunForkRequested
+    from legato.workflows.lifecycle import fork_seed
+
+    state = await load_run(s.bootstrap, s.prefix, run_id)
+    if state is None:
+        return f"no run {run_id!r} (unknown, or forgotten after its retention)"
+    table = await read_catalog(s.bootstrap, s.topics, kafka=security.aiokafka_kwargs())
+    definition = table.catalog.get(state.workflow, state.version)
+    if definition is None:
+        return f"run {run_id!r} ran {state.workflow} v{state.version}, which is not deployed"
+    seed = fork_seed(state, definition, RunForkRequested(run_id=run_id, from_step=from_step, new_run_id="-"))
+    return seed if isinstance(seed, str) else None
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:

@@ -299,8 +299,7 @@ class DefinitionTable:
 
     async def _dead_letter(self, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str) -> None:
         if self._producer is None:
-            log.warning("unusable definition record %s:%s@%s: %s", self.topics.definitions, partition, offset, reason)
-            return
+            return  # a reader that does not dead-letter (legato definitions, a deployer) has them in `rejected`
         from legato.streams.dlq import dead_letter
 
         letter_key, data = dead_letter(self.topics.definitions, partition, offset, key, value, reason)

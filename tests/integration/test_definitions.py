@@ -249,14 +249,23 @@ async def test_a_coordinator_deploys_its_files_refuses_a_conflict_and_runs_what_
                                                 env={**env, "LEGATO_DATA_DIR": str(tmp_path / "data")}, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=log, stderr=log)
     try:
+        run_id = f"ko-{uuid.uuid4().hex[:8]}"
         async with LegatoClient(kafka_bootstrap, topics.prefix) as client:
-            event = await client.run("kafka_only", {"x": 7}, timeout=60.0)
+            event = await client.run("kafka_only", {"x": 7}, run_id=run_id, timeout=60.0)
         assert event.status == "succeeded" and event.output == 7, event
     finally:
         if proc.returncode is None:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 20)
         log.close()
+
+    # redrive and fork --wait say why the coordinator would refuse, from the stored run and its pinned definition
+    code, out, err = await cli("redrive", run_id, "--wait", env=env)
+    assert code == 1 and err == f"legato redrive: run {run_id!r}: the run is succeeded: only a failed run can be redriven\n", err
+    code, out, err = await cli("redrive", "no-such-run", "--wait", env=env)
+    assert code == 1 and "unknown run (or forgotten after its retention)" in err, err
+    code, out, err = await cli("fork", run_id, "--from", "zz", "--wait", env=env)
+    assert code == 1 and err == "legato fork: 'zz' is no step of kafka_only@1: fork from one of its top-level steps (done)\n", err
 
 
 async def test_a_deployer_killed_mid_transaction_leaves_nothing_and_does_not_block_the_next(tmp_path, topics, kafka_bootstrap):
