@@ -71,6 +71,8 @@ def test_only_a_failed_top_level_run_that_started_can_be_redriven():
     unknown.start("nope")
     assert unknown.status == "failed"
     assert redrive_refusal(unknown.state) == "the run never started a step (UnknownWorkflow): trigger it again"
+    spent = failed.state.model_copy(update={"error": failed.state.error.model_copy(update={"type": "budget_exceeded"})})
+    assert "spent its budget" in redrive_refusal(spent)
 
 
 # --- fork ----------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ def redrive_refusal(state: RunState | None) -> str | None:
     if "root" not in state.frames:
         error = state.error.type if state.error else "no step started"
         return f"the run never started a step ({error}): trigger it again"
+    if state.error is not None and state.error.type == "budget_exceeded":
+        return "the run spent its budget (its cost is kept): it would fail again at its next step"
     return None
 
 
