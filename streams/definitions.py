@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,9 @@ log = logging.getLogger("legato.definitions")
 
 _DEPLOY_ATTEMPTS = 5
 """A deployer fenced by another one reads the topic again and retries this often."""
+
+_REJECTED_KEPT = 1000
+"""The latest unusable records a table lists (all of them are dead-lettered)."""
 
 _FOLLOW_POLL_MS = 200
 """How long one poll of a following table waits for records (a deployed definition is seen within about this)."""
@@ -168,7 +172,7 @@ class DefinitionTable:
         self.topics = topics
         self.catalog = Catalog()
         self.version = 0
-        self.rejected: list[Rejected] = []
+        self.rejected: deque[Rejected] = deque(maxlen=_REJECTED_KEPT)
         self._kafka = dict(kafka or {})
         self._dead_letters = dead_letters
         self._listeners: list[Callable[[Catalog], None]] = []
@@ -191,14 +195,18 @@ class DefinitionTable:
         """Read the topic from its start up to its end, then (``follow``) keep reading it in the background."""
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="earliest", isolation_level="read_committed", **self._kafka)
-        await self._consumer.start()
-        if self._dead_letters:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=0, **self._kafka)
-            await self._producer.start()
-        self._partitions = await self._wait_for_partitions(timeout)
-        self._consumer.assign(self._partitions)
-        await self._consumer.seek_to_beginning(*self._partitions)
-        await self.catch_up(timeout)
+        try:
+            await self._consumer.start()
+            if self._dead_letters:
+                self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=0, **self._kafka)
+                await self._producer.start()
+            self._partitions = await self._wait_for_partitions(timeout)
+            self._consumer.assign(self._partitions)
+            await self._consumer.seek_to_beginning(*self._partitions)
+            await self.catch_up(timeout)
+        except BaseException:
+            await self.stop()
+            raise
         if follow:
             self._follow = asyncio.create_task(self._follow_loop(), name="legato-definitions")
 
@@ -210,10 +218,11 @@ class DefinitionTable:
             except asyncio.CancelledError:
                 pass
             self._follow = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        consumer, producer, self._consumer, self._producer = self._consumer, self._producer, None, None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
 
     async def catch_up(self, timeout: float = 30.0) -> None:
         """Read until the end offsets of now (the last stable offsets: read_committed)."""
@@ -232,7 +241,7 @@ class DefinitionTable:
         while True:
             try:
                 batch = await self._consumer.getmany(timeout_ms=_FOLLOW_POLL_MS)
-            except KafkaError as exc:  # the broker is away: the consumer reconnects; keep our position
+            except Exception as exc:  # the broker is away: the consumer reconnects; keep our position
                 log.warning("reading %s: %s", self.topics.definitions, exc)
                 await asyncio.sleep(1.0)
                 continue
