@@ -1,0 +1,102 @@
+"""Feeds a RunIndex from Kafka: a group-less consumer of every run-keyed topic, positioned from the index.
+
+No consumer group and no committed offsets: the index stores its own positions with what they produced, so any
+number of console processes (each with its own file) read the same topics without taking partitions from each
+other, and deleting the file makes the next start read everything again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from legato.streams.console.index import RunIndex
+from legato.topics.names import Topics
+
+log = logging.getLogger(__name__)
+
+TOPIC_REFRESH_S = 10.0  # how often new topics (a new activity's requests topic) are looked for
+MAX_RECORDS = 2000
+
+
+class Feed:
+    """``async with Feed(...) as feed: await feed.catch_up()`` or ``await feed.follow(on_change)``."""
+
+    def __init__(self, bootstrap: str, index: RunIndex, prefix: str, **kafka: object):
+        self.index = index
+        self.topics = Topics(prefix)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                         auto_offset_reset="earliest", **{"isolation_level": "read_committed", **kafka})
+        self._assigned: set[TopicPartition] = set()
+
+    async def __aenter__(self) -> "Feed":
+        await self.consumer.start()
+        await self._assign()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    def _wanted(self, topic: str) -> bool:
+        t = self.topics
+        return topic in (t.runs, t.changelog, t.coordinator, t.completions, t.cancellations, t.signals, t.progress, t.definitions) \
+            or topic.startswith(t.requests(""))
+
+    async def _assign(self) -> bool:
+        """Assign every partition of the wanted topics that exist now; True when that set grew."""
+        metadata = await self.consumer._client.fetch_all_metadata()
+        tps = {TopicPartition(topic, p) for topic in metadata.topics() if self._wanted(topic)
+               for p in (metadata.partitions_for_topic(topic) or ())}
+        if tps <= self._assigned:
+            return False
+        new = tps - self._assigned
+        self._assigned |= tps
+        self.consumer.assign(sorted(self._assigned))
+        positions = self.index.positions()
+        for tp in self._assigned:
+            at = positions.get((tp.topic, tp.partition))
+            if at is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, at)
+        log.info("console feed reads %d partitions (%d new)", len(self._assigned), len(new))
+        return True
+
+    async def _poll(self, timeout_ms: int) -> int:
+        if not self._assigned:
+            await asyncio.sleep(timeout_ms / 1000)
+            return 0
+        batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=MAX_RECORDS)
+        records = [(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp) for tp, rs in batch.items() for r in rs]
+        return self.index.apply_all(records) if records else 0
+
+    async def catch_up(self, timeout: float = 60.0) -> None:
+        """Read every assigned partition up to its end offset as of now."""
+        if not self._assigned:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ends = await self.consumer.end_offsets(list(self._assigned))
+        while True:
+            behind = [tp for tp, end in ends.items() if await self.consumer.position(tp) < end]
+            if not behind:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"the run index did not catch up with {len(behind)} partitions within {timeout:g}s")
+            await self._poll(200)
+
+    async def follow(self, on_change: Callable[[], None] | None = None) -> None:
+        """Apply records as they come, forever; ``on_change`` after every batch that changed the index."""
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + TOPIC_REFRESH_S
+        while True:
+            if await self._poll(500) and on_change:
+                on_change()
+            if loop.time() >= next_refresh:
+                next_refresh = loop.time() + TOPIC_REFRESH_S
+                try:
+                    await self._assign()
+                except Exception as exc:  # the broker may be away for a while; keep serving what we have
+                    log.warning("console feed: cannot refresh topics: %s", exc)
