@@ -12,7 +12,7 @@ from typing import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from legato.streams.console.index import RunIndex
+from legato.streams.console.index import RunIndex, open_index
 from legato.topics.names import Topics
 
 log = logging.getLogger(__name__)
@@ -100,3 +100,15 @@ class Feed:
                     await self._assign()
                 except Exception as exc:  # the broker may be away for a while; keep serving what we have
                     log.warning("console feed: cannot refresh topics: %s", exc)
+
+
+async def fresh_index(bootstrap: str, prefix: str, data_dir, name: str = "cli", timeout: float = 60.0, **kafka: object) -> RunIndex:
+    """This machine's ``name`` index, caught up with the topics as they are now (what ``legato runs`` reads)."""
+    index = open_index(data_dir, prefix, name, wait=True)
+    try:
+        async with Feed(bootstrap, index, prefix, **kafka) as feed:
+            await feed.catch_up(timeout)
+    except BaseException:
+        index.close()
+        raise
+    return index

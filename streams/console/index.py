@@ -17,6 +17,7 @@ as they are (a newer coordinator may add ``schema_version``, a ``waiting`` statu
 """
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
@@ -93,9 +94,26 @@ class RunFilter:
     q: str | None = None
 
 
-def index_path(data_dir: Path, prefix: str, name: str) -> Path:
-    """Where one process keeps its index: ``<data_dir>/console/<prefix>-<name>.sqlite``."""
-    return Path(data_dir) / "console" / f"{prefix}-{name}.sqlite"
+def open_index(data_dir: Path, prefix: str, name: str, wait: bool = False) -> "RunIndex":
+    """The index file ``<data_dir>/console/<prefix>-<name>.sqlite``, locked for this process.
+
+    Each process feeds its own file. When another process holds it, ``wait`` waits for it (the CLI: the next
+    ``legato runs`` reuses what the last one read); otherwise the next free ``<name>-2``, ``<name>-3``… is used.
+    """
+    folder = Path(data_dir) / "console"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 100):
+        path = folder / f"{prefix}-{name}{'' if n == 1 else f'-{n}'}.sqlite"
+        lock = open(f"{path}.lock", "a+b")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        index = RunIndex(path, prefix)
+        index._lock = lock  # held (and released by close) for the life of the index
+        return index
+    raise RuntimeError(f"no free index file under {folder}")
 
 
 class RunIndex:
@@ -111,6 +129,7 @@ class RunIndex:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
         self._in_tx = False
+        self._lock: Any = None
         self._event_kinds = {
             self.topics.runs: "run",
             self.topics.coordinator: "coordinator",
@@ -123,6 +142,8 @@ class RunIndex:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()
 
     # --- writing ---------------------------------------------------------------------------------
 
