@@ -18,6 +18,7 @@ from legato.topics.names import Topics
 log = logging.getLogger(__name__)
 
 TOPIC_REFRESH_S = 10.0  # how often new topics (a new activity's requests topic) are looked for
+EARLY_REFRESH_S = 1.0  # ... while the runs topic or the changelog do not exist yet (a console started first)
 MAX_RECORDS = 2000
 
 
@@ -54,12 +55,11 @@ class Feed:
         new = tps - self._assigned
         self._assigned |= tps
         self.consumer.assign(sorted(self._assigned))
-        positions = self.index.positions()
-        for tp in self._assigned:
-            at = positions.get((tp.topic, tp.partition))
-            if at is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
+        # a partition the index has read from resumes there; any other starts at the earliest offset (the
+        # consumer's reset policy: one batched reset, where a seek_to_beginning per partition waits for each)
+        for (topic, partition), at in self.index.positions().items():
+            tp = TopicPartition(topic, partition)
+            if tp in self._assigned:
                 self.consumer.seek(tp, at)
         log.info("console feed reads %d partitions (%d new)", len(self._assigned), len(new))
         return True
@@ -90,12 +90,13 @@ class Feed:
     async def follow(self, on_change: Callable[[], None] | None = None) -> None:
         """Apply records as they come, forever; ``on_change`` after every batch that changed the index."""
         loop = asyncio.get_running_loop()
-        next_refresh = loop.time() + TOPIC_REFRESH_S
+        next_refresh = loop.time()
         while True:
             if await self._poll(500) and on_change:
                 on_change()
             if loop.time() >= next_refresh:
-                next_refresh = loop.time() + TOPIC_REFRESH_S
+                core = {self.topics.runs, self.topics.changelog} <= {tp.topic for tp in self._assigned}
+                next_refresh = loop.time() + (TOPIC_REFRESH_S if core else EARLY_REFRESH_S)
                 try:
                     await self._assign()
                 except Exception as exc:  # the broker may be away for a while; keep serving what we have
