@@ -33,7 +33,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 BODY_LIMIT = 64 * 1024  # an event body kept for the history page; longer ones are cut (the log keeps them whole)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+CREATE TABLE IF NOT EXISTS runs (      -- small rows: what lists, filters and counts read
     run_id TEXT PRIMARY KEY,
     workflow TEXT,
     version INTEGER,
@@ -43,14 +43,21 @@ CREATE TABLE IF NOT EXISTS runs (
     correlation_id TEXT,
     parent TEXT,
     cost_usd REAL,
-    summary TEXT,           -- JSON: output, error, path, cost, stopped_by of the last run event
+    has_state INTEGER NOT NULL DEFAULT 0,
+    updated_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS documents (  -- large values, read for one run at a time
+    run_id TEXT PRIMARY KEY,
     state TEXT,             -- JSON: the last state document from the changelog
     state_at TEXT,          -- topic/partition/offset of that document
-    updated_ms INTEGER
+    summary TEXT            -- JSON: output, error, path, cost, stopped_by of the last run event
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS workflow_versions (workflow TEXT NOT NULL, version INTEGER NOT NULL DEFAULT -1,
+    PRIMARY KEY (workflow, version)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_ms);
 CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_ms);
 CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow, version, started_ms);
+CREATE INDEX IF NOT EXISTS runs_workflow_status ON runs (workflow, version, status);
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, started_ms);
 CREATE INDEX IF NOT EXISTS runs_correlation ON runs (correlation_id);
 CREATE TABLE IF NOT EXISTS events (
@@ -227,6 +234,7 @@ class RunIndex:
         run_id = key.decode("utf-8", "replace")
         if value is None:  # a tombstone: the run was forgotten, and so is everything the index knew of it
             self.db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            self.db.execute("DELETE FROM documents WHERE run_id = ?", (run_id,))
             self.db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
             self.db.execute("INSERT OR IGNORE INTO forgotten (run_id) VALUES (?)", (run_id,))
             return
@@ -257,13 +265,27 @@ class RunIndex:
                      correlation_id=_str(raw.get("correlation_id")),
                      parent=_str(parent.get("run_id")) if isinstance(parent, dict) else None, updated_ms=timestamp_ms)
 
+    _DOCUMENT = ("state", "state_at", "summary")
+
     def _upsert(self, run_id: str, *, authoritative: bool = False, **fields: Any) -> None:
         """Merge what one record says about a run: the changelog's state wins; other sources fill gaps, and a
         finished run never goes back to running (records of different topics arrive in any order)."""
-        row = self.db.execute("SELECT status, state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        document = {k: v for k in self._DOCUMENT if (v := fields.pop(k, None)) is not None}
+        if document:
+            cols = ["run_id", *document]
+            self.db.execute(f"INSERT INTO documents ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                            f"ON CONFLICT (run_id) DO UPDATE SET {', '.join(f'{k} = excluded.{k}' for k in document)}",
+                            (run_id, *document.values()))
+        if authoritative:
+            fields["has_state"] = 1
+        if fields.get("workflow"):
+            self.db.execute("INSERT OR IGNORE INTO workflow_versions (workflow, version) VALUES (?, ?)",
+                            (fields["workflow"], fields["version"] if fields.get("version") is not None else -1))
+        row = self.db.execute("SELECT status, has_state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
-            cols = ["run_id", *fields]
-            self.db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", (run_id, *fields.values()))
+            cols = ["run_id", *(k for k, v in fields.items() if v is not None)]
+            values = [v for v in fields.values() if v is not None]
+            self.db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", (run_id, *values))
             return
         current_status, has_state = row
         sets, params = [], []
@@ -309,13 +331,17 @@ class RunIndex:
         where, params = _where(RunFilter(f.workflow, None, f.version, f.since_ms, f.until_ms, f.q))
         return {status or "unknown": n for status, n in self.db.execute(f"SELECT status, COUNT(*) FROM runs {where} GROUP BY status", params)}
 
+    def workflow_names(self) -> list[str]:
+        """Every workflow name seen (forgotten runs' names too: they are few, and the list only offers a filter)."""
+        return [w for (w,) in self.db.execute("SELECT DISTINCT workflow FROM workflow_versions ORDER BY workflow")]
+
     def workflows(self) -> list[tuple[str, int | None, str, int]]:
         """(workflow, version, status, runs) for every workflow version in the index."""
         return list(self.db.execute("SELECT workflow, version, status, COUNT(*) FROM runs GROUP BY workflow, version, status ORDER BY workflow, version"))
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run's row with ``state`` and ``summary`` decoded (None when unknown or forgotten)."""
-        cur = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        cur = self.db.execute("SELECT runs.*, state, state_at, summary FROM runs LEFT JOIN documents USING (run_id) WHERE run_id = ?", (run_id,))
         row = cur.fetchone()
         if row is None:
             return None

@@ -271,7 +271,7 @@ class Console:
         return {
             "filter": f, "query": keep, "rows": rows[:PAGE_SIZE], "page": page, "more": len(rows) > PAGE_SIZE,
             "counts": counts, "total": sum(counts.values()), "statuses": STATUSES, "since_choices": SINCE_CHOICES,
-            "workflows": sorted({w for w, _, _, _ in self.index.workflows() if w}),
+            "workflows": self.index.workflow_names(),
             "link": lambda **over: "?" + urlencode({**keep, **over}),
             "now_ms": now_ms, "changes": self.changes,
         }
