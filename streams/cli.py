@@ -186,11 +186,14 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def _fresh_index(s: Settings, command: str):
+    """The CLI's run index, caught up with the topics; None (after saying why) when they cannot be read."""
+    from aiokafka.errors import KafkaError
+
     from legato.streams.console.feed import fresh_index
 
     try:
         return asyncio.run(fresh_index(s.bootstrap, s.prefix, s.data_dir, timeout=RUNS_CATCH_UP_S, **security.aiokafka_kwargs()))
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, KafkaError) as exc:
         print(f"legato {command}: cannot read the run topics at {s.bootstrap}: {exc}", file=sys.stderr)
         return None
 

@@ -9,7 +9,7 @@ from legato.streams.config import Settings
 from legato.streams.console.index import RunIndex
 from legato.streams.console.web import Console, ConsoleError, _check_binding, gantt_bars, marked_graph, parse_filter, step_rows
 from legato.topics.names import Topics
-from tests.test_console_index import Log, run_event, sample_log, state
+from tests.test_console_index import sample_log, state
 
 T = Topics("legato")
 XSS = '<script>window.pwned=1</script>"><img src=x onerror="window.pwned=2">'

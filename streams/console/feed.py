@@ -33,8 +33,12 @@ class Feed:
         self._assigned: set[TopicPartition] = set()
 
     async def __aenter__(self) -> "Feed":
-        await self.consumer.start()
-        await self._assign()
+        try:
+            await self.consumer.start()
+            await self._assign()
+        except BaseException:
+            await self.consumer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
