@@ -9,7 +9,7 @@ from legato.streams.config import Settings
 from legato.streams.console.index import RunIndex
 from legato.streams.console.web import Console, ConsoleError, _check_binding, gantt_bars, marked_graph, parse_filter, step_rows
 from legato.topics.names import Topics
-from tests.test_console_index import sample_log, state
+from tests.test_console_index import run_event, sample_log, state
 
 T = Topics("legato")
 XSS = '<script>window.pwned=1</script>"><img src=x onerror="window.pwned=2">'
@@ -137,3 +137,31 @@ def test_filter_from_query_ignores_what_does_not_parse():
     f = parse_filter({"status": "bogus", "version": "x", "since": "1h", "q": " r1 "}, now_ms=10_000_000)
     assert f.status is None and f.version is None and f.since_ms == 10_000_000 - 3_600_000 and f.q == "r1"
     assert parse_filter({"from": "2026-01-01T00:00", "to": "2026-01-02T00:00"}, 0).until_ms - parse_filter({"from": "2026-01-01T00:00"}, 0).since_ms == 86_400_000
+
+
+async def test_workflows_pages_count_runs_and_draw_the_local_definition(tmp_path):
+    (tmp_path / "wf.yaml").write_text("name: wf\nversion: 1\nsteps:\n  - id: a\n    activity: act\n", encoding="utf-8")
+    c = await client_for(Console(Settings(workflow_dirs=[str(tmp_path)]), index_with_runs()))
+    try:
+        html = await (await c.get("/workflows")).text()
+        assert "wf@1" in html and "other@3" in html
+        html = await (await c.get("/workflow?name=wf&version=1")).text()
+        assert "flowchart TD" in html and 'class="st-succeeded">succeeded <b>1</b>' in html
+        html = await (await c.get("/run?id=r1")).text()
+        assert "flowchart TD" in html and "local workflow directories" in html
+    finally:
+        await c.close()
+
+
+def test_runs_cli_rendering():
+    from legato.tools.runs_show import render_history, render_list, render_run
+
+    index = index_with_runs()
+    text = render_list(index.list_runs(), index.counts())
+    assert text.splitlines()[0].split() == ["run_id", "workflow", "status", "started", "duration_ms", "correlation_id"]
+    assert "r2" in text and "other@3" in text and text.endswith("1 failed, 1 running, 1 succeeded, 1 waiting")
+    assert "status succeeded" in render_run(index.get_run("r1"))
+    history = render_history(index.events("r1"))
+    assert f"{T.completions}/0/0" in history and "activity.succeeded" in history
+    index.apply_all([(T.runs, 1, 0, b"x9", run_event("x9", "run.failed", "failed", error={"type": "E", "message": "m"}), 1)])
+    assert "error     E: m" in render_run(index.get_run("x9"))  # known from the runs topic only

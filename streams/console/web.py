@@ -219,7 +219,7 @@ class Console:
         self.client: LegatoClient | None = None
         self.producer: AIOKafkaProducer | None = None
         self.changes = 0  # bumped whenever the index changed: the pages poll it
-        self._local: dict[str, Any] | None = None
+        self._local: dict[tuple[str, int], str] | None = None
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -229,6 +229,7 @@ class Console:
             web.get("/", self.runs_page),
             web.get("/run", self.run_page),
             web.get("/workflows", self.workflows_page),
+            web.get("/workflow", self.workflow_page),
             web.post("/run/cancel", self.cancel),
             web.post("/run/signal", self.signal),
             web.static("/static", HERE / "static"),
@@ -294,7 +295,7 @@ class Console:
             "run": run, "state": state, "summary": summary, "events": events, "steps": rows,
             "bars": gantt_bars(rows, run["started_ms"], run["finished_ms"], now_ms),
             "waiting": [r for r in rows if r.get("status") == "waiting"],
-            "progress": progress_by_request(events), "graph": self._graph(run, state),
+            "progress": progress_by_request(events), "graph": self._graph(run["workflow"], run["version"], state),
             "output": state.get("output", summary.get("output")), "error": state.get("error") or summary.get("error"),
             "cost": state.get("cost") or summary.get("cost"), "path": state.get("path") or summary.get("path") or [],
             "finished": run["status"] in ("succeeded", "failed", "cancelled"),
@@ -309,12 +310,22 @@ class Console:
         rows = [{"workflow": w, "version": v, "counts": c, "total": sum(c.values())} for (w, v), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
         return self._html("workflows.html", rows=rows, statuses=STATUSES)
 
-    def _graph(self, run: dict[str, Any], state: dict[str, Any]) -> dict[str, str] | None:
+    async def workflow_page(self, request: web.Request) -> web.Response:
+        name = request.query.get("name", "")
+        version = request.query.get("version", "")
+        v = int(version) if version.isdigit() else None
+        counts: dict[str, int] = {}
+        for workflow, ver, status, n in self.index.workflows():
+            if workflow == name and (v is None or ver == v):
+                counts[status or "unknown"] = counts.get(status or "unknown", 0) + n
+        return self._html("workflow.html", name=name, version=v, counts=counts, statuses=STATUSES, graph=self._graph(name, v, {}))
+
+    def _graph(self, workflow: str | None, version: int | None, state: dict[str, Any]) -> dict[str, str] | None:
         """The workflow's flowchart from the definitions topic, else from the local workflow directories."""
-        source = self.index.definition(run["workflow"], run["version"]) if run["workflow"] else None
+        source = self.index.definition(workflow, version) if workflow else None
         origin = self.settings.topics.definitions
         if source is None:
-            source, origin = self._local_definition(run["workflow"], run["version"]), "local workflow directories"
+            source, origin = self._local_definition(workflow, version), "local workflow directories"
         if source is None:
             return None
         try:
@@ -323,6 +334,7 @@ class Console:
             return {"text": f"cannot draw the graph: {exc}", "origin": origin}
 
     def _local_definition(self, name: str | None, version: int | None) -> str | None:
+        """``name@version`` (the highest version when None) from the console's --workflows directories."""
         if self._local is None:
             self._local = {}
             for directory in self.settings.workflow_dirs:
@@ -332,9 +344,12 @@ class Console:
                         doc = yaml.safe_load(text)
                     except (OSError, yaml.YAMLError):
                         continue
-                    if isinstance(doc, dict) and isinstance(doc.get("name"), str):
-                        self._local[f"{doc['name']}@{doc.get('version', 1)}"] = text
-        return self._local.get(f"{name}@{version}")
+                    if isinstance(doc, dict) and isinstance(doc.get("name"), str) and isinstance(doc.get("version", 1), int):
+                        self._local[(doc["name"], doc.get("version", 1))] = text
+        versions = sorted(v for n, v in self._local if n == name)
+        if not versions:
+            return None
+        return self._local.get((name, versions[-1] if version is None else version))
 
     # --- actions ---------------------------------------------------------------------------------
 
