@@ -166,3 +166,16 @@ def test_definitions_are_kept_by_name_and_version():
     fill(index, log)
     assert index.definition("wf", 1) == "name: wf\nversion: 1\n" and index.definition("wf", None).endswith("2\n")
     assert index.definition("nope", None) is None
+
+
+def test_documents_stored_without_defaults_read_with_them():
+    # the coordinator stores model_dump_json(exclude_defaults=True): a running run has no "status"
+    doc = {"run_id": "d1", "workflow": "wf", "version": 1, "started_ms": 5,
+           "steps": {"w": {"key": "w", "step_id": "w", "kind": "wait", "frame": "root", "signal": "go"}}}
+    log = Log().add(T.changelog, "d1", orjson.dumps(doc)).add(T.coordinator, "d1", orjson.dumps({"type": "run.accepted", "run_id": "d1", "workflow": "wf"}))
+    index = RunIndex(":memory:", "legato")
+    fill(index, log)
+    run = index.get_run("d1")
+    assert run["status"] == "running" and run["state"]["status"] == "running" and run["state"]["input"] == {}
+    assert run["state"]["steps"]["w"]["status"] == "running" and run["state"]["steps"]["w"]["attempt"] == 0
+    assert run["state"]["steps"]["w"]["signal"] == "go"

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
+from pydantic import ValidationError
 
 from legato.topics.names import Topics
+from legato.workflows.state import RunState
 
 STATUSES = ("running", "waiting", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -244,7 +246,8 @@ class RunIndex:
         self.db.execute("DELETE FROM forgotten WHERE run_id = ?", (run_id,))
         cost = state.get("cost") if isinstance(state.get("cost"), dict) else {}
         parent = state.get("parent")
-        self._upsert(run_id, workflow=_str(state.get("workflow")), version=_int(state.get("version")), status=_str(state.get("status")),
+        # the coordinator stores its documents without default values: a missing status is RunState's "running"
+        self._upsert(run_id, workflow=_str(state.get("workflow")), version=_int(state.get("version")), status=_str(state.get("status", "running")),
                      started_ms=_int(state.get("started_ms")), finished_ms=_int(state.get("finished_ms")),
                      correlation_id=_str(state.get("correlation_id")),
                      parent=_str(parent.get("run_id")) if isinstance(parent, dict) else None,
@@ -346,7 +349,7 @@ class RunIndex:
         if row is None:
             return None
         run = dict(zip([d[0] for d in cur.description], row))
-        run["state"] = _object(run["state"].encode()) if run["state"] else None
+        run["state"] = _complete(_object(run["state"].encode())) if run["state"] else None
         run["summary"] = _object(run["summary"].encode()) if run["summary"] else {}
         return run
 
@@ -388,6 +391,20 @@ def _where(f: RunFilter) -> tuple[str, list[Any]]:
         clauses.append("((run_id >= ? AND run_id < ?) OR correlation_id = ?)")
         params += [f.q, f.q + "\U0010ffff", f.q]
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _complete(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A state document with the defaults the coordinator leaves out (it stores ``exclude_defaults``), keeping every
+    field this version does not know (a step's ``signal``, a ``schema_version``)."""
+    if raw is None:
+        return None
+    try:
+        full = RunState.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return raw
+    steps = raw.get("steps") if isinstance(raw.get("steps"), dict) else {}
+    full_steps = {k: {**full["steps"].get(k, {}), **v} if isinstance(v, dict) else full["steps"].get(k) for k, v in steps.items()}
+    return {**full, **raw, "steps": full_steps, "frames": full["frames"]}
 
 
 def _object(value: bytes | None) -> dict[str, Any] | None:

@@ -152,6 +152,8 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             assert "running" in await row.inner_text()
             assert await page.locator(f'tr[data-run-id="seq-{tag}"]').count() == 1
             await page.screenshot(path=str(shots / "console-runs.png"), full_page=True)
+            late = await legato.trigger("e2e_sequential", {"start": 9}, run_id=f"late-{tag}")  # after the page loaded
+            await page.locator(f'tr[data-run-id="{late}"]', has_text="succeeded").wait_for(timeout=30_000)
 
             # filters narrow it: by status (the select submits itself), then by correlation_id
             await page.select_option("#f-status", "running")
