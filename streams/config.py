@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from legato.topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
+from legato.workflows.durations import parse_duration
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S
 
 
 def _cache_dir() -> Path:
@@ -23,6 +25,7 @@ class Settings:
     metrics_port: int | None = None
     loglevel: str = "warning"
     store: str = "memory"  # the run table's local store: memory, or rocksdb (on disk, through rocksdict)
+    retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
 
     @property
     def topics(self) -> Topics:
@@ -44,4 +47,5 @@ class Settings:
             metrics_port=int(port) if port else None,
             loglevel=env.get("LEGATO_LOGLEVEL", "warning"),
             store=env.get("LEGATO_STORE", "memory"),
+            retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

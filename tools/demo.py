@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from legato.tools import kafka_local, security
+from legato.streams import security
+from legato.tools import kafka_local
 from legato.streams.config import Settings
 from legato.tools.demo_proposal import run_proposal_demo
 from legato.topics.client import LegatoClient

@@ -9,10 +9,11 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import TopicAuthorizationFailedError
 
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import RunCancelRequested, RunEvent, RunRequested
+from legato.topics.models import RunCancelRequested, RunEvent, RunForkRequested, RunRedriveRequested, RunRequested
 from legato.topics.names import DEFAULT_PREFIX, Topics
 
 TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
@@ -50,6 +51,40 @@ class LegatoClient:
         assert self._producer is not None, "use `async with LegatoClient(...)`"
         record = RunCancelRequested(run_id=run_id, reason=reason)
         await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
+
+    async def redrive(self, run_id: str, reason: str = "") -> None:
+        """Ask the coordinator to resume a failed run from what failed, keeping the outputs of the steps that
+        succeeded. A run that is not failed (or unknown, or forgotten after its retention) is left as it is."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        record = RunRedriveRequested(run_id=run_id, reason=reason)
+        await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
+
+    async def fork(self, run_id: str, from_step: str, input: dict | None = None, *, new_run_id: str | None = None, reason: str = "") -> str:
+        """Start a new run of ``run_id``'s definition that reuses the outputs of the steps before ``from_step`` and
+        runs from it on (with ``input`` instead of the source's when given); return the new run's id."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        new_run_id = new_run_id or str(uuid.uuid4())
+        record = RunForkRequested(run_id=run_id, from_step=from_step, new_run_id=new_run_id, input=input, reason=reason)
+        await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
+        return new_run_id
+
+    async def redriven(self, run_id: str, reason: str = "", *, timeout: float = 300.0, progress: Callable[[str], None] | None = None) -> RunEvent:
+        """Redrive a run and wait for its next terminal event."""
+        async with _RunsConsumer(self.bootstrap, [self.topics.runs], False, self._kafka) as consumer:
+            started = asyncio.get_running_loop().time()
+            await self.redrive(run_id, reason)
+            return await asyncio.wait_for(self._wait(consumer, {run_id}, progress, started), timeout)
+
+    async def forked(self, run_id: str, from_step: str, input: dict | None = None, *, new_run_id: str | None = None, reason: str = "",
+                     timeout: float = 300.0, progress: Callable[[str], None] | None = None) -> RunEvent:
+        """Fork a run and wait for the new run's terminal event."""
+        new_run_id = new_run_id or str(uuid.uuid4())
+        async with _RunsConsumer(self.bootstrap, [self.topics.runs], False, self._kafka) as consumer:
+            started = asyncio.get_running_loop().time()
+            await self.fork(run_id, from_step, input, new_run_id=new_run_id, reason=reason)
+            if progress:
+                progress(f"forked run {run_id} from step {from_step} as {new_run_id}")
+            return await asyncio.wait_for(self._wait(consumer, {new_run_id}, progress, started), timeout)
 
     async def run(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, timeout: float = 300.0,
                   progress: Callable[[str], None] | None = None) -> RunEvent:
@@ -119,6 +154,15 @@ class LegatoClient:
         return _RunsConsumer(self.bootstrap, [self.topics.runs], from_beginning, self._kafka)
 
 
+async def _refused(consumer: AIOKafkaConsumer, topic: str) -> bool:
+    """True when the broker refuses this principal ``topic`` (a listing of all topics just leaves it out)."""
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = consumer._client
+    response = await client.send(client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation=False))
+    return any(t[1] == topic and t[0] == TopicAuthorizationFailedError.errno for t in response.topics)
+
+
 class _RunsConsumer:
     """A group-less consumer of every partition of the given topics, positioned before anything is triggered."""
 
@@ -139,6 +183,9 @@ class _RunsConsumer:
                 partitions = metadata.partitions_for_topic(topic)
                 if partitions:
                     break
+                if _ == 0 and await _refused(c, topic):  # a refusal is an error now, not "does not exist" later
+                    await c.stop()
+                    raise TopicAuthorizationFailedError(f"not authorized to read {topic} (the principal's role lacks it: legato acl)")
                 await asyncio.sleep(0.1)
             if not partitions:
                 await c.stop()
