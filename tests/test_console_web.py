@@ -165,3 +165,13 @@ def test_runs_cli_rendering():
     assert f"{T.completions}/0/0" in history and "activity.succeeded" in history
     index.apply_all([(T.runs, 1, 0, b"x9", run_event("x9", "run.failed", "failed", error={"type": "E", "message": "m"}), 1)])
     assert "error     E: m" in render_run(index.get_run("x9"))  # known from the runs topic only
+
+
+async def test_redrive_only_for_failed_runs_and_fork_from_top_level_steps(page):
+    c = await page()
+    html = await (await c.get("/run?id=r3")).text()  # failed
+    assert 'id="redrive"' in html and '<option value="a">a</option>' in html
+    html = await (await c.get("/run?id=r1")).text()  # succeeded
+    assert 'id="redrive"' not in html and 'id="fork"' in html
+    assert (await c.post("/run/redrive", data={"run_id": "r3"})).status == 403  # no CSRF token
+    assert 'id="fork"' not in await (await (await page(read_only=True)).get("/run?id=r1")).text()

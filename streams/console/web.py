@@ -232,6 +232,8 @@ class Console:
             web.get("/workflow", self.workflow_page),
             web.post("/run/cancel", self.cancel),
             web.post("/run/signal", self.signal),
+            web.post("/run/redrive", self.redrive),
+            web.post("/run/fork", self.fork),
             web.static("/static", HERE / "static"),
         ])
         return app
@@ -299,6 +301,7 @@ class Console:
             "output": state.get("output", summary.get("output")), "error": state.get("error") or summary.get("error"),
             "cost": state.get("cost") or summary.get("cost"), "path": state.get("path") or summary.get("path") or [],
             "finished": run["status"] in ("succeeded", "failed", "cancelled"),
+            "top_steps": list(dict.fromkeys(r["step_id"] for r in rows if r.get("frame") == "root" and r.get("step_id"))),  # fork points
             "flash": request.query.get("done"), "changes": self.changes,
         }
         return self._html("run_part.html" if request.query.get("part") else "run.html", **context)
@@ -384,6 +387,28 @@ class Console:
         assert self.producer is not None
         await self.producer.send_and_wait(self.settings.topics.signals, codec.dumps(record), key=run_id.encode())
         raise web.HTTPSeeOther("/run?" + urlencode({"id": run_id, "done": f"signal {name} sent"}))
+
+    async def redrive(self, request: web.Request) -> web.Response:
+        """The same ``run.redrive_requested`` record as ``legato redrive`` (a run that is not failed is left as it is)."""
+        run_id, form = await self._action_form(request)
+        assert self.client is not None
+        await self.client.redrive(run_id, str(form.get("reason") or "redriven from the console"))
+        raise web.HTTPSeeOther("/run?" + urlencode({"id": run_id, "done": "redrive requested"}))
+
+    async def fork(self, request: web.Request) -> web.Response:
+        """The same ``run.fork_requested`` record as ``legato fork``; then the new run's page."""
+        run_id, form = await self._action_form(request)
+        step = str(form.get("from_step") or "").strip()
+        raw = str(form.get("input") or "").strip()
+        try:
+            new_input = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as exc:
+            raise web.HTTPBadRequest(text=f"legato console: fork input is not JSON: {exc}")
+        if not step or (new_input is not None and not isinstance(new_input, dict)):
+            raise web.HTTPBadRequest(text="legato console: a fork needs a step, and its input (if any) is a JSON object")
+        assert self.client is not None
+        new_run_id = await self.client.fork(run_id, step, new_input, reason="forked from the console")
+        raise web.HTTPSeeOther("/run?" + urlencode({"id": new_run_id, "done": f"forked from {run_id} at {step}"}))
 
     # --- life cycle ------------------------------------------------------------------------------
 

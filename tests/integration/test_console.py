@@ -201,6 +201,20 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             signals = await legato.records_of(legato.topics.signals, SignalSent, long_run)
             assert [(s.signal, s.data) for s in signals] == [("approval", {"approved": True})]
 
+            # redrive from the page is the same run.redrive_requested record as `legato redrive`
+            fatal = await legato.run("e2e_fatal", {}, run_id=f"fatal-{tag}")
+            assert fatal.status == "failed"
+            for _ in range(30):
+                await page.goto(console + f"run?id=fatal-{tag}")
+                if await page.locator("#redrive").count():
+                    break
+                await asyncio.sleep(1)
+            await page.click("#redrive")
+            await page.wait_for_url("**done=redrive**")
+            records = await legato.read_topic(legato.topics.coordinator)
+            asked = [orjson.loads(r.value) for r in records if r.key == f"fatal-{tag}".encode()]
+            assert [a["type"] for a in asked if a.get("type") == "run.redrive_requested"] == ["run.redrive_requested"]
+
             assert all(u.startswith(console) for u in requests), [u for u in requests if not u.startswith(console)]
         finally:
             await browser.close()
