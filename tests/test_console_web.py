@@ -144,7 +144,7 @@ async def test_workflows_pages_count_runs_and_draw_the_local_definition(tmp_path
     c = await client_for(Console(Settings(workflow_dirs=[str(tmp_path)]), index_with_runs()))
     try:
         html = await (await c.get("/workflows")).text()
-        assert "wf@1" in html and "other@3" in html
+        assert "wf@1" in html and "other@3" in html and "deployed" in html
         html = await (await c.get("/workflow?name=wf&version=1")).text()
         assert "flowchart TD" in html and 'class="st-succeeded">succeeded <b>1</b>' in html
         html = await (await c.get("/run?id=r1")).text()
@@ -175,3 +175,18 @@ async def test_redrive_only_for_failed_runs_and_fork_from_top_level_steps(page):
     assert 'id="redrive"' not in html and 'id="fork"' in html
     assert (await c.post("/run/redrive", data={"run_id": "r3"})).status == 403  # no CSRF token
     assert 'id="fork"' not in await (await (await page(read_only=True)).get("/run?id=r1")).text()
+
+
+async def test_deployed_definitions_without_runs_are_listed():
+    index = index_with_runs()
+    index.apply_all([(T.definitions, 0, 0, b"fresh@2", orjson.dumps({"name": "fresh", "version": 2, "sha256": "0" * 64,
+                                                                       "source": "name: fresh\nversion: 2\nsteps:\n  - id: a\n    activity: x\n",
+                                                                       "deployed_at": "2026-12-01T00:00:00Z"}), 1)])
+    c = await client_for(Console(Settings(), index))
+    try:
+        html = await (await c.get("/workflows")).text()
+        assert "fresh@2" in html and "2026-12-01T00:00:00Z" in html
+        html = await (await c.get("/workflow?name=fresh&version=2")).text()
+        assert "flowchart TD" in html and T.definitions in html
+    finally:
+        await c.close()

@@ -360,6 +360,10 @@ class RunIndex:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur]
 
+    def deployed(self) -> list[tuple[str, int, str | None]]:
+        """(name, version, deployed_at) of every definition on the definitions topic."""
+        return list(self.db.execute("SELECT name, version, deployed_at FROM definitions ORDER BY name, version"))
+
     def definition(self, name: str, version: int | None) -> str | None:
         """The deployed YAML of ``name@version`` (the highest version when None), if the definitions topic has it."""
         if version is None:

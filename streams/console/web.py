@@ -310,7 +310,11 @@ class Console:
         table: dict[tuple[str, Any], dict[str, int]] = {}
         for workflow, version, status, n in self.index.workflows():
             table.setdefault((workflow or "?", version), {})[status or "unknown"] = n
-        rows = [{"workflow": w, "version": v, "counts": c, "total": sum(c.values())} for (w, v), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
+        deployed = {(name, version): at for name, version, at in self.index.deployed()}
+        for key in deployed:
+            table.setdefault(key, {})
+        rows = [{"workflow": w, "version": v, "counts": c, "total": sum(c.values()), "deployed_at": deployed.get((w, v))}
+                for (w, v), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
         return self._html("workflows.html", rows=rows, statuses=STATUSES)
 
     async def workflow_page(self, request: web.Request) -> web.Response:
