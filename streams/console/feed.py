@@ -11,6 +11,7 @@ import logging
 from typing import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from legato.streams.console.index import RunIndex, open_index
 from legato.topics.names import Topics
@@ -96,14 +97,20 @@ class Feed:
         loop = asyncio.get_running_loop()
         next_refresh = loop.time()
         while True:
-            if await self._poll(500) and on_change:
+            try:
+                changed = await self._poll(500)
+            except KafkaError as exc:  # the broker may be away for a while: serve what the index has, and retry
+                log.warning("console feed: cannot read: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if changed and on_change:
                 on_change()
             if loop.time() >= next_refresh:
                 core = {self.topics.runs, self.topics.changelog} <= {tp.topic for tp in self._assigned}
                 next_refresh = loop.time() + (TOPIC_REFRESH_S if core else EARLY_REFRESH_S)
                 try:
                     await self._assign()
-                except Exception as exc:  # the broker may be away for a while; keep serving what we have
+                except KafkaError as exc:  # the broker may be away for a while; keep serving what we have
                     log.warning("console feed: cannot refresh topics: %s", exc)
 
 
