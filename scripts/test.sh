@@ -6,10 +6,12 @@ cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 
-# System tools some tests use: kcat (an activity worker in another language) and Prometheus/promtool.
+# System tools some tests use: kcat (an activity worker in another language), Prometheus/promtool and
+# Chromium (the console's browser test drives Debian's build through Playwright: no browser download).
 missing=()
 command -v kcat >/dev/null 2>&1 || missing+=(kcat)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""

@@ -14,6 +14,7 @@ from legato.streams import security
 from legato.streams.config import Settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
+RUNS_CATCH_UP_S = 120.0  # `legato runs`: how long reading the run topics into the local index may take
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if not s.handler_modules:
         s.handler_modules = ["legato.handlers.examples.demo", "legato.handlers.examples.proposal"]
     kafka_local.ensure_broker(s.bootstrap)
+    from legato.streams.console.web import ConsoleError, serve_in_thread
+    try:
+        print(f"legato console: {serve_in_thread(s, port=int(os.environ.get('LEGATO_CONSOLE_PORT', '8080')))}", flush=True)
+    except ConsoleError as exc:
+        print(f"legato dev: no console: {exc}", file=sys.stderr)
     run(build(s, coordinator=True, worker=True), s.loglevel)
     return 0
 
@@ -319,15 +325,90 @@ def cmd_acl(args: argparse.Namespace) -> int:
     return command(args.role, args.principal, _settings(args), args.activity, args.completion_topic, args.apply)
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
-    from legato.tools.runs_show import load_run, render_gantt, render_table
+def _fresh_index(s: Settings, command: str):
+    """The CLI's run index, caught up with the topics; None (after saying why) when they cannot be read."""
+    from aiokafka.errors import KafkaError
+
+    from legato.streams.console.feed import fresh_index
+
+    try:
+        return asyncio.run(fresh_index(s.bootstrap, s.prefix, s.data_dir, timeout=RUNS_CATCH_UP_S, **security.aiokafka_kwargs()))
+    except (TimeoutError, OSError, KafkaError) as exc:
+        print(f"legato {command}: cannot read the run topics at {s.bootstrap}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    import time
+
+    import orjson
+
+    from legato.streams.console.index import RunFilter
+    from legato.tools.runs_show import render_list
+    from legato.workflows.durations import parse_duration
 
     s = _settings(args)
-    state = asyncio.run(load_run(s.bootstrap, s.prefix, args.run_id))
-    if state is None:
-        print(f"legato runs show: no run {args.run_id!r} in {s.topics.changelog}", file=sys.stderr)
+    try:
+        since_ms = None if args.since is None else int((time.time() - parse_duration(args.since)) * 1000)
+    except ValueError as exc:
+        print(f"legato runs list: --since: {exc}", file=sys.stderr)
+        return 2
+    index = _fresh_index(s, "runs list")
+    if index is None:
         return 1
-    print(render_gantt(state) if args.gantt else render_table(state), end="" if args.gantt else "\n")
+    try:
+        f = RunFilter(workflow=args.workflow, status=args.status, since_ms=since_ms)
+        rows = index.list_runs(f, limit=args.limit)
+        if args.json:
+            print(orjson.dumps(rows).decode())
+        else:
+            print(render_list(rows, index.counts(f)))
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    import orjson
+
+    from legato.tools.runs_show import render_gantt, render_history, render_run, state_of
+
+    s = _settings(args)
+    index = _fresh_index(s, "runs show")
+    if index is None:
+        return 1
+    try:
+        run = index.get_run(args.run_id)
+        if run is None:
+            print(f"legato runs show: no run {args.run_id!r} in the topics of prefix {s.prefix!r}", file=sys.stderr)
+            return 1
+        events = index.events(args.run_id)
+    finally:
+        index.close()
+    if args.json:
+        print(orjson.dumps({"run": run, "events": events}).decode())
+    elif args.gantt:
+        state = state_of(run)
+        if state is None:
+            print(f"legato runs show: run {args.run_id!r} has no step state in {s.topics.changelog}", file=sys.stderr)
+            return 1
+        print(render_gantt(state), end="")
+    else:
+        print(render_run(run))
+        print()
+        print(render_history(events))
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from legato.streams.console.web import ConsoleError, serve
+
+    s = _settings(args)
+    try:
+        serve(s, host=args.host, port=args.port, read_only=args.read_only)
+    except ConsoleError as exc:
+        print(f"legato console: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -400,6 +481,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="RELIABILITY.md", help="'-' for none")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_chaos, workflows=[], handlers=[])
+    p = sub.add_parser("runs", help="list and show runs (read from the run topics into a local index)")
+    runs = p.add_subparsers(dest="runs_command", required=True)
+    p = runs.add_parser("list", help="runs, newest first")
+    p.add_argument("--workflow", default=None)
+    p.add_argument("--status", default=None, help="running, waiting, succeeded, failed or cancelled")
+    p.add_argument("--since", default=None, help="started within this duration, e.g. 1h")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="a JSON array of runs")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_runs_list, workflows=[], handlers=[])
+    p = runs.add_parser("show", help="a run's steps and its event history (topic/partition/offset)")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true", help="the run (with its state) and its events as JSON")
+    p.add_argument("--gantt", action="store_true", help="a Mermaid gantt timeline of the steps")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_runs_show, workflows=[], handlers=[])
+    p = sub.add_parser("console", help="the run console: a web page over the run topics")
+    p.add_argument("--host", default="127.0.0.1", help="other than loopback needs LEGATO_CONSOLE_TOKEN")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--read-only", action="store_true", help="no cancel or signal buttons")
+    _common(p)
+    p.set_defaults(fn=cmd_console)
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)
@@ -426,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_acl, workflows=[], handlers=[])
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench", "runs", "chaos", "deploy", "definitions", "redrive", "fork"):
+    if args.command in ("trigger", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     try:
         return args.fn(args) or 0

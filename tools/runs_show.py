@@ -173,3 +173,47 @@ def render_gantt(state: RunState) -> str:
         label = f"{step.key} ({step.kind}, {step.status})"
         lines.append(f"    {_task_name(label)} :{tag}s{i}, {step.started_ms}, {end}")
     return "\n".join(lines) + "\n"
+
+
+# --- the run index (legato runs list / show) ----------------------------------------------------------
+
+
+def state_of(run: dict[str, Any]) -> RunState | None:
+    """The run's state from an index row, or None when no readable changelog document was indexed."""
+    if not run.get("state"):
+        return None
+    try:
+        return RunState.model_validate(run["state"])
+    except ValueError:
+        return None
+
+
+def render_list(rows: list[dict[str, Any]], counts: dict[str, int]) -> str:
+    """The runs list: one line per run, newest first, then the counts by status."""
+    table = _table(["run_id", "workflow", "status", "started", "duration_ms", "correlation_id"], [
+        [r["run_id"], f"{r['workflow'] or '?'}@{r['version'] if r['version'] is not None else '?'}", r["status"] or "-", _iso(r["started_ms"]),
+         _ms(None if r["finished_ms"] is None or r["started_ms"] is None else r["finished_ms"] - r["started_ms"]), r["correlation_id"] or "-"]
+        for r in rows])
+    total = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no runs"
+    return f"{table}\n\n{total}"
+
+
+def render_run(run: dict[str, Any]) -> str:
+    """A run from the index: the step table (when the changelog has it) or what the runs topic said."""
+    state = state_of(run)
+    if state is not None:
+        return render_table(state)
+    summary = run.get("summary") or {}
+    lines = [f"run {run['run_id']}  workflow {run['workflow']} v{run['version'] if run['version'] is not None else '?'}  status {run['status']}", "",
+             f"started   {_iso(run['started_ms'])}", f"finished  {_iso(run['finished_ms'])}"]
+    if summary.get("error"):
+        lines.append(f"error     {summary['error'].get('type')}: {summary['error'].get('message')}")
+    if "output" in summary:
+        lines.append(f"output    {json.dumps(summary['output'], sort_keys=True, default=str)[:500]}")
+    return "\n".join(lines)
+
+
+def render_history(events: list[dict[str, Any]]) -> str:
+    """The run's events with where they are in the log (topic/partition/offset)."""
+    rows = [[_iso(e["at_ms"]), e["kind"], e["step"] or "-", f"{e['topic']}/{e['partition']}/{e['offset']}"] for e in events]
+    return _table(["time", "event", "step", "topic/partition/offset"], rows)
