@@ -1,10 +1,11 @@
 """Property tests of the state machine: termination, one terminal event, determinism, idempotence.
 
-A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail
-steps; joins, join timeouts, failure policies per step and per branch, on_error, no_progress, for_each, on_exhausted
+A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail,
+wait and sleep steps; joins, join timeouts, failure policies per step and per branch, on_error, no_progress, for_each, on_exhausted
 steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
-score, or a retryable/non-retryable failure), fires a random pending timer (at its due time, never moving time
-backwards), re-delivers an event it already delivered, or delivers a stale completion.
+score, or a retryable/non-retryable failure), sends a signal a wait waits for, sends a signal nobody waits for yet
+(the run keeps it), fires a random pending timer (at its due time, never moving time backwards), re-delivers an event
+it already delivered, or delivers a stale completion.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from hypothesis import event as tally
 from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
-from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired
+from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, SignalSent, TimerFired
 from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, replay
 from legato.workflows.model import compile_workflow
 from legato.workflows.state import RunState
@@ -26,6 +27,7 @@ MAX_EVENTS = 500
 MAX_DEPTH = 3
 MAX_ITEMS = 3  # of input.xs, which map steps and for_each loops iterate over
 SCORES = [0.0, 0.3, 0.6, 0.95]
+SIGNALS = ["s0", "s1"]
 
 PROPERTY_SETTINGS = settings(
     max_examples=150,
@@ -89,13 +91,31 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             prev = step["id"] if "activity" in step else None
         return steps
 
+    def wait() -> dict[str, Any]:
+        spec: dict[str, Any] = {"signal": draw(st.sampled_from(SIGNALS))}
+        if draw(st.booleans()):
+            spec["timeout"] = draw(st.sampled_from(["5s", "1m"]))
+            on_timeout = draw(st.sampled_from(["fail", "continue", "default", None]))
+            if on_timeout is not None:
+                spec["on_timeout"] = {"default": {"score": 0.5, "flag": True}} if on_timeout == "default" else on_timeout
+        return {"id": nid("w"), "wait": spec}
+
+    def sleep() -> dict[str, Any]:
+        if draw(st.booleans()):
+            return {"id": nid("z"), "sleep": draw(st.sampled_from(["1s", "10m"]))}
+        return {"id": nid("z"), "sleep": {"until": f"{T0} + input.n * 1000"}}  # sometimes already past
+
     def compound(depth: int, prev: str | None) -> dict[str, Any]:
-        kinds = ["activity"] * 3 + ["terminal"]
+        kinds = ["activity"] * 3 + ["terminal", "wait", "sleep"]
         if depth < MAX_DEPTH:
             kinds += ["parallel", "choice", "loop", "map"] * 2
         kind = draw(st.sampled_from(kinds))
         if kind == "activity":
             return activity()
+        if kind == "wait":
+            return wait()
+        if kind == "sleep":
+            return sleep()
         if kind == "terminal":  # an end or fail that only triggers for some inputs
             k = draw(st.integers(0, 5))
             if draw(st.booleans()):
@@ -181,6 +201,8 @@ def progress_bound(doc: dict[str, Any]) -> int:
         if "loop" in s:
             exhausted = s["loop"]["on_exhausted"]
             return s["loop"]["max_iterations"] * seq(s["loop"]["steps"]) + 1 + (seq(exhausted) if isinstance(exhausted, list) else 0)
+        if "wait" in s or "sleep" in s:
+            return 1  # its signal or timeout; its timer
         return 0
 
     return seq(doc["steps"]) + 1
@@ -206,7 +228,8 @@ def check_invariants(state: RunState) -> None:
         assert state.requests == {} and state.timers == {}
         return
     # a running run is never stuck: something that will move it on is pending
-    movers = list(state.requests) + [t for t, timer in state.timers.items() if timer.kind == "retry"]
+    waiting = [s.key for s in state.steps.values() if s.status == "waiting"]
+    movers = list(state.requests) + waiting + [t for t, timer in state.timers.items() if timer.kind in ("retry", "sleep")]
     assert movers, f"running run with nothing pending: timers={list(state.timers)}"
     for request_id, key in state.requests.items():
         step = state.steps[key]
@@ -220,13 +243,18 @@ def check_invariants(state: RunState) -> None:
             assert target.status == "running" and target.attempt == timer.attempt, (timer_id, target.status)
         elif timer.kind == "retry":
             assert target.status == "waiting_retry" and target.attempt == timer.attempt, (timer_id, target.status)
-        elif timer.kind in ("loop_timeout", "join_timeout"):
+        elif timer.kind in ("loop_timeout", "join_timeout", "sleep"):
             assert target.status == "running", (timer_id, target.status)
+        elif timer.kind == "wait_timeout":
+            assert target.status == "waiting", (timer_id, target.status)
     for step in state.steps.values():
         if step.kind == "activity" and step.status == "running" and not step.children:  # (children: its fallback runs)
             assert state.requests.get(step.request_id) == step.key, step.key
         if step.status == "waiting_retry":
             assert f"{step.key}:retry:{step.attempt}" in state.timers, step.key
+        if step.status == "waiting":
+            assert step.kind == "wait" and step.signal in SIGNALS, step.key
+            assert not any(p.signal == step.signal for p in state.signals), "a kept signal was not delivered to its wait"
 
 
 # --- the adversarial driver ------------------------------------------------------------------------
@@ -242,6 +270,7 @@ class Drive:
         self.commands: list[Any] = []
         self.issued: dict[str, ActivityRequested] = {}
         self.progress = 0
+        self.signal_ids = itertools.count()
         # how hostile this run's world is: 0 = workers always succeed and only due retries fire,
         # 1 = occasional failures and timeouts, 2 = frequent ones
         self.hostility = data.draw(st.sampled_from([0, 1, 1, 2]), label="hostility")
@@ -261,7 +290,10 @@ class Drive:
     def step(self) -> None:
         state = self.state
         assert state is not None
-        action = self.draw(st.sampled_from(["progress", "progress", "progress", "duplicate", "stale"]), "action")
+        action = self.draw(st.sampled_from(["progress", "progress", "progress", "duplicate", "stale", "early signal"]), "action")
+        if action == "early signal":  # nobody may wait for it yet: the run keeps it
+            self.deliver(self.signal(self.draw(st.sampled_from(SIGNALS), "signal")))
+            return
         if action == "duplicate":
             event, _ = self.draw(st.sampled_from(self.log), "duplicate of")
             self.redeliver(event)
@@ -278,12 +310,20 @@ class Drive:
         timers = sorted(state.timers)
         if self.hostility == 0 and state.requests:
             timers = [t for t in timers if state.timers[t].kind == "retry"]
-        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else [])
+        waits = sorted({s.signal for s in state.steps.values() if s.status == "waiting"})
+        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else []) + (["signal"] * 3 if waits else [])
         kind = self.draw(st.sampled_from(kinds), "kind")
-        target = self.draw(st.sampled_from(sorted(state.requests) if kind == "request" else timers), kind)
-        if kind == "timer":
+        if kind == "signal":
+            event: Any = self.signal(self.draw(st.sampled_from(waits), "signal"))
+            self.now += self.draw(st.integers(0, 60_000), "elapsed")
+            target = None
+        else:
+            target = self.draw(st.sampled_from(sorted(state.requests) if kind == "request" else timers), kind)
+        if kind == "signal":
+            pass
+        elif kind == "timer":
             self.now = max(self.now, state.timers[target].due_ms)
-            event: Any = fired(state.run_id, target)
+            event = fired(state.run_id, target)
         else:
             self.now += self.draw(st.integers(0, 3_000), "elapsed")
             request = self.issued[target]
@@ -297,6 +337,10 @@ class Drive:
         out = self.deliver(event)
         assert not any(isinstance(c, EventIgnored) for c in out), f"a pending event was refused: {out}"
         self.progress += 1
+
+    def signal(self, name: str) -> SignalSent:
+        """A signal with an id of its own (so a redelivery of it is a duplicate)."""
+        return SignalSent(run_id="run-1", signal=name, data={"score": 0.95, "flag": True}, signal_id=f"sig-{next(self.signal_ids)}")
 
     def stale_completions(self, state: RunState) -> list[ActivityCompleted]:
         """Completions for requests no longer pending, and ones claiming the wrong attempt."""
@@ -319,6 +363,8 @@ class Drive:
             assert [c.reason for c in out] == ["run_finished"]
         elif isinstance(event, TimerFired):
             assert [c.reason for c in out] == ["stale_timer"]
+        elif isinstance(event, SignalSent):
+            assert [c.reason for c in out] == ["duplicate_signal"]
         elif event.request_id in before.requests:  # the pending request, claiming another attempt
             assert [c.reason for c in out] == ["stale_attempt"]
         else:  # an earlier request of this run: the very one applied before, or an older attempt

@@ -28,6 +28,9 @@ from legato.workflows.model import (
     MapStep,
     NOf,
     ParallelStep,
+    SleepStep,
+    SleepUntil,
+    WaitStep,
     WorkflowStep,
 )
 
@@ -216,7 +219,26 @@ class _Renderer:
         if isinstance(step, FailStep):
             reason = _shorten(step.fail.reason)
             return self.terminal(step, step.fail.when, ("fail: " + step.id, reason), "fail")
+        if isinstance(step, WaitStep):
+            return self.wait(step)
+        if isinstance(step, SleepStep):
+            sid = _node_id("s", step.id)
+            length = "until " + _shorten(step.sleep.until) if isinstance(step.sleep, SleepUntil) else _duration(step.sleep)
+            self.node(sid, "[/", _label(f"sleep: {step.id}", length), "/]", "control")
+            return _Fragment(sid, [(sid, None)])
         raise TypeError(f"not a workflow step: {step!r}")
+
+    def wait(self, step: WaitStep) -> _Fragment:
+        spec = step.wait
+        sid = _node_id("s", step.id)
+        detail = f"signal {spec.signal}" + (f", timeout {_duration(spec.timeout)}" if spec.timeout is not None else "")
+        self.node(sid, "[/", _label(f"wait: {step.id}", detail), "/]", "control")
+        if spec.timeout is None or spec.on_timeout != "fail":
+            return _Fragment(sid, [(sid, None)])
+        timed_out = _node_id("q", step.id)
+        self.node(timed_out, "([", _label(f"fail: {step.id} timed out"), "])", "fail")
+        self.edge(sid, timed_out, "timeout")
+        return _Fragment(sid, [(sid, "signal")])
 
     def activity(self, step: ActivityStep) -> _Fragment:
         sid = _node_id("s", step.id)
