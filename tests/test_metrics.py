@@ -346,3 +346,44 @@ def test_every_metric_is_documented():
     assert names
     for name in names:
         assert f"`{name}" in doc, f"{name} missing from docs/metrics.md"
+
+
+WAITING = """
+name: approve
+steps:
+  - id: approvals
+    parallel:
+      join: {n_of: 1}
+      branches:
+        a: [{id: a, wait: {signal: legal}}]
+        b: [{id: b, wait: {signal: finance}}]
+"""
+
+
+def test_waits_count_runs_waiting_their_duration_and_ignored_signals(metrics):
+    from legato.topics.models import SignalSent
+
+    run = Run(machine(WAITING), metrics)
+    run.start("approve")
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="legal") == 1
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="finance") == 1
+    run.deliver(SignalSent(run_id="r1", signal="legal", data=True, signal_id="s1"), T0 + 30_000)
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="legal") == 0
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="finance") == 0  # the other branch lost
+    assert value(metrics, "legato_wait_duration_seconds_sum", workflow="approve", signal="legal", status="succeeded") == 30
+    assert value(metrics, "legato_wait_duration_seconds_count", workflow="approve", signal="finance", status="cancelled") == 1
+    run.deliver(SignalSent(run_id="r1", signal="legal", signal_id="s1"), T0 + 31_000)
+    _, commands, events = run.m.decide_events(None, SignalSent(run_id="nobody", signal="legal"), T0 + 31_000)
+    metrics.decision(events, commands)
+    assert value(metrics, "legato_signals_ignored_total", reason="run_finished") == 1
+    assert value(metrics, "legato_signals_ignored_total", reason="unknown_run") == 1
+
+
+def test_every_declared_choice_path_exists_at_zero_so_dead_paths_show(metrics):
+    m = machine(TRIAGE)
+    metrics.declare(m.workflows)
+    for path in ("case0", "default"):
+        assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path=path) == 0
+    drive_triage(metrics)
+    assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="case0") == 0
+    assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="default") == 1

@@ -121,11 +121,11 @@ def sleep_timer(key: str) -> str:
 
 
 def timer_pending(raw_state: bytes, timer_id: str) -> bool:
-    """Whether a stored run state (its JSON bytes) still holds ``timer_id``: a cheap test before decoding.
+    """Whether a stored run state (its compact JSON bytes) still holds ``timer_id``: a test without decoding.
 
-    A miss means the timer was cleared (the run finished or moved on); a hit may still be stale, which the
-    machine answers with ``EventIgnored(reason="stale_timer")``."""
-    return b'"' + timer_id.encode() + b'"' in raw_state
+    A pending timer is stored as ``"<timer id>":{"due_ms":…`` in ``RunState.timers`` (``due_ms`` is the first
+    field of a ``Timer`` and has no default), which no other part of a state looks like."""
+    return b'"' + timer_id.encode() + b'":{"due_ms":' in raw_state
 
 
 def has_timers(raw_state: bytes) -> bool:
