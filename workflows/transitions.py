@@ -150,8 +150,8 @@ def move(run: "Run", step: StepState, status: StepStatus) -> None:
 
 
 def take_path(run: "Run", step: StepState, path: str, route: str | None = None) -> None:
-    """A choice step took ``path`` (recorded on the run's path as ``<step id>:<path>``; an undeclared route as
-    ``<step id>:default(<route>)``)."""
+    """A choice step took ``path`` (recorded on the run's path as ``<step id>:<path>``; when an expression named a
+    route that is not declared, as ``<step id>:default(<that name>)``)."""
     step.path = path
     run.state.path.append(f"{step.step_id}:{path}" if route is None else f"{step.step_id}:{path}({route})")
     run.events.append(PathTaken(run_id=run.state.run_id, workflow=run.state.workflow, step_id=step.step_id, path=path, route=route))

@@ -174,7 +174,7 @@ async def test_route_by_name_undeclared_goes_to_default_and_the_path_is_recorded
     cases = {
         "small": ({"model": "small-llm"}, ["by_tier:route:small"]),
         "large": ({"model": "large-llm"}, ["by_tier:route:large"]),
-        "huge": ({"model": "medium-llm"}, ["by_tier:default"]),
+        "huge": ({"model": "medium-llm"}, ["by_tier:default(huge)"]),
     }
     run_ids = {tier: await legato.trigger("sem_route", {"tier": tier}) for tier in cases}
     events = await legato.wait_for(set(run_ids.values()))

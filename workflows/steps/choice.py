@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from legato.workflows.state import Frame
 
 
+ROUTE_NAME_MAX = 100
+"""Characters of an undeclared route's name kept on the run's path."""
+
+
 class ChoiceProcessor(Processor):
     def start(self, run: "Run", step: StepState, definition: ChoiceStep, frame: "Frame", variables: dict[str, Any]) -> None:
         path, route = _choose(run, definition, variables)
@@ -31,7 +35,7 @@ def _choose(run: "Run", definition: ChoiceStep, variables: dict[str, Any]) -> tu
         name = run.wf.expr(f"{definition.id}.route").evaluate(variables)
         if isinstance(name, str) and name in spec.routes:
             return f"route:{name}", None
-        return "default", None
+        return "default", (name if len(name) <= ROUTE_NAME_MAX else name[:ROUTE_NAME_MAX] + "…") if isinstance(name, str) else None
     for i in range(len(spec.cases)):
         if run.truth(f"{definition.id}.when.{i}", variables):
             return f"case{i}", None
