@@ -1,8 +1,8 @@
 """Property tests of the state machine: termination, one terminal event, determinism, idempotence.
 
 A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail,
-wait and sleep steps; joins, join timeouts, failure policies per step and per branch, on_error, no_progress, for_each, on_exhausted
-steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
+wait and sleep steps; joins, join timeouts, failure policies per step and per branch, on_error on activities,
+parallels, maps and loops, no_progress, for_each, on_exhausted steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
 score, or a retryable/non-retryable failure), sends a signal a wait waits for, sends a signal nobody waits for yet
 (the run keeps it), fires a random pending timer (at its due time, never moving time backwards), re-delivers an event
 it already delivered, or delivers a stale completion.
@@ -53,15 +53,20 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             step["retry"] = {"max_attempts": attempts, "backoff": draw(st.sampled_from(["100ms", "1s"])), "multiplier": 2, "max_backoff": "1s"}
         if draw(st.booleans()):
             step["timeout"] = "2s"
-        on_error = draw(st.sampled_from(["fail"] * 4 + ["continue", "default", "fallback"]))
-        if on_error == "continue":
-            step["on_error"] = "continue"
-        elif on_error == "default":
-            step["on_error"] = {"default": {"score": 0.0, "flag": False}}
-        elif on_error == "fallback":
-            step["on_error"] = {"fallback": [{"id": nid("a"), "activity": "rescue"}]}
+        on_error(step)
         if attempts > 1 and draw(st.booleans()):
             step["non_retryable"] = ["Boom"]
+        return step
+
+    def on_error(step: dict[str, Any]) -> dict[str, Any]:
+        """The same on_error choices for every kind of step that has one (activity, parallel, map, loop)."""
+        policy = draw(st.sampled_from(["fail"] * 4 + ["continue", "default", "fallback"]))
+        if policy == "continue":
+            step["on_error"] = "continue"
+        elif policy == "default":
+            step["on_error"] = {"default": {"score": 0.0, "flag": False}}
+        elif policy == "fallback":
+            step["on_error"] = {"fallback": [{"id": nid("a"), "activity": "rescue"}]}
         return step
 
     def fan_out_options(spec: dict[str, Any], width: int) -> None:
@@ -131,14 +136,14 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             spec: dict[str, Any] = {"branches": branches}
             if draw(st.booleans()):
                 fan_out_options(spec, n)
-            return {"id": nid("p"), "parallel": spec}
+            return on_error({"id": nid("p"), "parallel": spec})
         if kind == "map":  # over input.xs (0 to 3 items)
             spec = {"items": "input.xs", "steps": sequence(depth + 1, 2)}
             if draw(st.booleans()):
                 spec["max_concurrency"] = draw(st.integers(1, 2))
             if draw(st.booleans()):
                 fan_out_options(spec, 1)
-            return {"id": nid("m"), "map": spec}
+            return on_error({"id": nid("m"), "map": spec})
         if kind == "choice":
             if draw(st.booleans()):
                 cases = [{"when": condition(prev), "steps": sequence(depth + 1, 2)} for _ in range(draw(st.integers(1, 2)))]
@@ -167,7 +172,7 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
         if draw(st.integers(0, 2)) == 0:
             loop["for_each"] = "input.xs"
             loop["batch_size"] = draw(st.integers(1, 2))
-        return {"id": nid("l"), "loop": loop}
+        return on_error({"id": nid("l"), "loop": loop})
 
     doc: dict[str, Any] = {"name": "gen", "steps": sequence(0, 4, min_len=2)}
     if draw(st.booleans()):
@@ -185,10 +190,13 @@ def progress_bound(doc: dict[str, Any]) -> int:
         return sum(step(s) for s in steps)
 
     def step(s: dict[str, Any]) -> int:
+        fallback = s.get("on_error", {}).get("fallback", []) if isinstance(s.get("on_error"), dict) else []
+        return own(s) + seq(fallback)
+
+    def own(s: dict[str, Any]) -> int:
         if "activity" in s:
             attempts = s.get("retry", {}).get("max_attempts", 1)
-            fallback = s.get("on_error", {}).get("fallback", []) if isinstance(s.get("on_error"), dict) else []
-            return 2 * attempts - 1 + seq(fallback)  # each attempt ends once; a retry timer between attempts
+            return 2 * attempts - 1  # each attempt ends once; a retry timer between attempts
         if "parallel" in s:
             # a branch retried by on_failure runs up to 3 times; the join timeout may fire once
             return sum(3 * seq(b["steps"] if isinstance(b, dict) else b) for b in s["parallel"]["branches"].values()) + 1

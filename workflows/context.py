@@ -18,6 +18,7 @@ from legato.workflows.expressions import ExpressionError
 from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
 from legato.workflows.state import Frame, RunState, StepState, StepStatus, Timer, TimerKind
 from legato.workflows.steps import processor
+from legato.workflows.steps.base import finish_with_frame
 from legato.workflows.transitions import DomainEvent
 
 DEFAULT_MAX_STATE_BYTES = 1024 * 1024
@@ -76,6 +77,9 @@ class Run:
             return
         owner = self.state.steps[frame.owner]
         if owner.status != "running":
+            return
+        if frame.id == keys.fallback_frame(owner.key):  # on_error fallback steps of any kind of step
+            finish_with_frame(self, owner, frame)
             return
         processor(owner.kind).child_finished(self, owner, self.wf.steps[owner.step_id], frame)
 

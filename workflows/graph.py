@@ -203,9 +203,9 @@ class _Renderer:
         if isinstance(step, ActivityStep):
             return self.activity(step)
         if isinstance(step, ParallelStep):
-            return self.parallel(step)
+            return self._on_error(step, self.parallel(step))
         if isinstance(step, MapStep):
-            return self.map(step)
+            return self._on_error(step, self.map(step))
         if isinstance(step, WorkflowStep):
             sid = _node_id("s", step.id)
             self.node(sid, "[[", _label(step.id, "workflow: " + step.workflow), "]]")
@@ -213,7 +213,7 @@ class _Renderer:
         if isinstance(step, ChoiceStep):
             return self.choice(step)
         if isinstance(step, LoopStep):
-            return self.loop(step)
+            return self._on_error(step, self.loop(step), _node_id("s", step.id))
         if isinstance(step, EndStep):
             return self.terminal(step, step.end.when, ("end: " + step.id,), "done")
         if isinstance(step, FailStep):
@@ -245,10 +245,11 @@ class _Renderer:
         self.node(sid, "[", _label(step.id, step.activity), "]")
         return self._on_error(step, _Fragment(sid, [(sid, None)]))
 
-    def _on_error(self, step: Any, frag: _Fragment) -> _Fragment:
-        """A fallback runs when the step fails for good; its end joins the step's own way on."""
+    def _on_error(self, step: Any, frag: _Fragment, source: str | None = None) -> _Fragment:
+        """A fallback runs when the step fails for good; its end joins the step's own way on. ``source``: the node
+        the failure leaves from (a loop's check; else the step's entry)."""
         if isinstance(step.on_error, Fallback):
-            fallback = self.sequence(step.on_error.fallback, [(frag.entry, "on error")])
+            fallback = self.sequence(step.on_error.fallback, [(source or frag.entry, "on error")])
             return _Fragment(frag.entry, frag.exits + fallback.exits)
         return frag
 

@@ -171,6 +171,7 @@ class ParallelSpec(_FanOut):
 class ParallelStep(_Spec):
     id: StepId
     parallel: ParallelSpec
+    on_error: OnError = "fail"
 
 
 class MapSpec(_FanOut):
@@ -182,6 +183,7 @@ class MapSpec(_FanOut):
 class MapStep(_Spec):
     id: StepId
     map: MapSpec
+    on_error: OnError = "fail"
 
 
 class Case(_Spec):
@@ -232,6 +234,7 @@ class LoopSpec(_Spec):
 class LoopStep(_Spec):
     id: StepId
     loop: LoopSpec
+    on_error: OnError = "fail"
 
 
 class EndSpec(_Spec):
@@ -483,6 +486,8 @@ class _Compiler:
             self._fail(f"{path}.id", f"duplicate step id {sid!r} (first at {self.paths[sid]})")
         self.out.steps[sid] = step
         self.paths[sid] = path
+        if isinstance(getattr(step, "on_error", None), Fallback):
+            self._sequence(sequence_ref(sid, "fallback"), step.on_error.fallback, f"{path}.on_error.fallback", loop_depth)
         if isinstance(step, (ActivityStep, WorkflowStep)):
             if isinstance(step, ActivityStep):
                 self.out.activities.add(step.activity)
@@ -495,8 +500,6 @@ class _Compiler:
             self.out.templates[sid] = template
             for expr in template.expressions():
                 self.refs.append((f"{path}.input", sid, expr))
-            if isinstance(step.on_error, Fallback):
-                self._sequence(sequence_ref(sid, "fallback"), step.on_error.fallback, f"{path}.on_error.fallback", loop_depth)
         elif isinstance(step, ParallelStep):
             for name in step.parallel.branches:
                 branch_path = f"{path}.parallel.branches.{name}"

@@ -9,7 +9,7 @@ from legato.workflows import keys, transitions
 from legato.workflows.commands import CancelRequest, RequestActivity
 from legato.workflows.model import DEFAULT_ACTIVITY_TIMEOUT, ActivityStep
 from legato.workflows.state import StepState, StepStatus, Timer
-from legato.workflows.steps.base import Processor, finish_with_frame
+from legato.workflows.steps.base import Processor
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
@@ -46,9 +46,6 @@ class ActivityProcessor(Processor):
             error = event.error or ErrorInfo(type="ActivityFailed", message="the worker reported a failure without an error")
             self._attempt_failed(run, step, error, "failed")
         run.check_budget()
-
-    def child_finished(self, run: "Run", step: StepState, definition: Any, frame: "Frame") -> None:
-        finish_with_frame(run, step, frame)  # its on_error fallback
 
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind == "activity_timeout" and step.status == "running" and step.attempt == timer.attempt:

@@ -59,10 +59,9 @@ class FanOutProcessor(Processor):
                 step.failed_n += 1
                 step.error = frame.error
             else:  # fail_fast, or retry exhausted
-                step.error = frame.error
                 run.cancel_children(step, "a branch failed")
                 run.clear_timer(keys.join_timeout(step.key))
-                run.finish_step(step, "failed")
+                run.failed_finally(step, frame.error, "failed")
                 return
         step.done_n += 1
         if is_map:
@@ -78,8 +77,8 @@ class FanOutProcessor(Processor):
             step.output = _output(run, step, is_map)
             run.finish_step(step, "succeeded")
         else:
-            step.error = step.error or ErrorInfo(type="JoinFailed", message=f"{step.step_id}: too few branches succeeded for join {_join_name(spec.join)}", retryable=False)
-            run.finish_step(step, "failed")
+            error = step.error or ErrorInfo(type="JoinFailed", message=f"{step.step_id}: too few branches succeeded for join {_join_name(spec.join)}", retryable=False)
+            run.failed_finally(step, error, "failed")
 
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind != "join_timeout" or step.status != "running":
@@ -92,8 +91,8 @@ class FanOutProcessor(Processor):
             step.output = _output(run, step, is_map)
             run.finish_step(step, "succeeded")
         else:
-            step.error = ErrorInfo(type="JoinTimeout", message=f"{step.step_id}: {step.done_n} of {step.total} branches finished within the timeout", retryable=False)
-            run.finish_step(step, "timed_out")
+            error = ErrorInfo(type="JoinTimeout", message=f"{step.step_id}: {step.done_n} of {step.total} branches finished within the timeout", retryable=False)
+            run.failed_finally(step, error, "timed_out")
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
         run.clear_timer(keys.join_timeout(step.key))

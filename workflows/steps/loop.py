@@ -42,10 +42,9 @@ class LoopProcessor(Processor):
             return
         spec = definition.loop
         if frame.status != "succeeded":
-            step.error = frame.error
             step.ended_by = "failed"
             run.clear_timer(keys.loop_timeout(step.key))
-            run.finish_step(step, "failed")
+            run.failed_finally(step, frame.error, "failed")
             return
         previous = frame.scope.get("previous")
         step.output = frame.last_output
@@ -55,10 +54,9 @@ class LoopProcessor(Processor):
             try:
                 done = run.truth(f"{definition.id}.until", variables)
             except ExpressionError as exc:
-                step.error = ErrorInfo(type="ExpressionError", message=f"step {definition.id}: {exc}", retryable=False)
                 step.ended_by = "failed"
                 run.clear_timer(keys.loop_timeout(step.key))
-                run.finish_step(step, "failed")
+                run.failed_finally(step, ErrorInfo(type="ExpressionError", message=f"step {definition.id}: {exc}", retryable=False), "failed")
                 return
             if done:
                 run.clear_timer(keys.loop_timeout(step.key))
@@ -112,9 +110,9 @@ def _exhausted(run: "Run", step: StepState, bound: str, output: Any) -> None:
         child = run.child_frame(step, keys.exhausted_frame(step.key), keys.sequence_ref(step.step_id, "exhausted"), run.state.frames[step.frame], previous=output)
         run.advance(child.id)
     else:
-        step.error = ErrorInfo(
+        error = ErrorInfo(
             type="LoopExhausted",
             message=f"loop {step.step_id} reached {bound} after {(step.iteration or 0) + 1} iterations without meeting `until`",
             retryable=False,
         )
-        run.finish_step(step, "failed")
+        run.failed_finally(step, error, "failed")

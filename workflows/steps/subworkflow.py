@@ -8,7 +8,7 @@ from legato.workflows import keys, transitions
 from legato.workflows.commands import CancelChildRun, StartChildRun
 from legato.workflows.model import WorkflowStep
 from legato.workflows.state import StepState, Timer
-from legato.workflows.steps.base import Processor, finish_with_frame
+from legato.workflows.steps.base import Processor
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
@@ -54,9 +54,6 @@ class SubWorkflowProcessor(Processor):
             error = event.error or ErrorInfo(type="ChildRunFailed", message=f"child run {event.child_run_id} failed")
             run.failed_finally(step, ErrorInfo(type=error.type, message=error.message, retryable=False), "failed")
         run.check_budget()
-
-    def child_finished(self, run: "Run", step: StepState, definition: Any, frame: "Frame") -> None:
-        finish_with_frame(run, step, frame)  # its on_error fallback
 
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind == "activity_timeout" and step.status == "running" and step.attempt == timer.attempt:
