@@ -73,7 +73,7 @@ class Run:
 
     def frame_finished(self, frame: Frame) -> None:
         if frame.owner is None:
-            self.finish_run(frame.status == "succeeded", frame.last_output, frame.error)
+            self.finish_run(frame.status == "succeeded", frame.last_output, frame.error, confidence=frame.last_confidence)
             return
         owner = self.state.steps[frame.owner]
         if owner.status != "running":
@@ -128,6 +128,7 @@ class Run:
             return
         if proceed or status in ("succeeded", "skipped"):
             frame.last_output = step.output
+            frame.last_confidence = step.confidence
             frame.index += 1
             self.advance(frame.id)
         else:
@@ -192,7 +193,8 @@ class Run:
 
     # --- run ------------------------------------------------------------------------------------
 
-    def finish_run(self, ok: bool, output: Any, error: ErrorInfo | None, explicit_output: bool = False) -> None:
+    def finish_run(self, ok: bool, output: Any, error: ErrorInfo | None, explicit_output: bool = False, confidence: float | None = None) -> None:
+        """End the run (``confidence``: of its last step, kept if it succeeds)."""
         state = self.state
         if state.finished:
             return
@@ -205,6 +207,7 @@ class Run:
                 else:
                     ok, output = False, None
                     error = ErrorInfo(type="ExpressionError", message=f"workflow output: {exc}", retryable=False)
+        state.confidence = confidence if ok else None
         self._end("succeeded" if ok else "failed", output, error or ErrorInfo(type="RunFailed", message="the run failed", retryable=False))
 
     def cancel_run(self, event: RunCancelRequested) -> None:
@@ -315,8 +318,8 @@ class Run:
         the run and sheds its outputs, so the document stays storable."""
         if self.state.finished:
             return
-        # fan-outs add state that no output estimate sees: count them in by the number of steps and frames
-        hint = max(self.state.size_hint, 600 * (len(self.state.steps) + len(self.state.frames)))
+        # the outputs' estimate plus what every step and frame adds (fan-outs add many that no output estimate sees)
+        hint = self.state.size_hint + 600 * (len(self.state.steps) + len(self.state.frames))
         if hint * 2 < self.max_state_bytes:
             return
         size = len(self.state.model_dump_json())
@@ -356,6 +359,7 @@ def terminal_event(state: RunState) -> RunEvent:
         path=list(state.path),
         cost=dict(state.cost) or None,
         stopped_by="budget" if ok and state.budget_exhausted else None,
+        confidence=state.confidence if ok else None,
     )
 
 

@@ -139,6 +139,7 @@ class _FanOut(_Spec):
     timeout: Duration | None = None
     on_timeout: Literal["proceed", "fail"] = "fail"
     on_failure: FailurePolicy | None = None  # default: fail_fast for all/any, continue for first_success/n_of
+    confidence: Literal["min", "mean", "winner"] = "min"  # the step's confidence from its branches' (winner: the one that completed the join)
 
     @property
     def failure_policy(self) -> Any:

@@ -57,6 +57,7 @@ class StepState(_State):
     child_run: str | None = None  # run_id of a sub-workflow step's child run
     # fan-out (parallel, map): results by branch name / item index, counters, the next item to start
     results: dict[str, Any] = Field(default_factory=dict)
+    confidences: dict[str, float] = Field(default_factory=dict)  # fan-out: the confidence of each branch that gave one
     succeeded_n: int = 0
     failed_n: int = 0
     done_n: int = 0
@@ -77,6 +78,7 @@ class Frame(_State):
     index: int = 0
     status: FrameStatus = "running"
     last_output: Any = None
+    last_confidence: float | None = None  # of its last finished step
     error: ErrorInfo | None = None
     scope: dict[str, Any] = Field(default_factory=dict)  # iteration, previous, item, index
     name: str | None = None  # branch name or item index within its fan-out step
@@ -112,6 +114,7 @@ class RunState(_State):
     started_ms: int
     finished_ms: int | None = None
     output: Any = None
+    confidence: float | None = None  # a succeeded run's: its last step's
     error: ErrorInfo | None = None
     frames: dict[str, Frame] = Field(default_factory=dict)
     steps: dict[str, StepState] = Field(default_factory=dict)

@@ -31,6 +31,7 @@ class Processor:
 def finish_with_frame(run: "Run", step: "StepState", frame: "Frame") -> None:
     """``step`` ends as its only child frame ended (a choice's path, a fallback, a loop's ``on_exhausted``)."""
     step.output = frame.last_output
+    step.confidence = frame.last_confidence
     if frame.status == "succeeded":
         run.finish_step(step, "succeeded")
     else:

@@ -40,6 +40,8 @@ class FanOutProcessor(Processor):
         name = frame.name or ""
         if frame.status == "succeeded":
             step.results[name] = frame.last_output
+            if frame.last_confidence is not None:
+                step.confidences[name] = frame.last_confidence
             step.succeeded_n += 1
         else:
             policy = spec.failure_policy if is_map else spec.branch_policy(name)
@@ -75,6 +77,7 @@ class FanOutProcessor(Processor):
         run.cancel_children(step, "the join is complete")
         if verdict:
             step.output = _output(run, step, is_map)
+            step.confidence = _confidence(step, spec.confidence, winner=name)
             run.finish_step(step, "succeeded")
         else:
             error = step.error or ErrorInfo(type="JoinFailed", message=f"{step.step_id}: too few branches succeeded for join {_join_name(spec.join)}", retryable=False)
@@ -89,6 +92,7 @@ class FanOutProcessor(Processor):
         run.cancel_children(step, "join timeout", status="timed_out")
         if spec.on_timeout == "proceed":
             step.output = _output(run, step, is_map)
+            step.confidence = _confidence(step, spec.confidence, winner=None)
             run.finish_step(step, "succeeded")
         else:
             error = ErrorInfo(type="JoinTimeout", message=f"{step.step_id}: {step.done_n} of {step.total} branches finished within the timeout", retryable=False)
@@ -144,6 +148,17 @@ def _output(run: "Run", step: StepState, is_map: bool) -> Any:
         return [step.results.get(str(i)) for i in range(step.total)]
     definition = run.wf.steps[step.step_id]
     return {name: step.results[name] for name in definition.parallel.branches if name in step.results}
+
+
+def _confidence(step: StepState, aggregate: str, winner: str | None) -> float | None:
+    """The step's confidence from its branches' (those that gave one): ``min``, ``mean``, or the ``winner``'s (the
+    branch that completed the join; none when a timeout ended it)."""
+    if aggregate == "winner":
+        return step.confidences.get(winner) if winner is not None else None
+    values = list(step.confidences.values())
+    if not values:
+        return None
+    return min(values) if aggregate == "min" else round(sum(values) / len(values), 9)
 
 
 def _join_name(join: Any) -> str:

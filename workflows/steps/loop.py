@@ -47,7 +47,7 @@ class LoopProcessor(Processor):
             run.failed_finally(step, frame.error, "failed")
             return
         previous = frame.scope.get("previous")
-        step.output = frame.last_output
+        step.output, step.confidence = frame.last_output, frame.last_confidence
         iteration = step.iteration or 0
         if spec.until is not None:
             variables = {**run.variables(frame), "iteration": iteration}

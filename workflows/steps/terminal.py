@@ -23,8 +23,9 @@ class EndProcessor(Processor):
             return
         output = run.wf.expr(f"{definition.id}.output").evaluate(variables) if spec.output else frame.last_output
         step.output = output
+        step.confidence = None if spec.output else frame.last_confidence  # an output it computes has no confidence
         transitions.move(run, step, "succeeded")
-        run.finish_run(True, output, None, explicit_output=True)
+        run.finish_run(True, output, None, explicit_output=True, confidence=step.confidence)
 
 
 class FailProcessor(Processor):
