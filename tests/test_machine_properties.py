@@ -1,7 +1,7 @@
 """Property tests of the state machine: termination, one terminal event, determinism, idempotence.
 
 A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail,
-wait and sleep steps; joins, join timeouts, failure policies per step and per branch, on_error on activities,
+wait, sleep and sub-workflow steps (a generated child workflow, whose runs are driven the same way); joins, join timeouts, failure policies per step and per branch, on_error on activities,
 parallels, maps and loops, no_progress, for_each, on_exhausted steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
 score, or a retryable/non-retryable failure), sends a signal a wait waits for, sends a signal nobody waits for yet
 (the run keeps it), fires a random pending timer (at its due time, never moving time backwards), re-delivers an event
@@ -18,8 +18,8 @@ from hypothesis import event as tally
 from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
-from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, SignalSent, TimerFired
-from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, replay
+from legato.topics.models import ActivityCompleted, ActivityRequested, ChildRunFinished, RunAccepted, SignalSent, TimerFired
+from legato.workflows.machine import EventIgnored, Machine, NotifyParent, PublishRunEvent, RequestActivity, StartChildRun, replay
 from legato.workflows.model import compile_workflow
 from legato.workflows.state import RunState
 
@@ -40,7 +40,8 @@ PROPERTY_SETTINGS = settings(
 
 
 @st.composite
-def workflow_docs(draw: Any) -> dict[str, Any]:
+def workflow_docs(draw: Any, name: str = "gen", children: bool = False) -> dict[str, Any]:
+    """A random workflow; with ``children``, some steps are ``workflow: child`` (a sub-workflow)."""
     counter = itertools.count()
 
     def nid(prefix: str) -> str:
@@ -110,8 +111,14 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             return {"id": nid("z"), "sleep": draw(st.sampled_from(["1s", "10m"]))}
         return {"id": nid("z"), "sleep": {"until": f"{T0} + input.n * 1000"}}  # sometimes already past
 
+    def sub_workflow() -> dict[str, Any]:
+        step: dict[str, Any] = {"id": nid("s"), "workflow": "child", "input": {"n": "${ input.n }", "xs": "${ input.xs }", "route": "${ input.route }"}}
+        if draw(st.booleans()):
+            step["timeout"] = "1m"
+        return on_error(step)
+
     def compound(depth: int, prev: str | None) -> dict[str, Any]:
-        kinds = ["activity"] * 3 + ["terminal", "wait", "sleep"]
+        kinds = ["activity"] * 3 + ["terminal", "wait", "sleep"] + (["workflow"] if children else [])
         if depth < MAX_DEPTH:
             kinds += ["parallel", "choice", "loop", "map"] * 2
         kind = draw(st.sampled_from(kinds))
@@ -119,6 +126,8 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             return activity()
         if kind == "wait":
             return wait()
+        if kind == "workflow":
+            return sub_workflow()
         if kind == "sleep":
             return sleep()
         if kind == "terminal":  # an end or fail that only triggers for some inputs
@@ -174,7 +183,7 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             loop["batch_size"] = draw(st.integers(1, 2))
         return on_error({"id": nid("l"), "loop": loop})
 
-    doc: dict[str, Any] = {"name": "gen", "steps": sequence(0, 4, min_len=2)}
+    doc: dict[str, Any] = {"name": name, "steps": sequence(0, 4, min_len=2)}
     if draw(st.booleans()):
         doc["timeout"] = "10m"
     if draw(st.integers(0, 3)) == 0:  # every applied completion costs usd 0.001
@@ -209,8 +218,8 @@ def progress_bound(doc: dict[str, Any]) -> int:
         if "loop" in s:
             exhausted = s["loop"]["on_exhausted"]
             return s["loop"]["max_iterations"] * seq(s["loop"]["steps"]) + 1 + (seq(exhausted) if isinstance(exhausted, list) else 0)
-        if "wait" in s or "sleep" in s:
-            return 1  # its signal or timeout; its timer
+        if "wait" in s or "sleep" in s or "workflow" in s:
+            return 1  # its signal or timeout; its timer; its child run's end or timeout
         return 0
 
     return seq(doc["steps"]) + 1
@@ -218,7 +227,9 @@ def progress_bound(doc: dict[str, Any]) -> int:
 
 @st.composite
 def scenarios(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    doc = draw(workflow_docs().filter(lambda d: progress_bound(d) <= 200))
+    """A workflow ``gen`` (``doc["child"]``: the sub-workflow ``child`` its ``workflow:`` steps start) and an input."""
+    doc = draw(workflow_docs(children=True).filter(lambda d: progress_bound(d) <= 200))
+    doc = {**doc, "child": draw(workflow_docs("child").filter(lambda d: progress_bound(d) <= 40))}
     run_input = {
         "n": draw(st.integers(0, 5)),
         "route": draw(st.sampled_from(["r0", "r1", "other"])),
@@ -237,7 +248,8 @@ def check_invariants(state: RunState) -> None:
         return
     # a running run is never stuck: something that will move it on is pending
     waiting = [s.key for s in state.steps.values() if s.status == "waiting"]
-    movers = list(state.requests) + waiting + [t for t, timer in state.timers.items() if timer.kind in ("retry", "sleep")]
+    children = [s.key for s in state.steps.values() if s.kind == "workflow" and s.status == "running"]
+    movers = list(state.requests) + waiting + children + [t for t, timer in state.timers.items() if timer.kind in ("retry", "sleep")]
     assert movers, f"running run with nothing pending: timers={list(state.timers)}"
     for request_id, key in state.requests.items():
         step = state.steps[key]
@@ -269,9 +281,14 @@ def check_invariants(state: RunState) -> None:
 
 
 class Drive:
-    def __init__(self, machine: Machine, data: Any):
+    """Drives one run. A child run it starts is driven to its end at once by a Drive of its own; its end
+    (``ChildRunFinished``) then waits to be delivered to this run like a completion."""
+
+    def __init__(self, machine: Machine, data: Any, run_id: str = "run-1"):
         self.machine = machine
         self.data = data
+        self.run_id = run_id
+        self.children: dict[str, ChildRunFinished] = {}  # child run id -> its end, not yet delivered
         self.state: RunState | None = None
         self.now = T0
         self.log: list[tuple[Any, int]] = []
@@ -290,7 +307,19 @@ class Drive:
         for c in out:
             if isinstance(c, RequestActivity):
                 self.issued[c.request.request_id] = c.request
+            elif isinstance(c, StartChildRun) and c.accepted.run_id not in self.children:
+                self.children[c.accepted.run_id] = self.run_child(c.accepted)
         return out
+
+    def run_child(self, accepted: RunAccepted) -> ChildRunFinished:
+        child = Drive(self.machine, self.data, accepted.run_id)
+        child.now = self.now
+        child.deliver(accepted)
+        while not child.state.finished:
+            assert len(child.log) < MAX_EVENTS, "a child run does not end"
+            child.step()
+        [notice] = [c.finished for c in child.commands if isinstance(c, NotifyParent)]
+        return notice
 
     def draw(self, strategy: Any, label: str) -> Any:
         return self.data.draw(strategy, label=label)
@@ -319,15 +348,20 @@ class Drive:
         if self.hostility == 0 and state.requests:
             timers = [t for t in timers if state.timers[t].kind == "retry"]
         waits = sorted({s.signal for s in state.steps.values() if s.status == "waiting"})
-        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else []) + (["signal"] * 3 if waits else [])
+        children = sorted(s.child_run for s in state.steps.values() if s.kind == "workflow" and s.status == "running" and s.child_run in self.children and not s.children)
+        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else []) + (["signal"] * 3 if waits else []) + (["child"] * 3 if children else [])
         kind = self.draw(st.sampled_from(kinds), "kind")
-        if kind == "signal":
-            event: Any = self.signal(self.draw(st.sampled_from(waits), "signal"))
+        if kind == "child":
+            event: Any = self.children[self.draw(st.sampled_from(children), "child")]
+            self.now += self.draw(st.integers(0, 3_000), "elapsed")
+            target = None
+        elif kind == "signal":
+            event = self.signal(self.draw(st.sampled_from(waits), "signal"))
             self.now += self.draw(st.integers(0, 60_000), "elapsed")
             target = None
         else:
             target = self.draw(st.sampled_from(sorted(state.requests) if kind == "request" else timers), kind)
-        if kind == "signal":
+        if kind in ("signal", "child"):
             pass
         elif kind == "timer":
             self.now = max(self.now, state.timers[target].due_ms)
@@ -348,7 +382,7 @@ class Drive:
 
     def signal(self, name: str) -> SignalSent:
         """A signal with an id of its own (so a redelivery of it is a duplicate)."""
-        return SignalSent(run_id="run-1", signal=name, data={"score": 0.95, "flag": True}, signal_id=f"sig-{next(self.signal_ids)}")
+        return SignalSent(run_id=self.run_id, signal=name, data={"score": 0.95, "flag": True}, signal_id=f"sig-{next(self.signal_ids)}")
 
     def stale_completions(self, state: RunState) -> list[ActivityCompleted]:
         """Completions for requests no longer pending, and ones claiming the wrong attempt."""
@@ -373,6 +407,8 @@ class Drive:
             assert [c.reason for c in out] == ["stale_timer"]
         elif isinstance(event, SignalSent):
             assert [c.reason for c in out] == ["duplicate_signal"]
+        elif isinstance(event, ChildRunFinished):
+            assert [c.reason for c in out] == ["stale_child"]
         elif event.request_id in before.requests:  # the pending request, claiming another attempt
             assert [c.reason for c in out] == ["stale_attempt"]
         else:  # an earlier request of this run: the very one applied before, or an older attempt
@@ -380,7 +416,8 @@ class Drive:
 
 
 def machine_for(doc: dict[str, Any]) -> Machine:
-    return Machine({"gen": compile_workflow(doc, "<generated>")})
+    child = compile_workflow(doc["child"], "<generated child>")
+    return Machine({"gen": compile_workflow({k: v for k, v in doc.items() if k != "child"}, "<generated>"), "child": child})
 
 
 @PROPERTY_SETTINGS
