@@ -438,3 +438,13 @@ def test_mermaid_is_pure():
     assert mermaid(wf) == mermaid(wf)
     assert wf.definition.model_dump() == before
     assert mermaid.__doc__
+
+
+@pytest.mark.parametrize("kind,source", [("parallel", "s_c"), ("map", "s_c"), ("loop", "s_c")])
+def test_a_compound_steps_fallback_leaves_from_it_and_rejoins_after(kind, source):
+    body = [{"id": "inner", "activity": "inner"}]
+    spec = {"parallel": {"branches": {"a": body}}, "map": {"items": "input.xs", "steps": body}, "loop": {"max_iterations": 2, "steps": body}}[kind]
+    wf = compile_workflow({"name": "w", "steps": [{"id": "c", kind: spec, "on_error": {"fallback": [{"id": "rescue", "activity": "rescue"}]}}, {"id": "after", "activity": "after"}]})
+    d = parse(mermaid(wf))
+    assert ("-->", "on error", "s_rescue") in d.out(source)
+    assert ("-->", None, "s_after") in d.out("s_rescue")
