@@ -39,6 +39,7 @@ from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
 from legato.topics.names import Topics
+from legato.workflows import keys
 from legato.workflows.machine import (
     CancelChildRun,
     CancelRequest,
@@ -210,6 +211,8 @@ class Coordinator:
         self.machine = Machine(workflows)
         self.partitions: int = settings.partitions
         self.metrics = metrics
+        if metrics is not None:
+            metrics.declare(workflows)  # every declared choice path exists at 0: dead paths show
         self.group = self.topics.coordinator_group
         self.changelog = self.topics.changelog
         self.tasks: dict[int, _Task] = {}
@@ -433,13 +436,12 @@ class Coordinator:
             self._carry_out(commands, batch)
             return
         now = now_ms()
-        before = self.metrics.snapshot(state) if self.metrics is not None else None
         was_running = state is not None and state.status == "running"
         # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
         # leaves the cache until the batch has stored its bytes.
         self._states.pop(record.run_id, None)
         try:
-            new_state, commands = self.machine.decide(state, record, now, in_place=True)
+            new_state, commands, events = self.machine.decide_events(state, record, now, in_place=True)
             self._carry_out(commands, batch)
         except Exception as exc:  # a bug in deciding this event must not stop every other run
             log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
@@ -454,7 +456,7 @@ class Coordinator:
             # change it in place). A batch whose transaction fails is read again and counted again: rare.
             kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel"}.get(type(record), "trigger")
             self.metrics.event_processed(kind)
-            self.metrics.decision(before, new_state, commands, now)
+            self.metrics.decision(events, commands)
             if kind == "completion" and new_state is not None and self.metrics.observes_overhead(commands):
                 batch.overheads.append(new_state.workflow)
 
@@ -640,7 +642,7 @@ class Coordinator:
             await reader.stop()
         for raw in task.store.values():
             loaded += 1
-            if b'"timers"' in raw:
+            if keys.has_timers(raw):
                 state = RunState.model_validate_json(raw)
                 for timer_id, timer in state.timers.items():
                     task.timers.schedule(state.run_id, timer_id, timer.due_ms)
@@ -672,7 +674,7 @@ class Coordinator:
                 return  # closed or reloaded while a send was awaited; a reload re-arms its timers
             key = run_id.encode()
             raw = task.store.get(key)
-            if raw is None or f'"{timer_id}"'.encode() not in raw:
+            if raw is None or not keys.timer_pending(raw, timer_id):
                 continue  # finished or cleared since it was set
             try:
                 await self._timer_producer.send(self.topics.coordinator, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)

@@ -5,8 +5,9 @@ Names follow the Prometheus conventions: ``legato_`` prefix, base units (``_seco
 kind, activity, path, outcome, error type, model, topic, reason — and never carry a run_id. docs/metrics.md
 lists every metric.
 
-The shell calls the hooks; :meth:`Metrics.decision` derives the run-level metrics from the old and the new
-``RunState`` of one decision and its commands, so the state machine itself stays free of metrics.
+The shell calls the hooks; :meth:`Metrics.decision` counts the run-level metrics from the domain events of one
+decision (``Machine.decide_events``: step finished, path taken, loop ended, run finished, …) and its commands, so
+the state machine itself stays free of metrics.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from legato.workflows.machine import PublishRunEvent, RequestActivity
-from legato.workflows.state import RunState, StepState
+from legato.workflows.model import ChoiceStep, CompiledWorkflow
+from legato.workflows.transitions import DomainEvent, LoopEnded, PathTaken, RunFinished, SignalIgnored, StepFinished, StepWaiting
 
 log = logging.getLogger("legato.metrics")
 
@@ -33,6 +35,7 @@ LOOP_ENDINGS = ("until", "max_iterations", "items", "timeout", "no_progress", "b
 # Buckets in base units.
 RUN_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 ACTIVITY_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+WAIT_SECONDS = (1, 10, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400)
 OVERHEAD_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ITERATIONS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 50, 100, 1000)
 CONCURRENCY = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
@@ -86,6 +89,9 @@ class Metrics:
         self.loop_iterations = Histogram("legato_loop_iterations", "Iterations a loop ran before it ended.", ["workflow", "step"], buckets=ITERATIONS, registry=r)
         self.loop_endings = Counter("legato_loop_endings", "How loops ended: until, max_iterations, timeout, failed.", ["workflow", "step", "ended_by"], registry=r)
         self.parallel_potential = Histogram("legato_parallel_potential_concurrency", "Branches of a finished parallel step (the concurrency it could reach).", ["workflow", "step"], buckets=CONCURRENCY, registry=r)
+        self.runs_waiting = Gauge("legato_runs_waiting", "Wait steps waiting for a signal (in decisions of this process), by workflow and signal.", ["workflow", "signal"], registry=r)
+        self.wait_duration = Histogram("legato_wait_duration_seconds", "How long wait steps waited, by how they ended (succeeded: the signal came; timed_out; cancelled).", ["workflow", "signal", "status"], buckets=WAIT_SECONDS, registry=r)
+        self.signals_ignored = Counter("legato_signals_ignored", "Signals that completed no wait and were not kept, by reason (duplicate_signal, unknown_run, run_finished, too_many_signals).", ["reason"], registry=r)
         self.parallel_achieved = Histogram("legato_parallel_achieved_concurrency", "Most branches of a parallel step that had an activity in flight at the same time.", ["workflow", "step"], buckets=CONCURRENCY, registry=r)
         # cost
         self.run_cost = Histogram("legato_run_cost_usd", "Cost of one finished run in US dollars.", ["workflow"], buckets=USD, registry=r)
@@ -154,127 +160,103 @@ class Metrics:
     def lag(self, group: str, topic: str, partition: int, value: float) -> None:
         self.consumer_lag.labels(group, topic, str(partition)).set(value)
 
-    @staticmethod
-    def snapshot(state: RunState | None) -> RunState | None:
-        """What ``decision`` needs of the state before an in-place decision: its status, path and steps."""
-        if state is None:
-            return None
-        return state.model_copy(update={"path": list(state.path), "steps": {k: v.model_copy() for k, v in state.steps.items()}})
-
-    def decision(self, old: RunState | None, new: RunState | None, commands: Iterable[Any], now_ms: int, overhead_seconds: float | None = None) -> None:
-        """Derive run, step and pattern metrics from one decision of the state machine.
+    def decision(self, events: Iterable[DomainEvent], commands: Iterable[Any], overhead_seconds: float | None = None) -> None:
+        """Count one decision of the state machine from its domain events (``Machine.decide_events``) and commands.
 
         ``overhead_seconds`` (completion received → its commands produced) is observed only when the event
         was a completion (the shell passes ``None`` otherwise) and the decision requested an activity.
         Never raises: a metrics bug must not dead-letter an event whose commands were already sent.
         """
         try:
-            self._decision(old, new, list(commands), now_ms, overhead_seconds)
+            self._decision(list(events), list(commands), overhead_seconds)
         except Exception:
-            log.exception("metrics: cannot derive metrics from a decision of run %s", (new or old).run_id if (new or old) else "?")
+            log.exception("metrics: cannot count a decision")
 
-    def _decision(self, old: RunState | None, new: RunState | None, commands: list[Any], now_ms: int, overhead_seconds: float | None) -> None:
+    def _decision(self, events: list[DomainEvent], commands: list[Any], overhead_seconds: float | None) -> None:
         for command in commands:
             if isinstance(command, PublishRunEvent) and command.event.type == "run.started":
                 self.runs_started.labels(command.event.workflow).inc()
-        if new is None or new is old:
-            return
-        workflow = _workflow_label(new)
-        if overhead_seconds is not None and self.observes_overhead(commands):
-            self.overhead.labels(workflow).observe(max(0.0, overhead_seconds))
-        old_path = old.path if old is not None else []
-        for entry in new.path[len(old_path):]:
-            step_id, _, path = entry.partition(":")
-            self.choice_paths.labels(workflow, step_id, path or "default").inc()
-        old_steps = old.steps if old is not None else {}
-        for key, step in new.steps.items():
-            before = old_steps.get(key)
-            if step.status not in FINISHED_STEP_STATUSES or (before is not None and before.status in FINISHED_STEP_STATUSES):
-                continue
-            self._step_finished(workflow, new, step, now_ms)
-        for key, before in old_steps.items():
-            if key in new.steps or before.status in FINISHED_STEP_STATUSES:
-                continue
-            # The machine drops a finished frame (a loop iteration, a map item, a retried branch) with its steps
-            # in the decision that finished it: the step's last status is in the CEL view.
-            status = (new.view.get(before.step_id) or {}).get("status")
-            if status in FINISHED_STEP_STATUSES:
-                self._step_finished(workflow, old, before.model_copy(update={"status": status, "finished_ms": now_ms}), now_ms)
-        if new.finished and (old is None or not old.finished):
-            self._run_finished(workflow, new, now_ms)
+        if overhead_seconds is not None:
+            requested = next((c.request.workflow for c in commands if isinstance(c, RequestActivity)), None)
+            if requested is not None:
+                self.overhead.labels(requested).observe(max(0.0, overhead_seconds))
+        for event in events:
+            getattr(self, self._COUNTERS[type(event)])(event)
 
-    # --- derived ----------------------------------------------------------------------------------
+    def declare(self, workflows: Mapping[str, CompiledWorkflow]) -> None:
+        """Create the series of every declared choice path at 0, so a path never taken shows as a dead path."""
+        for wf in workflows.values():
+            for step in wf.steps.values():
+                if isinstance(step, ChoiceStep):
+                    for path in declared_paths(step):
+                        self.choice_paths.labels(wf.name, step.id, path)
 
-    def _step_finished(self, workflow: str, state: RunState, step: StepState, now_ms: int) -> None:
-        self.steps_finished.labels(workflow, step.kind, step.step_id, step.status).inc()
-        if step.status in FAILED_STEP_STATUSES:
-            error_type = step.error.type if step.error is not None else "unknown"
-            self.step_failures.labels(workflow, step.kind, step.step_id, error_type).inc()
-        if step.status in ("succeeded", "failed", "timed_out"):
-            finished = step.finished_ms if step.finished_ms is not None else now_ms
-            self.step_duration.labels(workflow, step.kind, step.step_id).observe(max(0, finished - step.started_ms) / 1000)
-        if step.kind == "loop" and step.status != "cancelled" and step.status != "skipped":
-            ended_by = step.ended_by or ("failed" if step.status in FAILED_STEP_STATUSES else "until")
-            for ending in LOOP_ENDINGS:  # every ending exists (at 0) once a loop has ended: ratios are defined
-                self.loop_endings.labels(workflow, step.step_id, ending)
-            self.loop_endings.labels(workflow, step.step_id, ended_by).inc()
-            self.loop_iterations.labels(workflow, step.step_id).observe((step.iteration or 0) + 1)
-        if step.kind == "parallel" and step.status in ("succeeded", "failed", "timed_out") and step.children:
-            potential, achieved = parallel_concurrency(state, step, now_ms)
-            self.parallel_potential.labels(workflow, step.step_id).observe(potential)
-            self.parallel_achieved.labels(workflow, step.step_id).observe(achieved)
+    # --- one counter per domain event ---------------------------------------------------------------
 
-    def _run_finished(self, workflow: str, state: RunState, now_ms: int) -> None:
-        finished = state.finished_ms if state.finished_ms is not None else now_ms
-        outcome = state.status if state.status in ("succeeded", "cancelled") else "failed"
-        self.run_duration.labels(workflow, outcome).observe(max(0, finished - state.started_ms) / 1000)
+    def _path_taken(self, event: PathTaken) -> None:
+        self.choice_paths.labels(event.workflow, event.step_id, event.path).inc()
+
+    def _loop_ended(self, event: LoopEnded) -> None:
+        for ending in LOOP_ENDINGS:  # every ending exists (at 0) once a loop has ended: ratios are defined
+            self.loop_endings.labels(event.workflow, event.step_id, ending)
+        self.loop_endings.labels(event.workflow, event.step_id, event.ended_by).inc()
+        self.loop_iterations.labels(event.workflow, event.step_id).observe(event.iterations)
+
+    def _step_waiting(self, event: StepWaiting) -> None:
+        self.runs_waiting.labels(event.workflow, event.signal).inc()
+
+    def _signal_ignored(self, event: SignalIgnored) -> None:
+        self.signals_ignored.labels(event.reason).inc()
+
+    def _step_finished(self, event: StepFinished) -> None:
+        workflow = event.workflow
+        self.steps_finished.labels(workflow, event.kind, event.step_id, event.status).inc()
+        if event.status in FAILED_STEP_STATUSES:
+            self.step_failures.labels(workflow, event.kind, event.step_id, event.error_type or "unknown").inc()
+        seconds = max(0, event.finished_ms - event.started_ms) / 1000
+        if event.status in ("succeeded", "failed", "timed_out"):
+            self.step_duration.labels(workflow, event.kind, event.step_id).observe(seconds)
+        if event.branches is not None and event.concurrent is not None:
+            self.parallel_potential.labels(workflow, event.step_id).observe(event.branches)
+            self.parallel_achieved.labels(workflow, event.step_id).observe(event.concurrent)
+        if event.previous == "waiting":
+            self.runs_waiting.labels(workflow, event.signal or "").dec()
+            self.wait_duration.labels(workflow, event.signal or "", event.status).observe(seconds)
+
+    def _run_finished(self, event: RunFinished) -> None:
+        workflow = event.workflow if event.workflow_loaded else UNKNOWN_WORKFLOW
+        outcome = event.status if event.status in ("succeeded", "cancelled") else "failed"
+        self.run_duration.labels(workflow, outcome).observe(max(0, event.finished_ms - event.started_ms) / 1000)
         if outcome == "succeeded":
             self.runs_completed.labels(workflow).inc()
         elif outcome == "cancelled":
             self.runs_cancelled.labels(workflow).inc()
         else:
-            self.runs_failed.labels(workflow, state.error.type if state.error is not None else "unknown").inc()
-        cost = state.cost or {}
+            self.runs_failed.labels(workflow, event.error_type or "unknown").inc()
+        cost = event.cost or {}
         self.run_cost.labels(workflow).observe(float(cost.get("usd", 0) or 0))
         self.run_tokens.labels(workflow, "in").observe(int(cost.get("tokens_in", 0) or 0))
         self.run_tokens.labels(workflow, "out").observe(int(cost.get("tokens_out", 0) or 0))
         # A sub-workflow's cost is also added to its parent run's: count the models of top-level runs only.
-        models: Mapping[str, Any] = (cost.get("models") or {}) if state.parent is None else {}
+        models: Mapping[str, Any] = (cost.get("models") or {}) if event.top_level else {}
         for model, usd in models.items():
             self.cost_usd.labels(workflow, str(model)).inc(max(0.0, float(usd or 0)))
 
+    _COUNTERS: dict[type, str] = {
+        LoopEnded: "_loop_ended",
+        PathTaken: "_path_taken",
+        RunFinished: "_run_finished",
+        SignalIgnored: "_signal_ignored",
+        StepFinished: "_step_finished",
+        StepWaiting: "_step_waiting",
+    }
 
-def _workflow_label(state: RunState) -> str:
-    if state.version == 0 and state.error is not None and state.error.type == "UnknownWorkflow":
-        return UNKNOWN_WORKFLOW
-    return state.workflow
 
-
-def parallel_concurrency(state: RunState, step: StepState, now_ms: int) -> tuple[int, int]:
-    """(potential, achieved) concurrency of a parallel step.
-
-    Potential: its number of branches. Achieved: the most branches that had an activity in flight at one
-    instant, from the activity steps' started/finished timestamps (intervals are half-open; every attempt of a
-    step counts from the step's start).
-    """
-    branches = list(step.children)
-    # a branch restarted by on_failure: retry is the frame "<step>/<name>~<attempt>": same branch
-    intervals: dict[str, list[tuple[int, int]]] = {b.split("~", 1)[0]: [] for b in branches}
-    for other in state.steps.values():
-        if other.kind != "activity" or other.attempt < 1:
-            continue
-        for branch in branches:
-            if other.key.startswith(branch + "/"):
-                end = other.finished_ms if other.finished_ms is not None else now_ms
-                intervals[branch.split("~", 1)[0]].append((other.started_ms, max(end, other.started_ms + 1)))
-                break
-    starts = sorted({s for spans in intervals.values() for s, _ in spans})
-    achieved = 0
-    for t in starts:
-        active = sum(1 for spans in intervals.values() if any(s <= t < e for s, e in spans))
-        achieved = max(achieved, active)
-    potential = max(getattr(step, "total", 0) or 0, len({b.split("~", 1)[0] for b in branches}))
-    return potential, achieved
+def declared_paths(step: ChoiceStep) -> list[str]:
+    """Every path a choice step can take, as counted in ``legato_choice_paths``."""
+    spec = step.choice
+    paths = [f"case{i}" for i in range(len(spec.cases))] + [f"route:{name}" for name in spec.routes]
+    return paths + ["default"]
 
 
 class LagReporter:

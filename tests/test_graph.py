@@ -26,6 +26,8 @@ from legato.workflows.model import (
     LoopStep,
     MapStep,
     ParallelStep,
+    SleepStep,
+    WaitStep,
     WorkflowStep,
     compile_workflow,
     load_workflow,
@@ -35,8 +37,8 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "workflows" / "examp
 
 ID = r"[A-Za-z_][A-Za-z0-9_]*"
 LABEL = r'"[^"]*"'  # a quoted label can never hold a raw double quote
-SHAPES = {"[": "]", "[[": "]]", "([": "])", "{": "}", "{{": "}}", "((": "))"}
-NODE_RE = re.compile(rf"^\s*({ID})(\(\[|\(\(|\{{\{{|\{{|\[\[|\[)({LABEL})(\]\)|\)\)|\}}\}}|\}}|\]\]|\])$")
+SHAPES = {"[": "]", "[[": "]]", "([": "])", "{": "}", "{{": "}}", "((": "))", "[/": "/]"}
+NODE_RE = re.compile(rf"^\s*({ID})(\(\[|\(\(|\{{\{{|\{{|\[\[|\[/|\[)({LABEL})(\]\)|\)\)|\}}\}}|\}}|\]\]|/\]|\])$")
 EDGE_RE = re.compile(rf"^\s*({ID}) (-->|-\.->)(?:\|({LABEL})\|)? ({ID})$")
 SUBGRAPH_RE = re.compile(rf"^\s*subgraph ({ID})\[({LABEL})\]$")
 CLASSDEF_RE = re.compile(rf"^\s*classDef ({ID}) [^\"\s]+$")
@@ -238,6 +240,14 @@ def check_structure(wf: CompiledWorkflow) -> Diagram:
         elif isinstance(step, EndStep):
             assert shape == "(["
             assert d.out(sid) == [("-.->", None, "wf_end")]
+        elif isinstance(step, WaitStep):
+            assert shape == "[/" and label.startswith(f"wait: {step.id}\nsignal {step.wait.signal}".replace("\n", "<br/>"))
+            timed_out = f"q_{step.id}"
+            assert (timed_out in d.nodes) == (step.wait.timeout is not None and step.wait.on_timeout == "fail")
+            if timed_out in d.nodes:
+                assert ("-->", "timeout", timed_out) in d.out(sid) and timed_out in d.classes["fail"]
+        elif isinstance(step, SleepStep):
+            assert shape == "[/" and label.startswith(f"sleep: {step.id}")
         else:
             assert (shape, label) == ("[", f"{step.id}\n{step.activity}".replace("\n", "<br/>"))
         if isinstance(step, (EndStep, FailStep)) and entry_of(step).startswith("c_"):
@@ -428,3 +438,13 @@ def test_mermaid_is_pure():
     assert mermaid(wf) == mermaid(wf)
     assert wf.definition.model_dump() == before
     assert mermaid.__doc__
+
+
+@pytest.mark.parametrize("kind,source", [("parallel", "s_c"), ("map", "s_c"), ("loop", "s_c")])
+def test_a_compound_steps_fallback_leaves_from_it_and_rejoins_after(kind, source):
+    body = [{"id": "inner", "activity": "inner"}]
+    spec = {"parallel": {"branches": {"a": body}}, "map": {"items": "input.xs", "steps": body}, "loop": {"max_iterations": 2, "steps": body}}[kind]
+    wf = compile_workflow({"name": "w", "steps": [{"id": "c", kind: spec, "on_error": {"fallback": [{"id": "rescue", "activity": "rescue"}]}}, {"id": "after", "activity": "after"}]})
+    d = parse(mermaid(wf))
+    assert ("-->", "on error", "s_rescue") in d.out(source)
+    assert ("-->", None, "s_after") in d.out("s_rescue")

@@ -483,7 +483,7 @@ def test_over_budget_a_random_run_ends_in_that_decision_and_starts_nothing(scena
         if drive.state.budget_exhausted:
             assert drive.state.finished, "the decision that goes over budget ends the run"
             assert not [c for c in out if isinstance(c, (RequestActivity, StartChildRun))]
-            completed = drive.log[-1][0].request_id
+            completed = getattr(drive.log[-1][0], "request_id", None)  # a child run's end (with its cost) may be the one
             assert set(requests_cancelled(out)) == pending - {completed}
             end = terminal_events_in(out)[0].event
             assert end.status != "succeeded" or end.stopped_by == "budget"

@@ -76,8 +76,8 @@ def test_the_choice_output_is_the_last_step_of_the_taken_path():
 ROUTE_TABLE = [
     ({"kind": "billing"}, "route:billing", "bill"),
     ({"kind": "tech"}, "route:tech", "tech"),
-    ({"kind": "sales"}, "default", "human"),  # undeclared route
-    ({"kind": "Billing"}, "default", "human"),  # names are exact
+    ({"kind": "sales"}, "default(sales)", "human"),  # undeclared route: default, with the name it gave
+    ({"kind": "Billing"}, "default(Billing)", "human"),  # names are exact
     ({"kind": 3}, "default", "human"),  # not a string
     ({"kind": None}, "default", "human"),
 ]
@@ -92,6 +92,13 @@ def test_route_takes_the_named_route_or_default(run_input, path, first):
     h.succeed(first, "ok")
     assert h.terminal().event.path == [f"pick:{path}"]
     assert h.terminal().event.output == "ok"
+
+
+def test_a_long_undeclared_route_name_is_recorded_shortened():
+    h = Harness(machine_from(ROUTES))
+    h.start("routes", {"kind": "x" * 500})
+    assert h.state.path == ["pick:default(" + "x" * 100 + "…)"]
+    assert h.state.steps["pick"].path == "default"
 
 
 def test_every_choice_taken_is_recorded_in_order_on_the_state_and_the_terminal_event():

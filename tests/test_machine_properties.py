@@ -1,10 +1,11 @@
 """Property tests of the state machine: termination, one terminal event, determinism, idempotence.
 
-A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail
-steps; joins, join timeouts, failure policies per step and per branch, on_error, no_progress, for_each, on_exhausted
-steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
-score, or a retryable/non-retryable failure), fires a random pending timer (at its due time, never moving time
-backwards), re-delivers an event it already delivered, or delivers a stale completion.
+A strategy builds random workflows (activity/parallel/map/choice/loop nested up to depth 3, with occasional end/fail,
+wait, sleep and sub-workflow steps (a generated child workflow, whose runs are driven the same way); joins, join timeouts, failure policies per step and per branch, on_error on activities,
+parallels, maps and loops, no_progress, for_each, on_exhausted steps and budgets), and an adversarial driver feeds the run: it completes a random pending request (success with a random
+score, or a retryable/non-retryable failure), sends a signal a wait waits for, sends a signal nobody waits for yet
+(the run keeps it), fires a random pending timer (at its due time, never moving time backwards), re-delivers an event
+it already delivered, or delivers a stale completion.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from hypothesis import event as tally
 from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
-from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired
-from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, RequestActivity, replay
+from legato.topics.models import ActivityCompleted, ActivityRequested, ChildRunFinished, RunAccepted, SignalSent, TimerFired
+from legato.workflows.machine import EventIgnored, Machine, NotifyParent, PublishRunEvent, RequestActivity, StartChildRun, replay
 from legato.workflows.model import compile_workflow
 from legato.workflows.state import RunState
 
@@ -26,6 +27,7 @@ MAX_EVENTS = 500
 MAX_DEPTH = 3
 MAX_ITEMS = 3  # of input.xs, which map steps and for_each loops iterate over
 SCORES = [0.0, 0.3, 0.6, 0.95]
+SIGNALS = ["s0", "s1"]
 
 PROPERTY_SETTINGS = settings(
     max_examples=150,
@@ -38,7 +40,8 @@ PROPERTY_SETTINGS = settings(
 
 
 @st.composite
-def workflow_docs(draw: Any) -> dict[str, Any]:
+def workflow_docs(draw: Any, name: str = "gen", children: bool = False) -> dict[str, Any]:
+    """A random workflow; with ``children``, some steps are ``workflow: child`` (a sub-workflow)."""
     counter = itertools.count()
 
     def nid(prefix: str) -> str:
@@ -51,15 +54,20 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             step["retry"] = {"max_attempts": attempts, "backoff": draw(st.sampled_from(["100ms", "1s"])), "multiplier": 2, "max_backoff": "1s"}
         if draw(st.booleans()):
             step["timeout"] = "2s"
-        on_error = draw(st.sampled_from(["fail"] * 4 + ["continue", "default", "fallback"]))
-        if on_error == "continue":
-            step["on_error"] = "continue"
-        elif on_error == "default":
-            step["on_error"] = {"default": {"score": 0.0, "flag": False}}
-        elif on_error == "fallback":
-            step["on_error"] = {"fallback": [{"id": nid("a"), "activity": "rescue"}]}
+        on_error(step)
         if attempts > 1 and draw(st.booleans()):
             step["non_retryable"] = ["Boom"]
+        return step
+
+    def on_error(step: dict[str, Any]) -> dict[str, Any]:
+        """The same on_error choices for every kind of step that has one (activity, parallel, map, loop)."""
+        policy = draw(st.sampled_from(["fail"] * 4 + ["continue", "default", "fallback"]))
+        if policy == "continue":
+            step["on_error"] = "continue"
+        elif policy == "default":
+            step["on_error"] = {"default": {"score": 0.0, "flag": False}}
+        elif policy == "fallback":
+            step["on_error"] = {"fallback": [{"id": nid("a"), "activity": "rescue"}]}
         return step
 
     def fan_out_options(spec: dict[str, Any], width: int) -> None:
@@ -89,13 +97,39 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             prev = step["id"] if "activity" in step else None
         return steps
 
+    def wait() -> dict[str, Any]:
+        spec: dict[str, Any] = {"signal": draw(st.sampled_from(SIGNALS))}
+        if draw(st.booleans()):
+            spec["timeout"] = draw(st.sampled_from(["5s", "1m"]))
+            on_timeout = draw(st.sampled_from(["fail", "continue", "default", None]))
+            if on_timeout is not None:
+                spec["on_timeout"] = {"default": {"score": 0.5, "flag": True}} if on_timeout == "default" else on_timeout
+        return {"id": nid("w"), "wait": spec}
+
+    def sleep() -> dict[str, Any]:
+        if draw(st.booleans()):
+            return {"id": nid("z"), "sleep": draw(st.sampled_from(["1s", "10m"]))}
+        return {"id": nid("z"), "sleep": {"until": f"{T0} + input.n * 1000"}}  # sometimes already past
+
+    def sub_workflow() -> dict[str, Any]:
+        step: dict[str, Any] = {"id": nid("s"), "workflow": "child", "input": {"n": "${ input.n }", "xs": "${ input.xs }", "route": "${ input.route }"}}
+        if draw(st.booleans()):
+            step["timeout"] = "1m"
+        return on_error(step)
+
     def compound(depth: int, prev: str | None) -> dict[str, Any]:
-        kinds = ["activity"] * 3 + ["terminal"]
+        kinds = ["activity"] * 3 + ["terminal", "wait", "sleep"] + (["workflow"] if children else [])
         if depth < MAX_DEPTH:
             kinds += ["parallel", "choice", "loop", "map"] * 2
         kind = draw(st.sampled_from(kinds))
         if kind == "activity":
             return activity()
+        if kind == "wait":
+            return wait()
+        if kind == "workflow":
+            return sub_workflow()
+        if kind == "sleep":
+            return sleep()
         if kind == "terminal":  # an end or fail that only triggers for some inputs
             k = draw(st.integers(0, 5))
             if draw(st.booleans()):
@@ -111,14 +145,14 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
             spec: dict[str, Any] = {"branches": branches}
             if draw(st.booleans()):
                 fan_out_options(spec, n)
-            return {"id": nid("p"), "parallel": spec}
+            return on_error({"id": nid("p"), "parallel": spec})
         if kind == "map":  # over input.xs (0 to 3 items)
             spec = {"items": "input.xs", "steps": sequence(depth + 1, 2)}
             if draw(st.booleans()):
                 spec["max_concurrency"] = draw(st.integers(1, 2))
             if draw(st.booleans()):
                 fan_out_options(spec, 1)
-            return {"id": nid("m"), "map": spec}
+            return on_error({"id": nid("m"), "map": spec})
         if kind == "choice":
             if draw(st.booleans()):
                 cases = [{"when": condition(prev), "steps": sequence(depth + 1, 2)} for _ in range(draw(st.integers(1, 2)))]
@@ -147,9 +181,9 @@ def workflow_docs(draw: Any) -> dict[str, Any]:
         if draw(st.integers(0, 2)) == 0:
             loop["for_each"] = "input.xs"
             loop["batch_size"] = draw(st.integers(1, 2))
-        return {"id": nid("l"), "loop": loop}
+        return on_error({"id": nid("l"), "loop": loop})
 
-    doc: dict[str, Any] = {"name": "gen", "steps": sequence(0, 4, min_len=2)}
+    doc: dict[str, Any] = {"name": name, "steps": sequence(0, 4, min_len=2)}
     if draw(st.booleans()):
         doc["timeout"] = "10m"
     if draw(st.integers(0, 3)) == 0:  # every applied completion costs usd 0.001
@@ -165,10 +199,13 @@ def progress_bound(doc: dict[str, Any]) -> int:
         return sum(step(s) for s in steps)
 
     def step(s: dict[str, Any]) -> int:
+        fallback = s.get("on_error", {}).get("fallback", []) if isinstance(s.get("on_error"), dict) else []
+        return own(s) + seq(fallback)
+
+    def own(s: dict[str, Any]) -> int:
         if "activity" in s:
             attempts = s.get("retry", {}).get("max_attempts", 1)
-            fallback = s.get("on_error", {}).get("fallback", []) if isinstance(s.get("on_error"), dict) else []
-            return 2 * attempts - 1 + seq(fallback)  # each attempt ends once; a retry timer between attempts
+            return 2 * attempts - 1  # each attempt ends once; a retry timer between attempts
         if "parallel" in s:
             # a branch retried by on_failure runs up to 3 times; the join timeout may fire once
             return sum(3 * seq(b["steps"] if isinstance(b, dict) else b) for b in s["parallel"]["branches"].values()) + 1
@@ -181,6 +218,8 @@ def progress_bound(doc: dict[str, Any]) -> int:
         if "loop" in s:
             exhausted = s["loop"]["on_exhausted"]
             return s["loop"]["max_iterations"] * seq(s["loop"]["steps"]) + 1 + (seq(exhausted) if isinstance(exhausted, list) else 0)
+        if "wait" in s or "sleep" in s or "workflow" in s:
+            return 1  # its signal or timeout; its timer; its child run's end or timeout
         return 0
 
     return seq(doc["steps"]) + 1
@@ -188,7 +227,9 @@ def progress_bound(doc: dict[str, Any]) -> int:
 
 @st.composite
 def scenarios(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    doc = draw(workflow_docs().filter(lambda d: progress_bound(d) <= 200))
+    """A workflow ``gen`` (``doc["child"]``: the sub-workflow ``child`` its ``workflow:`` steps start) and an input."""
+    doc = draw(workflow_docs(children=True).filter(lambda d: progress_bound(d) <= 200))
+    doc = {**doc, "child": draw(workflow_docs("child").filter(lambda d: progress_bound(d) <= 40))}
     run_input = {
         "n": draw(st.integers(0, 5)),
         "route": draw(st.sampled_from(["r0", "r1", "other"])),
@@ -206,7 +247,9 @@ def check_invariants(state: RunState) -> None:
         assert state.requests == {} and state.timers == {}
         return
     # a running run is never stuck: something that will move it on is pending
-    movers = list(state.requests) + [t for t, timer in state.timers.items() if timer.kind == "retry"]
+    waiting = [s.key for s in state.steps.values() if s.status == "waiting"]
+    children = [s.key for s in state.steps.values() if s.kind == "workflow" and s.status == "running"]
+    movers = list(state.requests) + waiting + children + [t for t, timer in state.timers.items() if timer.kind in ("retry", "sleep")]
     assert movers, f"running run with nothing pending: timers={list(state.timers)}"
     for request_id, key in state.requests.items():
         step = state.steps[key]
@@ -220,28 +263,39 @@ def check_invariants(state: RunState) -> None:
             assert target.status == "running" and target.attempt == timer.attempt, (timer_id, target.status)
         elif timer.kind == "retry":
             assert target.status == "waiting_retry" and target.attempt == timer.attempt, (timer_id, target.status)
-        elif timer.kind in ("loop_timeout", "join_timeout"):
+        elif timer.kind in ("loop_timeout", "join_timeout", "sleep"):
             assert target.status == "running", (timer_id, target.status)
+        elif timer.kind == "wait_timeout":
+            assert target.status == "waiting", (timer_id, target.status)
     for step in state.steps.values():
         if step.kind == "activity" and step.status == "running" and not step.children:  # (children: its fallback runs)
             assert state.requests.get(step.request_id) == step.key, step.key
         if step.status == "waiting_retry":
             assert f"{step.key}:retry:{step.attempt}" in state.timers, step.key
+        if step.status == "waiting":
+            assert step.kind == "wait" and step.signal in SIGNALS, step.key
+            assert not any(p.signal == step.signal for p in state.signals), "a kept signal was not delivered to its wait"
 
 
 # --- the adversarial driver ------------------------------------------------------------------------
 
 
 class Drive:
-    def __init__(self, machine: Machine, data: Any):
+    """Drives one run. A child run it starts is driven to its end at once by a Drive of its own; its end
+    (``ChildRunFinished``) then waits to be delivered to this run like a completion."""
+
+    def __init__(self, machine: Machine, data: Any, run_id: str = "run-1"):
         self.machine = machine
         self.data = data
+        self.run_id = run_id
+        self.children: dict[str, ChildRunFinished] = {}  # child run id -> its end, not yet delivered
         self.state: RunState | None = None
         self.now = T0
         self.log: list[tuple[Any, int]] = []
         self.commands: list[Any] = []
         self.issued: dict[str, ActivityRequested] = {}
         self.progress = 0
+        self.signal_ids = itertools.count()
         # how hostile this run's world is: 0 = workers always succeed and only due retries fire,
         # 1 = occasional failures and timeouts, 2 = frequent ones
         self.hostility = data.draw(st.sampled_from([0, 1, 1, 2]), label="hostility")
@@ -253,7 +307,19 @@ class Drive:
         for c in out:
             if isinstance(c, RequestActivity):
                 self.issued[c.request.request_id] = c.request
+            elif isinstance(c, StartChildRun) and c.accepted.run_id not in self.children:
+                self.children[c.accepted.run_id] = self.run_child(c.accepted)
         return out
+
+    def run_child(self, accepted: RunAccepted) -> ChildRunFinished:
+        child = Drive(self.machine, self.data, accepted.run_id)
+        child.now = self.now
+        child.deliver(accepted)
+        while not child.state.finished:
+            assert len(child.log) < MAX_EVENTS, "a child run does not end"
+            child.step()
+        [notice] = [c.finished for c in child.commands if isinstance(c, NotifyParent)]
+        return notice
 
     def draw(self, strategy: Any, label: str) -> Any:
         return self.data.draw(strategy, label=label)
@@ -261,7 +327,10 @@ class Drive:
     def step(self) -> None:
         state = self.state
         assert state is not None
-        action = self.draw(st.sampled_from(["progress", "progress", "progress", "duplicate", "stale"]), "action")
+        action = self.draw(st.sampled_from(["progress", "progress", "progress", "duplicate", "stale", "early signal"]), "action")
+        if action == "early signal":  # nobody may wait for it yet: the run keeps it
+            self.deliver(self.signal(self.draw(st.sampled_from(SIGNALS), "signal")))
+            return
         if action == "duplicate":
             event, _ = self.draw(st.sampled_from(self.log), "duplicate of")
             self.redeliver(event)
@@ -278,12 +347,25 @@ class Drive:
         timers = sorted(state.timers)
         if self.hostility == 0 and state.requests:
             timers = [t for t in timers if state.timers[t].kind == "retry"]
-        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else [])
+        waits = sorted({s.signal for s in state.steps.values() if s.status == "waiting"})
+        children = sorted(s.child_run for s in state.steps.values() if s.kind == "workflow" and s.status == "running" and s.child_run in self.children and not s.children)
+        kinds = (["request"] * (10 if self.hostility < 2 else 3) if state.requests else []) + (["timer"] if timers else []) + (["signal"] * 3 if waits else []) + (["child"] * 3 if children else [])
         kind = self.draw(st.sampled_from(kinds), "kind")
-        target = self.draw(st.sampled_from(sorted(state.requests) if kind == "request" else timers), kind)
-        if kind == "timer":
+        if kind == "child":
+            event: Any = self.children[self.draw(st.sampled_from(children), "child")]
+            self.now += self.draw(st.integers(0, 3_000), "elapsed")
+            target = None
+        elif kind == "signal":
+            event = self.signal(self.draw(st.sampled_from(waits), "signal"))
+            self.now += self.draw(st.integers(0, 60_000), "elapsed")
+            target = None
+        else:
+            target = self.draw(st.sampled_from(sorted(state.requests) if kind == "request" else timers), kind)
+        if kind in ("signal", "child"):
+            pass
+        elif kind == "timer":
             self.now = max(self.now, state.timers[target].due_ms)
-            event: Any = fired(state.run_id, target)
+            event = fired(state.run_id, target)
         else:
             self.now += self.draw(st.integers(0, 3_000), "elapsed")
             request = self.issued[target]
@@ -297,6 +379,10 @@ class Drive:
         out = self.deliver(event)
         assert not any(isinstance(c, EventIgnored) for c in out), f"a pending event was refused: {out}"
         self.progress += 1
+
+    def signal(self, name: str) -> SignalSent:
+        """A signal with an id of its own (so a redelivery of it is a duplicate)."""
+        return SignalSent(run_id=self.run_id, signal=name, data={"score": 0.95, "flag": True}, signal_id=f"sig-{next(self.signal_ids)}")
 
     def stale_completions(self, state: RunState) -> list[ActivityCompleted]:
         """Completions for requests no longer pending, and ones claiming the wrong attempt."""
@@ -319,6 +405,10 @@ class Drive:
             assert [c.reason for c in out] == ["run_finished"]
         elif isinstance(event, TimerFired):
             assert [c.reason for c in out] == ["stale_timer"]
+        elif isinstance(event, SignalSent):
+            assert [c.reason for c in out] == ["duplicate_signal"]
+        elif isinstance(event, ChildRunFinished):
+            assert [c.reason for c in out] == ["stale_child"]
         elif event.request_id in before.requests:  # the pending request, claiming another attempt
             assert [c.reason for c in out] == ["stale_attempt"]
         else:  # an earlier request of this run: the very one applied before, or an older attempt
@@ -326,7 +416,8 @@ class Drive:
 
 
 def machine_for(doc: dict[str, Any]) -> Machine:
-    return Machine({"gen": compile_workflow(doc, "<generated>")})
+    child = compile_workflow(doc["child"], "<generated child>")
+    return Machine({"gen": compile_workflow({k: v for k, v in doc.items() if k != "child"}, "<generated>"), "child": child})
 
 
 @PROPERTY_SETTINGS

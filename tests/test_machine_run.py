@@ -1,12 +1,16 @@
 """Given/when/then tables for whole runs: start, refusals, run timeout, output, end/fail steps, the example."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from tests.machine_helpers import (
     T0,
     Harness,
     accepted,
+    compile_yaml,
     dump,
     example,
     fired,
@@ -323,3 +327,28 @@ def test_support_triage_run_timeout_after_two_minutes():
     assert h.state.timers["run:timeout"].due_ms == T0 + 120_000
     h.fire("run:timeout")
     assert h.terminal().event.error.type == "RunTimeout"
+
+
+def test_the_documented_run_state_limit_is_what_the_machine_enforces():
+    """docs/patterns/ai-controls.md documents the limit; a stored state (dumped as the coordinator stores it)
+    never grows past it, whether one output is too big or many outputs add up."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "patterns" / "ai-controls.md").read_text(encoding="utf-8")
+    limit = int(re.search(r"state is limited to (\d+) MiB", doc).group(1)) * 1024 * 1024
+    wf = """
+    name: big
+    steps:
+      - {id: one, activity: one, on_error: {default: small}}
+      - {id: many, map: {items: "[1, 2, 3, 4, 5, 6, 7, 8]", steps: [{id: part, activity: part}]}}
+    """
+    h = Harness(Machine({"big": compile_yaml(wf)}))
+
+    def stored() -> int:
+        return len(h.state.model_dump_json(exclude_defaults=True))
+
+    h.start("big")
+    h.succeed("one", "x" * (limit // 2))  # held three times: refused
+    assert h.state.steps["one"].error.type == "ContextTooLarge" and stored() <= limit
+    while h.state.status == "running":
+        h.succeed(h.pending()[0], "y" * (limit // 7))  # each fits; together they do not
+        assert stored() <= limit
+    assert h.state.status == "failed" and h.terminal().event.error.type == "ContextTooLarge"

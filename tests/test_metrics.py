@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from legato.streams.metrics import UNKNOWN_WORKFLOW, Metrics, count_in_flight, parallel_concurrency, reason_label
+from legato.streams.metrics import UNKNOWN_WORKFLOW, Metrics, count_in_flight, reason_label
+from legato.workflows.transitions import parallel_concurrency
 from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, RunAccepted, TimerFired
 from legato.workflows.machine import Machine, RequestActivity
 from legato.workflows.model import compile_workflow
@@ -90,10 +91,10 @@ class Run:
     def deliver(self, event: Any, at: int, overhead: float | None = None) -> list[Any]:
         self.now = at
         old = self.state
-        self.state, commands = self.m.decide(old, event, at)
+        self.state, commands, events = self.m.decide_events(old, event, at)
         if overhead is None and isinstance(event, ActivityCompleted):
             overhead = 0.002
-        self.metrics.decision(old, self.state, commands, at, overhead)
+        self.metrics.decision(events, commands, overhead)
         return commands
 
     def start(self, workflow: str, input: dict | None = None, at: int = T0) -> list[Any]:
@@ -259,10 +260,9 @@ def test_ignored_and_repeated_decisions_count_nothing_twice(metrics):
     before = value(metrics, "legato_runs_completed_total", workflow="triage")
     state = run.state
     # a duplicate completion after the run finished: the machine returns the same state
-    new, commands = run.m.decide(state, TimerFired(run_id="r1", timer_id="nothing"), T0 + 5000)
-    metrics.decision(state, new, commands, T0 + 5000, 0.001)
-    # the same decision seen again (old == new content, distinct objects)
-    metrics.decision(state.model_copy(deep=True), state, [], T0 + 5000, None)
+    new, commands, events = run.m.decide_events(state, TimerFired(run_id="r1", timer_id="nothing"), T0 + 5000)
+    assert events == []
+    metrics.decision(events, commands, 0.001)
     assert value(metrics, "legato_runs_completed_total", workflow="triage") == before
     assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="default") == 1
     assert value(metrics, "legato_loop_endings_total", workflow="triage", step="draft", ended_by="until") == 1
@@ -346,3 +346,44 @@ def test_every_metric_is_documented():
     assert names
     for name in names:
         assert f"`{name}" in doc, f"{name} missing from docs/metrics.md"
+
+
+WAITING = """
+name: approve
+steps:
+  - id: approvals
+    parallel:
+      join: {n_of: 1}
+      branches:
+        a: [{id: a, wait: {signal: legal}}]
+        b: [{id: b, wait: {signal: finance}}]
+"""
+
+
+def test_waits_count_runs_waiting_their_duration_and_ignored_signals(metrics):
+    from legato.topics.models import SignalSent
+
+    run = Run(machine(WAITING), metrics)
+    run.start("approve")
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="legal") == 1
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="finance") == 1
+    run.deliver(SignalSent(run_id="r1", signal="legal", data=True, signal_id="s1"), T0 + 30_000)
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="legal") == 0
+    assert value(metrics, "legato_runs_waiting", workflow="approve", signal="finance") == 0  # the other branch lost
+    assert value(metrics, "legato_wait_duration_seconds_sum", workflow="approve", signal="legal", status="succeeded") == 30
+    assert value(metrics, "legato_wait_duration_seconds_count", workflow="approve", signal="finance", status="cancelled") == 1
+    run.deliver(SignalSent(run_id="r1", signal="legal", signal_id="s1"), T0 + 31_000)
+    _, commands, events = run.m.decide_events(None, SignalSent(run_id="nobody", signal="legal"), T0 + 31_000)
+    metrics.decision(events, commands)
+    assert value(metrics, "legato_signals_ignored_total", reason="run_finished") == 1
+    assert value(metrics, "legato_signals_ignored_total", reason="unknown_run") == 1
+
+
+def test_every_declared_choice_path_exists_at_zero_so_dead_paths_show(metrics):
+    m = machine(TRIAGE)
+    metrics.declare(m.workflows)
+    for path in ("case0", "default"):
+        assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path=path) == 0
+    drive_triage(metrics)
+    assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="case0") == 0
+    assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="default") == 1

@@ -63,12 +63,6 @@ def test_deep_nesting_is_a_decode_error_not_a_crash():
         codec.decode(RunRequested, b'{"workflow":"w","input":{"a":' + b"[" * 5000 + b"]" * 5000 + b"}}")
 
 
-def test_run_state_limit_is_documented_value():
-    from legato.workflows.machine import DEFAULT_MAX_STATE_BYTES
-
-    assert DEFAULT_MAX_STATE_BYTES == 1024 * 1024
-
-
 @pytest.mark.parametrize("protocol", security.PROTOCOLS)
 def test_every_protocol_maps_to_aiokafka_and_faust(protocol, tmp_path):
     env = {"LEGATO_SECURITY_PROTOCOL": protocol, "LEGATO_SASL_USERNAME": "u", "LEGATO_SASL_PASSWORD": "pw-123456"}

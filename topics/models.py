@@ -96,6 +96,7 @@ class RunEvent(_Record):
     path: list[str] | None = None  # branches taken by choice steps, e.g. ["route:default"]
     cost: dict[str, Any] | None = None
     stopped_by: Literal["budget"] | None = None  # the run went over its budget (on_budget: finish) and ended with what it had
+    confidence: float | None = None  # a succeeded run's: its last step's (a parallel or map: its aggregate)
 
 
 class DeadLetter(_Record):

@@ -28,6 +28,9 @@ from legato.workflows.model import (
     MapStep,
     NOf,
     ParallelStep,
+    SleepStep,
+    SleepUntil,
+    WaitStep,
     WorkflowStep,
 )
 
@@ -200,9 +203,9 @@ class _Renderer:
         if isinstance(step, ActivityStep):
             return self.activity(step)
         if isinstance(step, ParallelStep):
-            return self.parallel(step)
+            return self._on_error(step, self.parallel(step))
         if isinstance(step, MapStep):
-            return self.map(step)
+            return self._on_error(step, self.map(step))
         if isinstance(step, WorkflowStep):
             sid = _node_id("s", step.id)
             self.node(sid, "[[", _label(step.id, "workflow: " + step.workflow), "]]")
@@ -210,23 +213,43 @@ class _Renderer:
         if isinstance(step, ChoiceStep):
             return self.choice(step)
         if isinstance(step, LoopStep):
-            return self.loop(step)
+            return self._on_error(step, self.loop(step), _node_id("s", step.id))
         if isinstance(step, EndStep):
             return self.terminal(step, step.end.when, ("end: " + step.id,), "done")
         if isinstance(step, FailStep):
             reason = _shorten(step.fail.reason)
             return self.terminal(step, step.fail.when, ("fail: " + step.id, reason), "fail")
+        if isinstance(step, WaitStep):
+            return self.wait(step)
+        if isinstance(step, SleepStep):
+            sid = _node_id("s", step.id)
+            length = "until " + _shorten(step.sleep.until) if isinstance(step.sleep, SleepUntil) else _duration(step.sleep)
+            self.node(sid, "[/", _label(f"sleep: {step.id}", length), "/]", "control")
+            return _Fragment(sid, [(sid, None)])
         raise TypeError(f"not a workflow step: {step!r}")
+
+    def wait(self, step: WaitStep) -> _Fragment:
+        spec = step.wait
+        sid = _node_id("s", step.id)
+        detail = f"signal {spec.signal}" + (f", timeout {_duration(spec.timeout)}" if spec.timeout is not None else "")
+        self.node(sid, "[/", _label(f"wait: {step.id}", detail), "/]", "control")
+        if spec.timeout is None or spec.on_timeout != "fail":
+            return _Fragment(sid, [(sid, None)])
+        timed_out = _node_id("q", step.id)
+        self.node(timed_out, "([", _label(f"fail: {step.id} timed out"), "])", "fail")
+        self.edge(sid, timed_out, "timeout")
+        return _Fragment(sid, [(sid, "signal")])
 
     def activity(self, step: ActivityStep) -> _Fragment:
         sid = _node_id("s", step.id)
         self.node(sid, "[", _label(step.id, step.activity), "]")
         return self._on_error(step, _Fragment(sid, [(sid, None)]))
 
-    def _on_error(self, step: Any, frag: _Fragment) -> _Fragment:
-        """A fallback runs when the step fails for good; its end joins the step's own way on."""
+    def _on_error(self, step: Any, frag: _Fragment, source: str | None = None) -> _Fragment:
+        """A fallback runs when the step fails for good; its end joins the step's own way on. ``source``: the node
+        the failure leaves from (a loop's check; else the step's entry)."""
         if isinstance(step.on_error, Fallback):
-            fallback = self.sequence(step.on_error.fallback, [(frag.entry, "on error")])
+            fallback = self.sequence(step.on_error.fallback, [(source or frag.entry, "on error")])
             return _Fragment(frag.entry, frag.exits + fallback.exits)
         return frag
 

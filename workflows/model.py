@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from legato.workflows.durations import parse_duration
+from legato.workflows.keys import sequence_ref
 from legato.workflows.expressions import Expression, ExpressionError, Template, compile_expression, compile_template
 
 ENGINE_MAX_ITERATIONS = 1000
@@ -40,7 +41,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=150)]
 
-_STEP_KINDS = ("activity", "parallel", "map", "choice", "loop", "workflow", "end", "fail")
+_STEP_KINDS = ("activity", "parallel", "map", "choice", "loop", "workflow", "end", "fail", "wait", "sleep")
 
 
 class DefinitionError(ValueError):
@@ -139,6 +140,7 @@ class _FanOut(_Spec):
     timeout: Duration | None = None
     on_timeout: Literal["proceed", "fail"] = "fail"
     on_failure: FailurePolicy | None = None  # default: fail_fast for all/any, continue for first_success/n_of
+    confidence: Literal["min", "mean", "winner"] = "min"  # the step's confidence from its branches' (winner: the one that completed the join)
 
     @property
     def failure_policy(self) -> Any:
@@ -171,6 +173,7 @@ class ParallelSpec(_FanOut):
 class ParallelStep(_Spec):
     id: StepId
     parallel: ParallelSpec
+    on_error: OnError = "fail"
 
 
 class MapSpec(_FanOut):
@@ -182,6 +185,7 @@ class MapSpec(_FanOut):
 class MapStep(_Spec):
     id: StepId
     map: MapSpec
+    on_error: OnError = "fail"
 
 
 class Case(_Spec):
@@ -232,6 +236,7 @@ class LoopSpec(_Spec):
 class LoopStep(_Spec):
     id: StepId
     loop: LoopSpec
+    on_error: OnError = "fail"
 
 
 class EndSpec(_Spec):
@@ -254,6 +259,36 @@ class FailStep(_Spec):
     fail: FailSpec
 
 
+class WaitSpec(_Spec):
+    signal: Name
+    timeout: Duration | None = None
+    on_timeout: Union[Literal["fail", "continue"], DefaultValue] = "fail"
+
+    @model_validator(mode="after")
+    def _timeout_given(self) -> "WaitSpec":
+        if "on_timeout" in self.model_fields_set and self.timeout is None:
+            raise ValueError("`on_timeout` needs a `timeout`")
+        return self
+
+
+class WaitStep(_Spec):
+    """Wait for a signal sent to the run (``legato.signals``); its output is the signal's data."""
+
+    id: StepId
+    wait: WaitSpec
+
+
+class SleepUntil(_Spec):
+    until: str  # CEL: epoch milliseconds, or an RFC 3339 timestamp
+
+
+class SleepStep(_Spec):
+    """A durable pause: ``sleep: 10m`` or ``sleep: {until: <CEL>}``; its output is the previous step's."""
+
+    id: StepId
+    sleep: Union[Duration, SleepUntil]
+
+
 def _step_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         kinds = [k for k in _STEP_KINDS if k in value]
@@ -271,6 +306,8 @@ Step = Annotated[
         Annotated[LoopStep, Tag("loop")],
         Annotated[EndStep, Tag("end")],
         Annotated[FailStep, Tag("fail")],
+        Annotated[WaitStep, Tag("wait")],
+        Annotated[SleepStep, Tag("sleep")],
     ],
     Discriminator(
         _step_kind,
@@ -288,6 +325,8 @@ _KIND_MODELS: dict[str, type] = {
     "loop": LoopStep,
     "end": EndStep,
     "fail": FailStep,
+    "wait": WaitStep,
+    "sleep": SleepStep,
 }
 
 
@@ -458,6 +497,8 @@ class _Compiler:
             self._fail(f"{path}.id", f"duplicate step id {sid!r} (first at {self.paths[sid]})")
         self.out.steps[sid] = step
         self.paths[sid] = path
+        if isinstance(getattr(step, "on_error", None), Fallback):
+            self._sequence(sequence_ref(sid, "fallback"), step.on_error.fallback, f"{path}.on_error.fallback", loop_depth)
         if isinstance(step, (ActivityStep, WorkflowStep)):
             if isinstance(step, ActivityStep):
                 self.out.activities.add(step.activity)
@@ -470,27 +511,25 @@ class _Compiler:
             self.out.templates[sid] = template
             for expr in template.expressions():
                 self.refs.append((f"{path}.input", sid, expr))
-            if isinstance(step.on_error, Fallback):
-                self._sequence(f"{sid}/fallback", step.on_error.fallback, f"{path}.on_error.fallback", loop_depth)
         elif isinstance(step, ParallelStep):
             for name in step.parallel.branches:
                 branch_path = f"{path}.parallel.branches.{name}"
                 if isinstance(step.parallel.branches[name], Branch):
                     branch_path += ".steps"
-                self._sequence(f"{sid}/{name}", step.parallel.branch_steps(name), branch_path, loop_depth)
+                self._sequence(sequence_ref(sid, name), step.parallel.branch_steps(name), branch_path, loop_depth)
         elif isinstance(step, MapStep):
             self._expression(f"{sid}.items", step.map.items, f"{path}.map.items")
-            self._sequence(f"{sid}/item", step.map.steps, f"{path}.map.steps", loop_depth)
+            self._sequence(sequence_ref(sid, "item"), step.map.steps, f"{path}.map.steps", loop_depth)
         elif isinstance(step, ChoiceStep):
             spec = step.choice
             for i, case in enumerate(spec.cases):
                 self._expression(f"{sid}.when.{i}", case.when, f"{path}.choice.cases[{i}].when")
-                self._sequence(f"{sid}/case{i}", case.steps, f"{path}.choice.cases[{i}].steps", loop_depth)
+                self._sequence(sequence_ref(sid, f"case{i}"), case.steps, f"{path}.choice.cases[{i}].steps", loop_depth)
             if spec.route:
                 self._expression(f"{sid}.route", spec.route, f"{path}.choice.route")
                 for name, steps in spec.routes.items():
-                    self._sequence(f"{sid}/route:{name}", steps, f"{path}.choice.routes.{name}", loop_depth)
-            self._sequence(f"{sid}/default", spec.default, f"{path}.choice.default", loop_depth)
+                    self._sequence(sequence_ref(sid, f"route:{name}"), steps, f"{path}.choice.routes.{name}", loop_depth)
+            self._sequence(sequence_ref(sid, "default"), spec.default, f"{path}.choice.default", loop_depth)
         elif isinstance(step, LoopStep):
             spec = step.loop
             if spec.max_iterations is not None and spec.max_iterations > ENGINE_MAX_ITERATIONS:
@@ -502,9 +541,9 @@ class _Compiler:
                 self._expression(f"{sid}.until", spec.until, f"{path}.loop.until")
             if spec.for_each is not None:
                 self._expression(f"{sid}.for_each", spec.for_each, f"{path}.loop.for_each")
-            self._sequence(f"{sid}/body", spec.steps, f"{path}.loop.steps", loop_depth + 1)
+            self._sequence(sequence_ref(sid, "body"), spec.steps, f"{path}.loop.steps", loop_depth + 1)
             if isinstance(spec.on_exhausted, list):
-                self._sequence(f"{sid}/exhausted", spec.on_exhausted, f"{path}.loop.on_exhausted", loop_depth)
+                self._sequence(sequence_ref(sid, "exhausted"), spec.on_exhausted, f"{path}.loop.on_exhausted", loop_depth)
         elif isinstance(step, EndStep):
             if step.end.when is not None:
                 self._expression(f"{sid}.when", step.end.when, f"{path}.end.when")
@@ -514,3 +553,5 @@ class _Compiler:
             if step.fail.when is not None:
                 self._expression(f"{sid}.when", step.fail.when, f"{path}.fail.when")
             self._expression(f"{sid}.reason", step.fail.reason, f"{path}.fail.reason")
+        elif isinstance(step, SleepStep) and isinstance(step.sleep, SleepUntil):
+            self._expression(f"{sid}.until", step.sleep.until, f"{path}.sleep.until")

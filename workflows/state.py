@@ -1,13 +1,32 @@
 """A run's state, as stored in the coordinator's run table (one JSON document per run_id)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from legato.topics.models import ErrorInfo
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+StepStatus = Literal["running", "waiting", "waiting_retry", "succeeded", "failed", "timed_out", "cancelled", "skipped"]
+"""``waiting``: a ``wait`` step waiting for its signal. ``waiting_retry``: an activity between attempts."""
+FrameStatus = Literal["running", "succeeded", "failed", "cancelled"]
+RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
+TimerKind = Literal["activity_timeout", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep"]
+
+TERMINAL: tuple[RunStatus, ...] = ("succeeded", "failed", "cancelled")
+STEP_FINISHED: tuple[StepStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+
+SCHEMA_VERSION = 2
+"""The version of the stored ``RunState``. The run table stores states without their defaults, so a changed
+default would silently change what a stored run means: a change of meaning bumps this and adds an upgrade to
+``RunState._upgrade``. A state stored without ``schema_version`` is version 1 (before waits and signals: a
+version 1 state reads the same as version 2)."""
+
+MAX_PENDING_SIGNALS = 64
+"""Signals a run keeps for a ``wait`` that has not started yet; past that a signal is refused (dead-lettered)."""
+
+MAX_SIGNAL_IDS = 1024
+"""``signal_id``s a run remembers to drop repeats (the oldest are forgotten first)."""
 
 
 class _State(BaseModel):
@@ -21,7 +40,7 @@ class StepState(_State):
     step_id: str
     kind: str
     frame: str
-    status: str = "running"  # running | waiting_retry | succeeded | failed | timed_out | cancelled | skipped
+    status: StepStatus = "running"  # changed only by legato.workflows.transitions
     attempt: int = 0
     request_id: str | None = None
     request: dict[str, Any] | None = None  # the pending ActivityRequested, to resend after a crash
@@ -38,6 +57,7 @@ class StepState(_State):
     child_run: str | None = None  # run_id of a sub-workflow step's child run
     # fan-out (parallel, map): results by branch name / item index, counters, the next item to start
     results: dict[str, Any] = Field(default_factory=dict)
+    confidences: dict[str, float] = Field(default_factory=dict)  # fan-out: the confidence of each branch that gave one
     succeeded_n: int = 0
     failed_n: int = 0
     done_n: int = 0
@@ -46,6 +66,7 @@ class StepState(_State):
     items: list[Any] | None = None  # a map's items or a for_each loop's list
     unchanged: int = 0  # a loop's iterations in a row whose output did not change (no_progress)
     cost: dict[str, Any] | None = None
+    signal: str | None = None  # the signal a wait step waits for
 
 
 class Frame(_State):
@@ -55,8 +76,9 @@ class Frame(_State):
     ref: str  # key of CompiledWorkflow.sequences
     owner: str | None = None  # key of the compound step that started it (None for the root)
     index: int = 0
-    status: str = "running"  # running | succeeded | failed | cancelled
+    status: FrameStatus = "running"
     last_output: Any = None
+    last_confidence: float | None = None  # of its last finished step
     error: ErrorInfo | None = None
     scope: dict[str, Any] = Field(default_factory=dict)  # iteration, previous, item, index
     name: str | None = None  # branch name or item index within its fan-out step
@@ -66,22 +88,33 @@ class Frame(_State):
 
 class Timer(_State):
     due_ms: int
-    kind: str  # activity_timeout | retry | run_timeout | loop_timeout
+    kind: TimerKind
     target: str | None = None  # step key
     attempt: int | None = None
 
 
+class PendingSignal(_State):
+    """A signal no wait took yet: delivered to the next matching wait that starts."""
+
+    signal: str
+    data: Any = None
+    signal_id: str | None = None
+    received_ms: int = 0
+
+
 class RunState(_State):
+    schema_version: int = 1  # what a state stored without it is; new states are written as SCHEMA_VERSION
     run_id: str
     workflow: str
     version: int
-    status: str = "running"  # running | succeeded | failed | cancelled
+    status: RunStatus = "running"
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
     parent: dict[str, Any] | None = None
     started_ms: int
     finished_ms: int | None = None
     output: Any = None
+    confidence: float | None = None  # a succeeded run's: its last step's
     error: ErrorInfo | None = None
     frames: dict[str, Frame] = Field(default_factory=dict)
     steps: dict[str, StepState] = Field(default_factory=dict)
@@ -95,6 +128,17 @@ class RunState(_State):
     budget_exhausted: bool = False
     cancelled_by: str | None = None  # who cancelled the run (RunCancelRequested.requested_by): its parent needs no notice
     size_hint: int = 0  # an upper estimate of this document's JSON size, re-measured near the limit
+    signals: list[PendingSignal] = Field(default_factory=list)  # received, not yet taken by a wait (oldest first)
+    signal_ids: list[str] = Field(default_factory=list)  # signal_ids seen (to drop repeats), oldest first
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Read a stored state of an older schema version as the current one."""
+        if isinstance(data, dict) and data.get("schema_version", 1) > SCHEMA_VERSION:
+            raise ValueError(f"run state schema version {data['schema_version']} is newer than this engine's ({SCHEMA_VERSION})")
+        # version 1 -> 2 added fields whose defaults keep a version 1 state's meaning: nothing to convert
+        return data
 
     @property
     def finished(self) -> bool:

@@ -66,7 +66,7 @@ async def test_choice_route_and_undeclared_route_goes_to_default(legato):
     cases = {
         "alpha": ({"went": "alpha"}, ["dispatch:route:alpha"]),
         "beta": ({"went": "beta"}, ["dispatch:route:beta"]),
-        "gamma": ({"went": "default"}, ["dispatch:default"]),  # not a declared route
+        "gamma": ({"went": "default"}, ["dispatch:default(gamma)"]),  # not a declared route: its name is on the path
         7: ({"went": "default"}, ["dispatch:default"]),  # not even a string
     }
     run_ids = {kind: await legato.trigger("e2e_choice_routes", {"kind": kind}) for kind in cases}

@@ -65,6 +65,12 @@ steps:
       on_exhausted: continue
       steps: [{id: attempt, activity: noop, input: {done: false}}]
 """,
+    "metrics_wait.yaml": """\
+name: metrics_wait
+steps:
+  - id: approval
+    wait: {signal: approve, timeout: 200ms, on_timeout: continue}
+""",
 }
 
 
@@ -174,6 +180,7 @@ async def workload_round(obs: Observed, client: LegatoClient, producer: AIOKafka
         "support_triage": [{"text": "my invoice is wrong", "email": "a@b.com"}, {"text": "an error on login", "email": "c@d.org"}],
         "metrics_failing": [{}],
         "metrics_polish": [{}],
+        "metrics_wait": [{}],  # waits for a signal nobody sends: times out and goes on
         "no_such_workflow": [{}],
     }
     ids: set[str] = set()

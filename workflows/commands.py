@@ -1,0 +1,70 @@
+"""What a decision asks the shell to do (imperative), and the records of what it refused (what happened instead)."""
+from __future__ import annotations
+
+from typing import Union
+
+from pydantic import BaseModel, ConfigDict
+
+from legato.topics.models import ActivityRequested, ChildRunFinished, RequestCancelled, RunAccepted, RunCancelRequested, RunEvent, SignalSent
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RequestActivity(_Command):
+    request: ActivityRequested
+
+
+class StartTimer(_Command):
+    run_id: str
+    timer_id: str
+    due_ms: int
+
+
+class PublishRunEvent(_Command):
+    event: RunEvent
+    completion_topic: str | None = None
+
+
+class CancelRequest(_Command):
+    """Tell workers to skip or stop a request the run no longer waits for."""
+
+    cancel: RequestCancelled
+
+
+class StartChildRun(_Command):
+    """Start a sub-workflow's run (sent to the coordinator topic, keyed by the child's run_id)."""
+
+    accepted: RunAccepted
+
+
+class CancelChildRun(_Command):
+    """Stop a child run the parent no longer waits for (sent to the coordinator topic, keyed by the child's run_id)."""
+
+    cancel: RunCancelRequested
+
+
+class NotifyParent(_Command):
+    """Tell a parent run that its child finished (sent to the coordinator topic, keyed by the parent's run_id)."""
+
+    finished: ChildRunFinished
+
+
+class EventIgnored(_Command):
+    """A refused transition: duplicate, stale or unknown. Counted by the shell, never silently dropped."""
+
+    run_id: str
+    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer | stale_child | duplicate_signal
+    detail: str = ""
+
+
+class SignalRefused(_Command):
+    """A signal the run cannot keep (no wait takes it and the run already holds ``MAX_PENDING_SIGNALS``): the shell
+    dead-letters ``signal`` with ``reason``. The run's state is unchanged."""
+
+    signal: SignalSent
+    reason: str
+
+
+Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, EventIgnored, SignalRefused]

@@ -1,0 +1,396 @@
+"""One decision in progress: the run's frames, timers, end, budget and size, shared by the step processors.
+
+A ``Run`` changes its own copy of the state, collects the commands for the shell and the domain events for
+metrics, and leaves every step-kind decision to the processor of that kind (``legato.workflows.steps``).
+"""
+from __future__ import annotations
+
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from legato.topics.models import ChildRunFinished, ErrorInfo, RunCancelRequested, RunEvent
+from legato.workflows import keys, transitions
+from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent, StartTimer
+from legato.workflows.expressions import ExpressionError
+from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
+from legato.workflows.state import Frame, RunState, StepState, StepStatus, Timer, TimerKind
+from legato.workflows.steps import processor
+from legato.workflows.steps.base import finish_with_frame
+from legato.workflows.transitions import DomainEvent
+
+DEFAULT_MAX_STATE_BYTES = 1024 * 1024
+"""A run's state may not grow past this; an output that would make it is refused (catchable by on_error)."""
+
+ACTIVE: tuple[StepStatus, ...] = ("running", "waiting", "waiting_retry")
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Run:
+    """One decision in progress: mutates its own copy of the state and collects commands and domain events."""
+
+    def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
+        self.state = state
+        self.wf = wf
+        self.now = now_ms
+        self.max_state_bytes = max_state_bytes
+        self.out: list[Command] = []
+        self.events: list[DomainEvent] = []
+        self.changed = True
+        self._queue: deque[str] = deque()
+
+    # --- frames ---------------------------------------------------------------------------------
+
+    def advance(self, frame_id: str) -> None:
+        """Queue the frame to start its step at its index (or to finish when none is left).
+
+        A queue, not recursion: loops whose bodies finish without waiting would otherwise nest a call per
+        iteration and overflow the stack.
+        """
+        self._queue.append(frame_id)
+
+    def drain(self) -> None:
+        while self._queue:
+            self._advance(self._queue.popleft())
+
+    def _advance(self, frame_id: str) -> None:
+        frame = self.state.frames.get(frame_id)
+        if frame is None or self.state.finished or frame.status != "running":
+            return  # cancelled (a failed sibling, a finished run) while it waited in the queue
+        steps = self.wf.sequences[frame.ref]
+        if frame.index >= len(steps):
+            frame.status = "succeeded"
+            self.frame_finished(frame)
+            return
+        if self.state.budget_exhausted:
+            return  # on_budget: finish: nothing new starts once over budget; stop_for_budget ends the run
+        self.start_step(steps[frame.index], frame)
+
+    def frame_finished(self, frame: Frame) -> None:
+        if frame.owner is None:
+            self.finish_run(frame.status == "succeeded", frame.last_output, frame.error, confidence=frame.last_confidence)
+            return
+        owner = self.state.steps[frame.owner]
+        if owner.status != "running":
+            return
+        if frame.id == keys.fallback_frame(owner.key):  # on_error fallback steps of any kind of step
+            finish_with_frame(self, owner, frame)
+            return
+        processor(owner.kind).child_finished(self, owner, self.wf.steps[owner.step_id], frame)
+
+    def child_frame(self, owner: StepState, frame_id: str, ref: str, parent: Frame, name: str | None = None, **scope: Any) -> Frame:
+        frame = Frame(id=frame_id, ref=ref, owner=owner.key, scope={**parent.scope, **scope}, name=name)
+        self.state.frames[frame_id] = frame
+        owner.children.append(frame_id)
+        return frame
+
+    def drop_frame(self, frame: Frame) -> None:
+        """Forget a finished frame and the steps in it (their results were already taken)."""
+        for key in frame.step_keys:
+            step = self.state.steps.pop(key, None)
+            if step is not None:
+                for child in step.children:
+                    nested = self.state.frames.get(child)
+                    if nested is not None:
+                        self.drop_frame(nested)
+        self.state.frames.pop(frame.id, None)
+        if frame.owner is not None:
+            owner = self.state.steps.get(frame.owner)
+            if owner is not None and frame.id in owner.children:
+                owner.children.remove(frame.id)
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def start_step(self, definition: Any, frame: Frame) -> None:
+        kind = step_kind(definition)
+        step = transitions.begin(self, definition.id, kind, frame, keys.step_key(frame.id, definition.id))
+        try:
+            processor(kind).start(self, step, definition, frame, self.variables(frame))
+        except ExpressionError as exc:
+            step.error = ErrorInfo(type="ExpressionError", message=f"step {definition.id}: {exc}", retryable=False)
+            self.cancel_children(step, "expression error")
+            processor(kind).cancel(self, step, "expression error")
+            self.finish_step(step, "failed")
+
+    def finish_step(self, step: StepState, status: StepStatus, output: Any = None, proceed: bool = False) -> None:
+        """Record a final status and move the step's frame on (or fail it, unless ``proceed``)."""
+        if output is not None:
+            step.output = output
+        step.request = None  # only a pending request is ever re-sent; keep the state small
+        transitions.move(self, step, status)
+        frame = self.state.frames.get(step.frame)
+        if frame is None or frame.status != "running" or self.state.finished:
+            return
+        if proceed or status in ("succeeded", "skipped"):
+            frame.last_output = step.output
+            frame.last_confidence = step.confidence
+            frame.index += 1
+            self.advance(frame.id)
+        else:
+            frame.status = "failed"
+            frame.error = step.error
+            self.frame_finished(frame)
+
+    def failed_finally(self, step: StepState, error: ErrorInfo, final_status: StepStatus) -> None:
+        """A step failed for good: apply its ``on_error`` (the same rules for every step kind that has one)."""
+        step.error = error
+        policy = getattr(self.wf.steps[step.step_id], "on_error", "fail")
+        if isinstance(policy, DefaultValue):
+            self.finish_step(step, final_status, output=policy.default, proceed=True)
+        elif isinstance(policy, Fallback):
+            transitions.move(self, step, "running")  # until the fallback steps end
+            child = self.child_frame(step, keys.fallback_frame(step.key), keys.sequence_ref(step.step_id, "fallback"), self.state.frames[step.frame])
+            self.advance(child.id)
+        elif policy == "continue":
+            step.output = None
+            self.finish_step(step, final_status, proceed=True)
+        else:
+            self.finish_step(step, final_status)
+
+    def cancel_children(self, step: StepState, reason: str, status: StepStatus = "cancelled") -> None:
+        """Cancel every unfinished step below ``step`` (lost races, failed siblings, timeouts)."""
+        for frame_id in step.children:
+            frame = self.state.frames.get(frame_id)
+            if frame is not None and frame.status == "running":
+                frame.status = "cancelled"
+        prefixes = keys.descendant_prefixes(step.key)
+        for other in self.state.steps.values():
+            if other.key.startswith(prefixes) and other.status in ACTIVE:
+                processor(other.kind).cancel(self, other, reason)
+                transitions.move(self, other, status)
+
+    def fallback_running(self, step: StepState) -> bool:
+        return keys.fallback_frame(step.key) in step.children
+
+    # --- timers ---------------------------------------------------------------------------------
+
+    def on_timer(self, timer_id: str) -> None:
+        timer = self.state.timers.pop(timer_id, None)
+        if timer is None:
+            self.ignore("stale_timer", f"timer {timer_id} is not pending")
+            return
+        if timer.kind == "run_timeout":
+            self.finish_run(False, None, ErrorInfo(type="RunTimeout", message="the run exceeded its timeout", retryable=False))
+            return
+        step = self.state.steps.get(timer.target or "")
+        if step is not None:
+            processor(step.kind).timer(self, step, timer)
+
+    def set_timer(self, timer_id: str, seconds: float, kind: TimerKind, target: str | None = None, attempt: int | None = None) -> None:
+        self.set_timer_at(timer_id, self.now + round(seconds * 1000), kind, target, attempt)
+
+    def set_timer_at(self, timer_id: str, due_ms: int, kind: TimerKind, target: str | None = None, attempt: int | None = None) -> None:
+        self.state.timers[timer_id] = Timer(due_ms=due_ms, kind=kind, target=target, attempt=attempt)
+        self.out.append(StartTimer(run_id=self.state.run_id, timer_id=timer_id, due_ms=due_ms))
+
+    def clear_timer(self, timer_id: str) -> None:
+        self.state.timers.pop(timer_id, None)
+
+    # --- run ------------------------------------------------------------------------------------
+
+    def finish_run(self, ok: bool, output: Any, error: ErrorInfo | None, explicit_output: bool = False, confidence: float | None = None) -> None:
+        """End the run (``confidence``: of its last step, kept if it succeeds)."""
+        state = self.state
+        if state.finished:
+            return
+        if ok and self.wf is not None and self.wf.definition.output is not None and not explicit_output:
+            try:
+                output = self.wf.expr("output").evaluate({"input": state.input, "steps": state.view})
+            except ExpressionError as exc:
+                if state.budget_exhausted:  # on_budget: finish: the run ends with what it has, not on an error
+                    output = self.outputs_so_far()
+                else:
+                    ok, output = False, None
+                    error = ErrorInfo(type="ExpressionError", message=f"workflow output: {exc}", retryable=False)
+        state.confidence = confidence if ok else None
+        self._end("succeeded" if ok else "failed", output, error or ErrorInfo(type="RunFailed", message="the run failed", retryable=False))
+
+    def cancel_run(self, event: RunCancelRequested) -> None:
+        """A RunCancelRequested: stop what the run waits for (its child runs and waits too) and end it cancelled."""
+        self.state.cancelled_by = event.requested_by
+        who = f"run {event.requested_by}" if event.requested_by else "a user"
+        self._end("cancelled", None, ErrorInfo(type="cancelled", message=event.reason or f"cancelled by {who}", retryable=False))
+
+    def _end(self, status: str, output: Any, error: ErrorInfo) -> None:
+        state = self.state
+        ok = status == "succeeded"
+        reason = "the run was cancelled" if status == "cancelled" else "the run finished"
+        for step in list(state.steps.values()):
+            # a step that waits for something outside the run (a request, a child run, a signal) is cancelled;
+            # compound steps stay as they were, their frames are closed below
+            if step.status in ACTIVE and processor(step.kind).cancel(self, step, reason):
+                transitions.move(self, step, "cancelled")
+        state.requests.clear()
+        state.timers.clear()
+        for frame in state.frames.values():
+            if frame.status == "running":
+                frame.status = "cancelled" if not ok or frame.owner is not None else "succeeded"
+        state.status = status
+        state.output = output if ok else None
+        state.error = None if ok else error
+        state.finished_ms = self.now
+        transitions.run_finished(self)
+        completion_topic = self.wf.definition.completion_topic if self.wf else None
+        self.out.append(PublishRunEvent(event=terminal_event(state), completion_topic=completion_topic))
+        if parent_waits(state):
+            self.out.append(NotifyParent(finished=child_finished(state)))
+
+    def stop_for_budget(self) -> None:
+        """``on_budget: finish``, once over budget: nothing new has started since (``_advance`` holds every frame
+        where it is), and a loop whose iteration ended in this decision has made its check. Stop every loop still
+        running with its last iteration's output (inner loops first, so their frames move on and the joins and
+        loops around them settle), then end the run with what it has; finish_run cancels what is still in flight."""
+        state = self.state
+        if state.finished or not state.budget_exhausted:
+            return
+        for step in [s for s in reversed(state.steps.values()) if s.kind == "loop"]:
+            if step.status == "running" and not state.finished:
+                self.cancel_children(step, "the budget is spent")
+                self.clear_timer(keys.loop_timeout(step.key))
+                step.ended_by = step.ended_by or "budget"
+                self.finish_step(step, "succeeded")
+                self.drain()
+        self.finish_run(True, self.outputs_so_far(), None)
+
+    def outputs_so_far(self) -> dict[str, Any]:
+        """The latest output of every step that ran and was not cancelled, by step id (what CEL sees as
+        ``steps.<id>.output``)."""
+        return {step_id: entry["output"] for step_id, entry in self.state.view.items() if entry["status"] != "cancelled"}
+
+    def publish(self, kind: str) -> None:
+        s = self.state
+        self.out.append(
+            PublishRunEvent(
+                event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms), correlation_id=s.correlation_id)
+            )
+        )
+
+    def check_budget(self) -> None:
+        budget = self.wf.definition.budget if self.wf else None
+        if budget is None or self.state.finished or self.state.budget_exhausted:
+            return
+        cost = self.state.cost
+        tokens = cost.get("tokens_in", 0) + cost.get("tokens_out", 0)
+        over = (budget.usd is not None and cost.get("usd", 0) > budget.usd) or (budget.tokens is not None and tokens > budget.tokens)
+        if not over:
+            return
+        self.state.budget_exhausted = True
+        if self.wf.definition.on_budget == "fail":
+            self.finish_run(False, None, ErrorInfo(type="budget_exceeded", message=f"spent usd {cost.get('usd', 0)} and {tokens} tokens; budget {budget.model_dump(exclude_none=True)}", retryable=False))
+
+    def add_cost(self, step: StepState, cost: dict[str, Any], models: dict[str, Any] | None = None) -> None:
+        step.cost = _sum_cost(step.cost or {}, cost, models)
+        self.state.cost = _sum_cost(self.state.cost, cost, models)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def variables(self, frame: Frame) -> dict[str, Any]:
+        return {"input": self.state.input, "steps": self.state.view, **frame.scope}
+
+    def truth(self, key: str, variables: dict[str, Any]) -> bool:
+        value = self.wf.expr(key).evaluate(variables)
+        if not isinstance(value, bool):
+            raise ExpressionError(f"{self.wf.expr(key).source!r} gave {type(value).__name__}, not a bool")
+        return value
+
+    def too_big(self, output: Any) -> str | None:
+        size = len(orjson.dumps(output))
+        # An accepted output is held three times: the step's output, the CEL view and its frame's last output
+        # (a next step whose input copies it adds more: enforce_size catches that). Measuring the whole state
+        # costs as much as storing it, so measure only once the running estimate comes near the limit.
+        projected = self.state.size_hint + 3 * size
+        if projected * 2 < self.max_state_bytes:
+            self.state.size_hint = projected
+            return None
+        projected = len(self.state.model_dump_json()) + 3 * size
+        if projected > self.max_state_bytes:
+            return f"an output of {size} bytes would grow the run's state to about {projected} bytes, over the limit of {self.max_state_bytes}"
+        self.state.size_hint = projected
+        return None
+
+    def enforce_size(self) -> None:
+        """The last guard: a state that still grew past the limit (fan-out outputs gathered in one list) fails
+        the run and sheds its outputs, so the document stays storable."""
+        if self.state.finished:
+            return
+        # the outputs' estimate plus what every step and frame adds (fan-outs add many that no output estimate sees)
+        hint = self.state.size_hint + 600 * (len(self.state.steps) + len(self.state.frames))
+        if hint * 2 < self.max_state_bytes:
+            return
+        size = len(self.state.model_dump_json())
+        self.state.size_hint = size
+        if size <= self.max_state_bytes:
+            return
+        for step in self.state.steps.values():
+            step.output, step.results, step.items, step.request = None, {}, None, None
+        for frame in self.state.frames.values():
+            frame.last_output = None
+        for entry in self.state.view.values():
+            entry["output"] = None
+        for pending in self.state.signals:
+            pending.data = None
+        self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
+
+    def ignore(self, reason: str, detail: str) -> None:
+        self.changed = False
+        self.out.append(EventIgnored(run_id=self.state.run_id, reason=reason, detail=detail))
+
+
+def terminal_event(state: RunState) -> RunEvent:
+    ok = state.status == "succeeded"
+    status = state.status if state.status in ("succeeded", "cancelled") else "failed"
+    finished = state.finished_ms or state.started_ms
+    return RunEvent(
+        type={"succeeded": "run.completed", "cancelled": "run.cancelled"}.get(status, "run.failed"),
+        run_id=state.run_id,
+        workflow=state.workflow,
+        status=status,
+        output=state.output if ok else None,
+        error=None if ok else state.error,
+        started_at=iso(state.started_ms),
+        finished_at=iso(finished),
+        duration_ms=finished - state.started_ms,
+        correlation_id=state.correlation_id,
+        path=list(state.path),
+        cost=dict(state.cost) or None,
+        stopped_by="budget" if ok and state.budget_exhausted else None,
+        confidence=state.confidence if ok else None,
+    )
+
+
+def parent_waits(state: RunState) -> bool:
+    """A finished child run tells its parent, unless the parent cancelled it (the parent has moved on)."""
+    return bool(state.parent) and not (state.status == "cancelled" and state.cancelled_by == state.parent.get("run_id"))
+
+
+def child_finished(state: RunState) -> ChildRunFinished:
+    parent = state.parent or {}
+    return ChildRunFinished(
+        run_id=parent["run_id"],
+        step_key=parent["step_key"],
+        child_run_id=state.run_id,
+        status="succeeded" if state.status == "succeeded" else "failed",
+        output=state.output,
+        error=state.error,
+        cost=dict(state.cost) or None,
+    )
+
+
+def _sum_cost(total: dict[str, Any], cost: dict[str, Any], models: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = dict(total)
+    for field in ("usd", "tokens_in", "tokens_out"):
+        if field in cost:
+            result[field] = round(result.get(field, 0) + cost[field], 9) if field == "usd" else result.get(field, 0) + cost[field]
+    merged = dict(result.get("models", {}))
+    if "model" in cost:
+        merged[cost["model"]] = round(merged.get(cost["model"], 0) + cost.get("usd", 0), 9)
+    for model, usd in (models or {}).items():
+        merged[model] = round(merged.get(model, 0) + usd, 9)
+    if merged:
+        result["models"] = merged
+    return result

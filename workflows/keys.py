@@ -1,0 +1,133 @@
+"""Every id the engine derives from a run's shape, built and parsed here and nowhere else.
+
+Ids are deterministic (a replay makes the same ones) and readable in logs:
+
+- step key: ``<frame id>/<step id>`` (a root step's key is its id);
+- frame ids below a compound step ``K``: ``K/<branch>``, ``K/<choice path>``, ``K#<iteration>``, ``K[<item>]``,
+  ``K/fallback``, ``K/exhausted``, and ``<frame>~<attempt>`` for a parallel branch or map item run again;
+- request id: ``<run_id>/<step key>/<attempt>``; a child run's id: ``<run_id>/<step key>``;
+- timer ids: ``run:timeout`` and ``<step key>:<what>[:<attempt>]``.
+"""
+from __future__ import annotations
+
+RUN_TIMEOUT = "run:timeout"
+
+
+# --- steps and frames -------------------------------------------------------------------------------
+
+
+def step_key(frame_id: str, step_id: str) -> str:
+    return step_id if frame_id == "root" else f"{frame_id}/{step_id}"
+
+
+def sequence_ref(step_id: str, part: str) -> str:
+    """The key of a compiled step list below a compound step: ``body``, ``item``, a branch, ``case0`` …"""
+    return f"{step_id}/{part}"
+
+
+def branch_frame(key: str, name: str) -> str:
+    """A parallel branch's frame, or a choice path's (``name`` is the path)."""
+    return f"{key}/{name}"
+
+
+def item_frame(key: str, index: int | str) -> str:
+    return f"{key}[{index}]"
+
+
+def iteration_frame(key: str, iteration: int) -> str:
+    return f"{key}#{iteration}"
+
+
+def fallback_frame(key: str) -> str:
+    return f"{key}/fallback"
+
+
+def exhausted_frame(key: str) -> str:
+    return f"{key}/exhausted"
+
+
+def rerun_frame(frame_id: str, attempt: int) -> str:
+    """A parallel branch or map item run again (``on_failure: retry``)."""
+    return f"{frame_id}~{attempt}"
+
+
+def branch_of(frame_id: str) -> str:
+    """The branch a (possibly re-run) frame belongs to: ``p/b~2`` → ``p/b``."""
+    return frame_id.split("~", 1)[0]
+
+
+def descendant_prefixes(key: str) -> tuple[str, ...]:
+    """Key prefixes of every step below the compound step ``key``."""
+    return (key + "/", key + "#", key + "[")
+
+
+# --- requests and child runs ------------------------------------------------------------------------
+
+
+def request_id(run_id: str, key: str, attempt: int) -> str:
+    return f"{run_id}/{key}/{attempt}"
+
+
+def parse_request_id(run_id: str, request_id: str) -> tuple[str, int] | None:
+    """``(step key, attempt)`` of one of ``run_id``'s request ids, or None if it is not one."""
+    prefix = run_id + "/"
+    if not request_id.startswith(prefix):
+        return None
+    key, _, attempt = request_id[len(prefix):].rpartition("/")
+    return (key, int(attempt)) if key and attempt.isdigit() else None
+
+
+def is_transient(key: str) -> bool:
+    """Whether a step key lies in a frame the engine drops once finished: a loop iteration, a map item, or a
+    parallel branch that ran again."""
+    return "#" in key or "[" in key or "~" in key
+
+
+def reruns_of(key: str) -> tuple[str, ...]:
+    """Frame-id prefixes of the re-runs of every frame above ``key`` (``p/b/s`` → ``p~``, ``p/b~``)."""
+    return tuple(key[:i] + "~" for i, ch in enumerate(key) if ch == "/")
+
+
+def child_run_id(run_id: str, key: str) -> str:
+    return f"{run_id}/{key}"
+
+
+# --- timers ---------------------------------------------------------------------------------------
+
+
+def attempt_timeout(key: str, attempt: int) -> str:
+    """An activity attempt's deadline (or a sub-workflow step's, attempt 1)."""
+    return f"{key}:timeout:{attempt}"
+
+
+def retry_timer(key: str, attempt: int) -> str:
+    return f"{key}:retry:{attempt}"
+
+
+def loop_timeout(key: str) -> str:
+    return f"{key}:loop_timeout"
+
+
+def join_timeout(key: str) -> str:
+    return f"{key}:join_timeout"
+
+
+def wait_timeout(key: str) -> str:
+    return f"{key}:wait_timeout"
+
+
+def sleep_timer(key: str) -> str:
+    return f"{key}:sleep"
+
+
+def timer_pending(raw_state: bytes, timer_id: str) -> bool:
+    """Whether a stored run state (its compact JSON bytes) still holds ``timer_id``: a test without decoding.
+
+    A pending timer is stored as ``"<timer id>":{"due_ms":…`` in ``RunState.timers`` (``due_ms`` is the first
+    field of a ``Timer`` and has no default), which no other part of a state looks like."""
+    return b'"' + timer_id.encode() + b'":{"due_ms":' in raw_state
+
+
+def has_timers(raw_state: bytes) -> bool:
+    """Whether a stored run state (its JSON bytes, dumped without defaults) may hold pending timers."""
+    return b'"timers"' in raw_state

@@ -1,0 +1,160 @@
+"""``activity:`` steps: a request to a worker, retried with back-off, bounded by a timeout per attempt."""
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from legato.topics.models import ActivityCompleted, ActivityRequested, ErrorInfo, RequestCancelled
+from legato.workflows import keys, transitions
+from legato.workflows.commands import CancelRequest, RequestActivity
+from legato.workflows.model import DEFAULT_ACTIVITY_TIMEOUT, ActivityStep
+from legato.workflows.state import StepState, StepStatus, Timer
+from legato.workflows.steps.base import Processor
+
+if TYPE_CHECKING:
+    from legato.workflows.context import Run
+    from legato.workflows.state import Frame
+
+
+class ActivityProcessor(Processor):
+    def start(self, run: "Run", step: StepState, definition: ActivityStep, frame: "Frame", variables: dict[str, Any]) -> None:
+        request(run, step, definition, 1, variables)
+
+    def completed(self, run: "Run", event: ActivityCompleted) -> None:
+        """A worker finished one of this run's requests (or a duplicate, stale or foreign completion came in)."""
+        key = run.state.requests.get(event.request_id)
+        if key is None:
+            _refuse_completion(run, event)
+            return
+        step = run.state.steps[key]
+        if event.attempt != step.attempt or step.status != "running":
+            run.ignore("stale_attempt", f"request {event.request_id} attempt {event.attempt}, step at {step.attempt} ({step.status})")
+            return
+        _clear_pending(run, step)
+        if event.cost is not None:
+            run.add_cost(step, event.cost.model_dump(exclude_none=True))
+        step.confidence = event.confidence
+        step.cached = bool(event.cached)
+        if event.status == "succeeded":
+            too_big = run.too_big(event.output)
+            if too_big:
+                self._attempt_failed(run, step, ErrorInfo(type="ContextTooLarge", message=too_big, retryable=False), "failed")
+            else:
+                step.output = event.output
+                run.finish_step(step, "succeeded")
+        else:
+            error = event.error or ErrorInfo(type="ActivityFailed", message="the worker reported a failure without an error")
+            self._attempt_failed(run, step, error, "failed")
+        run.check_budget()
+
+    def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
+        if timer.kind == "activity_timeout" and step.status == "running" and step.attempt == timer.attempt:
+            _clear_pending(run, step)
+            self._attempt_failed(run, step, ErrorInfo(type="ActivityTimeout", message=f"attempt {step.attempt} took longer than its timeout", retryable=True), "timed_out")
+        elif timer.kind == "retry" and step.status == "waiting_retry":
+            request(run, step, run.wf.steps[step.step_id], step.attempt + 1)
+
+    def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
+        pending = step.request_id is not None and step.request_id in run.state.requests
+        if pending:
+            activity = run.wf.steps[step.step_id].activity if run.wf else ""
+            run.out.append(CancelRequest(cancel=RequestCancelled(request_id=step.request_id, run_id=run.state.run_id, activity=activity, reason=reason)))
+        _clear_pending(run, step)
+        return pending
+
+    def _attempt_failed(self, run: "Run", step: StepState, error: ErrorInfo, final_status: StepStatus) -> None:
+        definition = run.wf.steps[step.step_id]
+        step.error = error
+        retryable = error.retryable and error.type not in definition.non_retryable
+        if retryable and step.attempt < definition.retry.max_attempts:
+            transitions.move(run, step, "waiting_retry")
+            delay = definition.retry.delay(step.attempt)
+            if definition.retry.jitter:
+                delay = min(delay * _jitter(keys.request_id(run.state.run_id, step.key, step.attempt)), definition.retry.max_backoff)
+            run.set_timer(keys.retry_timer(step.key, step.attempt), delay, "retry", target=step.key, attempt=step.attempt)
+            return
+        run.failed_finally(step, error, final_status)
+
+
+def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int, variables: dict[str, Any] | None = None) -> None:
+    """Send attempt ``attempt`` of an activity step (the first renders its input; a retry resends it)."""
+    if variables is None:
+        variables = run.variables(run.state.frames[step.frame])
+    if attempt == 1 or step.request is None:
+        payload = run.wf.templates[definition.id].render(variables)
+        if payload is None:
+            payload = {}
+    else:
+        payload = step.request["input"]
+    timeout = definition.timeout if definition.timeout is not None else DEFAULT_ACTIVITY_TIMEOUT
+    req = ActivityRequested(
+        request_id=keys.request_id(run.state.run_id, step.key, attempt),
+        run_id=run.state.run_id,
+        step_id=definition.id,
+        activity=definition.activity,
+        attempt=attempt,
+        input=payload,
+        deadline=run.now + round(timeout * 1000),
+        workflow=run.state.workflow,
+        requested_ms=run.now,
+        cache_ttl_ms=round(definition.cache.ttl * 1000) if definition.cache else None,
+        batch={"max_size": definition.batch.max_size, "max_wait_ms": round(definition.batch.max_wait * 1000)} if definition.batch else None,
+        rate_limit=definition.rate_limit.per_second if definition.rate_limit else None,
+    )
+    transitions.move(run, step, "running")
+    step.attempt = attempt
+    step.request_id = req.request_id
+    step.request = req.model_dump(mode="json", exclude_none=True)
+    run.state.requests[req.request_id] = step.key
+    run.out.append(RequestActivity(request=req))
+    run.set_timer(keys.attempt_timeout(step.key, attempt), timeout, "activity_timeout", target=step.key, attempt=attempt)
+
+
+def _clear_pending(run: "Run", step: StepState) -> None:
+    if step.request_id:
+        run.state.requests.pop(step.request_id, None)
+    run.clear_timer(keys.attempt_timeout(step.key, step.attempt))
+    run.clear_timer(keys.retry_timer(step.key, step.attempt))
+
+
+def _refuse_completion(run: "Run", event: ActivityCompleted) -> None:
+    """A completion for no pending request: say why (duplicate, stale or never made here)."""
+    earlier = _step_of_request(run, event.request_id)
+    if earlier is not None and earlier.request_id == event.request_id:
+        run.ignore("duplicate_completion", f"request {event.request_id} already completed ({earlier.status})")
+    elif earlier is not None:
+        run.ignore("stale_attempt", f"request {event.request_id} is no longer pending (step {earlier.key} at attempt {earlier.attempt}, {earlier.status})")
+    elif _made_here(run, event.request_id):
+        run.ignore("stale_attempt", f"request {event.request_id} belongs to a finished loop iteration or map item, or a branch that ran again")
+    else:
+        run.ignore("unknown_request", f"request {event.request_id} was never made by this run")
+
+
+def _step_of_request(run: "Run", request_id: str) -> StepState | None:
+    """The step an earlier request of this run belonged to."""
+    parsed = keys.parse_request_id(run.state.run_id, request_id)
+    if parsed is None:
+        return None
+    key, attempt = parsed
+    step = run.state.steps.get(key)
+    return step if step is not None and attempt <= max(step.attempt, 1) else None
+
+
+def _made_here(run: "Run", request_id: str) -> bool:
+    """Whether ``request_id`` is one of this run's whose step was dropped with its frame: a finished loop
+    iteration or map item, or a parallel branch that ran again (the first run of branch ``p/b`` is dropped when
+    ``p/b~2`` starts)."""
+    parsed = keys.parse_request_id(run.state.run_id, request_id)
+    if parsed is None:
+        return False
+    key = parsed[0]
+    if keys.is_transient(key):
+        return True
+    reruns = keys.reruns_of(key)
+    return bool(reruns) and any(frame_id.startswith(reruns) for frame_id in run.state.frames)
+
+
+def _jitter(seed: str) -> float:
+    """A factor in [0.8, 1.2) derived from ``seed``: retries of many runs spread out, replays stay identical."""
+    digest = hashlib.blake2b(seed.encode(), digest_size=4).digest()
+    return 0.8 + 0.4 * int.from_bytes(digest, "big") / 2**32
