@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import orjson
 
+from legato.streams import kafka_io
 from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -306,25 +307,10 @@ class Tail:
         return self
 
     async def _run(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                    max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024,
-                                    **{"isolation_level": "read_committed", **self.kafka})
+        consumer = kafka_io.reader(self.bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024, **self.kafka)
         await consumer.start()
         try:
-            tps = []
-            for topic in self.topics:
-                parts = None
-                for _ in range(300):
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(topic)
-                    if parts:
-                        break
-                    await asyncio.sleep(0.2)
-                tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            await kafka_io.assign_all(consumer, self.topics, from_beginning=True, wait=60.0)
             self._ready.set()
             while True:
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)

@@ -8,7 +8,9 @@ import asyncio
 import uuid
 from typing import AsyncIterator, Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from legato.streams import kafka_io
 
 from legato.topics import codec
 from legato.topics.codec import DecodeError
@@ -123,35 +125,22 @@ class _RunsConsumer:
     """A group-less consumer of every partition of the given topics, positioned before anything is triggered."""
 
     def __init__(self, bootstrap: str, topics: list[str], from_beginning: bool, kafka: dict):
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                         auto_offset_reset="earliest" if from_beginning else "latest", **{"isolation_level": "read_committed", **kafka})
+        self.consumer = kafka_io.reader(bootstrap, from_beginning=from_beginning, **kafka)
         self.topics = topics
         self.from_beginning = from_beginning
 
     async def __aenter__(self) -> AIOKafkaConsumer:
-        c = self.consumer
-        await c.start()
-        tps: list[TopicPartition] = []
-        for topic in self.topics:
-            partitions = None
-            for _ in range(50):
-                metadata = await c._client.fetch_all_metadata()
-                partitions = metadata.partitions_for_topic(topic)
-                if partitions:
-                    break
-                await asyncio.sleep(0.1)
-            if not partitions:
-                await c.stop()
-                raise RuntimeError(f"topic {topic} does not exist: is a coordinator running?")
-            tps += [TopicPartition(topic, p) for p in sorted(partitions)]
-        c.assign(tps)
-        if self.from_beginning:
-            await c.seek_to_beginning(*tps)
-        else:
-            await c.seek_to_end(*tps)
-        for tp in tps:
-            await c.position(tp)  # resolve the position now, before the trigger is sent
-        return c
+        await self.consumer.start()
+        try:
+            await kafka_io.assign_all(self.consumer, self.topics, from_beginning=self.from_beginning, missing=_missing)
+        except BaseException:
+            await self.consumer.stop()
+            raise
+        return self.consumer
 
     async def __aexit__(self, *exc: object) -> None:
         await self.consumer.stop()
+
+
+def _missing(topic: str) -> None:
+    raise RuntimeError(f"topic {topic} does not exist: is a coordinator running?")

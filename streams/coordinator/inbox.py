@@ -4,9 +4,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from aiokafka.partitioner import DefaultPartitioner
-
 from legato.streams.dlq import dead_letter
+from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
@@ -36,7 +35,6 @@ class Inbox:
     def __init__(self, topics: Topics, partitions: int):
         self.topics = topics
         self.partitions = partitions
-        self._partitioner = DefaultPartitioner()
 
     def decode(self, topic: str, value: bytes | None) -> Any:
         """The event of a completions or coordinator record; raises DecodeError."""
@@ -63,8 +61,7 @@ class Inbox:
         """The same record keyed onto its run's partition when a producer put it elsewhere (not keyed by run_id,
         or another partitioner), so that the run's state is never split; None when it is where it belongs."""
         key = run_id.encode()
-        everything = list(range(self.partitions))
-        if msg.partition == self._partitioner(key, everything, everything):
+        if msg.partition == partition_for(key, self.partitions):
             return None
         return (msg.topic, key, msg.value, None)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
-from legato.streams import security
+from legato.streams import kafka_io, security
 from legato.streams.coordinator.effects import carry_out
 from legato.streams.coordinator.inbox import Inbox, Send
 from legato.streams.coordinator.timers import Timers, now_ms
@@ -116,19 +116,14 @@ class Partitions:
 
     async def restore(self, task: PartitionTask, bootstrap: str) -> int:
         """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
-        reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                  isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
-        tp = TopicPartition(self.topics.changelog, task.partition)
+        def put(record: Any) -> None:
+            if record.value is not None:
+                task.store.put(record.key, record.value)
+
+        reader = kafka_io.reader(bootstrap, max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
         try:
             await reader.start()
-            reader.assign([tp])
-            end = (await reader.end_offsets([tp]))[tp]
-            await reader.seek_to_beginning(tp)
-            while await reader.position(tp) < end:
-                for records in (await reader.getmany(tp, timeout_ms=1000, max_records=10_000)).values():
-                    for rec in records:
-                        if rec.value is not None:
-                            task.store.put(rec.key, rec.value)
+            await kafka_io.read_partition(reader, TopicPartition(self.topics.changelog, task.partition), put)
         finally:
             await reader.stop()
         loaded = sum(1 for _ in task.store.values())

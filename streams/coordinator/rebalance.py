@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from legato.streams import security
+from legato.streams.kafka_io import group_membership
 from legato.streams.coordinator.partition import PartitionTask, RunTable
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class Rebalance(ConsumerRebalanceListener):
                     task.wake.set()  # its loop sees it is no longer active and ends
                 self._parked[p] = task
             self._pending -= partitions
-            self._parked_as = self._membership()
+            self._parked_as = group_membership(self.c.consumer)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         """Keep the parked tasks assigned back, and leave the new partitions paused for the consume loop to open:
@@ -66,7 +67,7 @@ class Rebalance(ConsumerRebalanceListener):
         consumer = self.c.consumer
         async with self._lock:
             wanted = {tp.partition for tp in assigned}
-            member, generation = self._membership()
+            member, generation = group_membership(self.c.consumer)
             # reused only across one rebalance this member took part in: nobody else owned them in between
             if member is not None and member == self._parked_as[0] and generation == (self._parked_as[1] or 0) + 1:
                 for p in sorted(wanted & set(self._parked)):
@@ -80,10 +81,6 @@ class Rebalance(ConsumerRebalanceListener):
             paused = [tp for tp in assigned if tp.partition in self._pending]
             if paused:
                 consumer.pause(*paused)
-
-    def _membership(self) -> tuple[Any, Any]:
-        coordinator = getattr(self.c.consumer, "_coordinator", None)
-        return getattr(coordinator, "member_id", None), getattr(coordinator, "generation", None)
 
     async def close_parked(self) -> None:
         parked = list(self._parked)
