@@ -5,7 +5,6 @@ as a task of the faust app in ``legato dev`` and on its own event loop in ``lega
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import logging
 from dataclasses import dataclass
@@ -68,14 +67,14 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         value_serializer="raw",
         web_enabled=False,
         broker_credentials=security.faust_credentials(),
-        producer_linger=float(os.environ.get("LEGATO_LINGER_MS", "0")) / 1000,
-        broker_commit_interval=float(os.environ.get("LEGATO_COMMIT_INTERVAL", "0.5")),
+        producer_linger=settings.linger_ms / 1000,
+        broker_commit_interval=settings.commit_interval,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
         # a killed process's partitions move after this; faust's 60 s default stalls every run on them that long
-        broker_session_timeout=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")),
-        broker_heartbeat_interval=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) / 4,
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=settings.session_timeout / 4,
     )
     kafka_io.faust_read_committed()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -167,7 +166,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_kafka(args: argparse.Namespace) -> int:
     from legato.tools import kafka_local
 
-    bootstrap = os.environ.get("LEGATO_BOOTSTRAP", "localhost:9092")
+    bootstrap = Settings.from_env().bootstrap
     if args.action == "start":
         print(kafka_local.start(bootstrap))
     elif args.action == "stop":

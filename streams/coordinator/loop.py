@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import time
 from typing import Any
 
@@ -62,7 +61,7 @@ class Coordinator:
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics)
         self.rebalance = Rebalance(self)
         self._consumer: AIOKafkaConsumer | None = None
-        self._session_timeout_ms = int(float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) * 1000)
+        self._session_timeout_ms = int(settings.session_timeout * 1000)
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
