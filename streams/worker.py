@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from legato.handlers.registry import Activity, ActivityError, Result
 from legato.streams.dlq import DeadLetters
-from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, ResultCache, TokenBucket, batch_settings, fingerprint, tail_topic
+from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, fingerprint, tail_topic
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo
@@ -70,7 +70,7 @@ class Workers:
         self.bootstrap = bootstrap
         self.cancellations = Cancellations()
         self.cache = ResultCache()
-        self.buckets: dict[str, TokenBucket] = {}
+        self.rate_limits = RateLimits()
         self.batchers = {name: Batcher(act) for name, act in activities.items() if act.batched}
         self.cache_topic = app.topic(topics.cache, key_serializer="raw", value_serializer="raw")
         app.task(self._tail_cancellations)
@@ -129,10 +129,7 @@ class Workers:
                     self._skip("cache_hit")
                     return
             if request.rate_limit:
-                bucket = self.buckets.get(activity.name)
-                if bucket is None or bucket.rate != request.rate_limit:
-                    bucket = self.buckets[activity.name] = TokenBucket(request.rate_limit)
-                await bucket.take()  # the request waits here (and in its topic), it is never dropped
+                await self.rate_limits.take(activity.name, request.rate_limit)  # it waits here (and in its topic), never dropped
                 if request.request_id in self.cancellations.cancelled:
                     self._skip("cancelled_request")
                     return

@@ -133,6 +133,20 @@ class TokenBucket:
                 await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
+class RateLimits:
+    """The token buckets of one worker process, by activity."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, TokenBucket] = {}
+
+    async def take(self, activity: str, rate: float) -> None:
+        """Wait until a request of ``activity`` that carries ``rate`` may start."""
+        bucket = self._buckets.get(activity)
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[activity] = TokenBucket(rate)
+        await bucket.take()
+
+
 class Batcher:
     """Collects requests of one activity into lists of up to ``max_size``, waiting at most ``max_wait``."""
 
