@@ -134,16 +134,20 @@ class TokenBucket:
 
 
 class RateLimits:
-    """The token buckets of one worker process, by activity."""
+    """The token buckets of one worker process: one per activity and declared rate.
+
+    Requests of an activity that carry the same rate share a bucket; steps that declare different rates for one
+    activity (one per model, say) are limited separately, each to its own rate. (One bucket per activity, replaced
+    whenever the rate changed, refilled the burst at every change: mixed traffic was not limited at all.)"""
 
     def __init__(self) -> None:
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[tuple[str, float], TokenBucket] = {}
 
     async def take(self, activity: str, rate: float) -> None:
         """Wait until a request of ``activity`` that carries ``rate`` may start."""
-        bucket = self._buckets.get(activity)
-        if bucket is None or bucket.rate != rate:
-            bucket = self._buckets[activity] = TokenBucket(rate)
+        bucket = self._buckets.get((activity, rate))
+        if bucket is None:
+            bucket = self._buckets[(activity, rate)] = TokenBucket(rate)
         await bucket.take()
 
 

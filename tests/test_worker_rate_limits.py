@@ -1,12 +1,9 @@
 """Worker rate limits: each declared rate holds, also when one activity's requests carry different rates."""
 import time
 
-import pytest
-
 from legato.streams.worker_support import RateLimits
 
 
-@pytest.mark.xfail(strict=True, reason="the bucket is replaced (full) whenever the rate differs: mixed traffic refills the burst")
 async def test_a_rate_holds_when_the_activity_also_gets_requests_with_another_rate():
     limits = RateLimits()
     started = time.monotonic()
