@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
 EXAMPLES_DIR = REPO_ROOT / "workflows" / "examples"
 HANDLERS = "legato.handlers.examples.demo,legato.handlers.examples.proposal,tests.integration.e2e_handlers"
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 180.0  # a fresh broker on a loaded shared machine takes over a minute to elect its group coordinators
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 60
 
