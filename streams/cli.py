@@ -90,6 +90,28 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_signal(args: argparse.Namespace) -> int:
+    import orjson
+
+    from legato.topics.client import LegatoClient
+
+    s = _settings(args)
+    data = None
+    if args.data is not None:
+        try:
+            data = orjson.loads(args.data)
+        except orjson.JSONDecodeError as exc:
+            print(f"legato signal: --data is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+
+    async def go() -> int:
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            await client.signal(args.run_id, args.signal, data, args.id)
+        return 0
+
+    return asyncio.run(go())
+
+
 def cmd_trigger(args: argparse.Namespace) -> int:
     import orjson
 
@@ -211,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workflow")
     p.add_argument("--input", default="{}", help="JSON object")
     p.add_argument("--run-id", default=None)
-    p.add_argument("--wait", action="store_true", help="show progress and print the terminal run event")
+    p.add_argument("--wait", action="store_true", help="show progress (completions and progress chunks, live) and print the terminal run event")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
@@ -222,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_cancel, workflows=[], handlers=[])
+    p = sub.add_parser("signal", help="send a signal to a run (it completes the run's oldest wait step on that name)")
+    p.add_argument("run_id")
+    p.add_argument("signal")
+    p.add_argument("--data", default=None, help="JSON value: the output of the wait step")
+    p.add_argument("--id", default=None, help="signal_id: a repeated id for the same run is ignored")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_signal, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
     p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
@@ -254,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_kafka)
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench", "runs", "chaos"):
+    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     return args.fn(args) or 0
 

@@ -1,7 +1,7 @@
 """The Kafka helpers every part of Legato shares, and the only module that touches aiokafka's or faust's private
 API (pyproject.toml bounds both versions; a new version is checked here first).
 
-- :func:`reader`, :func:`assign_all`, :func:`read_partition`: read topics without a consumer group, committed records
+- :func:`reader`, :func:`assign_all`, :func:`assign`, :func:`read_partition`: read topics without a consumer group, committed records
   only (each process sees everything: tails, the client, the coordinator's changelog, ``legato runs show``);
 - :func:`partition_for`: the partition of a key, murmur2 as aiokafka and the Java client do by default;
 - :func:`group_membership`: a group consumer's member id and generation (aiokafka keeps them private);
@@ -56,8 +56,13 @@ async def assign_all(consumer: AIOKafkaConsumer, topics: list[str], *, from_begi
         if not partitions and missing is not None:
             missing(topic)
         tps += [TopicPartition(topic, p) for p in partitions]
-    if not tps:
-        return tps
+    if tps:
+        await assign(consumer, tps, from_beginning=from_beginning)
+    return tps
+
+
+async def assign(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, from_beginning: bool) -> None:
+    """Assign ``tps``, seek to their beginning or end, and resolve the positions now."""
     consumer.assign(tps)
     if from_beginning:
         await consumer.seek_to_beginning(*tps)
@@ -65,7 +70,6 @@ async def assign_all(consumer: AIOKafkaConsumer, topics: list[str], *, from_begi
         await consumer.seek_to_end(*tps)
     for tp in tps:
         await consumer.position(tp)
-    return tps
 
 
 async def read_partition(consumer: AIOKafkaConsumer, tp: TopicPartition, on_record: Callable[[Any], None], timeout: float | None = None,

@@ -1,6 +1,6 @@
 """The coordinator: a transactional consume → decide → produce loop over the run-keyed input.
 
-Per input partition ``p`` (the triggers, coordinator and completions topics, co-partitioned by run_id) there is one
+Per input partition ``p`` (the triggers, coordinator, completions and signals topics, co-partitioned by run_id) there is one
 task: the run table of ``p`` (loaded from partition ``p`` of the changelog when the task is assigned) and one
 transactional producer whose ``transactional.id`` is ``<group>-<p>``. Each batch a task reads is decided by
 ``legato.workflows.machine`` and then committed in ONE Kafka transaction holding everything it caused: the requests,

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from legato.streams.coordinator.inbox import Send
 from legato.topics import codec
 from legato.topics.names import Topics
+from legato.workflows import machine
 from legato.workflows.machine import (
     CancelChildRun,
     CancelRequest,
@@ -20,9 +21,14 @@ from legato.workflows.machine import (
 
 log = logging.getLogger("legato.coordinator")
 
+_SIGNAL_REFUSED = getattr(machine, "SignalRefused", None)
+"""The machine's refusal of a signal (``run_id``, ``reason``, ``signal``); None while the machine has no signals."""
 
-def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: list[StartTimer], ignored: Callable[[str], None]) -> None:
-    """Append the records of ``commands`` to ``sends`` and their timers to ``timers``; count ignored events."""
+
+def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: list[StartTimer], ignored: Callable[[str], None],
+              refused: Callable[[str], None]) -> None:
+    """Append the records of ``commands`` to ``sends`` and their timers to ``timers``; count ignored events; hand
+    the reason of a refused signal to ``refused`` (which dead-letters the record being decided)."""
     for command in commands:
         if isinstance(command, RequestActivity):
             req = command.request
@@ -46,6 +52,9 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
         elif isinstance(command, NotifyParent):
             f = command.finished
             sends.append((topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
+        elif _SIGNAL_REFUSED is not None and isinstance(command, _SIGNAL_REFUSED):  # e.g. a run keeps 64 at most
+            refused(f"signal refused: {command.reason}")
+            log.info("refused signal %r for run %s: %s", getattr(command.signal, "signal", None), command.run_id, command.reason)
         elif isinstance(command, EventIgnored):
             ignored(command.reason)
             log.info("ignored event for run %s: %s %s", command.run_id, command.reason, command.detail)

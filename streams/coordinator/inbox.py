@@ -8,7 +8,7 @@ from legato.streams.dlq import dead_letter
 from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, TimerFired
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
 
 Send = tuple[str, bytes | None, bytes, int | None]
@@ -37,9 +37,11 @@ class Inbox:
         self.partitions = partitions
 
     def decode(self, topic: str, value: bytes | None) -> Any:
-        """The event of a completions or coordinator record; raises DecodeError."""
+        """The event of a completions, signals or coordinator record; raises DecodeError."""
         if topic == self.topics.completions:
             return codec.decode(ActivityCompleted, value)
+        if topic == self.topics.signals:
+            return codec.decode(SignalSent, value)
         raw = codec.decode_object(value)
         model = _COORDINATOR_RECORDS.get(raw.get("type"))  # type: ignore[arg-type]
         if model is None:
@@ -48,7 +50,7 @@ class Inbox:
 
     def what(self, topic: str) -> str:
         """How a dead letter names a record of ``topic`` it could not decode."""
-        return "completion" if topic == self.topics.completions else "coordinator record"
+        return {self.topics.completions: "completion", self.topics.signals: "signal"}.get(topic, "coordinator record")
 
     def accept_trigger(self, msg: Any) -> Send:
         """Validate a trigger and re-key it by run_id onto the coordinator topic; raises DecodeError."""

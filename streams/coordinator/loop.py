@@ -56,7 +56,7 @@ class Coordinator:
         self.partition_count: int = settings.partitions
         self.metrics = metrics
         self.group = self.topics.coordinator_group
-        self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions]
+        self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions, self.topics.signals]
         self.tasks: dict[int, PartitionTask] = {}  # the active tasks by partition (parked ones are not here)
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics)
         self.rebalance = Rebalance(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import typing
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from legato.streams.coordinator.inbox import Inbox, Send
 from legato.streams.coordinator.timers import Timers, now_ms
 from legato.streams.metrics import count_in_flight
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, TimerFired
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
+from legato.workflows import machine as _machine
 from legato.workflows.machine import EventIgnored, Machine, StartTimer, outstanding
 from legato.workflows.state import RunState
 
@@ -30,6 +32,12 @@ log = logging.getLogger("legato.coordinator")
 
 _DECODED_STATES = 1_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
+
+_SIGNALS_DECIDED = SignalSent in typing.get_args(getattr(_machine, "Event", None))
+"""Whether the state machine decides signals (``SignalSent`` is one of its events). Until it does, a signal is
+dead-lettered with the reason instead of reaching ``decide``."""
+
+_EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal"}
 
 
 class RunTable:
@@ -228,6 +236,9 @@ class Partitions:
             batch.sends.append(moved)
             self._count_ignored("rekeyed")
             return
+        if isinstance(record, SignalSent) and not _SIGNALS_DECIDED:
+            self._dead_letter(batch, msg, "signal not decided: this coordinator's state machine has no wait step yet")
+            return
         self._apply(task, record, msg, batch)
 
     def _apply(self, task: PartitionTask, record: Any, msg: Any, batch: Batch) -> None:
@@ -242,7 +253,7 @@ class Partitions:
             completion_topic = wf.definition.completion_topic if wf else None
             commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
-            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored)
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None)
             return
         now = now_ms()
         before = self.metrics.snapshot(state) if self.metrics is not None else None
@@ -252,7 +263,7 @@ class Partitions:
         self._states.pop(record.run_id, None)
         try:
             new_state, commands = self.machine.decide(state, record, now, in_place=True)
-            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored)
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason))
         except Exception as exc:  # a bug in deciding this event must not stop every other run
             log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
             raise Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc
@@ -264,7 +275,7 @@ class Partitions:
         if self.metrics is not None:
             # Derived now, while the state object still is this decision's result (later records of the batch
             # change it in place). A batch whose transaction fails is read again and counted again: rare.
-            kind = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel"}.get(type(record), "trigger")
+            kind = _EVENT_KINDS.get(type(record), "trigger")
             self.metrics.event_processed(kind)
             self.metrics.decision(before, new_state, commands, now)
             if kind == "completion" and new_state is not None and self.metrics.observes_overhead(commands):
