@@ -16,9 +16,11 @@ from legato.streams import kafka_io, security
 from legato.streams.admin import ensure_topics
 from legato.streams.config import Settings
 from legato.streams.coordinator import Coordinator
+from legato.streams.definitions import DeployRefused, deploy_files, read_catalog
 from legato.streams.dlq import DeadLetters
 from legato.streams.metrics import LagReporter, Metrics
 from legato.streams.worker import Workers
+from legato.workflows.catalog import Catalog
 from legato.workflows.model import CompiledWorkflow, load_directories
 
 
@@ -33,7 +35,13 @@ class Legato:
 
 def build(settings: Settings, *, coordinator: bool, worker: bool, only_activities: list[str] | None = None) -> Legato:
     """Load definitions and handlers, create the topics, and wire the agents; nothing runs yet."""
-    workflows = load_directories(settings.workflow_dirs) if settings.workflow_dirs else {}
+    if coordinator:
+        catalog = asyncio.run(_deployed(settings))
+        workflows = {name: catalog.latest(name).workflow for name in catalog.names()}
+        used = [d.workflow for d in catalog]
+    else:
+        workflows = load_directories(settings.workflow_dirs) if settings.workflow_dirs else {}
+        used = list(workflows.values())
     activities: dict[str, Activity] = load_handler_modules(settings.handler_modules) if worker else {}
     if only_activities:
         unknown = sorted(set(only_activities) - set(activities))
@@ -43,8 +51,8 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     role = "dev" if coordinator and worker else "coordinator" if coordinator else "worker"
     if role == "worker" and only_activities:
         role = "worker-" + "-".join(sorted(only_activities))
-    needed = sorted({a for wf in workflows.values() for a in wf.activities} | set(activities))
-    completion_topics = sorted({wf.definition.completion_topic for wf in workflows.values() if wf.definition.completion_topic})
+    needed = sorted({a for wf in used for a in wf.activities} | set(activities))
+    completion_topics = sorted({wf.definition.completion_topic for wf in used if wf.definition.completion_topic})
     changelog = [settings.topics.changelog] if coordinator else []
     asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
     metrics = Metrics() if settings.metrics_port else None
@@ -88,6 +96,20 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     if coord is not None:
         app.task(coord.serve)
     return Legato(app, coord, workers, workflows, activities)
+
+
+async def _deployed(settings: Settings) -> Catalog:
+    """Deploy the ``--workflows`` files under ``legato deploy``'s rules (a file whose name@version is deployed with
+    other content stops the start, naming it), then read every deployed definition: files and Kafka never disagree
+    silently. Until the coordinator follows the table (docs/lifecycle.md, I2) it decides with what is deployed now."""
+    kafka = security.aiokafka_kwargs()
+    await ensure_topics(settings.bootstrap, settings.topics, [], settings.partitions)
+    if settings.workflow_dirs:
+        try:
+            await deploy_files(settings.workflow_dirs, settings.bootstrap, settings.topics, kafka=kafka)
+        except DeployRefused as exc:
+            raise SystemExit(f"legato: the workflow files disagree with {settings.topics.definitions}: {exc}") from None
+    return (await read_catalog(settings.bootstrap, settings.topics, kafka=kafka)).catalog
 
 
 async def _serve_metrics(settings: Settings, metrics: Metrics, groups: list[str]) -> None:

@@ -7,6 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from aiokafka.errors import KafkaConnectionError
+
 from legato.streams import security
 from legato.streams.config import Settings
 
@@ -88,6 +90,91 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             return 0 if event.status == "cancelled" else 1
 
     return asyncio.run(go())
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    from legato.topics.client import LegatoClient
+    from legato.tools.runs_show import load_run
+    from legato.workflows.lifecycle import redrive_refusal
+
+    s = _settings(args)
+
+    async def go() -> int:
+        if args.wait:  # the coordinator counts a refused redrive and emits nothing: say why before waiting in vain
+            refusal = redrive_refusal(await load_run(s.bootstrap, s.prefix, args.run_id))
+            if refusal is not None:
+                print(f"legato redrive: run {args.run_id!r}: {refusal}", file=sys.stderr)
+                return 1
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            if not args.wait:
+                await client.redrive(args.run_id, args.reason)
+                return 0
+            try:
+                event = await client.redriven(args.run_id, args.reason, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr))
+            except asyncio.TimeoutError:
+                print(f"legato redrive: no terminal event for run {args.run_id!r} within {args.timeout:g}s", file=sys.stderr)
+                return 1
+            print(event.model_dump_json(exclude_none=True))
+            return 0 if event.status == "succeeded" else 1
+
+    return asyncio.run(go())
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    import orjson
+
+    from legato.topics.client import LegatoClient
+
+    s = _settings(args)
+    payload = None
+    if args.input is not None:
+        try:
+            payload = orjson.loads(args.input)
+        except orjson.JSONDecodeError as exc:
+            print(f"legato fork: --input is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(payload, dict):
+            print("legato fork: --input must be a JSON object", file=sys.stderr)
+            return 2
+
+    async def go() -> int:
+        if args.wait:  # a refused fork starts nothing and emits nothing: say why before waiting in vain
+            refusal = await _fork_refusal(s, args.run_id, args.from_step)
+            if refusal is not None:
+                print(f"legato fork: {refusal}", file=sys.stderr)
+                return 1
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            if not args.wait:
+                print(await client.fork(args.run_id, args.from_step, payload, new_run_id=args.run_id_new))
+                return 0
+            try:
+                event = await client.forked(args.run_id, args.from_step, payload, new_run_id=args.run_id_new, timeout=args.timeout,
+                                            progress=lambda line: print(line, file=sys.stderr))
+            except asyncio.TimeoutError:
+                print(f"legato fork: the forked run did not finish within {args.timeout:g}s (is {args.run_id!r} retained, with a top-level step {args.from_step!r}?)", file=sys.stderr)
+                return 1
+            print(event.model_dump_json(exclude_none=True))
+            return 0 if event.status == "succeeded" else 1
+
+    return asyncio.run(go())
+
+
+async def _fork_refusal(s: Settings, run_id: str, from_step: str) -> str | None:
+    """Why the coordinator would refuse to fork ``run_id`` from ``from_step`` (the same guard, on what is stored now)."""
+    from legato.streams.definitions import read_catalog
+    from legato.tools.runs_show import load_run
+    from legato.topics.models import RunForkRequested
+    from legato.workflows.lifecycle import fork_seed
+
+    state = await load_run(s.bootstrap, s.prefix, run_id)
+    if state is None:
+        return f"no run {run_id!r} (unknown, or forgotten after its retention)"
+    table = await read_catalog(s.bootstrap, s.topics, kafka=security.aiokafka_kwargs())
+    definition = table.catalog.get(state.workflow, state.version)
+    if definition is None:
+        return f"run {run_id!r} ran {state.workflow} v{state.version}, which is not deployed"
+    seed = fork_seed(state, definition, RunForkRequested(run_id=run_id, from_step=from_step, new_run_id="-"))
+    return seed if isinstance(seed, str) else None
 
 
 def cmd_signal(args: argparse.Namespace) -> int:
@@ -172,6 +259,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from legato.streams.admin import ensure_topics
+    from legato.streams.definitions import deploy, read_files, topics_needed
+
+    s = _settings(args)
+    candidates, errors = read_files(args.files)
+    for exc in errors:
+        print(f"invalid: {exc}", file=sys.stderr)
+    if errors:
+        print("legato deploy: nothing deployed", file=sys.stderr)
+        return 1
+
+    async def go() -> int:
+        kafka = security.aiokafka_kwargs()
+        activities, completion_topics = topics_needed(candidates)
+        await ensure_topics(s.bootstrap, s.topics, activities, s.partitions, completion_topics)
+        plan = await deploy(candidates, s.bootstrap, s.topics, kafka=kafka)
+        for o in plan.outcomes:
+            c = o.candidate
+            if o.action == "refused":
+                print(f"refused: {c.file}: {o.reason}", file=sys.stderr)
+            elif not plan.refused:
+                word = "deployed" if o.action == "publish" else "unchanged"
+                print(f"{word}: {c.file}: {c.key} sha256 {c.sha256[:12]}")
+        if plan.refused:
+            print("legato deploy: nothing deployed", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(go())
+
+
+def cmd_definitions(args: argparse.Namespace) -> int:
+    from legato.streams.definitions import read_catalog
+
+    s = _settings(args)
+    table = asyncio.run(read_catalog(s.bootstrap, s.topics, kafka=security.aiokafka_kwargs()))
+    rows = [(d.name, str(d.version), d.sha256[:12], d.deployed_at) for d in table.catalog]
+    header = ("NAME", "VERSION", "SHA256", "DEPLOYED_AT")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for r in table.rejected:
+        print(f"unusable record {s.topics.definitions}[{r.partition}]@{r.offset} key {r.key!r}: {r.reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from legato.workflows.graph import mermaid
     from legato.workflows.model import DefinitionError, load_workflow
@@ -198,6 +332,12 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         print(message)
         return 0 if alive else 1
     return 0
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    from legato.streams.acl import command
+
+    return command(args.role, args.principal, _settings(args), args.activity, args.completion_topic, args.apply)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -251,6 +391,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", default=None, help="signal_id: a repeated id for the same run is ignored")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_signal, workflows=[], handlers=[])
+    p = sub.add_parser("redrive", help="resume a failed run from what failed, keeping the outputs of the steps that succeeded")
+    p.add_argument("run_id")
+    p.add_argument("--reason", default="", help="recorded with the request")
+    p.add_argument("--wait", action="store_true", help="print the run's next terminal event (exit 1 unless it succeeded, or when the run is not failed)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_redrive, workflows=[], handlers=[])
+    p = sub.add_parser("fork", help="start a new run of a run's definition from one of its steps, reusing the outputs before it")
+    p.add_argument("run_id", help="the source run")
+    p.add_argument("--from", dest="from_step", required=True, metavar="STEP", help="a top-level step of the source run")
+    p.add_argument("--input", default=None, help="JSON object: the new run's input (default: the source run's)")
+    p.add_argument("--run-id", dest="run_id_new", default=None, metavar="NEW", help="the new run's id (default: a new uuid4)")
+    p.add_argument("--wait", action="store_true", help="show progress and print the new run's terminal event")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_fork, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
     p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
@@ -275,17 +431,43 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check workflow files")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("deploy", help="validate workflow files and publish them to the definitions topic (all or none)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_deploy, workflows=[], handlers=[])
+    p = sub.add_parser("definitions", help="list the deployed workflow definitions")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_definitions, workflows=[], handlers=[])
     p = sub.add_parser("graph", help="print a Mermaid flowchart of a workflow")
     p.add_argument("file")
     p.set_defaults(fn=cmd_graph)
     p = sub.add_parser("kafka", help="manage the local Apache Kafka broker")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.set_defaults(fn=cmd_kafka)
+    p = sub.add_parser("acl", help="print (and --apply) the Kafka ACLs of a role (docs/security.md)")
+    p.add_argument("role", choices=["coordinator", "worker", "trigger", "signal", "operator", "console", "observer"])
+    p.add_argument("--principal", required=True, help="User:NAME")
+    p.add_argument("--activity", action="append", default=[], help="the worker's activities (repeatable)")
+    p.add_argument("--completion-topic", action="append", default=[], help="a workflow's completion topic (repeatable)")
+    p.add_argument("--apply", action="store_true", help="create the ACLs through the admin API (needs ALTER on the cluster)")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_acl, workflows=[], handlers=[])
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos"):
+    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "deploy", "definitions", "redrive", "fork"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except security.SecurityConfigError as exc:
+        print(f"legato {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KafkaConnectionError:
+        bootstrap = Settings.from_env().bootstrap
+        reason = security.diagnose(bootstrap)
+        if reason is None:
+            raise
+        print(f"legato {args.command}: cannot connect to {bootstrap}: {reason}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

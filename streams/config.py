@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from legato.topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
+from legato.workflows.durations import parse_duration
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S
 
 
 def _cache_dir() -> Path:
@@ -30,6 +32,7 @@ class Settings:
     session_timeout: float = 10.0  # seconds before a killed process's partitions move to another member
     linger_ms: float = 0.0  # workers' producer linger: 0 favours per-step latency, a few ms throughput
     commit_interval: float = 0.5  # workers: seconds between offset commits
+    retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
 
     @property
     def topics(self) -> Topics:
@@ -54,4 +57,5 @@ class Settings:
             session_timeout=float(env.get("LEGATO_SESSION_TIMEOUT", "10")),
             linger_ms=float(env.get("LEGATO_LINGER_MS", "0")),
             commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
+            retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

@@ -3,6 +3,7 @@ API (pyproject.toml bounds both versions; a new version is checked here first).
 
 - :func:`reader`, :func:`assign_all`, :func:`assign`, :func:`read_partition`: read topics without a consumer group, committed records
   only (each process sees everything: tails, the client, the coordinator's changelog, ``legato runs show``);
+- :func:`refused`: whether the broker refuses this principal a topic (ACLs);
 - :func:`partition_for`: the partition of a key, murmur2 as aiokafka and the Java client do by default;
 - :func:`group_membership`: a group consumer's member id and generation (aiokafka keeps them private);
 - :func:`faust_read_committed`: faust's workers read committed records only.
@@ -87,6 +88,16 @@ async def read_partition(consumer: AIOKafkaConsumer, tp: TopicPartition, on_reco
         for records in (await consumer.getmany(tp, timeout_ms=1000 if deadline is None else 500, max_records=max_records)).values():
             for record in records:
                 on_record(record)
+
+
+async def refused(consumer: AIOKafkaConsumer, topic: str) -> bool:
+    """True when the broker refuses this principal ``topic`` (a listing of all topics just leaves it out)."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = consumer._client  # private: aiokafka has no public per-topic metadata request
+    response = await client.send(client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation=False))
+    return any(t[1] == topic and t[0] == TopicAuthorizationFailedError.errno for t in response.topics)
 
 
 def group_membership(consumer: AIOKafkaConsumer) -> tuple[Any, Any]:

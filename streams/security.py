@@ -84,7 +84,11 @@ def ssl_context(sec: Security) -> ssl.SSLContext | None:
         return None
     from aiokafka.helpers import create_ssl_context
 
-    return create_ssl_context(cafile=sec.cafile, certfile=sec.certfile, keyfile=sec.keyfile, password=sec.key_password)
+    try:
+        return create_ssl_context(cafile=sec.cafile, certfile=sec.certfile, keyfile=sec.keyfile, password=sec.key_password)
+    except ssl.SSLError as exc:  # the text of an SSLError never holds the password
+        what = "LEGATO_SSL_CAFILE" if sec.cafile and not sec.certfile else "LEGATO_SSL_CERTFILE / LEGATO_SSL_KEYFILE (and LEGATO_SSL_KEY_PASSWORD if the key is encrypted)"
+        raise SecurityConfigError(f"cannot load the TLS files: {exc.reason or exc}; check {what}") from None
 
 
 def aiokafka_kwargs(sec: Security | None = None) -> dict[str, Any]:
@@ -157,3 +161,50 @@ def install_redaction() -> None:
     for handler in root.handlers:
         handler.addFilter(f)
     root.addFilter(f)
+
+
+def diagnose(bootstrap: str, sec: Security | None = None, timeout: float = 5.0) -> str | None:
+    """Why a client with these settings cannot talk TLS to the first broker of ``bootstrap``, naming the setting
+    to fix; None when the TLS handshake works (or TLS is not configured), so the cause is elsewhere.
+
+    aiokafka reports every failed handshake as "Unable to bootstrap"; this repeats the handshake with the same
+    context to find out which side refused what. Blocking: call it on an error path or in a thread."""
+    import socket
+
+    sec = sec or from_env()
+    if not sec.tls:
+        return None
+    first = bootstrap.split(",")[0].strip().split("://")[-1]
+    host, _, port = first.rpartition(":")
+    host = host.strip("[]") or "localhost"
+    where = f"{host}:{port}"
+    try:
+        context = ssl_context(sec)
+        assert context is not None
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                tls.settimeout(1.0)
+                try:  # TLS 1.3: a broker that wants a client certificate says so after the handshake
+                    tls.recv(1)
+                except (socket.timeout, TimeoutError):
+                    pass
+    except SecurityConfigError as exc:
+        return str(exc)
+    except ssl.SSLCertVerificationError as exc:
+        reason = exc.verify_message or exc.reason or str(exc)
+        if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+            return f"the broker's certificate at {where} is not valid for {host!r} ({reason}): connect with a name it holds (LEGATO_BOOTSTRAP)"
+        return (f"the broker's certificate at {where} is not trusted ({reason}): set LEGATO_SSL_CAFILE to the CA that signed it "
+                f"(now {sec.cafile or 'unset: the system CAs'})")
+    except ssl.SSLError as exc:
+        reason = (exc.reason or str(exc)).lower()
+        if "certificate_required" in reason or "certificate required" in reason:
+            return f"the broker at {where} requires a client certificate: set LEGATO_SSL_CERTFILE and LEGATO_SSL_KEYFILE"
+        if any(w in reason for w in ("unknown_ca", "unknown ca", "bad_certificate", "bad certificate", "certificate_unknown")):
+            return f"the broker at {where} refused the client certificate LEGATO_SSL_CERTFILE={sec.certfile!r} ({exc.reason}): it must be signed by a CA the broker trusts"
+        if "wrong_version_number" in reason or "wrong version number" in reason:
+            return f"the broker at {where} does not speak TLS: check LEGATO_SECURITY_PROTOCOL (now {sec.protocol}) and the port"
+        return f"TLS with the broker at {where} failed: {exc.reason or exc} (LEGATO_SSL_* settings)"
+    except OSError:
+        return None  # not a TLS problem: the broker is unreachable
+    return None

@@ -25,7 +25,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from legato.tools import kafka_local, security
+from legato.streams import security
+from legato.tools import kafka_local
 from legato.streams.admin import ensure_topics
 from legato.streams.config import Settings
 from legato.topics.client import LegatoClient

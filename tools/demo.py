@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -11,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from legato.tools import kafka_local, security
+from legato.streams import security
+from legato.tools import kafka_local
 from legato.streams.config import Settings
 from legato.tools.demo_proposal import run_proposal_demo
 from legato.topics.client import LegatoClient
@@ -23,6 +25,9 @@ ROUNDS = 3
 
 def main(settings: Settings) -> int:
     kafka_local.ensure_broker(settings.bootstrap)
+    # Every demo runs on topics of its own, deleted at the end: the examples it deploys never meet definitions an
+    # earlier checkout deployed under the same name@version (a coordinator refuses those), and nothing accumulates.
+    settings.prefix = f"{settings.prefix}-demo-{secrets.token_hex(4)}"
     log = tempfile.NamedTemporaryFile(prefix="legato-demo-", suffix=".log", delete=False)
     env = {**os.environ, "LEGATO_BOOTSTRAP": settings.bootstrap, "LEGATO_TOPIC_PREFIX": settings.prefix}
     cmd = [sys.executable, "-m", "legato.streams.cli", "dev", "--workflows", str(EXAMPLES), "--handlers", "legato.handlers.examples.demo", "--handlers", "legato.handlers.examples.proposal"]
@@ -36,6 +41,23 @@ def main(settings: Settings) -> int:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        asyncio.run(_delete_topics(settings))
+
+
+async def _delete_topics(settings: Settings) -> None:
+    """Delete the demo's own topics (every name under its private prefix)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, **security.aiokafka_kwargs())
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(settings.prefix + ".") or t.startswith(settings.prefix + "-")]
+        if mine:
+            await admin.delete_topics(mine)
+    except Exception as exc:  # the demo's result stands; leftover topics only cost disk
+        print(f"could not delete the demo's topics ({exc})", file=sys.stderr)
+    finally:
+        await admin.close()
 
 
 async def _demo(settings: Settings, proc: subprocess.Popen) -> int:

@@ -523,6 +523,98 @@ def ensure_broker(bootstrap: str, fresh: bool = False) -> None:
     start(bootstrap, fresh=fresh)
 
 
+# --------------------------------------------------------------------------- secured test brokers
+# Helpers for private test brokers (tools/chaos.py's PrivateBroker and the security tests): certificates made with
+# openssl, and the server.properties lines of an SSL listener and of the StandardAuthorizer.
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr[-2000:]}")
+
+
+def make_certificates(directory: Path, clients: tuple[str, ...] = (), key_password: str | None = None) -> dict[str, Path | str]:
+    """A throw-away CA in ``directory``, a broker certificate for 127.0.0.1/localhost signed by it, and one client
+    certificate per name in ``clients`` (subject ``CN=<name>``). Needs ``openssl`` on the PATH.
+
+    Returns paths: ``ca`` (PEM), ``keystore`` (the broker's PKCS12) and its ``keystore_password``, and per client
+    ``<name>.crt`` / ``<name>.key`` (PEM; the key encrypted with ``key_password`` when given).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    days = "2"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", days,
+             "-subj", f"/CN=legato-test-ca-{uuid.uuid4().hex[:8]}", cwd=d)
+
+    def signed(name: str, ext: str) -> None:
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.plain.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(ext)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.crt",
+                 "-days", days, "-extfile", f"{name}.ext", cwd=d)
+
+    signed("broker", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    keystore_password = uuid.uuid4().hex
+    _openssl("pkcs12", "-export", "-in", "broker.crt", "-inkey", "broker.plain.key", "-certfile", "ca.pem", "-name", "broker",
+             "-out", "broker.p12", "-passout", f"pass:{keystore_password}", cwd=d)
+    out: dict[str, Path | str] = {"ca": d / "ca.pem", "keystore": d / "broker.p12", "keystore_password": keystore_password}
+    for name in clients:
+        signed(name, "extendedKeyUsage=clientAuth\n")
+        if key_password:
+            _openssl("pkey", "-in", f"{name}.plain.key", "-out", f"{name}.key", "-aes256", "-passout", f"pass:{key_password}", cwd=d)
+        else:
+            shutil.copy(d / f"{name}.plain.key", d / f"{name}.key")
+        out[f"{name}.crt"], out[f"{name}.key"] = d / f"{name}.crt", d / f"{name}.key"
+    return out
+
+
+def _override(properties: str, replace: dict[str, str], extra: list[str]) -> str:
+    lines = []
+    for line in properties.splitlines():
+        key = line.split("=", 1)[0]
+        lines.append(f"{key}={replace[key]}" if key in replace else line)
+    return "\n".join(lines + extra) + "\n"
+
+
+def ssl_properties(properties: str, port: int, cport: int, certs: dict[str, Path | str], mtls_port: int | None = None) -> str:
+    """``properties`` (as :func:`server_properties` renders them) with the client listener on SSL at ``port``, and
+    with ``mtls_port`` a second SSL listener (``MTLS``) that requires a client certificate; the controller stays
+    PLAINTEXT on 127.0.0.1 at ``cport``. ``certs`` comes from :func:`make_certificates`. An mTLS client's principal
+    is ``User:<CN>``."""
+    listeners = [f"SSL://127.0.0.1:{port}"] + ([f"MTLS://127.0.0.1:{mtls_port}"] if mtls_port else [])
+    replace = {
+        "listeners": ",".join([*listeners, f"CONTROLLER://127.0.0.1:{cport}"]),
+        "advertised.listeners": ",".join(listeners),
+        "inter.broker.listener.name": "SSL",
+        "listener.security.protocol.map": "SSL:SSL,MTLS:SSL,CONTROLLER:PLAINTEXT",
+    }
+    extra = [
+        "ssl.keystore.type=PKCS12",
+        f"ssl.keystore.location={certs['keystore']}",
+        f"ssl.keystore.password={certs['keystore_password']}",
+        "ssl.truststore.type=PEM",
+        f"ssl.truststore.location={certs['ca']}",
+        "ssl.client.auth=none",
+        "ssl.principal.mapping.rules=RULE:^CN=([^,]+).*$/$1/,DEFAULT",
+    ]
+    if mtls_port:
+        extra.append("listener.name.mtls.ssl.client.auth=required")
+    return _override(properties, replace, extra)
+
+
+def authorizer_properties(properties: str, super_users: list[str]) -> str:
+    """``properties`` with the StandardAuthorizer on: nothing is allowed without an ACL except to ``super_users``.
+
+    The broker reaches its own controller over the PLAINTEXT controller listener as ``User:ANONYMOUS``, which
+    therefore is a super user too: use this only with authenticated client listeners (SASL), never PLAINTEXT."""
+    supers = ";".join(dict.fromkeys([*super_users, "User:ANONYMOUS"]))
+    return _override(properties, {}, [
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        f"super.users={supers}",
+        "allow.everyone.if.no.acl.found=false",
+    ])
+
+
 def _main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "status"
     bs = argv[1] if len(argv) > 1 else DEFAULT_BOOTSTRAP

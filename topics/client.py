@@ -11,12 +11,13 @@ from typing import Any, AsyncIterator, Callable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import TopicAuthorizationFailedError
 
 from legato.streams import kafka_io
 
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ProgressReported, RunCancelRequested, RunEvent, RunRequested, SignalSent
+from legato.topics.models import ProgressReported, RunCancelRequested, RunEvent, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent
 from legato.topics.names import DEFAULT_PREFIX, Topics
 
 TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
@@ -97,6 +98,40 @@ class LegatoClient:
                         return
         finally:
             await consumer.stop()
+
+    async def redrive(self, run_id: str, reason: str = "") -> None:
+        """Ask the coordinator to resume a failed run from what failed, keeping the outputs of the steps that
+        succeeded. A run that is not failed (or unknown, or forgotten after its retention) is left as it is."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        record = RunRedriveRequested(run_id=run_id, reason=reason)
+        await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
+
+    async def fork(self, run_id: str, from_step: str, input: dict | None = None, *, new_run_id: str | None = None, reason: str = "") -> str:
+        """Start a new run of ``run_id``'s definition that reuses the outputs of the steps before ``from_step`` and
+        runs from it on (with ``input`` instead of the source's when given); return the new run's id."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        new_run_id = new_run_id or str(uuid.uuid4())
+        record = RunForkRequested(run_id=run_id, from_step=from_step, new_run_id=new_run_id, input=input, reason=reason)
+        await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
+        return new_run_id
+
+    async def redriven(self, run_id: str, reason: str = "", *, timeout: float = 300.0, progress: Callable[[str], None] | None = None) -> RunEvent:
+        """Redrive a run and wait for its next terminal event."""
+        async with _RunsConsumer(self.bootstrap, [self.topics.runs], False, self._kafka) as consumer:
+            started = asyncio.get_running_loop().time()
+            await self.redrive(run_id, reason)
+            return await asyncio.wait_for(self._wait(consumer, {run_id}, progress, started), timeout)
+
+    async def forked(self, run_id: str, from_step: str, input: dict | None = None, *, new_run_id: str | None = None, reason: str = "",
+                     timeout: float = 300.0, progress: Callable[[str], None] | None = None) -> RunEvent:
+        """Fork a run and wait for the new run's terminal event."""
+        new_run_id = new_run_id or str(uuid.uuid4())
+        async with _RunsConsumer(self.bootstrap, [self.topics.runs], False, self._kafka) as consumer:
+            started = asyncio.get_running_loop().time()
+            await self.fork(run_id, from_step, input, new_run_id=new_run_id, reason=reason)
+            if progress:
+                progress(f"forked run {run_id} from step {from_step} as {new_run_id}")
+            return await asyncio.wait_for(self._wait(consumer, {new_run_id}, progress, started), timeout)
 
     async def run(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, timeout: float = 300.0,
                   progress: Callable[[str], None] | None = None) -> RunEvent:
@@ -193,6 +228,9 @@ class _RunsConsumer:
     async def __aenter__(self) -> AIOKafkaConsumer:
         await self.consumer.start()
         try:
+            for topic in self.topics:  # a refusal is an error now, not "does not exist" later
+                if not await kafka_io.partitions_of(self.consumer, topic) and await kafka_io.refused(self.consumer, topic):
+                    raise TopicAuthorizationFailedError(f"not authorized to read {topic} (the principal's role lacks it: legato acl)")
             await kafka_io.assign_all(self.consumer, self.topics, from_beginning=self.from_beginning, missing=_missing)
         except BaseException:
             await self.consumer.stop()

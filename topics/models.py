@@ -184,3 +184,58 @@ class DefinitionDeployed(_Record):
     sha256: str = Field(min_length=64, max_length=64)
     source: str  # the YAML text
     deployed_at: str  # RFC 3339
+
+
+# --- run lifecycle: redrive and fork (issue 11; handled by the coordinator once integrated) ----------
+
+
+class RunRedriveRequested(_Record):
+    """Resume a failed run; keyed by its run_id, on the coordinator topic (a user may produce it, like a cancel).
+    Every step that failed, timed out or was cancelled by the failure runs again with attempt numbers that continue;
+    steps that succeeded keep their outputs. A run that is not failed (running, succeeded, cancelled, unknown or
+    forgotten after its retention) is left as it is, and the refusal counted."""
+
+    type: Literal["run.redrive_requested"] = "run.redrive_requested"
+    run_id: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=1000)
+
+
+class RunForkRequested(_Record):
+    """Start a new run of a run's pinned definition from one of its top-level steps; keyed by the SOURCE run_id, on
+    the coordinator topic, so the partition that holds the source run copies what finished before ``from_step``.
+    ``new_run_id`` is the new run's idempotency key (a repeated request starts nothing new)."""
+
+    type: Literal["run.fork_requested"] = "run.fork_requested"
+    run_id: str = Field(min_length=1, max_length=200)  # the source run
+    from_step: str = Field(min_length=1, max_length=100)
+    new_run_id: str = Field(min_length=1, max_length=200)
+    input: dict[str, Any] | None = None  # None: the source run's input
+    reason: str = Field(default="", max_length=1000)
+
+
+class ForkedStep(_Record):
+    """A step that finished before the fork point in the source run, copied into the forked run as it ended."""
+
+    step_id: str
+    status: Literal["succeeded", "skipped", "failed", "timed_out"]  # failed ones let the run go on (on_error)
+    output: Any = None
+    confidence: float | None = None
+    cached: bool = False
+    cost: dict[str, Any] | None = None
+    path: str | None = None  # the case or route a choice step took
+
+
+class RunForkAccepted(_Record):
+    """Internal: the seed of a forked run, sent by the source run's partition to the new run's (keyed by the new
+    run_id). The new run is pinned to the source's definition, starts with ``steps`` already finished, and runs
+    from ``from_step`` on."""
+
+    type: Literal["run.fork_accepted"] = "run.fork_accepted"
+    run_id: str  # the new run
+    workflow: str
+    version: int = Field(ge=1)
+    sha256: str = Field(min_length=64, max_length=64)
+    input: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str | None = None
+    forked_from: dict[str, str]  # {"run_id": source run, "step": from_step}
+    steps: list[ForkedStep] = Field(default_factory=list)  # in the order they ran

@@ -69,6 +69,12 @@ class Topics:
         """Compacted: deployed workflow definitions (``DefinitionDeployed``), keyed ``<name>@<version>``."""
         return f"{self.prefix}.definitions"
 
+    @property
+    def deployer(self) -> str:
+        """The transactional id every ``legato deploy`` uses: deployers fence each other, so a name@version is
+        checked and published by one at a time."""
+        return f"{self.prefix}-deployer"
+
     def requests(self, activity: str) -> str:
         return f"{self.prefix}.requests.{activity}"
 

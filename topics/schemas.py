@@ -1,5 +1,6 @@
-"""JSON Schemas of every record on the public topics, and of the one record a user may produce to the internal
-coordinator topic (``cancel.json``: RunCancelRequested), generated from the models.
+"""JSON Schemas of every record on the public topics, and of the records a user may produce to the internal
+coordinator topic (``cancel.json``: RunCancelRequested, ``redrive.json``: RunRedriveRequested, ``fork.json``:
+RunForkRequested), generated from the models.
 
 ``python -m legato.topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
 """
@@ -16,6 +17,8 @@ from legato.topics.models import (
     ProgressReported,
     RunCancelRequested,
     RunEvent,
+    RunForkRequested,
+    RunRedriveRequested,
     RunRequested,
     SignalSent,
 )
@@ -32,6 +35,8 @@ RECORDS = {
     "signals": SignalSent,
     "progress": ProgressReported,
     "definitions": DefinitionDeployed,
+    "redrive": RunRedriveRequested,
+    "fork": RunForkRequested,
 }
 
 

@@ -121,6 +121,7 @@ class WorkflowStep(_Spec):
 
     id: StepId
     workflow: Name
+    version: int | None = Field(default=None, ge=1)  # pin the child's version; None: the highest when the child starts
     input: Any = None
     timeout: Duration | None = None
     on_error: OnError = "fail"
@@ -300,6 +301,7 @@ class Workflow(_Spec):
     version: int = Field(default=1, ge=1)
     description: str | None = None
     timeout: Duration | None = None
+    retention: Duration | None = None  # how long a finished run is kept (and its run_id taken); None: LEGATO_RETENTION
     output: str | None = None
     completion_topic: Name | None = None
     budget: Budget | None = None
@@ -357,16 +359,24 @@ def compile_workflow(doc: Any, file: str = "<string>") -> CompiledWorkflow:
 
 
 def load_workflow(path: str | Path) -> CompiledWorkflow:
-    path = Path(path)
+    return load_source(read_source(path), str(path))
+
+
+def read_source(path: str | Path) -> str:
+    """The text of a definition file, or DefinitionError when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DefinitionError(str(path), "", f"cannot read: {exc}") from None
+
+
+def load_source(text: str, file: str = "<string>") -> CompiledWorkflow:
+    """Parse, validate and compile a definition's YAML text (a file's, or a deployed record's ``source``)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DefinitionError(str(path), "", f"not valid YAML: {exc}") from None
-    return compile_workflow(doc, str(path))
+        raise DefinitionError(file, "", f"not valid YAML: {exc}") from None
+    return compile_workflow(doc, file)
 
 
 def load_directories(dirs: list[str | Path]) -> dict[str, CompiledWorkflow]:

@@ -13,7 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from legato.tools import kafka_local, security
+from legato.streams import security
+from legato.tools import kafka_local
 from legato.tools.chaos import PrivateBroker
 
 pytestmark = pytest.mark.integration
