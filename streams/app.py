@@ -5,16 +5,14 @@ as a task of the faust app in ``legato dev`` and on its own event loop in ``lega
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import faust
 
 from legato.handlers.registry import Activity, load_handler_modules
-from legato.streams import security
+from legato.streams import kafka_io, security
 from legato.streams.admin import ensure_topics
 from legato.streams.config import Settings
 from legato.streams.coordinator import Coordinator
@@ -77,16 +75,16 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         value_serializer="raw",
         web_enabled=False,
         broker_credentials=security.faust_credentials(),
-        producer_linger=float(os.environ.get("LEGATO_LINGER_MS", "0")) / 1000,
-        broker_commit_interval=float(os.environ.get("LEGATO_COMMIT_INTERVAL", "0.5")),
+        producer_linger=settings.linger_ms / 1000,
+        broker_commit_interval=settings.commit_interval,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
         # a killed process's partitions move after this; faust's 60 s default stalls every run on them that long
-        broker_session_timeout=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")),
-        broker_heartbeat_interval=float(os.environ.get("LEGATO_SESSION_TIMEOUT", "10")) / 4,
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=settings.session_timeout / 4,
     )
-    _read_committed(app)
+    kafka_io.faust_read_committed()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
     workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap)
     if metrics is not None:
@@ -118,25 +116,6 @@ async def _serve_metrics(settings: Settings, metrics: Metrics, groups: list[str]
     """/metrics on LEGATO_METRICS_PORT, and the consumer lag of this process's groups every 5 s."""
     metrics.serve(settings.metrics_port)
     await LagReporter(settings.bootstrap, groups, metrics).run()
-
-
-def _read_committed(app: faust.App) -> None:
-    """Workers read only committed records: a request from a coordinator transaction that was aborted (the
-    coordinator died mid-batch) is never executed; its successor produces the same request again, committed.
-    faust reads committed only in its exactly_once mode, which Legato does not use (RELIABILITY.md)."""
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    if getattr(AIOKafkaConsumerThread, "_legato_read_committed", False):
-        return
-    create = AIOKafkaConsumerThread._create_worker_consumer
-
-    def create_read_committed(self: Any, transport: Any) -> Any:
-        consumer = create(self, transport)
-        consumer._isolation_level = "read_committed"
-        return consumer
-
-    AIOKafkaConsumerThread._create_worker_consumer = create_read_committed  # type: ignore[method-assign]
-    AIOKafkaConsumerThread._legato_read_committed = True  # type: ignore[attr-defined]
 
 
 def run(legato: Legato, loglevel: str = "warning") -> None:

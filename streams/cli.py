@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     kafka_local.ensure_broker(s.bootstrap)
     from legato.streams.console.web import ConsoleError, serve_in_thread
     try:
-        print(f"legato console: {serve_in_thread(s, port=int(os.environ.get('LEGATO_CONSOLE_PORT', '8080')))}", flush=True)
+        print(f"legato console: {serve_in_thread(s, port=s.console_port)}", flush=True)
     except ConsoleError as exc:
         print(f"legato dev: no console: {exc}", file=sys.stderr)
     run(build(s, coordinator=True, worker=True), s.loglevel)
@@ -182,6 +181,28 @@ async def _fork_refusal(s: Settings, run_id: str, from_step: str) -> str | None:
         return f"run {run_id!r} ran {state.workflow} v{state.version}, which is not deployed"
     seed = fork_seed(state, definition, RunForkRequested(run_id=run_id, from_step=from_step, new_run_id="-"))
     return seed if isinstance(seed, str) else None
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    import orjson
+
+    from legato.topics.client import LegatoClient
+
+    s = _settings(args)
+    data = None
+    if args.data is not None:
+        try:
+            data = orjson.loads(args.data)
+        except orjson.JSONDecodeError as exc:
+            print(f"legato signal: --data is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+
+    async def go() -> int:
+        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+            await client.signal(args.run_id, args.signal, data, args.id)
+        return 0
+
+    return asyncio.run(go())
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
@@ -307,7 +328,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_kafka(args: argparse.Namespace) -> int:
     from legato.tools import kafka_local
 
-    bootstrap = os.environ.get("LEGATO_BOOTSTRAP", "localhost:9092")
+    bootstrap = Settings.from_env().bootstrap
     if args.action == "start":
         print(kafka_local.start(bootstrap))
     elif args.action == "stop":
@@ -433,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workflow")
     p.add_argument("--input", default="{}", help="JSON object")
     p.add_argument("--run-id", default=None)
-    p.add_argument("--wait", action="store_true", help="show progress and print the terminal run event")
+    p.add_argument("--wait", action="store_true", help="show progress (completions and progress chunks, live) and print the terminal run event")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
@@ -444,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_cancel, workflows=[], handlers=[])
+    p = sub.add_parser("signal", help="send a signal to a run (it completes the run's oldest wait step on that name)")
+    p.add_argument("run_id")
+    p.add_argument("signal")
+    p.add_argument("--data", default=None, help="JSON value: the output of the wait step")
+    p.add_argument("--id", default=None, help="signal_id: a repeated id for the same run is ignored")
+    p.add_argument("--loglevel", default=None)
+    p.set_defaults(fn=cmd_signal, workflows=[], handlers=[])
     p = sub.add_parser("redrive", help="resume a failed run from what failed, keeping the outputs of the steps that succeeded")
     p.add_argument("run_id")
     p.add_argument("--reason", default="", help="recorded with the request")
@@ -529,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_acl, workflows=[], handlers=[])
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork"):
+    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     try:
         return args.fn(args) or 0
@@ -537,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"legato {args.command}: {exc}", file=sys.stderr)
         return 2
     except KafkaConnectionError:
-        bootstrap = os.environ.get("LEGATO_BOOTSTRAP", "localhost:9092")
+        bootstrap = Settings.from_env().bootstrap
         reason = security.diagnose(bootstrap)
         if reason is None:
             raise

@@ -1,4 +1,8 @@
-"""Settings from the command line and the environment (LEGATO_*)."""
+"""Settings from the command line and the environment (LEGATO_*): the one place Legato reads its environment.
+
+The security variables (LEGATO_SECURITY_PROTOCOL, LEGATO_SASL_*, LEGATO_SSL_*) are read and checked by
+``streams/security.py`` (``security.from_env``), which every Kafka client's keyword arguments come from; they are
+kept there so that a secret never sits in a settings object that gets printed."""
 from __future__ import annotations
 
 import os
@@ -25,7 +29,11 @@ class Settings:
     metrics_port: int | None = None
     loglevel: str = "warning"
     store: str = "memory"  # the run table's local store: memory, or rocksdb (on disk, through rocksdict)
+    session_timeout: float = 10.0  # seconds before a killed process's partitions move to another member
+    linger_ms: float = 0.0  # workers' producer linger: 0 favours per-step latency, a few ms throughput
+    commit_interval: float = 0.5  # workers: seconds between offset commits
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
+    console_port: int = 8080  # `legato dev` serves the console here
 
     @property
     def topics(self) -> Topics:
@@ -47,5 +55,9 @@ class Settings:
             metrics_port=int(port) if port else None,
             loglevel=env.get("LEGATO_LOGLEVEL", "warning"),
             store=env.get("LEGATO_STORE", "memory"),
+            session_timeout=float(env.get("LEGATO_SESSION_TIMEOUT", "10")),
+            linger_ms=float(env.get("LEGATO_LINGER_MS", "0")),
+            commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
+            console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),
             retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

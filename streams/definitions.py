@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from legato.streams import kafka_io
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import DefinitionDeployed
@@ -193,16 +194,13 @@ class DefinitionTable:
 
     async def start(self, follow: bool = True, timeout: float = 30.0) -> None:
         """Read the topic from its start up to its end, then (``follow``) keep reading it in the background."""
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", isolation_level="read_committed", **self._kafka)
+        self._consumer = kafka_io.reader(self.bootstrap, **self._kafka)
         try:
             await self._consumer.start()
             if self._dead_letters:
                 self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=0, **self._kafka)
                 await self._producer.start()
-            self._partitions = await self._wait_for_partitions(timeout)
-            self._consumer.assign(self._partitions)
-            await self._consumer.seek_to_beginning(*self._partitions)
+            self._partitions = await kafka_io.assign_all(self._consumer, [self.topics.definitions], from_beginning=True, wait=timeout, missing=_missing)
             await self.catch_up(timeout)
         except BaseException:
             await self.stop()
@@ -317,22 +315,6 @@ class DefinitionTable:
         except KafkaError:
             log.exception("cannot write the dead letter of %s:%s@%s", self.topics.definitions, partition, offset)
 
-    async def _wait_for_partitions(self, timeout: float) -> list[TopicPartition]:
-        assert self._consumer is not None
-        topic = self.topics.definitions
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            partitions = self._consumer.partitions_for_topic(topic)
-            if not partitions:
-                await self._consumer._client.force_metadata_update()
-                partitions = self._consumer.partitions_for_topic(topic)
-            if partitions:
-                return [TopicPartition(topic, p) for p in sorted(partitions)]
-            if loop.time() > deadline:
-                raise RuntimeError(f"topic {topic} does not exist (it is created by the coordinator at start)")
-            await asyncio.sleep(0.2)
-
 
 async def read_catalog(bootstrap: str, topics: Topics, *, kafka: dict[str, Any] | None = None, timeout: float = 30.0) -> DefinitionTable:
     """The table as of now, read once (no dead letters, no following)."""
@@ -407,3 +389,7 @@ async def deploy_files(dirs: Iterable[str | Path], bootstrap: str, topics: Topic
     if plan.refused:
         raise DeployRefused("; ".join(f"refused: {o.candidate.file}: {o.reason}" for o in plan.refused))
     return plan
+
+
+def _missing(topic: str) -> None:
+    raise RuntimeError(f"topic {topic} does not exist (it is created by the coordinator at start)")

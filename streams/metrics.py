@@ -107,6 +107,7 @@ class Metrics:
         self.activity_wait_time = Histogram("legato_activity_wait_seconds", "Queue time: request produced → handler starts.", ["activity"], buckets=ACTIVITY_SECONDS, registry=r)
         self.activity_execution = Histogram("legato_activity_execution_seconds", "Handler execution time, by outcome (succeeded, failed).", ["activity", "status"], buckets=ACTIVITY_SECONDS, registry=r)
         self.activity_errors = Counter("legato_activity_errors", "Failed activity executions, by error type.", ["activity", "error_type"], registry=r)
+        self.progress_chunks = Counter("legato_progress_chunks", "Progress chunks handlers reported (sent to legato.progress), by activity.", ["activity"], registry=r)
         self.activities_in_flight = Gauge("legato_activities_in_flight", "Activity handlers running in this process.", ["activity"], registry=r)
         self._server: Any = None
 
@@ -144,6 +145,9 @@ class Metrics:
         self.activity_execution.labels(activity, status).observe(max(0.0, seconds))
         if status != "succeeded":
             self.activity_errors.labels(activity, error_type or "unknown").inc()
+
+    def progress_chunk(self, activity: str) -> None:
+        self.progress_chunks.labels(activity).inc()
 
     @staticmethod
     def observes_overhead(commands: Iterable[Any]) -> bool:

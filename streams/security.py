@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-SECRET_VARS = ("LEGATO_SASL_PASSWORD", "LEGATO_SSL_KEY_PASSWORD")
+SECRET_VARS = ("LEGATO_SASL_PASSWORD", "LEGATO_SSL_KEY_PASSWORD", "LEGATO_CONSOLE_TOKEN")
 REDACTED = "***"
 
 
@@ -119,6 +119,12 @@ def faust_credentials(sec: Security | None = None) -> Any:
                  "SCRAM-SHA-512": SASLMechanism.SCRAM_SHA_512}[sec.mechanism or "PLAIN"]
     # SASL_SSL when an ssl_context is given, SASL_PLAINTEXT otherwise (faust.auth.SASLCredentials)
     return faust.SASLCredentials(username=sec.username, password=sec.password, mechanism=mechanism, ssl_context=ssl_context(sec))
+
+
+def console_token(env: Mapping[str, str] | None = None) -> str | None:
+    """``LEGATO_CONSOLE_TOKEN``: what every request to a console bound off loopback must carry (a secret: redacted)."""
+    env = os.environ if env is None else env
+    return env.get("LEGATO_CONSOLE_TOKEN") or None
 
 
 def secrets(env: Mapping[str, str] | None = None) -> list[str]:

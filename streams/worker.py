@@ -14,12 +14,13 @@ import faust
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from legato.handlers.progress import reporting
 from legato.handlers.registry import Activity, ActivityError, Result
 from legato.streams.dlq import DeadLetters
-from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, ResultCache, TokenBucket, batch_settings, fingerprint, tail_topic
+from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, fingerprint, tail_topic
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo
+from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, ProgressReported
 from legato.topics.names import Topics
 
 log = logging.getLogger("legato.worker")
@@ -62,6 +63,34 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
     return completion
 
 
+class _Progress:
+    """The progress chunks of one request: numbered from 0 and sent to ``legato.progress`` as they are reported."""
+
+    def __init__(self, topic: Any, request: ActivityRequested, activity: str, metrics: Any = None):
+        self.topic = topic
+        self.request = request
+        self.activity = activity
+        self.metrics = metrics
+        self.seq = 0
+        self.sent: list[Any] = []  # delivery futures, awaited before the completion is sent
+
+    async def __call__(self, chunk: Any) -> None:
+        r = self.request
+        value = codec.dumps(ProgressReported(run_id=r.run_id, step_id=r.step_id, request_id=r.request_id, seq=self.seq, chunk=chunk))
+        self.seq += 1
+        self.sent.append(await self.topic.send(key=r.run_id.encode(), value=value))
+        if self.metrics is not None:
+            self.metrics.progress_chunk(self.activity)
+
+    async def delivered(self) -> None:
+        """Wait until every chunk is on the broker, so that a reader sees them before the step's completion."""
+        for fut in self.sent:
+            try:
+                await fut
+            except Exception as exc:  # a lost chunk must not lose the completion
+                log.warning("a progress chunk of %s was not delivered: %s", self.request.request_id, exc)
+
+
 class Workers:
     """Registers one agent per activity on a faust app."""
 
@@ -70,7 +99,7 @@ class Workers:
         self.bootstrap = bootstrap
         self.cancellations = Cancellations()
         self.cache = ResultCache()
-        self.buckets: dict[str, TokenBucket] = {}
+        self.rate_limits = RateLimits()
         self.batchers = {name: Batcher(act) for name, act in activities.items() if act.batched}
         self.cache_topic = app.topic(topics.cache, key_serializer="raw", value_serializer="raw")
         app.task(self._tail_cancellations)
@@ -80,6 +109,7 @@ class Workers:
         self.metrics = metrics
         self.seen = BoundedSet()
         self.completions = app.topic(topics.completions, key_serializer="raw", value_serializer="raw")
+        self.progress = app.topic(topics.progress, key_serializer="raw", value_serializer="raw")
         for name, activity in sorted(activities.items()):
             topic = app.topic(topics.requests(name), partitions=partitions, key_serializer="raw", value_serializer="raw")
             app.agent(topic, name=f"legato.worker.{name}")(self._agent_for(activity))
@@ -129,10 +159,7 @@ class Workers:
                     self._skip("cache_hit")
                     return
             if request.rate_limit:
-                bucket = self.buckets.get(activity.name)
-                if bucket is None or bucket.rate != request.rate_limit:
-                    bucket = self.buckets[activity.name] = TokenBucket(request.rate_limit)
-                await bucket.take()  # the request waits here (and in its topic), it is never dropped
+                await self.rate_limits.take(activity.name, request.rate_limit)  # it waits here (and in its topic), never dropped
                 if request.request_id in self.cancellations.cancelled:
                     self._skip("cancelled_request")
                     return
@@ -142,8 +169,10 @@ class Workers:
             if self.metrics is not None:
                 self.metrics.activity_started(activity.name)
             self.cancellations.running[request.request_id] = asyncio.current_task()
+            progress = _Progress(self.progress, request, activity.name, self.metrics)
             try:
-                completion = await execute(activity, request, self.batchers.get(activity.name))
+                with reporting(None if activity.batched else progress):  # a batched call serves many requests
+                    completion = await execute(activity, request, self.batchers.get(activity.name))
             except asyncio.CancelledError:
                 if request.request_id not in self.cancellations.cancelled:
                     stopping = True
@@ -154,6 +183,7 @@ class Workers:
                 self.cancellations.running.pop(request.request_id, None)
                 if self.metrics is not None:
                     self.metrics.activity_finished(activity.name)
+            await progress.delivered()
             if key is not None and completion.status == "succeeded":
                 entry = {"output": completion.output, "confidence": completion.confidence, "stored_ms": int(time.time() * 1000)}
                 await self.cache_topic.send(key=key.encode(), value=orjson.dumps(entry))

@@ -12,9 +12,8 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from legato.streams import security
+from legato.streams import kafka_io, security
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityRequested, RequestCancelled
@@ -44,28 +43,12 @@ class BoundedSet:
 
 async def tail_topic(bootstrap: str, topic: str, on_record: Callable[[bytes | None, bytes | None], None], from_beginning: bool, ready: asyncio.Event | None = None, **kafka: Any) -> None:
     """Read every partition of ``topic`` without a consumer group (each process sees everything)."""
-    # auto_offset_reset matches the seek below: a reset racing the seek must not move the position elsewhere
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest" if from_beginning else "latest",
-                                **{"isolation_level": "read_committed", **security.aiokafka_kwargs(), **kafka})
+    consumer = kafka_io.reader(bootstrap, from_beginning=from_beginning, **{**security.aiokafka_kwargs(), **kafka})
     await consumer.start()
     try:
-        partitions = None
-        for _ in range(100):
-            partitions = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic)
-            if partitions:
-                break
-            await asyncio.sleep(0.2)
-        if not partitions:
+        if not await kafka_io.assign_all(consumer, [topic], from_beginning=from_beginning, wait=20.0):
             log.warning("topic %s not found; not reading it", topic)
             return
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        if from_beginning:
-            await consumer.seek_to_beginning(*tps)
-        else:
-            await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
         if ready is not None:
             ready.set()
         async for msg in consumer:
@@ -148,6 +131,24 @@ class TokenBucket:
                     self.tokens -= 1
                     return
                 await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class RateLimits:
+    """The token buckets of one worker process: one per activity and declared rate.
+
+    Requests of an activity that carry the same rate share a bucket; steps that declare different rates for one
+    activity (one per model, say) are limited separately, each to its own rate. (One bucket per activity, replaced
+    whenever the rate changed, refilled the burst at every change: mixed traffic was not limited at all.)"""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, float], TokenBucket] = {}
+
+    async def take(self, activity: str, rate: float) -> None:
+        """Wait until a request of ``activity`` that carries ``rate`` may start."""
+        bucket = self._buckets.get((activity, rate))
+        if bucket is None:
+            bucket = self._buckets[(activity, rate)] = TokenBucket(rate)
+        await bucket.take()
 
 
 class Batcher:

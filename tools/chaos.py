@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import orjson
 
+from legato.streams import kafka_io
 from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,105 +46,8 @@ SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "fuzz")
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
 HANDLERS_MODULE = "chaos_handlers"
-HANDLERS_SRC = '''\
-"""Activities of `legato chaos` (written by streams/chaos.py; loaded by the worker subprocess)."""
-import asyncio
-import os
-
-from legato.handlers.registry import activity
-
-DELAY = float(os.environ.get("CHAOS_DELAY", "0.005"))
-
-
-@activity("chaos_echo", concurrency=64)
-async def chaos_echo(data):
-    await asyncio.sleep(DELAY)
-    return data
-
-
-@activity("chaos_slow", concurrency=64)
-async def chaos_slow(data):
-    await asyncio.sleep(float(data.get("seconds", 1)))
-    return {"tag": data.get("tag"), "slept": data.get("seconds")}
-
-
-@activity("chaos_raise")
-async def chaos_raise(data):
-    raise RuntimeError("chaos handler raised on purpose")
-
-
-@activity("chaos_hang")
-async def chaos_hang(data):
-    await asyncio.sleep(3600)
-
-
-@activity("chaos_unserializable")
-async def chaos_unserializable(data):
-    return {"value": object()}
-'''
-
-WORKFLOWS = {
-    # 7 activities per run: a step, a parallel of two, a choice, a loop of three iterations.
-    "chaos_mix": """\
-name: chaos_mix
-timeout: 10m
-steps:
-  - id: prep
-    activity: chaos_echo
-    input: {n: "${ input.n }"}
-  - id: fan
-    parallel:
-      branches:
-        a: [{id: a, activity: chaos_echo, input: {v: "${ input.n }"}}]
-        b: [{id: b, activity: chaos_echo, input: {v: "${ input.n * 2 }"}}]
-  - id: route
-    choice:
-      cases:
-        - when: "input.n % 2 == 0"
-          steps: [{id: even, activity: chaos_echo, input: {kind: even}}]
-      default:
-        - {id: odd, activity: chaos_echo, input: {kind: odd}}
-  - id: count
-    loop:
-      max_iterations: 5
-      until: "steps.tick.output.i >= 2"
-      steps:
-        - {id: tick, activity: chaos_echo, input: {i: "${ iteration }"}}
-output: "{'n': input.n, 'sum': steps.fan.output.a.v + steps.fan.output.b.v, 'kind': steps.route.output.kind, 'iters': steps.count.output.i}"
-""",
-    "chaos_slow": """\
-name: chaos_slow
-timeout: 10m
-steps:
-  - id: slow
-    activity: chaos_slow
-    input: {seconds: "${ input.seconds }", tag: "${ input.tag }"}
-    timeout: 20s
-    retry: {max_attempts: 5, backoff: 200ms, jitter: false}
-output: "{'tag': steps.slow.output.tag, 'attempt': steps.slow.attempt}"
-""",
-    # Nobody serves chaos_nobody: only the coordinator's timers can finish these runs.
-    "chaos_timer": """\
-name: chaos_timer
-timeout: 10m
-steps:
-  - id: wait
-    activity: chaos_nobody
-    input: {}
-    timeout: 3s
-    retry: {max_attempts: 2, backoff: 4s, jitter: false}
-    on_error: {default: {timed_out: true}}
-output: "{'timed_out': steps.wait.output.timed_out}"
-""",
-    "chaos_probe": """\
-name: chaos_probe
-steps:
-  - {id: echo, activity: chaos_echo, input: {probe: true}}
-""",
-    "chaos_raise": "name: chaos_raise\nsteps:\n  - {id: boom, activity: chaos_raise, input: {}, retry: {max_attempts: 2, backoff: 50ms}}\n",
-    "chaos_hang": "name: chaos_hang\nsteps:\n  - {id: stuck, activity: chaos_hang, input: {}, timeout: 1s}\n",
-    "chaos_unserializable": "name: chaos_unserializable\nsteps:\n  - {id: weird, activity: chaos_unserializable, input: {}}\n",
-}
+DATA = Path(__file__).resolve().parent / "chaos_data"
+"""The scenarios' workflows (``*.yaml``) and their activities (``chaos_handlers.py``)."""
 ACTIVITIES = ["chaos_echo", "chaos_slow", "chaos_nobody", "chaos_raise", "chaos_hang", "chaos_unserializable"]
 
 
@@ -212,7 +116,8 @@ class Proc:
 
 
 class Env:
-    """A fresh prefix, data dirs, workflow dir and handler module in a temp dir, and the processes started there."""
+    """A fresh prefix and data dirs in a temp dir (the workflows and handlers come from chaos_data/), and the processes
+    started there."""
 
     def __init__(self, bootstrap: str, workdir: Path | None = None, partitions: int = 8, extra_env: dict[str, str] | None = None,
                  loglevel: str = "warning"):
@@ -221,20 +126,16 @@ class Env:
         self.partitions = partitions
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="legato-chaos-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "workflows").mkdir(exist_ok=True)
-        for name, text in WORKFLOWS.items():
-            (self.workdir / "workflows" / f"{name}.yaml").write_text(text)
-        (self.workdir / f"{HANDLERS_MODULE}.py").write_text(HANDLERS_SRC)
         self.procs: list[Proc] = []
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("LEGATO_")},
             "LEGATO_BOOTSTRAP": bootstrap,
             "LEGATO_TOPIC_PREFIX": self.prefix,
             "LEGATO_PARTITIONS": str(partitions),
-            "LEGATO_WORKFLOWS": str(self.workdir / "workflows"),
+            "LEGATO_WORKFLOWS": str(DATA),
             "LEGATO_HANDLERS": HANDLERS_MODULE,
             "LEGATO_LOGLEVEL": loglevel,
-            "PYTHONPATH": os.pathsep.join([str(self.workdir), str(REPO_ROOT)]),
+            "PYTHONPATH": os.pathsep.join([str(DATA), str(REPO_ROOT)]),
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
@@ -306,25 +207,10 @@ class Tail:
         return self
 
     async def _run(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                    max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024,
-                                    **{"isolation_level": "read_committed", **self.kafka})
+        consumer = kafka_io.reader(self.bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=16 * 1024 * 1024, **self.kafka)
         await consumer.start()
         try:
-            tps = []
-            for topic in self.topics:
-                parts = None
-                for _ in range(300):
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(topic)
-                    if parts:
-                        break
-                    await asyncio.sleep(0.2)
-                tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            await kafka_io.assign_all(consumer, self.topics, from_beginning=True, wait=60.0)
             self._ready.set()
             while True:
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)

@@ -1,13 +1,13 @@
 """``legato runs show RUN_ID``: a run's state from the coordinator's changelog, as a table or a Mermaid gantt."""
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka import TopicPartition
 
+from legato.streams import kafka_io, security
 from legato.topics.names import Topics
 from legato.workflows.state import RunState, StepState
 
@@ -20,44 +20,27 @@ async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30
     Reads only the key's partition (murmur2 like aiokafka's default partitioner), from the beginning to the
     end offset seen when reading starts.
     """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     topic = Topics(prefix).changelog
     key = run_id.encode()
-    from legato.streams import security
+    found, last = False, None
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                isolation_level="read_committed", **security.aiokafka_kwargs())
-    await consumer.start()
+    def keep(record: Any) -> None:
+        nonlocal found, last
+        if record.key == key:
+            found, last = True, record.value
+
+    consumer = kafka_io.reader(bootstrap, **security.aiokafka_kwargs())
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
+        await consumer.start()
+        partitions = await kafka_io.partitions_of(consumer, topic)
         if not partitions:
             return None
-        ordered = sorted(partitions)
-        partition = DefaultPartitioner()(key, ordered, ordered)
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        last: bytes | None = None
-        found = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while await consumer.position(tp) < end:
-            if loop.time() > deadline:
-                raise TimeoutError(f"reading {topic}[{partition}] took longer than {timeout}s")
-            batch = await consumer.getmany(tp, timeout_ms=500)
-            for record in batch.get(tp, []):
-                if record.key == key:
-                    found, last = True, record.value
-        if not found or last is None:  # never written, or a tombstone
-            return None
-        return RunState.model_validate_json(last)
+        await kafka_io.read_partition(consumer, TopicPartition(topic, kafka_io.partition_for(key, len(partitions))), keep, timeout=timeout)
     finally:
         await consumer.stop()
+    if not found or last is None:  # never written, or a tombstone
+        return None
+    return RunState.model_validate_json(last)
 
 
 # --- rendering ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A small async client for services: trigger runs, wait for their terminal events, subscribe to a workflow.
+"""A small async client for services: trigger runs, wait for their terminal events, subscribe to a workflow, signal
+runs and stream their progress.
 
 Needs nothing but aiokafka and the topic contract; any other language can do the same with its own client.
 """
@@ -6,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import TopicAuthorizationFailedError
 
+from legato.streams import kafka_io
+
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import RunCancelRequested, RunEvent, RunForkRequested, RunRedriveRequested, RunRequested
+from legato.topics.models import ProgressReported, RunCancelRequested, RunEvent, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent
 from legato.topics.names import DEFAULT_PREFIX, Topics
 
 TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
@@ -51,6 +55,49 @@ class LegatoClient:
         assert self._producer is not None, "use `async with LegatoClient(...)`"
         record = RunCancelRequested(run_id=run_id, reason=reason)
         await self._producer.send_and_wait(self.topics.coordinator, codec.dumps(record), key=run_id.encode())
+
+    async def signal(self, run_id: str, signal: str, data: Any = None, signal_id: str | None = None) -> None:
+        """Send ``signal`` (with ``data``, any JSON value) to a run: it completes the run's oldest ``wait`` step on
+        that name, or is kept until one starts. A repeated ``signal_id`` for the same run is ignored."""
+        assert self._producer is not None, "use `async with LegatoClient(...)`"
+        record = SignalSent(run_id=run_id, signal=signal, data=data, signal_id=signal_id)
+        await self._producer.send_and_wait(self.topics.signals, codec.dumps(record), key=run_id.encode())
+
+    async def stream(self, run_id: str, *, from_beginning: bool = True, timeout: float | None = None) -> AsyncIterator[ProgressReported | RunEvent]:
+        """The run's progress chunks in order, then its terminal event, where the iteration ends.
+
+        Reads the run's partition of ``legato.progress`` and ``legato.runs``: from their beginning by default (every
+        chunk so far, then the rest as they come), or with ``from_beginning=False`` only what is produced from now
+        on. Chunks a redelivered request reports again are dropped (same request_id and seq).
+        ``asyncio.TimeoutError`` when no terminal event comes within ``timeout`` seconds."""
+        consumer = kafka_io.reader(self.bootstrap, from_beginning=from_beginning, **self._kafka)
+        await consumer.start()
+        try:
+            partitions = await kafka_io.partitions_of(consumer, self.topics.progress, wait=5.0)
+            if not partitions:
+                raise RuntimeError(f"topic {self.topics.progress} does not exist: is a coordinator running?")
+            p = kafka_io.partition_for(run_id.encode(), len(partitions))
+            progress, runs = TopicPartition(self.topics.progress, p), TopicPartition(self.topics.runs, p)
+            await kafka_io.assign(consumer, [progress, runs], from_beginning=from_beginning)
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            chunks = _Chunks(run_id)
+            while True:
+                if deadline is not None and asyncio.get_running_loop().time() > deadline:
+                    raise asyncio.TimeoutError(f"no terminal event for run {run_id} within {timeout}s")
+                polled = await consumer.getmany(timeout_ms=200)
+                for record in polled.get(progress, []):
+                    for chunk in chunks.of(record):
+                        yield chunk
+                for record in polled.get(runs, []):
+                    event = _terminal_of(record, run_id)
+                    if event is not None:
+                        # the worker delivered every chunk before the completion that led here: read up to the end
+                        async for chunk in _rest_of(consumer, progress, chunks):
+                            yield chunk
+                        yield event
+                        return
+        finally:
+            await consumer.stop()
 
     async def redrive(self, run_id: str, reason: str = "") -> None:
         """Ask the coordinator to resume a failed run from what failed, keeping the outputs of the steps that
@@ -90,7 +137,7 @@ class LegatoClient:
                   progress: Callable[[str], None] | None = None) -> RunEvent:
         """Trigger a run and wait for its terminal event."""
         run_id = run_id or str(uuid.uuid4())
-        watch = [self.topics.runs, self.topics.completions] if progress else [self.topics.runs]
+        watch = [self.topics.runs, self.topics.completions, self.topics.progress] if progress else [self.topics.runs]
         async with _RunsConsumer(self.bootstrap, watch, False, self._kafka) as consumer:
             started = asyncio.get_running_loop().time()
             await self.trigger(workflow, input, run_id=run_id)
@@ -120,7 +167,18 @@ class LegatoClient:
 
     async def _wait(self, consumer: AIOKafkaConsumer, run_ids: set[str], progress: Callable[[str], None] | None, started: float = 0.0) -> RunEvent:
         loop = asyncio.get_running_loop()
+        chunks = {run_id: _Chunks(run_id) for run_id in run_ids}
+
+        def show(chunk: ProgressReported) -> None:
+            assert progress is not None
+            progress(f"{loop.time() - started:7.3f}s  step {chunk.step_id} #{chunk.seq}: {orjson.dumps(chunk.chunk).decode()}")
+
         async for msg in consumer:
+            if msg.topic == self.topics.progress:
+                for run_id in run_ids:
+                    for chunk in chunks[run_id].of(msg):
+                        show(chunk)
+                continue
             try:
                 raw = codec.decode_object(msg.value)
             except DecodeError:
@@ -137,6 +195,11 @@ class LegatoClient:
                 event = codec.validate(RunEvent, raw)
             except DecodeError:
                 continue
+            if progress and event.type in TERMINAL_TYPES:
+                tp = TopicPartition(self.topics.progress, msg.partition)  # co-partitioned with the runs topic
+                if tp in consumer.assignment():
+                    async for chunk in _rest_of(consumer, tp, chunks[event.run_id]):
+                        show(chunk)
             if progress:
                 progress(f"{loop.time() - started:7.3f}s  {event.type}")
             if event.type in TERMINAL_TYPES:
@@ -154,51 +217,64 @@ class LegatoClient:
         return _RunsConsumer(self.bootstrap, [self.topics.runs], from_beginning, self._kafka)
 
 
-async def _refused(consumer: AIOKafkaConsumer, topic: str) -> bool:
-    """True when the broker refuses this principal ``topic`` (a listing of all topics just leaves it out)."""
-    from aiokafka.protocol.metadata import MetadataRequest
-
-    client = consumer._client
-    response = await client.send(client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation=False))
-    return any(t[1] == topic and t[0] == TopicAuthorizationFailedError.errno for t in response.topics)
-
-
 class _RunsConsumer:
     """A group-less consumer of every partition of the given topics, positioned before anything is triggered."""
 
     def __init__(self, bootstrap: str, topics: list[str], from_beginning: bool, kafka: dict):
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                         auto_offset_reset="earliest" if from_beginning else "latest", **{"isolation_level": "read_committed", **kafka})
+        self.consumer = kafka_io.reader(bootstrap, from_beginning=from_beginning, **kafka)
         self.topics = topics
         self.from_beginning = from_beginning
 
     async def __aenter__(self) -> AIOKafkaConsumer:
-        c = self.consumer
-        await c.start()
-        tps: list[TopicPartition] = []
-        for topic in self.topics:
-            partitions = None
-            for _ in range(50):
-                metadata = await c._client.fetch_all_metadata()
-                partitions = metadata.partitions_for_topic(topic)
-                if partitions:
-                    break
-                if _ == 0 and await _refused(c, topic):  # a refusal is an error now, not "does not exist" later
-                    await c.stop()
+        await self.consumer.start()
+        try:
+            for topic in self.topics:  # a refusal is an error now, not "does not exist" later
+                if not await kafka_io.partitions_of(self.consumer, topic) and await kafka_io.refused(self.consumer, topic):
                     raise TopicAuthorizationFailedError(f"not authorized to read {topic} (the principal's role lacks it: legato acl)")
-                await asyncio.sleep(0.1)
-            if not partitions:
-                await c.stop()
-                raise RuntimeError(f"topic {topic} does not exist: is a coordinator running?")
-            tps += [TopicPartition(topic, p) for p in sorted(partitions)]
-        c.assign(tps)
-        if self.from_beginning:
-            await c.seek_to_beginning(*tps)
-        else:
-            await c.seek_to_end(*tps)
-        for tp in tps:
-            await c.position(tp)  # resolve the position now, before the trigger is sent
-        return c
+            await kafka_io.assign_all(self.consumer, self.topics, from_beginning=self.from_beginning, missing=_missing)
+        except BaseException:
+            await self.consumer.stop()
+            raise
+        return self.consumer
 
     async def __aexit__(self, *exc: object) -> None:
         await self.consumer.stop()
+
+
+def _missing(topic: str) -> None:
+    raise RuntimeError(f"topic {topic} does not exist: is a coordinator running?")
+
+
+class _Chunks:
+    """The progress chunks of one run, each (request_id, seq) once."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._seen: set[tuple[str, int]] = set()
+
+    def of(self, record: Any) -> list[ProgressReported]:
+        try:
+            chunk = codec.decode(ProgressReported, record.value)
+        except DecodeError:
+            return []
+        if chunk.run_id != self.run_id or (chunk.request_id, chunk.seq) in self._seen:
+            return []
+        self._seen.add((chunk.request_id, chunk.seq))
+        return [chunk]
+
+
+def _terminal_of(record: Any, run_id: str) -> RunEvent | None:
+    try:
+        event = codec.decode(RunEvent, record.value)
+    except DecodeError:
+        return None
+    return event if event.run_id == run_id and event.type in TERMINAL_TYPES else None
+
+
+async def _rest_of(consumer: AIOKafkaConsumer, tp: TopicPartition, chunks: _Chunks) -> AsyncIterator[ProgressReported]:
+    """The chunks left on ``tp`` up to its end offset now (``consumer`` fetches several topics in no set order)."""
+    end = (await consumer.end_offsets([tp]))[tp]
+    while await consumer.position(tp) < end:
+        for record in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
+            for chunk in chunks.of(record):
+                yield chunk

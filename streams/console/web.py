@@ -14,7 +14,6 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-import os
 import secrets
 import signal
 import threading
@@ -436,7 +435,7 @@ class Console:
 
 def _check_binding(host: str) -> str | None:
     """The token the console requires: None on loopback; elsewhere LEGATO_CONSOLE_TOKEN, or ConsoleError."""
-    token = os.environ.get("LEGATO_CONSOLE_TOKEN") or None
+    token = security.console_token()
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:

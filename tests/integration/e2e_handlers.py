@@ -1,12 +1,13 @@
 """Activity handlers for the end-to-end tests (loaded by the `legato worker` subprocess).
 
-They only use the public handler API (``@activity``, ``Result``, ``ActivityError``).
+They only use the public handler API (``@activity``, ``Result``, ``ActivityError``, ``progress``).
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+from legato.handlers import progress
 from legato.handlers.registry import ActivityError, Result, activity
 
 # Attempts seen per key (the test passes its run_id in the input: handlers never see the request itself).
@@ -17,6 +18,16 @@ _FLAKY_ATTEMPTS: dict[str, int] = {}
 async def e2e_echo(data: Any) -> Any:
     """Return the input unchanged."""
     return data
+
+
+@activity("e2e_stream")
+async def e2e_stream(data: dict[str, Any]) -> dict[str, Any]:
+    """Report ``chunks`` progress chunks ``{"i": i}``, ``interval`` seconds apart, then return ``{"chunks": n}``."""
+    n = int(data.get("chunks", 3))
+    for i in range(n):
+        await progress({"i": i})
+        await asyncio.sleep(float(data.get("interval", 0.05)))
+    return {"chunks": n}
 
 
 @activity("e2e_add")

@@ -25,7 +25,8 @@ from legato.streams import security
 from legato.tools import kafka_local
 from legato.tools.chaos import PrivateBroker
 from legato.topics import codec
-from legato.topics.client import LegatoClient, _refused
+from legato.streams.kafka_io import refused as _refused
+from legato.topics.client import LegatoClient
 from legato.topics.models import SignalSent
 from legato.topics.names import Topics
 from tests.integration.conftest import REPO_ROOT, _start, legato_executable

@@ -1,0 +1,28 @@
+"""The coordinator: a transactional consume → decide → produce loop over the run-keyed input.
+
+Per input partition ``p`` (the triggers, coordinator, completions and signals topics, co-partitioned by run_id) there is one
+task: the run table of ``p`` (loaded from partition ``p`` of the changelog when the task is assigned) and one
+transactional producer whose ``transactional.id`` is ``<group>-<p>``. Each batch a task reads is decided by
+``legato.workflows.machine`` and then committed in ONE Kafka transaction holding everything it caused: the requests,
+run events, cancellations and child records it produced, the new state of every run it touched (changelog), any
+dead letters, and the input offsets. Either all of it becomes visible to ``read_committed`` consumers or none of it.
+
+Killing the process at any moment therefore loses nothing and repeats nothing: the next owner of ``p`` starts a
+producer with the same ``transactional.id``, which fences the dead one and aborts its open transaction, then loads
+the changelog and resumes from the committed offsets. faust's own ``exactly_once`` mode lost runs in our kill tests
+and its at-least-once mode acknowledges records fetched before a rebalance (RELIABILITY.md); this loop is why the
+coordinator uses aiokafka directly. The activity workers stay on faust.
+
+Modules, one concern each:
+
+- ``loop``: :class:`Coordinator`, the consume loop that hands each partition's records to its task;
+- ``partition``: one partition's task: load its run table, decide a batch, store, send and commit in one transaction;
+- ``rebalance``: partitions assigned and revoked (tasks parked, reused, opened, reloaded);
+- ``timers``: due timers become ``timer.fired`` records;
+- ``effects``: the machine's commands become records;
+- ``inbox``: input records decoded (a bad one is dead-lettered with the reason), triggers re-keyed by run_id.
+"""
+from legato.streams.coordinator.inbox import run_id_for
+from legato.streams.coordinator.loop import Coordinator
+
+__all__ = ["Coordinator", "run_id_for"]

@@ -1,0 +1,60 @@
+"""The machine's commands become records of the batch's transaction (timers are armed once it has committed)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from legato.streams.coordinator.inbox import Send
+from legato.topics import codec
+from legato.topics.names import Topics
+from legato.workflows.machine import (
+    CancelChildRun,
+    CancelRequest,
+    EventIgnored,
+    NotifyParent,
+    PublishRunEvent,
+    RequestActivity,
+    SignalRefused,
+    StartChildRun,
+    StartTimer,
+)
+
+log = logging.getLogger("legato.coordinator")
+
+
+
+def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: list[StartTimer], ignored: Callable[[str], None],
+              refused: Callable[[str], None]) -> None:
+    """Append the records of ``commands`` to ``sends`` and their timers to ``timers``; count ignored events; hand
+    the reason of a refused signal to ``refused`` (which dead-letters the record being decided)."""
+    for command in commands:
+        if isinstance(command, RequestActivity):
+            req = command.request
+            sends.append((topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
+        elif isinstance(command, StartTimer):
+            timers.append(command)
+        elif isinstance(command, PublishRunEvent):
+            value = codec.dumps(command.event)
+            sends.append((topics.runs, command.event.run_id.encode(), value, None))
+            if command.completion_topic:
+                sends.append((command.completion_topic, command.event.run_id.encode(), value, None))
+        elif isinstance(command, CancelRequest):
+            c = command.cancel
+            sends.append((topics.cancellations, c.run_id.encode(), codec.dumps(c), None))
+        elif isinstance(command, StartChildRun):
+            a = command.accepted
+            sends.append((topics.coordinator, a.run_id.encode(), codec.dumps(a), None))
+        elif isinstance(command, CancelChildRun):
+            c = command.cancel
+            sends.append((topics.coordinator, c.run_id.encode(), codec.dumps(c), None))
+        elif isinstance(command, NotifyParent):
+            f = command.finished
+            sends.append((topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
+        elif isinstance(command, SignalRefused):  # e.g. a run keeps 64 at most
+            refused(f"signal refused: {command.reason}")
+            log.info("refused signal %r for run %s: %s", command.signal.signal, command.signal.run_id, command.reason)
+        elif isinstance(command, EventIgnored):
+            ignored(command.reason)
+            log.info("ignored event for run %s: %s %s", command.run_id, command.reason, command.detail)
+        else:
+            raise TypeError(f"the coordinator cannot carry out {type(command).__name__}")

@@ -1,0 +1,72 @@
+"""Input records decoded into the machine's events; what cannot be decoded is dead-lettered with the reason."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from legato.streams.dlq import dead_letter
+from legato.streams.kafka_io import partition_for
+from legato.topics import codec
+from legato.topics.codec import DecodeError
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, SignalSent, TimerFired
+from legato.topics.names import Topics
+
+Send = tuple[str, bytes | None, bytes, int | None]
+"""A record to produce in the batch's transaction: topic, key, value, partition (None: by key)."""
+
+_RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
+
+_COORDINATOR_RECORDS = {
+    "run.accepted": RunAccepted,
+    "timer.fired": TimerFired,
+    "child.finished": ChildRunFinished,
+    "run.cancel_requested": RunCancelRequested,
+}
+
+
+def run_id_for(topic: str, partition: int, offset: int) -> str:
+    """A trigger without a run_id gets one derived from its position, so a redelivered trigger gets the same."""
+    return str(uuid.uuid5(_RUN_ID_NAMESPACE, f"{topic}:{partition}:{offset}"))
+
+
+class Inbox:
+    """Decodes the records of the coordinator's input topics."""
+
+    def __init__(self, topics: Topics, partitions: int):
+        self.topics = topics
+        self.partitions = partitions
+
+    def decode(self, topic: str, value: bytes | None) -> Any:
+        """The event of a completions, signals or coordinator record; raises DecodeError."""
+        if topic == self.topics.completions:
+            return codec.decode(ActivityCompleted, value)
+        if topic == self.topics.signals:
+            return codec.decode(SignalSent, value)
+        raw = codec.decode_object(value)
+        model = _COORDINATOR_RECORDS.get(raw.get("type"))  # type: ignore[arg-type]
+        if model is None:
+            raise DecodeError(f"unknown record type {raw.get('type')!r}")
+        return codec.validate(model, raw)
+
+    def what(self, topic: str) -> str:
+        """How a dead letter names a record of ``topic`` it could not decode."""
+        return {self.topics.completions: "completion", self.topics.signals: "signal"}.get(topic, "coordinator record")
+
+    def accept_trigger(self, msg: Any) -> Send:
+        """Validate a trigger and re-key it by run_id onto the coordinator topic; raises DecodeError."""
+        trigger = codec.decode(RunRequested, msg.value)
+        run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
+        accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
+        return (self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None)
+
+    def misplaced(self, msg: Any, run_id: str) -> Send | None:
+        """The same record keyed onto its run's partition when a producer put it elsewhere (not keyed by run_id,
+        or another partitioner), so that the run's state is never split; None when it is where it belongs."""
+        key = run_id.encode()
+        if msg.partition == partition_for(key, self.partitions):
+            return None
+        return (msg.topic, key, msg.value, None)
+
+    def dead_letter(self, msg: Any, reason: str) -> Send:
+        key, value = dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, reason)
+        return (self.topics.dlq, key, value, None)

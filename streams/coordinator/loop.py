@@ -1,0 +1,163 @@
+"""The consume loop: one consumer polls the co-partitioned input topics and hands each partition's records to that
+partition's task, which decides and commits on its own (``partition``), so one partition's transaction never holds
+up another's records."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+from legato.streams import security
+from legato.streams.coordinator.inbox import Inbox
+from legato.streams.coordinator.partition import PartitionTask, Partitions
+from legato.streams.coordinator.rebalance import Rebalance
+from legato.streams.coordinator.timers import fire_timers
+from legato.topics.names import Topics
+from legato.workflows.machine import Machine
+from legato.workflows.model import CompiledWorkflow
+
+log = logging.getLogger("legato.coordinator")
+
+_MAX_POLL = 2_000
+"""Records per poll."""
+
+_MAX_QUEUED = 500
+"""Records queued for one partition before its fetching pauses (while its transaction commits). It also bounds a
+transaction's size, and with it the memory that eight partitions' batches in flight hold at once (at 4,000 the
+coordinator's RSS grew by 6.14 KiB per run in the 100,000-run memory benchmark; BENCHMARKS.md)."""
+
+
+async def _trim_heap(interval: float = 5.0) -> None:
+    """Give freed heap memory back to the OS every few seconds (glibc's ``malloc_trim``). Batches in flight are
+    freed between run states that live on, and glibc keeps such holes: without this the coordinator's RSS grew
+    by 3.75 KiB per run in flight instead of the states' own size (BENCHMARKS.md, memory)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    while True:
+        await asyncio.sleep(interval)
+        libc.malloc_trim(0)
+
+
+class Coordinator:
+    """Runs the transactional coordinator loop for one process (several processes share the partitions)."""
+
+    def __init__(self, settings: Any, workflows: dict[str, CompiledWorkflow], metrics: Any = None):
+        self.settings = settings
+        self.topics: Topics = settings.topics
+        self.machine = Machine(workflows)
+        self.partition_count: int = settings.partitions
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.declare(workflows)  # every declared choice path exists at 0: dead paths show
+        self.group = self.topics.coordinator_group
+        self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions, self.topics.signals]
+        self.tasks: dict[int, PartitionTask] = {}  # the active tasks by partition (parked ones are not here)
+        self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics)
+        self.rebalance = Rebalance(self)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._session_timeout_ms = int(settings.session_timeout * 1000)
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        assert self._consumer is not None, "the coordinator is not serving"
+        return self._consumer
+
+    async def serve(self) -> None:
+        """Consume, decide and commit until cancelled; then leave the group so the partitions move at once."""
+        kw = security.aiokafka_kwargs()
+        timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, **kw)
+        await timer_producer.start()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),  # co-partitions the input topics
+            session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 4),
+            fetch_max_wait_ms=100,
+            **kw,
+        )
+        self._consumer.subscribe(self.inputs, listener=self.rebalance)
+        await self._consumer.start()
+        timers = asyncio.create_task(fire_timers(self.tasks, timer_producer, self.topics.coordinator), name="legato.fire_timers")
+        gauge = asyncio.create_task(self._report_in_flight(), name="legato.runs_in_flight") if self.metrics is not None else None
+        trim = asyncio.create_task(_trim_heap(), name="legato.trim_heap")
+        try:
+            await self._consume()
+        finally:
+            timers.cancel()
+            trim.cancel()
+            if gauge is not None:
+                gauge.cancel()
+            loops = [t.loop for t in self.tasks.values() if t.loop is not None]
+            for loop in loops:
+                loop.cancel()  # a batch being committed is aborted: whoever owns the partition next reads it again
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._consumer.stop()  # revokes and leaves the group
+            await self.rebalance.stop()
+            await timer_producer.stop()
+
+    async def _consume(self) -> None:
+        """Poll, and hand each partition's records to its task."""
+        consumer = self.consumer
+        failures = 0
+        while True:
+            if self.rebalance.pending:
+                if await self.rebalance.open_pending():
+                    failures = 0
+                else:  # the broker is away: the other partitions keep going, this one is tried again
+                    failures += 1
+                    await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+            polled = await consumer.getmany(timeout_ms=200, max_records=_MAX_POLL)
+            received = time.perf_counter()
+            for tp, records in polled.items():
+                task = self.tasks.get(tp.partition)
+                if task is None:
+                    continue  # fetched before a revocation (the new owner reads them) or while it reloads
+                task.inbox.append((tp, records, received))
+                task.queued += len(records)
+                task.wake.set()
+                if task.queued >= _MAX_QUEUED and not task.paused:
+                    task.paused = True
+                    consumer.pause(*self.assigned(task.partition))
+
+    async def _run_task(self, task: PartitionTask) -> None:
+        """Decide and commit the task's queued records, one transaction per turn, until the task is closed."""
+        while self.tasks.get(task.partition) is task:
+            await task.wake.wait()
+            async with task.busy:
+                task.wake.clear()
+                if self.tasks.get(task.partition) is not task:
+                    return
+                parts, task.inbox, task.queued = task.inbox, [], 0
+                if parts:
+                    why = await self.partitions.process(task, parts)
+                    if why is not None:
+                        await self.rebalance.reload(task, why)
+                if task.paused and self.tasks.get(task.partition) is task:
+                    task.paused = False
+                    self.consumer.resume(*self.assigned(task.partition))
+
+    def assigned(self, p: int) -> list[TopicPartition]:
+        """This process's assigned input topic-partitions numbered ``p``."""
+        return [tp for tp in self.consumer.assignment() if tp.partition == p]
+
+    def start(self, task: PartitionTask) -> None:
+        """Make ``task`` the active task of its partition and start its loop."""
+        self.tasks[task.partition] = task
+        task.loop = asyncio.create_task(self._run_task(task), name=f"legato.partition-{task.partition}")
+
+    async def _report_in_flight(self) -> None:
+        while True:
+            self.metrics.runs_in_flight(sum(t.running for t in list(self.tasks.values())))
+            await asyncio.sleep(5.0)

@@ -1,0 +1,301 @@
+"""One input partition's task: its run table, and each batch decided, stored, sent and committed in ONE transaction.
+
+A batch's transaction holds the records the decisions caused, the new state of every run they touched (the
+changelog), any dead letters and the input offsets: all of it becomes visible, or none of it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from legato.streams import kafka_io, security
+from legato.streams.coordinator.effects import carry_out
+from legato.streams.coordinator.inbox import Inbox, Send
+from legato.streams.coordinator.timers import Timers, now_ms
+from legato.streams.metrics import count_in_flight
+from legato.topics.codec import DecodeError
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, SignalSent, TimerFired
+from legato.topics.names import Topics
+from legato.workflows.machine import EventIgnored, Machine, StartTimer, outstanding
+from legato.workflows.state import RunState
+
+log = logging.getLogger("legato.coordinator")
+
+_DECODED_STATES = 1_000
+"""Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
+
+_EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal"}
+
+
+class RunTable:
+    """One partition's run table: run_id bytes → state bytes, in memory or on disk (rocksdict)."""
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        if path is None:
+            self._data: Any = {}
+        else:
+            from rocksdict import Rdict
+
+            path.parent.mkdir(parents=True, exist_ok=True)  # before destroy: rocksdb cannot lock in a missing dir
+            Rdict.destroy(str(path))  # rebuilt from the changelog, which is the truth
+            self._data = Rdict(str(path))
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._data[key] = value
+
+    def values(self) -> Iterable[bytes]:
+        return self._data.values()
+
+    def close(self) -> None:
+        if self._path is not None:
+            self._data.close()
+
+
+class PartitionTask:
+    """Input partition ``p``: its run table, its transactional producer, where each input topic resumes."""
+
+    def __init__(self, partition: int, producer: AIOKafkaProducer, store: RunTable):
+        self.partition = partition
+        self.producer = producer
+        self.store = store
+        self.next_offset: dict[TopicPartition, int] = {}
+        self.running = 0
+        self.timers = Timers()  # fired only while the task is active (not while it is parked in a rebalance)
+        self.inbox: list[tuple[TopicPartition, list[Any], float]] = []  # polled, not yet decided
+        self.queued = 0
+        self.wake = asyncio.Event()
+        self.busy = asyncio.Lock()  # held while a batch is decided and committed
+        self.loop: asyncio.Task | None = None
+        self.paused = False
+
+
+@dataclass
+class Batch:
+    """What one turn of a partition's task decided, committed in one transaction."""
+
+    sends: list[Send] = field(default_factory=list)
+    changed: dict[str, RunState] = field(default_factory=dict)  # runs this batch changed, encoded once at its end
+    written: dict[bytes, bytes] = field(default_factory=dict)  # run key → the state bytes this batch stores
+    running: int = 0  # runs started minus runs finished
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    timers: list[StartTimer] = field(default_factory=list)
+    overheads: list[str] = field(default_factory=list)  # workflow of each completion that requested the next activity
+
+
+class Poisoned(Exception):
+    """The state machine raised on a record: a bug. The batch is dropped and read again, without that record."""
+
+    def __init__(self, position: tuple[str, int, int], reason: str):
+        super().__init__(reason)
+        self.position = position
+        self.reason = reason
+
+
+class Partitions:
+    """Loads, decides and commits the partitions' batches; shared by every task of one coordinator process."""
+
+    def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None):
+        self.machine = machine
+        self.topics = topics
+        self.group = group
+        self.inbox = inbox
+        self.metrics = metrics
+        self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
+        self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
+
+    # --- loading -------------------------------------------------------------------------------
+
+    async def restore(self, task: PartitionTask, bootstrap: str) -> int:
+        """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
+        def put(record: Any) -> None:
+            if record.value is not None:
+                task.store.put(record.key, record.value)
+
+        reader = kafka_io.reader(bootstrap, max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
+        try:
+            await reader.start()
+            await kafka_io.read_partition(reader, TopicPartition(self.topics.changelog, task.partition), put)
+        finally:
+            await reader.stop()
+        loaded = sum(1 for _ in task.store.values())
+        task.timers.rearm(task.store.values())
+        task.running = count_in_flight(task.store.values())
+        return loaded
+
+    def forget(self) -> None:
+        """Drop the decoded states (a partition was closed: its table is gone)."""
+        self._states.clear()
+
+    # --- one batch, one transaction ------------------------------------------------------------
+
+    async def process(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]]) -> str | None:
+        """Decide and commit ``parts``; the reason to reload the partition from the log when that failed, else None."""
+        received = min(r for _, _, r in parts)
+        try:
+            batch = self._decide_batch(task, parts)
+            if batch is not None:
+                await self._commit(task, batch)
+        except Poisoned as exc:
+            # The decision changed the run's state object in place before it raised, and earlier records of this
+            # batch may share that object: drop the batch, reload the partition, read it all again and
+            # dead-letter this one record without deciding it.
+            self._poisoned[exc.position] = exc.reason
+            return "a record the state machine raised on"
+        except Exception as exc:
+            # The broker is away, the transaction was refused or fenced (the broker aborted it, or another member
+            # owns the partition now): nothing of this batch is visible. The table already holds the batch, so
+            # rebuild the partition from the log and read the batch again.
+            log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
+            return type(exc).__name__
+        if batch is None:
+            return None
+        for tp, offset in batch.offsets.items():
+            task.next_offset[tp] = offset
+        task.running += batch.running
+        if self._poisoned:
+            self._poisoned = {k: v for k, v in self._poisoned.items() if k[2] >= task.next_offset.get(TopicPartition(k[0], k[1]), 0)}
+        for timer in batch.timers:
+            task.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
+        if self.metrics is not None and batch.overheads:
+            overhead = time.perf_counter() - received  # completion polled → its requests committed
+            for workflow in batch.overheads:
+                self.metrics.orchestration_overhead(workflow, overhead)
+        return None
+
+    def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]]) -> Batch | None:
+        batch = Batch()
+        for tp, records, _ in parts:
+            start = max(task.next_offset.get(tp, 0), batch.offsets.get(tp, 0))
+            for msg in records:
+                if msg.offset < start:
+                    continue  # already committed (fetched before this task's offsets were known)
+                self._handle(task, msg, batch)
+                batch.offsets[tp] = msg.offset + 1
+        if not batch.offsets:
+            return None
+        for run_id, state in batch.changed.items():
+            stored = state.model_dump_json(exclude_defaults=True).encode()
+            key = run_id.encode()
+            task.store.put(key, stored)
+            batch.written[key] = stored
+            self._remember(run_id, stored, state)
+        return batch
+
+    async def _commit(self, task: PartitionTask, batch: Batch) -> None:
+        producer = task.producer
+        await producer.begin_transaction()
+        try:
+            futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]
+            futures += [await producer.send(self.topics.changelog, value, key=key, partition=task.partition) for key, value in batch.written.items()]
+            await producer.send_offsets_to_transaction(batch.offsets, self.group)
+            for fut in futures:
+                await fut  # aiokafka would commit a transaction in which a record failed: check every one first
+            await producer.commit_transaction()
+        except BaseException:
+            try:
+                await producer.abort_transaction()
+            except Exception:
+                pass  # fenced or fatal: the task is rebuilt with a fresh producer, which aborts it anyway
+            raise
+
+    def _handle(self, task: PartitionTask, msg: Any, batch: Batch) -> None:
+        poisoned = self._poisoned.get((msg.topic, msg.partition, msg.offset))
+        if poisoned is not None:
+            self._dead_letter(batch, msg, poisoned)
+            return
+        if msg.topic == self.topics.triggers:
+            try:
+                batch.sends.append(self.inbox.accept_trigger(msg))
+            except DecodeError as exc:
+                self._dead_letter(batch, msg, f"bad trigger: {exc}")
+            return
+        try:
+            record = self.inbox.decode(msg.topic, msg.value)
+        except DecodeError as exc:
+            self._dead_letter(batch, msg, f"bad {self.inbox.what(msg.topic)}: {exc}")
+            return
+        moved = self.inbox.misplaced(msg, record.run_id)
+        if moved is not None:
+            batch.sends.append(moved)
+            self._count_ignored("rekeyed")
+            return
+        self._apply(task, record, msg, batch)
+
+    def _apply(self, task: PartitionTask, record: Any, msg: Any, batch: Batch) -> None:
+        state = batch.changed.get(record.run_id)
+        if state is None:
+            state = self._load(record.run_id, task.store.get(record.run_id.encode()))
+        position = f"{msg.topic}:{msg.partition}"
+        if state is not None and state.cursor.get(position, -1) >= msg.offset:
+            # The state already holds this event (offsets reset by hand, or read again after an unclean
+            # hand-over): re-issue what the run is waiting on; ids are deterministic, so duplicates drop.
+            wf = self.machine.workflows.get(state.workflow)
+            completion_topic = wf.definition.completion_topic if wf else None
+            commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
+            self._count_ignored("replayed")
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None)
+            return
+        now = now_ms()
+        was_running = state is not None and state.status == "running"
+        # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
+        # leaves the cache until the batch has stored its bytes.
+        self._states.pop(record.run_id, None)
+        try:
+            new_state, commands, events = self.machine.decide_events(state, record, now, in_place=True)
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason))
+        except Exception as exc:  # a bug in deciding this event must not stop every other run
+            log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
+            raise Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc
+        unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
+        if new_state is not None and not unchanged:
+            new_state.cursor[position] = msg.offset
+            batch.changed[record.run_id] = new_state
+            batch.running += (new_state.status == "running") - was_running
+        if self.metrics is not None:
+            # Derived now, while the state object still is this decision's result (later records of the batch
+            # change it in place). A batch whose transaction fails is read again and counted again: rare.
+            kind = _EVENT_KINDS.get(type(record), "trigger")
+            self.metrics.event_processed(kind)
+            self.metrics.decision(events, commands)
+            if kind == "completion" and new_state is not None and self.metrics.observes_overhead(commands):
+                batch.overheads.append(new_state.workflow)
+
+    def _dead_letter(self, batch: Batch, msg: Any, reason: str) -> None:
+        batch.sends.append(self.inbox.dead_letter(msg, reason))
+        if self.metrics is not None:
+            self.metrics.dead_letter(msg.topic, reason)
+
+    # --- decoded states ------------------------------------------------------------------------
+
+    def _load(self, run_id: str, raw: bytes | None) -> RunState | None:
+        """The run's state, reusing the object decoded last time while the table still holds those bytes."""
+        if raw is None:
+            return None
+        cached = self._states.get(run_id)
+        if cached is not None and cached[0] == raw:
+            self._states.move_to_end(run_id)
+            return cached[1]
+        state = RunState.model_validate_json(raw)
+        self._remember(run_id, raw, state)
+        return state
+
+    def _remember(self, run_id: str, raw: bytes, state: RunState) -> None:
+        self._states[run_id] = (raw, state)
+        self._states.move_to_end(run_id)
+        if len(self._states) > _DECODED_STATES:
+            self._states.popitem(last=False)
+
+    def _count_ignored(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.ignored(reason)

@@ -1,0 +1,80 @@
+"""Durable timers: the run table holds them; in memory only a heap of when each is due. A due timer becomes a
+``timer.fired`` record on the coordinator topic, decided by the partition's task like any other event."""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from aiokafka import AIOKafkaProducer
+
+from legato.topics import codec
+from legato.topics.models import TimerFired
+from legato.workflows import keys
+from legato.workflows.state import RunState
+
+if TYPE_CHECKING:
+    from legato.streams.coordinator.partition import PartitionTask
+
+log = logging.getLogger("legato.coordinator")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Timers:
+    """Pending timers in memory; the run table is the truth, rescanned whenever a partition is assigned."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, str, str]] = []
+        self._scheduled: set[tuple[str, str]] = set()
+
+    def schedule(self, run_id: str, timer_id: str, due_ms: int) -> None:
+        if (run_id, timer_id) not in self._scheduled:
+            self._scheduled.add((run_id, timer_id))
+            heapq.heappush(self._heap, (due_ms, run_id, timer_id))
+
+    def due(self, now: int) -> list[tuple[str, str]]:
+        fired = []
+        while self._heap and self._heap[0][0] <= now:
+            _, run_id, timer_id = heapq.heappop(self._heap)
+            self._scheduled.discard((run_id, timer_id))
+            fired.append((run_id, timer_id))
+        return fired
+
+    def rearm(self, stored: Iterable[bytes]) -> None:
+        """Schedule every timer of the stored run states (a partition was just loaded)."""
+        for raw in stored:
+            if keys.has_timers(raw):  # most runs have none: skip decoding them
+                state = RunState.model_validate_json(raw)
+                for timer_id, timer in state.timers.items():
+                    self.schedule(state.run_id, timer_id, timer.due_ms)
+
+
+async def fire_timers(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProducer, topic: str) -> None:
+    """Every 20 ms, send the due timers of the active tasks (``tasks`` is the live map of them) to ``topic``."""
+    while True:
+        await asyncio.sleep(0.02)
+        for task in list(tasks.values()):
+            try:
+                await _fire_due(tasks, task, producer, topic)
+            except Exception:  # one partition's trouble (closed under us) must not stop every timer
+                log.exception("partition %d: firing timers failed", task.partition)
+
+
+async def _fire_due(tasks: Mapping[int, "PartitionTask"], task: "PartitionTask", producer: AIOKafkaProducer, topic: str) -> None:
+    for run_id, timer_id in task.timers.due(now_ms()):
+        if tasks.get(task.partition) is not task:
+            return  # closed or reloaded while a send was awaited; a reload re-arms its timers
+        key = run_id.encode()
+        raw = task.store.get(key)
+        if raw is None or not keys.timer_pending(raw, timer_id):
+            continue  # finished or cleared since it was set
+        try:
+            await producer.send(topic, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)
+        except Exception as exc:  # the broker is away: the timer is in the table, try again shortly
+            log.warning("cannot fire timer %s of run %s (%s); retrying", timer_id, run_id, exc)
+            task.timers.schedule(run_id, timer_id, now_ms() + 1000)
