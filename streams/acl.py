@@ -81,6 +81,9 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
         topic("DESCRIBE", f"{t.prefix}.", pattern="prefixed")
         out.add(Acl("group", "literal", t.coordinator_group, "READ", principal))
         out.add(Acl("transactional-id", "prefixed", f"{t.coordinator_group}-", "WRITE", principal))
+        # a coordinator started with --workflows deploys those files first, under `legato deploy`'s rules
+        topic("WRITE", t.definitions)
+        out.add(Acl("transactional-id", "literal", t.deployer, "WRITE", principal))
     elif role == "worker":
         group = worker_group(t.prefix, activities)
         topic("READ", *(t.requests(a) for a in activities), t.cancellations, t.cache)
@@ -97,8 +100,12 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
     elif role == "operator":
         topic("WRITE", t.coordinator, t.definitions, t.triggers, t.completions)
         topic("READ", t.runs, t.changelog, t.dlq, t.definitions, *completion)
+        out.add(Acl("transactional-id", "literal", t.deployer, "WRITE", principal))  # legato deploy
     elif role == "console":
-        topic("READ", t.runs, t.changelog, t.progress, t.definitions, t.signals, t.dlq, *completion)
+        # what the console's run index reads (streams/console/feed.py): the run-keyed topics and every request topic
+        topic("READ", t.runs, t.changelog, t.coordinator, t.completions, t.cancellations, t.progress, t.definitions, t.signals,
+              t.dlq, *completion)
+        topic("READ", t.requests(""), pattern="prefixed")
     elif role == "observer":
         topic("READ", t.runs, *completion)
     return sorted(out)

@@ -58,14 +58,26 @@ def test_coordinator_transactions_and_group_follow_one_prefix():
     ("trigger", {"legato.triggers"}, {"app.done"}),
     ("signal", {"legato.signals"}, set()),
     ("observer", set(), {"legato.runs", "app.done"}),
-    ("console", set(), {"legato.runs", T.changelog, "legato.progress", "legato.definitions", "legato.signals", "legato.dlq", "app.done"}),
+    ("console", set(), {"legato.runs", T.changelog, "legato.coordinator", "legato.completions", "legato.cancellations", "legato.requests.",
+                        "legato.progress", "legato.definitions", "legato.signals", "legato.dlq", "app.done"}),
     ("operator", {"legato.coordinator", "legato.definitions", "legato.triggers", "legato.completions"},
      {"legato.runs", T.changelog, "legato.dlq", "legato.definitions", "app.done"}),
 ])
 def test_client_roles(role, writes, reads):
     assert topics_with(role, "WRITE", completion_topics=["app.done"]) == writes
     assert topics_with(role, "READ", completion_topics=["app.done"]) == reads
-    assert {res for _, res, _, _ in grants(role, completion_topics=["app.done"])} == {"topic"}  # no groups, no transactions
+    resources = {res for _, res, _, _ in grants(role, completion_topics=["app.done"])}
+    if role == "operator":  # `legato deploy` writes under the deployers' one transactional id, nothing else
+        assert resources == {"topic", "transactional-id"}
+        assert [g for g in grants(role) if g[1] == "transactional-id"] == [("WRITE", "transactional-id", "literal", T.deployer)]
+    else:
+        assert resources == {"topic"}  # no groups, no transactions
+
+
+def test_a_coordinator_deploys_its_files_under_the_deployers_transactional_id():
+    g = grants("coordinator")
+    assert ("WRITE", "transactional-id", "literal", T.deployer) in g
+    assert "legato.definitions" in topics_with("coordinator", "WRITE")
 
 
 @pytest.mark.parametrize("role", acl.ROLES)
