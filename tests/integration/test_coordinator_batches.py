@@ -48,7 +48,7 @@ async def test_a_record_the_machine_raises_on_is_dead_lettered_and_its_batch_sti
                         workflow_dirs=[str(tmp_path / "wf")], data_dir=tmp_path / "data")
     await ensure_topics(kafka_bootstrap, settings.topics, [], 1, [], compacted=[settings.topics.changelog])
     coordinator = Coordinator(settings, load_directories(settings.workflow_dirs))
-    decide = coordinator.machine.decide
+    decide = coordinator.machine.decide_events  # what the coordinator calls (decide plus the domain events)
     raised: list[str] = []
 
     def buggy(state, event, now, in_place=False):  # a state machine bug that only this run's trigger meets
@@ -57,7 +57,7 @@ async def test_a_record_the_machine_raises_on_is_dead_lettered_and_its_batch_sti
             raise ZeroDivisionError("a bug")
         return decide(state, event, now, in_place=in_place)
 
-    coordinator.machine.decide = buggy  # type: ignore[method-assign]
+    coordinator.machine.decide_events = buggy  # type: ignore[method-assign]
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     # all in one partition and produced before the coordinator starts: they arrive in one batch
