@@ -234,7 +234,10 @@ async def test_retry_backoff_grows_with_jitter(legato):
     # after it) to the next request: a retry timer's due time, plus the timer loop's tick and one coordinator poll.
     completed_ms = {}
     for r in await legato.read_topic(legato.topics.completions):
-        completion = codec.decode(ActivityCompleted, r.value)
+        try:
+            completion = codec.decode(ActivityCompleted, r.value)
+        except codec.DecodeError:
+            continue  # the topic is shared with the tests that feed it bad records on purpose
         if completion.run_id == key:
             completed_ms[completion.attempt] = r.timestamp
     for attempt, base in ((1, 200), (2, 400)):
