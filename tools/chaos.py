@@ -642,7 +642,7 @@ def _epoch_ms(iso: str | None) -> int | None:
 
 
 async def scenario_waits(bootstrap: str, runs: int = 1000, extra_env: dict[str, str] | None = None, timeout: float = 900.0,
-                         say: Callable[[str], None] = print, workdir: Path | None = None, spread_s: float = 10.0) -> dict[str, Any]:
+                         say: Callable[[str], None] = print, workdir: Path | None = None, spread_s: float = 10.0, lead_s: float | None = None) -> dict[str, Any]:
     """``runs`` chaos_wait runs wait for the signal ``go`` and ``runs`` chaos_sleep runs sleep until a due time of
     their own (spread over ``spread_s``). Once every one of them waits or sleeps (read from the changelog), the
     coordinator is SIGKILLed; it stays down until half the sleepers are due, and is restarted; then every waiting
@@ -675,7 +675,7 @@ async def scenario_waits(bootstrap: str, runs: int = 1000, extra_env: dict[str, 
         wait_ids = [f"wait-{i}" for i in range(runs)]
         sleep_ids = [f"sleep-{i}" for i in range(runs)]
         # the sleepers fall due from `lead` s on: time enough to start every run (on two shared cores) and kill
-        lead = 20.0 + runs * 0.02
+        lead = lead_s if lead_s is not None else 20.0 + runs * 0.02
         t0 = time.time()
         first_due_ms = round((t0 + lead) * 1000)
         due = {rid: first_due_ms + round(spread_s * 1000 * i / max(1, runs - 1)) for i, rid in enumerate(sleep_ids)}
