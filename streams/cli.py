@@ -248,7 +248,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     return chaos_main(_settings(args), args.scenario, runs=args.runs, kills=args.kills, bad=args.bad, valid=args.valid, rate=args.rate,
                       session_timeout=args.session_timeout,
-                      output=None if args.output == "-" else Path(args.output), command="legato chaos " + " ".join(sys.argv[2:]), timeout=args.timeout)
+                      output=None if args.output == "-" else Path(args.output), command="legato chaos " + " ".join(sys.argv[2:]), timeout=args.timeout,
+                      waits=args.waits)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -498,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("chaos", help="kill real processes on a real broker; figures appended to RELIABILITY.md")
-    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "fuzz"])
-    p.add_argument("--runs", type=int, default=2000)
+    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "fuzz"])
+    p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits)")
+    p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
     p.add_argument("--kills", type=int, default=5)
     p.add_argument("--bad", type=int, default=10_000)
     p.add_argument("--valid", type=int, default=500)

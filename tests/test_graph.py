@@ -278,7 +278,9 @@ def test_due_diligence_layout():
         "s_identity", "s_credit", "s_references", "s_background"
     }
     assert ("-->", None, "s_decide") in d.out("j_checks")
-    assert {src for src, _, _, dst in d.edges if dst == "m_decide"} == {"s_reject", "s_approve", "s_review"}
+    # the review path waits for a reviewer's signal, then applies the decision
+    assert d.out("s_review") == [("-->", None, "s_reviewed")]
+    assert {src for src, _, _, dst in d.edges if dst == "m_decide"} == {"s_reject", "s_approve", "s_reviewed"}
     assert d.out("m_decide") == [("-->", None, "wf_end")]
     # `||` and `&&` in the conditions are escaped, and cut to about 40 characters.
     labels = {lbl for _, lbl, _ in d.out("s_decide")}

@@ -9,6 +9,8 @@ data dir, drives them only through Kafka, and judges the result only from the to
 - ``takeover``: two coordinators on 8 partitions, one SIGKILLed for good; the survivor takes its partitions over
 - ``broker``: a private broker (own port and data dir) is stopped and started in the middle of runs
 - ``timers``: the coordinator is killed while step timeouts, then retry back-offs, are pending
+- ``waits``: N runs wait for a signal and N sleep until a due time; the coordinator is killed while they all wait
+  and restarted, then the signals are sent: each waiting run ends with its signal's data, each sleeper after its due time
 - ``fuzz``: generated bad messages on triggers and completions, interleaved with valid runs
 
 Results are printed and appended to RELIABILITY.md (command, date, machine). The integration tests in
@@ -42,7 +44,7 @@ from legato.streams import kafka_io
 from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "fuzz")
+SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "fuzz")
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
 HANDLERS_MODULE = "chaos_handlers"
@@ -614,6 +616,127 @@ async def scenario_timers(bootstrap: str, runs: int = 10, extra_env: dict[str, s
                 "processes_alive": coord.alive(), "prefix": env.prefix}
 
 
+async def send_all(prod: Any, topic: str, records: list[tuple[bytes, bytes]], chunk: int = 500) -> None:
+    """Produce ``(key, value)`` records in batches, each batch acknowledged before the next; a record whose batch
+    failed is sent again alone (retried like ``trigger``: what the harness failed to send is not a loss of Legato's)."""
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        futures = [await prod.send(topic, value, key=key) for key, value in part]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for (key, value), result in zip(part, results):
+            if isinstance(result, BaseException):
+                for attempt in range(10):
+                    try:
+                        await prod.send_and_wait(topic, value, key=key)
+                        break
+                    except Exception:
+                        if attempt == 9:
+                            raise
+                        await asyncio.sleep(0.5)
+
+
+def _epoch_ms(iso: str | None) -> int | None:
+    if not iso:
+        return None
+    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+async def scenario_waits(bootstrap: str, runs: int = 1000, extra_env: dict[str, str] | None = None, timeout: float = 900.0,
+                         say: Callable[[str], None] = print, workdir: Path | None = None, spread_s: float = 10.0, lead_s: float | None = None) -> dict[str, Any]:
+    """``runs`` chaos_wait runs wait for the signal ``go`` and ``runs`` chaos_sleep runs sleep until a due time of
+    their own (spread over ``spread_s``). Once every one of them waits or sleeps (read from the changelog), the
+    coordinator is SIGKILLed; it stays down until half the sleepers are due, and is restarted; then every waiting
+    run is sent its signal (twice, with the same ``signal_id``, as a retrying sender would). Every waiting run must
+    end with its signal's data, every sleeper after (never before) its due time; none lost, none ended twice."""
+    env = Env(bootstrap, workdir, extra_env=extra_env)
+    changelog = env.topics.changelog
+    waiting: set[str] = set()
+    sleeping: set[str] = set()
+    async with Scene(env) as scene:
+        coord = env.process("coordinator")
+        worker = env.process("worker")  # serves chaos_probe's chaos_echo only
+        watch, prod = scene.watch, scene.prod
+        await wait_ready(env, prod, watch, [coord, worker])
+        ct = await Tail(bootstrap, [changelog]).start()
+
+        def on_state(rec: Rec) -> None:
+            if rec.key is None or not (rec.key.startswith(b"wait-") or rec.key.startswith(b"sleep-")):
+                return
+            v = rec.json()
+            if not isinstance(v, dict):
+                return
+            rid = rec.key.decode()
+            if rid.startswith("wait-") and any(s.get("status") == "waiting" and s.get("signal") == "go" for s in v.get("steps", {}).values()):
+                waiting.add(rid)
+            elif rid.startswith("sleep-") and any(t.get("kind") == "sleep" for t in v.get("timers", {}).values()):
+                sleeping.add(rid)
+
+        ct.listeners.append(on_state)
+        wait_ids = [f"wait-{i}" for i in range(runs)]
+        sleep_ids = [f"sleep-{i}" for i in range(runs)]
+        # the sleepers fall due from `lead` s on: time enough to start every run (on two shared cores) and kill
+        lead = lead_s if lead_s is not None else 20.0 + runs * 0.02
+        t0 = time.time()
+        first_due_ms = round((t0 + lead) * 1000)
+        due = {rid: first_due_ms + round(spread_s * 1000 * i / max(1, runs - 1)) for i, rid in enumerate(sleep_ids)}
+        triggers = [(rid.encode(), orjson.dumps({"workflow": "chaos_wait", "input": {"n": i}, "run_id": rid})) for i, rid in enumerate(wait_ids)]
+        triggers += [(rid.encode(), orjson.dumps({"workflow": "chaos_sleep", "input": {"n": i, "due_ms": due[rid]}, "run_id": rid}))
+                     for i, rid in enumerate(sleep_ids)]
+        await send_all(prod, env.topics.triggers, triggers)
+        say(f"  {runs} waiting and {runs} sleeping runs triggered in {time.time() - t0:.1f}s (prefix {env.prefix}, logs {env.workdir})")
+        deadline = time.monotonic() + timeout
+        while len(waiting) < runs or len(sleeping | (set(sleep_ids) & set(watch.terminal))) < runs:  # (one that ended: judged below)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(waiting)} runs waiting and {len(sleeping)} sleeping after {timeout}s:\n{env.logs()}")
+            await asyncio.sleep(0.1)
+        all_in_at = time.time()
+        ended_before_kill = watch.done(wait_ids) + watch.done(sleep_ids)
+        t_kill = coord.kill()
+        asleep_at_kill = sum(1 for rid in sleep_ids if due[rid] > t_kill * 1000 and rid not in watch.terminal)
+        say(f"  all waiting/sleeping {all_in_at - t0:.1f}s after the first trigger; SIGKILL coordinator with {asleep_at_kill} runs asleep "
+            f"(first due in {first_due_ms / 1000 - t_kill:.1f}s)")
+        # down until the first half of the sleepers has fallen due
+        middle_ms = first_due_ms + round(spread_s * 500)
+        await asyncio.sleep(max(1.0, middle_ms / 1000 - time.time()))
+        t_restart = time.time()
+        coord.start()
+        due_while_down = sum(1 for d in due.values() if t_kill * 1000 < d <= t_restart * 1000)
+        say(f"  restarted after {t_restart - t_kill:.1f}s down ({due_while_down} sleepers fell due meanwhile); sending {runs} signals, each twice")
+        data = {rid: {"n": i, "run": rid, "token": uuid.uuid4().hex[:8]} for i, rid in enumerate(wait_ids)}
+        signals = [(rid.encode(), orjson.dumps({"run_id": rid, "signal": "go", "data": data[rid], "signal_id": f"go-{rid}"})) for rid in wait_ids]
+        t_signals = time.time()
+        await send_all(prod, env.topics.signals, signals)
+        await send_all(prod, env.topics.signals, signals)  # a retrying sender: the same signal_id again
+        finished = await watch.wait(set(wait_ids) | set(sleep_ids), timeout, progress=say)
+        await asyncio.sleep(3.0)  # let late duplicates arrive
+        await ct.stop()
+        expected: dict[str, Any] = {**data, **{rid: {"n": i, "due_ms": due[rid]} for i, rid in enumerate(sleep_ids)}}
+        result = judge(expected, watch, [], [])
+        early, late = [], []
+        for rid in sleep_ids:
+            events = watch.terminal.get(rid)
+            if not events:
+                continue
+            ended_ms = _epoch_ms(events[0].get("finished_at"))
+            record_ms = watch.terminal_recs[rid][0].timestamp
+            if ended_ms is None or ended_ms < due[rid] or record_ms < due[rid]:
+                early.append((rid, due[rid], ended_ms, record_ms))
+            else:
+                late.append((ended_ms - max(due[rid], round(t_restart * 1000))) / 1000)
+        wait_ends = [_epoch_ms(watch.terminal[r][0].get("finished_at")) for r in wait_ids if watch.terminal.get(r)]
+        ended_before_signal = sum(1 for ms in wait_ends if ms is not None and ms < t_signals * 1000)
+        result.update({
+            "scenario": "waits", "kills": 1, "waiting_runs": runs, "sleeping_runs": runs, "all_finished": finished,
+            "ended_before_kill": ended_before_kill, "asleep_at_kill": asleep_at_kill, "due_while_down": due_while_down,
+            "down_s": round(t_restart - t_kill, 1), "ended_early": len(early), "early_examples": early[:3],
+            "waits_ended_before_their_signal": ended_before_signal,
+            "sleep_late_s_max": round(max(late), 2) if late else None,
+            "sleep_late_s_median": round(sorted(late)[len(late) // 2], 2) if late else None,
+            "signals_sent": 2 * runs, "processes_alive": coord.alive(), "prefix": env.prefix,
+        })
+        return result
+
+
 # --------------------------------------------------------------------------- a private broker
 
 
@@ -1044,13 +1167,16 @@ def verdict(r: dict[str, Any]) -> bool:
             and r["unknown_workflow_runs_failed"] >= r["expected_unknown_workflow_runs"] and r["coordinator_restarts"] == 0
     if r["scenario"] == "timers":
         ok = ok and r["right_output"] == r["runs"]
+    if r["scenario"] == "waits":
+        ok = ok and r["succeeded"] == r["runs"] and r["ended_early"] == 0 and r["waits_ended_before_their_signal"] == 0 \
+            and r["ended_before_kill"] == 0 and r["processes_alive"]
     if r["scenario"] == "broker":
         ok = ok and r["same_pids"] and r["processes_alive"]
     return ok
 
 
 async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kills: int, bad: int, valid: int, rate: float,
-                        session_timeout: float | None, timeout: float = 900.0) -> list[dict[str, Any]]:
+                        session_timeout: float | None, timeout: float = 900.0, waits: int | None = None) -> list[dict[str, Any]]:
     extra: dict[str, str] = {}
     if session_timeout:
         extra["LEGATO_SESSION_TIMEOUT"] = str(session_timeout)
@@ -1068,6 +1194,8 @@ async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kil
             r = await scenario_broker(None, min(runs, 200), extra_env=extra)
         elif name == "timers":
             r = await scenario_timers(settings.bootstrap, extra_env=extra)
+        elif name == "waits":
+            r = await scenario_waits(settings.bootstrap, waits if waits is not None else min(runs, 1000), extra_env=extra, timeout=timeout)
         else:
             r = await scenario_fuzz(settings.bootstrap, bad, valid, extra_env=extra, timeout=timeout)
         r.setdefault("elapsed_s", round(time.monotonic() - t0, 1))
@@ -1079,14 +1207,14 @@ async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kil
 
 def main(settings: Settings, scenario: str = "all", runs: int = 2000, kills: int = 5, bad: int = 10_000, valid: int = 500,
          rate: float = 40.0, session_timeout: float | None = None, output: Path | None = REPO_ROOT / "RELIABILITY.md",
-         command: str | None = None, timeout: float = 900.0) -> int:
+         command: str | None = None, timeout: float = 900.0, waits: int | None = None) -> int:
     """Run one scenario or all of them, print the figures, append them to ``output``; exit 1 when a goal is missed."""
     import logging
 
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM still stops every process we started
     scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
-    results = asyncio.run(run_scenarios(settings, scenarios, runs, kills, bad, valid, rate, session_timeout, timeout))
+    results = asyncio.run(run_scenarios(settings, scenarios, runs, kills, bad, valid, rate, session_timeout, timeout, waits))
     mode = f"transactional coordinator, consumers read_committed, session timeout {session_timeout or 10:g} s"
     text = render(results, command or "legato chaos " + " ".join(sys.argv[2:]), mode)
     print(text)

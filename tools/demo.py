@@ -1,7 +1,10 @@
-"""``legato demo``: customer due diligence with the four checks in sequence, then in parallel."""
+"""``legato demo``: customer due diligence with the four checks in sequence, then in parallel; a customer on the
+review path that waits for a reviewer (the demo plays the reviewer and sends the ``review`` signal); then the
+proposal-generation demo, one of whose runs is streamed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -19,7 +22,11 @@ from legato.tools.demo_proposal import run_proposal_demo
 from legato.topics.client import LegatoClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
-CUSTOMER = {"name": "Ada Lovelace", "credit_score": 742, "references": ["Babbage", "Somerville", "De Morgan"]}
+CUSTOMER = {"name": "Ada Lovelace", "credit_score": 742, "references": ["Babbage", "Somerville", "De Morgan"]}  # approved
+# credit between the thresholds (550-649): due_diligence waits for a reviewer's `review` signal
+REVIEW_CUSTOMER = {"name": "Grace Hopper", "credit_score": 612, "references": ["Aiken", "Murray"]}
+REVIEW = {"decision": "approve"}
+REVIEW_PAUSE_S = 2.0  # how long the reviewer takes
 ROUNDS = 3
 
 
@@ -85,6 +92,10 @@ async def _demo(settings: Settings, proc: subprocess.Popen) -> int:
                     return 1
                 results.setdefault(workflow, []).append(elapsed)
                 print(f"  {workflow:<26} run {i + 1}: {elapsed * 1000:7.0f} ms  decision={event.output.get('decision')}")
+        print("\nthe review path: a customer with credit between the thresholds waits for a person")
+        review_line = await play_reviewer(settings, client)
+        if review_line is None:
+            return 1
         print("\nproposal generation (the article's hybrid workflow) on a mix of simple and complex requests:")
         proposal_lines = await run_proposal_demo(client, 8)
     sequential = statistics.median(results["due_diligence_sequential"])
@@ -94,6 +105,54 @@ async def _demo(settings: Settings, proc: subprocess.Popen) -> int:
     print(f"  sequential: {sequential * 1000:7.0f} ms")
     print(f"  parallel:   {parallel * 1000:7.0f} ms")
     print(f"  reduction:  {(1 - parallel / sequential) * 100:5.1f} %   (physical limit for four equal checks: 75 %; the article claims 60-80 %)")
+    print(review_line)
     print()
     print("\n".join(proposal_lines))
     return 0
+
+
+async def play_reviewer(settings: Settings, client: LegatoClient) -> str | None:
+    """Trigger a run on the review path, wait until it waits for `review`, approve it after a pause, and return a
+    summary line (None, after saying why, when the run did not go as it should)."""
+    started = time.perf_counter()
+    run_id = await client.trigger("due_diligence", REVIEW_CUSTOMER)
+    print(f"  triggered {run_id} for {REVIEW_CUSTOMER['name']} (credit {REVIEW_CUSTOMER['credit_score']})")
+    waiting = await wait_until_waiting(settings, run_id, "review")
+    if waiting is None:
+        print(f"run {run_id} never waited for the `review` signal (legato runs show {run_id})", file=sys.stderr)
+        return None
+    print(f"  {run_id} is waiting: step {waiting} waits for signal 'review' (legato runs show {run_id})")
+    await asyncio.sleep(REVIEW_PAUSE_S)
+    data = json.dumps(REVIEW)
+    print(f"  reviewer: approving {run_id} (legato signal {run_id} review --data '{data}')")
+    await client.signal(run_id, "review", REVIEW, signal_id=f"demo-review-{run_id}")
+    try:
+        event = (await client.wait_for({run_id}, timeout=60))[run_id]
+    except asyncio.TimeoutError:
+        print(f"run {run_id} did not finish within 60 s of its review", file=sys.stderr)
+        return None
+    elapsed = time.perf_counter() - started
+    decision = (event.output or {}).get("decision") if isinstance(event.output, dict) else None
+    if event.status != "succeeded" or decision != "approved":
+        print(f"run {run_id} ended {event.status} with decision {decision!r}: {event.error}", file=sys.stderr)
+        return None
+    print(f"  {run_id}: decision={decision}, {elapsed:.1f} s after its trigger (the reviewer took {REVIEW_PAUSE_S:g} s)")
+    return f"  review path: {run_id} waited for the reviewer's `review` signal and was {decision} ({elapsed * 1000:.0f} ms trigger to terminal event)"
+
+
+async def wait_until_waiting(settings: Settings, run_id: str, signal_name: str, timeout: float = 60.0) -> str | None:
+    """The key of the run's step that waits for ``signal_name``, read from the coordinator's changelog (as
+    `legato runs show` does) once it waits; None when it has not within ``timeout`` s or the run ended."""
+    from legato.tools.runs_show import load_run
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = await load_run(settings.bootstrap, settings.prefix, run_id, timeout=10)
+        if state is not None:
+            if state.status != "running":
+                return None
+            for step in state.steps.values():
+                if step.status == "waiting" and step.signal == signal_name:
+                    return step.key
+        await asyncio.sleep(0.3)
+    return None

@@ -2,8 +2,9 @@
 
 ``await run_proposal_demo(client, n_runs)`` returns printable lines: per path (fast / complex) the number of
 runs, the mean duration (trigger to terminal event, as the coordinator measured it), the mean number of
-quality-loop iterations and the mean cost. The demo handlers (handlers/proposal.py) are seeded from the
-request, so the same requests give the same paths, iterations and costs on every machine.
+quality-loop iterations and the mean cost, and how many progress chunks of one run's draft arrived through
+``LegatoClient.stream`` (the writing steps stream their draft). The demo handlers (handlers/proposal.py) are seeded
+from the request, so the same requests give the same paths, iterations and costs on every machine.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import statistics
 from typing import Any
 
 from legato.topics.client import LegatoClient
-from legato.topics.models import RunEvent
+from legato.topics.models import ProgressReported, RunEvent
 
 WORKFLOW = "proposal"
 CONCURRENT_RUNS = 4
+STREAMED = 1  # the request whose progress chunks are read live (a complex one: its synthesis streams the draft)
 
 SIMPLE_REQUESTS = [
     ("Acme", "a one-page landing site", ["copy"]),
@@ -45,13 +47,37 @@ def requests(n_runs: int) -> list[dict[str, Any]]:
 async def run_proposal_demo(client: LegatoClient, n_runs: int) -> list[str]:
     """Run proposal.yaml ``n_runs`` times (at most CONCURRENT_RUNS at once) and summarise per path."""
     slots = asyncio.Semaphore(CONCURRENT_RUNS)
+    streamed: list[str] = []
 
-    async def one(payload: dict[str, Any]) -> RunEvent:
+    async def one(i: int, payload: dict[str, Any]) -> RunEvent:
         async with slots:
-            return await client.run(WORKFLOW, payload, timeout=300)
+            if i != STREAMED:
+                return await client.run(WORKFLOW, payload, timeout=300)
+            run_id = await client.trigger(WORKFLOW, payload)
+            chunks, event = await read_stream(client, run_id)
+            streamed.append(stream_line(run_id, payload, chunks))
+            return event
 
-    events = await asyncio.gather(*(one(p) for p in requests(n_runs)))
-    return summarise(events)
+    events = await asyncio.gather(*(one(i, p) for i, p in enumerate(requests(n_runs))))
+    return summarise(events) + streamed
+
+
+async def read_stream(client: LegatoClient, run_id: str, timeout: float = 300) -> tuple[list[ProgressReported], RunEvent]:
+    """Every progress chunk of the run as it comes, then its terminal event (``LegatoClient.stream``)."""
+    chunks: list[ProgressReported] = []
+    async for item in client.stream(run_id, timeout=timeout):
+        if isinstance(item, ProgressReported):
+            chunks.append(item)
+        else:
+            return chunks, item
+    raise RuntimeError(f"the stream of {run_id} ended without a terminal event")
+
+
+def stream_line(run_id: str, payload: dict[str, Any], chunks: list[ProgressReported]) -> str:
+    steps = sorted({c.step_id for c in chunks})
+    text = "".join(str(c.chunk) for c in chunks)
+    return (f"  streamed: {len(chunks)} progress chunks of run {run_id} ({payload['client']}, steps {', '.join(steps) or '-'}) "
+            f"arrived through LegatoClient.stream before its terminal event: {text!r}")
 
 
 def summarise(events: list[RunEvent]) -> list[str]:

@@ -62,9 +62,14 @@ async def approve_customer(data: dict[str, Any]) -> dict[str, Any]:
     return {"decision": "approved", "customer": data.get("name")}
 
 
-@activity("request_review")
-async def request_review(data: dict[str, Any]) -> dict[str, Any]:
-    return {"decision": "review", "customer": data.get("name"), "reason": data.get("reason", "borderline checks")}
+@activity("apply_review")
+async def apply_review(data: dict[str, Any]) -> dict[str, Any]:
+    """The reviewer's answer (the ``review`` signal's data, or the wait's ``on_timeout`` default) as a decision:
+    ``{"decision": "approve"}`` approves; anything else rejects."""
+    review = data.get("review")
+    review = review if isinstance(review, dict) else {"decision": review}
+    approved = str(review.get("decision", "")).lower() in ("approve", "approved")
+    return {"decision": "approved" if approved else "rejected", "customer": data.get("name"), "reviewed": True, "review": review}
 
 
 @activity("reject_customer")

@@ -2,7 +2,9 @@
 
 They simulate model calls: a latency, a confidence and a token cost, all drawn from a random generator seeded
 from the request's input (and the activity name), so the same request gives the same run every time.
-Latencies are scaled by LEGATO_DEMO_SCALE like handlers/demo.py.
+Latencies are scaled by LEGATO_DEMO_SCALE like handlers/demo.py. The writing steps (``proposal_quick_draft``,
+``proposal_synthesize``) stream their draft word by word while the simulated call lasts, like an LLM streaming
+tokens: ``await progress(chunk)`` per chunk (docs/signals-and-progress.md); the draft they return is the chunks joined.
 """
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import asyncio
 import hashlib
 import os
 import random
+import re
 from typing import Any
 
 import orjson
 
+from legato.handlers import progress
 from legato.handlers.registry import ActivityError, Result, activity
 
 # usd per 1000 tokens (in, out) of the simulated models
@@ -35,13 +39,27 @@ def rng(name: str, data: Any) -> random.Random:
     return random.Random(seed)
 
 
-async def model_call(r: random.Random, model: str, base_seconds: float, tokens_in: int, tokens_out: int) -> dict[str, Any]:
-    """Sleep like a model call of ``model`` and return its cost record."""
-    await asyncio.sleep(base_seconds * r.uniform(0.7, 1.3) * _scale())
+async def model_call(r: random.Random, model: str, base_seconds: float, tokens_in: int, tokens_out: int,
+                     stream: str | None = None) -> dict[str, Any]:
+    """Sleep like a model call of ``model`` and return its cost record. With ``stream``, the text comes out as
+    progress chunks (a word each, with its trailing space) spread over the call's duration."""
+    seconds = base_seconds * r.uniform(0.7, 1.3) * _scale()
+    if stream is None:
+        await asyncio.sleep(seconds)
+    else:
+        chunks = draft_chunks(stream)
+        for chunk in chunks:
+            await asyncio.sleep(seconds / len(chunks))
+            await progress(chunk)
     tin = int(tokens_in * r.uniform(0.8, 1.2))
     tout = int(tokens_out * r.uniform(0.8, 1.2))
     usd_in, usd_out = MODELS.get(model, MODELS["medium-llm"])
     return {"usd": round(tin / 1000 * usd_in + tout / 1000 * usd_out, 6), "tokens_in": tin, "tokens_out": tout, "model": model}
+
+
+def draft_chunks(text: str) -> list[str]:
+    """The chunks a draft is streamed in: its words with their trailing whitespace (joined, they are the text)."""
+    return re.findall(r"\S+\s*", text) or [text]
 
 
 def _words(value: Any) -> int:
@@ -67,9 +85,10 @@ async def proposal_assess(data: dict[str, Any]) -> Result:
 async def proposal_quick_draft(data: dict[str, Any]) -> Result:
     """The fast path: one call to a small model."""
     r = rng("proposal_quick_draft", data)
-    cost = await model_call(r, "small-llm", 0.4, 700, 500)
+    proposal = f"Quick proposal for {data.get('client', 'the client')}: {data.get('request', '')}"
+    cost = await model_call(r, "small-llm", 0.4, 700, 500, stream=proposal)
     score = round(r.uniform(0.78, 0.92), 3)
-    return Result({"proposal": f"Quick proposal for {data.get('client', 'the client')}: {data.get('request', '')}", "score": score}, confidence=score, cost=cost)
+    return Result({"proposal": proposal, "score": score}, confidence=score, cost=cost)
 
 
 @activity("proposal_review")
@@ -88,9 +107,10 @@ async def proposal_synthesize(data: dict[str, Any]) -> Result:
     """Merge the reviews into a first draft."""
     r = rng("proposal_synthesize", data)
     reviews = data.get("reviews") or {}
-    cost = await model_call(r, "large-llm", 0.8, 2500, 1200)
     findings = sum(len((v or {}).get("findings", [])) for v in reviews.values()) if isinstance(reviews, dict) else 0
-    return Result({"draft": f"Proposal draft covering {len(reviews)} reviews and {findings} findings", "findings": findings, "revision": 0},
+    draft = f"Proposal draft covering {len(reviews)} reviews and {findings} findings"
+    cost = await model_call(r, "large-llm", 0.8, 2500, 1200, stream=draft)
+    return Result({"draft": draft, "findings": findings, "revision": 0},
                   confidence=round(r.uniform(0.6, 0.8), 3), cost=cost)
 
 

@@ -192,16 +192,22 @@ async def test_example_support_triage_draft_loop_path(legato):
 
 
 async def test_example_due_diligence(legato):
-    cases = {
-        "approved": {"name": "Alice", "credit_score": 700, "references": ["r1", "r2"]},
-        "rejected": {"name": "Mallory", "credit_score": 800, "references": ["r1", "r2"]},
-        "review": {"name": "Bob", "credit_score": 600, "references": ["r1"]},
+    cases = {  # name: (input, decision, path)
+        "approved": ({"name": "Alice", "credit_score": 700, "references": ["r1", "r2"]}, "approved", ["decide:case1"]),
+        "rejected": ({"name": "Mallory", "credit_score": 800, "references": ["r1", "r2"]}, "rejected", ["decide:case0"]),
+        "low_credit": ({"name": "Carol", "credit_score": 500, "references": ["r1", "r2"]}, "rejected", ["decide:case0"]),
+        # credit between the thresholds: the run waits for a reviewer's `review` signal, then applies it
+        "review": ({"name": "Bob", "credit_score": 600, "references": ["r1"]}, "approved", ["decide:default"]),
     }
-    run_ids = {decision: await legato.trigger("due_diligence", data) for decision, data in cases.items()}
-    events = await legato.wait_for(set(run_ids.values()))
-    paths = {"approved": ["decide:case1"], "rejected": ["decide:case0"], "review": ["decide:default"]}
-    for decision, data in cases.items():
-        event = events[run_ids[decision]]
+    run_ids = {case: await legato.trigger("due_diligence", data) for case, (data, _, _) in cases.items()}
+    review_id = run_ids["review"]
+    events = await legato.wait_for({r for case, r in run_ids.items() if case != "review"})
+    # the others have finished; the review run is still waiting for its reviewer
+    assert [e.type for e in await legato.run_events(review_id, until=bool)] == ["run.started"]
+    await legato.client.signal(review_id, "review", {"decision": "approve", "by": "ada"}, signal_id=f"review-{review_id}")
+    events.update(await legato.wait_for({review_id}))
+    for case, (data, decision, path) in cases.items():
+        event = events[run_ids[case]]
         assert event.status == "succeeded", event
         assert event.output["decision"] == decision, event
         checks = event.output["checks"]
@@ -210,6 +216,8 @@ async def test_example_due_diligence(legato):
         assert checks["credit"] == {"score": data["credit_score"]}
         assert checks["references"] == {"positive": len(data["references"]), "total": len(data["references"])}
         assert checks["background"] == {"flagged": data["name"] == "Mallory"}
-        assert event.path == paths[decision], event
+        assert event.path == path, event
         assert event.cost is not None and event.cost["usd"] == pytest.approx(0.019)
         await legato.assert_single_terminal(event.run_id)
+    review = await legato.records_of(legato.topics.requests("apply_review"), ActivityRequested, review_id)
+    assert [r.input for r in review] == [{"name": "Bob", "review": {"decision": "approve", "by": "ada"}}]

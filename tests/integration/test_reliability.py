@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from legato.tools import kafka_local
-from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_takeover, scenario_timers, scenario_worker
+from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_takeover, scenario_timers, scenario_waits, scenario_worker
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,16 @@ async def test_timers_fire_after_restart(kafka_bootstrap, tmp_path):
     assert r["requests_by_attempt"] == {1: 5, 2: 5} or (r["requests_by_attempt"].get(2, 0) >= 5), r  # the back-off fired
     assert [p["phase"] for p in r["phases"]] == ["step timeout", "retry back-off"]
     assert all(p["restarted_s_after_due"] > 0 for p in r["phases"]), r  # both timers were due while it was dead
+
+
+async def test_waits_and_sleeps_survive_a_coordinator_sigkill(kafka_bootstrap, tmp_path):
+    r = await scenario_waits(kafka_bootstrap, runs=20, extra_env=FAST_GROUP, timeout=120, workdir=tmp_path, spread_s=4.0, lead_s=12.0)
+    no_loss(r)
+    assert r["succeeded"] == 40, r  # 20 waits ended with their signal's data, 20 sleeps with their input
+    assert r["ended_before_kill"] == 0 and r["asleep_at_kill"] == 20, r  # killed while every run waited
+    assert r["due_while_down"] > 0, r
+    assert r["ended_early"] == 0 and r["waits_ended_before_their_signal"] == 0, r
+    assert r["duplicate_terminal_events"] == 0, r  # each signal was sent twice with one signal_id
 
 
 async def test_survivor_takes_over_partitions_of_killed_coordinator(kafka_bootstrap, tmp_path):
