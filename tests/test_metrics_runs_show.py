@@ -98,3 +98,12 @@ async def test_load_run_reads_the_last_value_of_the_key_from_its_partition(kafka
     assert state.model_dump() == first.state.model_dump()
     assert (await load_run(kafka_bootstrap, prefix, "run-b")).run_id == "run-b"
     assert await load_run(kafka_bootstrap, prefix, "nope") is None
+
+
+def test_table_names_the_signal_a_waiting_step_waits_for():
+    from tests.machine_helpers import accepted, machine_from
+
+    m = machine_from("name: approve\nversion: 1\nsteps:\n  - id: approval\n    wait: {signal: manager_ok, timeout: 1h}\n")
+    state, _ = m.decide(None, accepted("approve"), 1_000)
+    row = next(line for line in render_table(state).splitlines() if line.startswith("approval"))
+    assert "waiting (manager_ok)" in row, row

@@ -98,7 +98,7 @@ def render_table(state: RunState) -> str:
         rows.append([
             step.key,
             step.kind,
-            step.status,
+            f"{step.status} ({step.signal})" if step.status == "waiting" and step.signal else step.status,
             str(step.attempt) if step.kind == "activity" else "-",
             _ms(step.started_ms - state.started_ms),
             _ms(duration),
