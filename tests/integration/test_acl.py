@@ -51,6 +51,13 @@ steps:
     input: {{echoed: "${{ input.value }}"}}
 output: "steps.echo.output"
 """,
+    "acl_approve": """name: acl_approve
+timeout: 120s
+steps:
+  - id: approval
+    wait: {signal: approve, timeout: 100s}
+output: "steps.approval.output"
+""",
     "acl_sleep": """name: acl_sleep
 timeout: 120s
 steps:
@@ -296,10 +303,15 @@ async def test_end_to_end_every_process_on_its_own_role(processes):
         finally:
             await consumer.stop()
 
-        # a signal and a cancel, each from its own principal, on a run that is still running
+        # a run waiting for a person: the signal principal's approval completes it
+        waiting = await trigger.trigger("acl_approve", {})
+        await produce("signal", T.signals, codec.dumps(SignalSent(run_id=waiting, signal="approve", data={"ok": True})), waiting.encode())
+        approved = (await observer.wait_for({waiting}, timeout=60))[waiting]
+        assert approved.status == "succeeded" and approved.output == {"ok": True}, approved
+
+        # a cancel from the operator principal, on a run that is still running
         sleeping = await trigger.trigger("acl_sleep", {})
         await asyncio.sleep(2)
-        await produce("signal", T.signals, codec.dumps(SignalSent(run_id=sleeping, signal="approve", data={"ok": True})), sleeping.encode())
         await operator.cancel(sleeping, "cancelled by the operator principal")
         cancelled = (await observer.wait_for({sleeping}, timeout=60))[sleeping]
         assert cancelled.status == "cancelled", cancelled

@@ -193,13 +193,27 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             events = await legato.run_events(long_run, until=lambda es: any(e.type == "run.cancelled" for e in es))
             assert [e.type for e in events][-1] == "run.cancelled"
 
-            # a signal from the page is a SignalSent record on the signals topic
+            # an approval from the page completes a waiting step: a SignalSent record, then the run goes on
+            waiting = await legato.trigger("sig_approval", {}, run_id=f"approve-{tag}")
+            step = page.locator('tr[data-step="approval"]')
+            for _ in range(30):
+                await page.goto(console + f"run?id={waiting}")
+                if await step.count() and "waiting" in await step.inner_text():
+                    break
+                await asyncio.sleep(1)
+            assert "waiting" in await step.inner_text()
+            assert "approval waits for signal approval" in await page.locator("#waiting").inner_text()
+            await page.screenshot(path=str(shots / "console-waiting.png"), full_page=True)
             await page.fill("#signal-name", "approval")
             await page.fill("#signal-data", '{"approved": true}')
             await page.click("#send-signal")
             await page.wait_for_url("**done=signal**")
-            signals = await legato.records_of(legato.topics.signals, SignalSent, long_run)
+            signals = await legato.records_of(legato.topics.signals, SignalSent, waiting)
             assert [(s.signal, s.data) for s in signals] == [("approval", {"approved": True})]
+            events = await legato.run_events(waiting, until=lambda es: any(e.type == "run.completed" for e in es))
+            assert events[-1].type == "run.completed" and events[-1].output == {"approved": True}
+            await page.goto(console + f"run?id={waiting}")
+            await page.locator("#run-status", has_text="succeeded").wait_for(timeout=30_000)
 
             # redrive from the page is the same run.redrive_requested record as `legato redrive`
             fatal = await legato.run("e2e_fatal", {}, run_id=f"fatal-{tag}")

@@ -435,7 +435,6 @@ PATTERN_RUNS = {
     "pattern_errors": ({"fail": True}, lambda o: o["draft"]["decision"] == "needs_human_review" and o["enrich"]["ok"] is False and o["notify_status"] == "failed"),
     "pattern_end_fail": ({"text": "", "amount": 10}, lambda o: o == {"status": "skipped", "reason": "empty request"}),
     "pattern_sub_workflows": ({"documents": ["contract A", "contract B"]}, lambda o: len(o["documents"]) == 2 and all("summary" in d for d in o["documents"])),
-    "pattern_ai_controls": ({"text": "how do I rotate the api keys of our staging project without downtime?"}, lambda o: o["status"] == "answered"),
     "pattern_batching": ({"texts": list("abcdef")}, lambda o: [v["text"] for v in o["vectors"]] == list("abcdef")),
     "pattern_context": ({"topic": "quarterly planning"}, lambda o: o["tokens"] <= 2100),
 }
@@ -447,6 +446,22 @@ async def test_pattern_example_runs(legato, workflow):
     event = await legato.run(workflow, payload, timeout=60)
     assert event.status == "succeeded", event
     assert check(event.output), event.output
+
+
+async def test_pattern_ai_controls_routes_by_confidence_and_size_caches_and_counts_cost(legato):
+    """The ai-controls example end to end: not only its status, but the confidence gate, the model chosen by the size
+    tier (on the path and in the cost by model), the answer, and the result cache answering an identical input."""
+    text = "how do I rotate the api keys of our staging project without downtime?"  # its seeded confidence passes the gate
+    first = await legato.run("pattern_ai_controls", {"text": text}, timeout=60)
+    assert first.status == "succeeded", first
+    out = first.output
+    assert out["status"] == "answered" and out["answer"] and out["intent_cached"] is False, out
+    assert "confidence_gate:default" in first.path, first.path
+    tier = out["tier"]
+    assert [p for p in first.path if p.startswith("answer:")] == [f"answer:{tier}" if tier in ("small", "large") else f"answer:default({tier})"], first.path
+    assert f"{tier}-llm" in first.cost["models"] and first.cost["usd"] > 0, first.cost
+    again = await legato.run("pattern_ai_controls", {"text": text}, timeout=60)
+    assert again.status == "succeeded" and again.output["intent_cached"] is True, again.output  # the same input within the ttl
 
 
 # --- bugs: these fail until the non-test code is fixed -------------------------------------------------
