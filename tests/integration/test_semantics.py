@@ -458,7 +458,7 @@ async def test_pattern_ai_controls_routes_by_confidence_and_size_caches_and_coun
     assert out["status"] == "answered" and out["answer"] and out["intent_cached"] is False, out
     assert "confidence_gate:default" in first.path, first.path
     tier = out["tier"]
-    assert [p for p in first.path if p.startswith("answer:")] == [f"answer:{tier}" if tier in ("small", "large") else f"answer:default({tier})"], first.path
+    assert [p for p in first.path if p.startswith("answer:")] == [f"answer:route:{tier}" if tier in ("small", "large") else f"answer:default({tier})"], first.path
     assert f"{tier}-llm" in first.cost["models"] and first.cost["usd"] > 0, first.cost
     again = await legato.run("pattern_ai_controls", {"text": text}, timeout=60)
     assert again.status == "succeeded" and again.output["intent_cached"] is True, again.output  # the same input within the ttl
