@@ -56,7 +56,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     changelog = [settings.topics.changelog] if coordinator else []
     asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
     metrics = Metrics() if settings.metrics_port else None
-    coord = Coordinator(settings, workflows, metrics) if coordinator else None
+    coord = Coordinator(settings, metrics) if coordinator else None
     if not (worker and activities):
         if coord is None:
             raise SystemExit("nothing to run: no workflows for a coordinator and no activities for a worker")

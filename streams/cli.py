@@ -33,10 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from legato.streams.app import build, run
 
-    s = _settings(args)
-    if not s.workflow_dirs:
-        print("legato coordinator: give --workflows DIR or LEGATO_WORKFLOWS", file=sys.stderr)
-        return 2
+    s = _settings(args)  # --workflows is optional: a coordinator decides with what is deployed on the definitions topic
     run(build(s, coordinator=True, worker=False), s.loglevel)
     return 0
 
@@ -223,10 +220,11 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
             if not args.wait:
-                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id)
+                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version)
                 print(run_id)
                 return 0
-            result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr))
+            result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr),
+                                      version=args.version)
             print(result.model_dump_json(exclude_none=True))
             return 0 if result.status == "succeeded" else 1
 
@@ -454,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workflow")
     p.add_argument("--input", default="{}", help="JSON object")
     p.add_argument("--run-id", default=None)
+    p.add_argument("--version", type=int, default=None, help="run this version of the workflow (default: the highest deployed)")
     p.add_argument("--wait", action="store_true", help="show progress (completions and progress chunks, live) and print the terminal run event")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)

@@ -187,9 +187,9 @@ class Metrics:
         for event in events:
             getattr(self, self._COUNTERS[type(event)])(event)
 
-    def declare(self, workflows: Mapping[str, CompiledWorkflow]) -> None:
+    def declare(self, workflows: Iterable[CompiledWorkflow]) -> None:
         """Create the series of every declared choice path at 0, so a path never taken shows as a dead path."""
-        for wf in workflows.values():
+        for wf in workflows:
             for step in wf.steps.values():
                 if isinstance(step, ChoiceStep):
                     for path in declared_paths(step):

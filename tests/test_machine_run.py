@@ -221,14 +221,15 @@ def test_exactly_one_terminal_run_event_per_run(name, finish):
     assert len([c for c in run_events_in(h.commands) if c.event.type == "run.started"]) == 1
 
 
-def test_a_definition_removed_mid_run_fails_the_run_with_unknown_workflow():
+def test_a_definition_removed_mid_run_fails_the_run_with_definition_changed():
     h = Harness(machine_from(SIMPLE))
     h.start("simple")
     req = h.pending_for("a")
     h.machine = Machine({})
     out = h.deliver(succeeded(req, 1))
     [end] = terminal_events_in(out)
-    assert end.event.error.type == "UnknownWorkflow"
+    assert end.event.error.type == "DefinitionChanged"
+    assert "'simple' v1" in end.event.error.message
 
 
 def test_outstanding_reissues_pending_requests_and_timers_or_the_terminal_event():

@@ -266,7 +266,8 @@ class Run:
         s = self.state
         self.out.append(
             PublishRunEvent(
-                event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms), correlation_id=s.correlation_id)
+                event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms),
+                               correlation_id=s.correlation_id, version=s.version or None)
             )
         )
 
@@ -360,6 +361,7 @@ def terminal_event(state: RunState) -> RunEvent:
         cost=dict(state.cost) or None,
         stopped_by="budget" if ok and state.budget_exhausted else None,
         confidence=state.confidence if ok else None,
+        version=state.version or None,
     )
 
 

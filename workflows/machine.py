@@ -7,7 +7,7 @@ through ``transitions``, which also emits the domain events that ``decide_events
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple, Union
+from typing import Callable, Iterable, Mapping, NamedTuple, Union
 
 from legato.topics.models import (
     ActivityCompleted,
@@ -20,6 +20,7 @@ from legato.topics.models import (
     TimerFired,
 )
 from legato.workflows import keys
+from legato.workflows.catalog import Catalog, Definition
 from legato.workflows.commands import (
     CancelChildRun,
     CancelRequest,
@@ -60,11 +61,26 @@ class Decision(NamedTuple):
 
 
 class Machine:
-    """Decides runs of the given workflow definitions."""
+    """Decides runs of the deployed workflow definitions, each run by the definition it is pinned to."""
 
-    def __init__(self, workflows: Mapping[str, CompiledWorkflow], max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
-        self.workflows = dict(workflows)
+    def __init__(self, definitions: Catalog | Callable[[], Catalog] | Mapping[str, CompiledWorkflow], *,
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
+        """``definitions``: the catalog, or a function returning the current one (a coordinator's live table); a
+        mapping of name to compiled workflow is a fixed catalog of those (tests, tools), whose runs pin no sha256."""
+        if isinstance(definitions, Mapping):
+            definitions = Catalog.of([Definition(wf, "") for wf in definitions.values()])
+        if isinstance(definitions, Catalog):
+            fixed = definitions
+            definitions = lambda: fixed  # noqa: E731
+        self.definitions: Callable[[], Catalog] = definitions
         self.max_state_bytes = max_state_bytes
+
+    def pinned(self, state: RunState) -> Definition | None:
+        """The definition ``state`` is pinned to, or None when it is no longer deployed as it was."""
+        definition = self.definitions().get(state.workflow, state.version)
+        if definition is None or (state.sha256 and definition.sha256 != state.sha256):
+            return None
+        return definition
 
     def decide(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> tuple[RunState | None, list[Command]]:
         """Apply ``event`` to a copy of ``state``; return the new state and the commands to carry out.
@@ -85,13 +101,14 @@ class Machine:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
         if state.finished:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
-        wf = self.workflows.get(state.workflow)
+        definition = self.pinned(state)
+        wf = definition.workflow if definition is not None else None
         run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes)
         if isinstance(event, RunCancelRequested):
             run.cancel_run(event)
             return Decision(run.state, run.out, run.events)
-        if wf is None:  # the definition was removed while the run was in flight
-            run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=f"workflow {state.workflow!r} is no longer loaded", retryable=False))
+        if wf is None:  # removed, or other text deployed under its name@version, while the run was in flight
+            run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
             return Decision(run.state, run.out, run.events)
         if isinstance(event, ActivityCompleted):
             _activities.completed(run, event)
@@ -109,12 +126,16 @@ class Machine:
         return Decision(run.state, run.out, run.events)
 
     def _start(self, event: RunAccepted, now_ms: int) -> Decision:
-        wf = self.workflows.get(event.workflow)
+        # the one place a run's version is chosen: later decisions use what the state records
+        catalog = self.definitions()
+        definition = catalog.resolve(event.workflow, event.version)
+        wf = definition.workflow if definition is not None else None
         state = RunState(
             schema_version=SCHEMA_VERSION,
             run_id=event.run_id,
             workflow=event.workflow,
-            version=wf.version if wf else 0,
+            version=definition.version if definition is not None else (event.version or 0),
+            sha256=definition.sha256 if definition is not None else "",
             input=event.input,
             correlation_id=event.correlation_id,
             parent=event.parent,
@@ -123,8 +144,7 @@ class Machine:
         )
         run = Run(state, wf, now_ms, self.max_state_bytes)
         if wf is None:
-            known = ", ".join(sorted(self.workflows)) or "none"
-            run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=f"no workflow named {event.workflow!r} (loaded: {known})", retryable=False))
+            run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=_unknown(catalog, event), retryable=False))
             return Decision(run.state, run.out, run.events)
         if state.depth > MAX_WORKFLOW_DEPTH:
             run.finish_run(False, None, ErrorInfo(type="DepthExceeded", message=f"sub-workflows nest deeper than {MAX_WORKFLOW_DEPTH}", retryable=False))
@@ -137,6 +157,19 @@ class Machine:
         run.drain()
         run.enforce_size()
         return Decision(run.state, run.out, run.events)
+
+
+    @staticmethod
+    def _gone(state: RunState) -> str:
+        pin = f"workflow {state.workflow!r} v{state.version}" + (f" (sha256 {state.sha256[:12]})" if state.sha256 else "")
+        return f"{pin} is no longer deployed as the run started it"
+
+
+def _unknown(catalog: Catalog, event: RunAccepted) -> str:
+    versions = [str(d.version) for d in catalog if d.name == event.workflow]
+    if event.version is not None and versions:
+        return f"workflow {event.workflow!r} has no version {event.version} (deployed: {', '.join(versions)})"
+    return f"no workflow named {event.workflow!r} (deployed: {', '.join(catalog.names()) or 'none'})"
 
 
 _activities: ActivityProcessor = processor("activity")  # type: ignore[assignment]

@@ -107,6 +107,7 @@ class RunState(_State):
     run_id: str
     workflow: str
     version: int
+    sha256: str = ""  # of the definition the run is pinned to; "" in a state started before runs were pinned
     status: RunStatus = "running"
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None

@@ -56,7 +56,8 @@ class Inbox:
         """Validate a trigger and re-key it by run_id onto the coordinator topic; raises DecodeError."""
         trigger = codec.decode(RunRequested, msg.value)
         run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
-        accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
+        accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent,
+                               version=trigger.version)
         return (self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None)
 
     def misplaced(self, msg: Any, run_id: str) -> Send | None:

@@ -240,8 +240,8 @@ class Partitions:
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
             # The state already holds this event (offsets reset by hand, or read again after an unclean
             # hand-over): re-issue what the run is waiting on; ids are deterministic, so duplicates drop.
-            wf = self.machine.workflows.get(state.workflow)
-            completion_topic = wf.definition.completion_topic if wf else None
+            definition = self.machine.pinned(state)
+            completion_topic = definition.workflow.definition.completion_topic if definition else None
             commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
             carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None)

@@ -24,6 +24,7 @@ class SubWorkflowProcessor(Processor):
         accepted = RunAccepted(
             run_id=child_id,
             workflow=definition.workflow,
+            version=definition.version,
             input=payload,
             correlation_id=run.state.correlation_id,
             parent={"run_id": run.state.run_id, "step_key": step.key, "depth": run.state.depth + 1},

@@ -1,0 +1,65 @@
+"""Run lifecycle on the real broker (issue 11): definitions deployed while the coordinator runs, runs pinned to theirs.
+
+These use the session's coordinator and worker (conftest ``legato``); each test deploys workflows of its own name.
+"""
+from __future__ import annotations
+
+import asyncio
+import textwrap
+import uuid
+
+import pytest
+
+from tests.integration.conftest import REPO_ROOT, Legato, legato_executable
+
+pytestmark = pytest.mark.integration
+
+CLI_TIMEOUT_S = 90.0
+
+
+async def cli(legato: Legato, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(legato_executable(), *args, cwd=REPO_ROOT, env=legato.env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def deploy(legato: Legato, name: str, text: str) -> None:
+    path = legato.workdir / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    code, out, err = await cli(legato, "deploy", str(path))
+    assert code == 0, err
+
+
+async def test_a_run_keeps_its_version_when_a_new_one_is_deployed_mid_run(legato: Legato):
+    """v1 is deployed while the coordinator runs (no restart); a v1 run waits on a slow step while v2 (other steps) is
+    deployed; it finishes with v1's steps. A new trigger gets v2, and ``version: 1`` still starts v1."""
+    name = f"pin_{uuid.uuid4().hex[:8]}"
+    await deploy(legato, f"{name}_v1", f"""\
+        name: {name}
+        version: 1
+        steps:
+          - {{id: slow, activity: e2e_sleep, input: {{seconds: 3}}}}
+          - {{id: last, activity: e2e_echo, input: {{made_by: v1}}}}
+        output: "steps.last.output"
+        """)
+    first = await legato.trigger(name)
+    started = await legato.run_events(first, until=lambda events: any(e.type == "run.started" for e in events))
+    assert [e.version for e in started if e.type == "run.started"] == [1]
+    await deploy(legato, f"{name}_v2", f"""\
+        name: {name}
+        version: 2
+        steps:
+          - {{id: only_in_v2, activity: e2e_echo, input: {{made_by: v2}}}}
+        output: "steps.only_in_v2.output"
+        """)
+    done = (await legato.wait_for({first}))[first]
+    assert (done.status, done.output, done.version) == ("succeeded", {"made_by": "v1"}, 1), done
+
+    latest = await legato.run(name)
+    assert (latest.status, latest.output, latest.version) == ("succeeded", {"made_by": "v2"}, 2), latest
+    assert legato.client is not None
+    pinned = await legato.client.run(name, version=1, timeout=60.0)
+    assert (pinned.status, pinned.output, pinned.version) == ("succeeded", {"made_by": "v1"}, 1), pinned
+    missing = await legato.client.run(name, version=9, timeout=60.0)
+    assert missing.status == "failed" and missing.error.message == f"workflow {name!r} has no version 9 (deployed: 1, 2)", missing
