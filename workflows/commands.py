@@ -51,6 +51,13 @@ class NotifyParent(_Command):
     finished: ChildRunFinished
 
 
+class ForgetRun(_Command):
+    """A finished run's retention is over: delete its state (a tombstone on the changelog); its run_id is free again."""
+
+    run_id: str
+    workflow: str
+
+
 class EventIgnored(_Command):
     """A refused transition: duplicate, stale or unknown. Counted by the shell, never silently dropped."""
 
@@ -67,4 +74,4 @@ class SignalRefused(_Command):
     reason: str
 
 
-Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, EventIgnored, SignalRefused]
+Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, ForgetRun, EventIgnored, SignalRefused]

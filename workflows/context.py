@@ -15,6 +15,7 @@ from legato.topics.models import ChildRunFinished, ErrorInfo, RunCancelRequested
 from legato.workflows import keys, transitions
 from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent, StartTimer
 from legato.workflows.expressions import ExpressionError
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S, retention_ms
 from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
 from legato.workflows.state import Frame, RunState, StepState, StepStatus, Timer, TimerKind
 from legato.workflows.steps import processor
@@ -34,11 +35,13 @@ def iso(ms: int) -> str:
 class Run:
     """One decision in progress: mutates its own copy of the state and collects commands and domain events."""
 
-    def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
+    def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+                 default_retention_s: float = DEFAULT_RETENTION_S):
         self.state = state
         self.wf = wf
         self.now = now_ms
         self.max_state_bytes = max_state_bytes
+        self.default_retention_s = default_retention_s
         self.out: list[Command] = []
         self.events: list[DomainEvent] = []
         self.changed = True
@@ -227,6 +230,8 @@ class Run:
                 transitions.move(self, step, "cancelled")
         state.requests.clear()
         state.timers.clear()
+        # a durable timer like every other, so a finished run is forgotten even across restarts
+        self.set_timer_at(keys.RUN_RETENTION, self.now + retention_ms(self.wf, self.default_retention_s), "retention")
         for frame in state.frames.values():
             if frame.status == "running":
                 frame.status = "cancelled" if not ok or frame.owner is not None else "succeeded"

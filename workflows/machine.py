@@ -21,11 +21,13 @@ from legato.topics.models import (
 )
 from legato.workflows import keys
 from legato.workflows.catalog import Catalog, Definition
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S
 from legato.workflows.commands import (
     CancelChildRun,
     CancelRequest,
     Command,
     EventIgnored,
+    ForgetRun,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
@@ -47,7 +49,7 @@ Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunC
 
 __all__ = [
     "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CancelChildRun", "CancelRequest", "Command",
-    "Decision", "Event", "EventIgnored", "Machine", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
+    "Decision", "Event", "EventIgnored", "ForgetRun", "Machine", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
     "StartChildRun", "StartTimer", "iso", "outstanding", "replay", "_jitter",
 ]
 
@@ -64,9 +66,10 @@ class Machine:
     """Decides runs of the deployed workflow definitions, each run by the definition it is pinned to."""
 
     def __init__(self, definitions: Catalog | Callable[[], Catalog] | Mapping[str, CompiledWorkflow], *,
-                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, default_retention_s: float = DEFAULT_RETENTION_S):
         """``definitions``: the catalog, or a function returning the current one (a coordinator's live table); a
-        mapping of name to compiled workflow is a fixed catalog of those (tests, tools), whose runs pin no sha256."""
+        mapping of name to compiled workflow is a fixed catalog of those (tests, tools), whose runs pin no sha256.
+        ``default_retention_s``: how long a finished run is kept when its workflow sets no ``retention``."""
         if isinstance(definitions, Mapping):
             definitions = Catalog.of([Definition(wf, "") for wf in definitions.values()])
         if isinstance(definitions, Catalog):
@@ -74,6 +77,7 @@ class Machine:
             definitions = lambda: fixed  # noqa: E731
         self.definitions: Callable[[], Catalog] = definitions
         self.max_state_bytes = max_state_bytes
+        self.default_retention_s = default_retention_s
 
     def pinned(self, state: RunState) -> Definition | None:
         """The definition ``state`` is pinned to, or None when it is no longer deployed as it was."""
@@ -99,11 +103,14 @@ class Machine:
             return self._start(event, now_ms)
         if state is None:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
+        if state.finished and isinstance(event, TimerFired) and event.timer_id == keys.RUN_RETENTION:
+            # also for a state that finished before runs had a retention timer (the shell fires one for it)
+            return Decision(None, [ForgetRun(run_id=state.run_id, workflow=state.workflow)], [])
         if state.finished:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
         definition = self.pinned(state)
         wf = definition.workflow if definition is not None else None
-        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes)
+        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s)
         if isinstance(event, RunCancelRequested):
             run.cancel_run(event)
             return Decision(run.state, run.out, run.events)
@@ -142,7 +149,7 @@ class Machine:
             started_ms=now_ms,
             depth=int((event.parent or {}).get("depth", 0)),
         )
-        run = Run(state, wf, now_ms, self.max_state_bytes)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s)
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=_unknown(catalog, event), retryable=False))
             return Decision(run.state, run.out, run.events)

@@ -11,7 +11,7 @@ StepStatus = Literal["running", "waiting", "waiting_retry", "succeeded", "failed
 """``waiting``: a ``wait`` step waiting for its signal. ``waiting_retry``: an activity between attempts."""
 FrameStatus = Literal["running", "succeeded", "failed", "cancelled"]
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
-TimerKind = Literal["activity_timeout", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep"]
+TimerKind = Literal["activity_timeout", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep", "retention"]
 
 TERMINAL: tuple[RunStatus, ...] = ("succeeded", "failed", "cancelled")
 STEP_FINISHED: tuple[StepStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")

@@ -188,5 +188,7 @@ class Coordinator:
 
     async def _report_in_flight(self) -> None:
         while True:
-            self.metrics.runs_in_flight(sum(t.running for t in list(self.tasks.values())))
+            tasks = list(self.tasks.values())
+            self.metrics.runs_in_flight(sum(t.running for t in tasks))
+            self.metrics.runs_retained(sum(t.stored - t.running for t in tasks))
             await asyncio.sleep(5.0)

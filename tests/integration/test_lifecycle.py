@@ -63,3 +63,28 @@ async def test_a_run_keeps_its_version_when_a_new_one_is_deployed_mid_run(legato
     assert (pinned.status, pinned.output, pinned.version) == ("succeeded", {"made_by": "v1"}, 1), pinned
     missing = await legato.client.run(name, version=9, timeout=60.0)
     assert missing.status == "failed" and missing.error.message == f"workflow {name!r} has no version 9 (deployed: 1, 2)", missing
+
+
+async def test_a_finished_run_is_forgotten_after_its_retention_and_its_run_id_starts_a_new_run(legato: Legato):
+    """``retention: 2s``: the run's state leaves the changelog (a tombstone keyed by its run_id) and a trigger with the
+    same run_id, refused as a duplicate before, starts a new run."""
+    name = f"kept_{uuid.uuid4().hex[:8]}"
+    await deploy(legato, name, f"""\
+        name: {name}
+        retention: 2s
+        steps:
+          - {{id: only, activity: e2e_echo, input: {{n: "${{ input.n }}"}}}}
+        output: "steps.only.output"
+        """)
+    run_id = f"{name}-run"
+    first = await legato.run(name, {"n": 1}, run_id=run_id)
+    assert first.status == "succeeded" and first.output == {"n": 1}, first
+    key = run_id.encode()
+    changelog = await legato.read_topic(legato.topics.changelog, until=lambda rs: any(r.key == key and r.value is None for r in rs), timeout=30.0)
+    mine = [r for r in changelog if r.key == key]
+    assert mine[-1].value is None and all(r.value is not None for r in mine[:-1]), mine
+
+    second = await legato.run(name, {"n": 2}, run_id=run_id)
+    assert second.status == "succeeded" and second.output == {"n": 2}, second
+    started = [e for e in await legato.run_events(run_id) if e.type == "run.started"]
+    assert len(started) == 2
