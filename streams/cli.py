@@ -98,13 +98,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_redrive(args: argparse.Namespace) -> int:
     from legato.topics.client import LegatoClient
     from legato.tools.runs_show import load_run
+    from legato.streams.definitions import read_catalog
     from legato.workflows.lifecycle import redrive_refusal
+    from legato.workflows.machine import Machine, redrive_target
 
     s = _settings(args)
 
     async def go() -> int:
         if args.wait:  # the coordinator counts a refused redrive and emits nothing: say why before waiting in vain
-            refusal = redrive_refusal(await load_run(s.bootstrap, s.prefix, args.run_id))
+            state = await load_run(s.bootstrap, s.prefix, args.run_id)
+            refusal = redrive_refusal(state)
+            if refusal is None and state is not None:
+                catalog = (await read_catalog(s.bootstrap, s.topics, kafka=security.aiokafka_kwargs())).catalog
+                target = redrive_target(state, Machine(catalog).pinned(state))
+                refusal = target if isinstance(target, str) else None
             if refusal is not None:
                 print(f"legato redrive: run {args.run_id!r}: {refusal}", file=sys.stderr)
                 return 1

@@ -84,7 +84,7 @@ class RequestCancelled(_Record):
 class RunEvent(_Record):
     """On ``legato.runs`` (and a workflow's own ``completion_topic``): a run's lifecycle."""
 
-    type: Literal["run.started", "run.completed", "run.failed", "run.cancelled"]
+    type: Literal["run.started", "run.redriven", "run.completed", "run.failed", "run.cancelled"]
     run_id: str
     workflow: str
     status: Literal["running", "succeeded", "failed", "cancelled"]
@@ -99,6 +99,7 @@ class RunEvent(_Record):
     stopped_by: Literal["budget"] | None = None  # the run went over its budget (on_budget: finish) and ended with what it had
     confidence: float | None = None  # a succeeded run's: its last step's (a parallel or map: its aggregate)
     version: int | None = None  # the version of the definition the run is pinned to (run.started and terminal events)
+    redrives: int | None = None  # set once the run was redriven: how many times (run.redriven and later terminal events)
 
 
 class DeadLetter(_Record):

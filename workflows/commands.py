@@ -62,7 +62,7 @@ class EventIgnored(_Command):
     """A refused transition: duplicate, stale or unknown. Counted by the shell, never silently dropped."""
 
     run_id: str
-    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer | stale_child | duplicate_signal
+    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer | stale_child | duplicate_signal | redrive_refused
     detail: str = ""
 
 

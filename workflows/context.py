@@ -245,6 +245,22 @@ class Run:
         if parent_waits(state):
             self.out.append(NotifyParent(finished=child_finished(state)))
 
+    def redrive(self, step: StepState) -> None:
+        """Resume the failed run at ``step``, the root frame's failed step (the machine checked it can be redriven):
+        the run is running again, its timeout restarts, its retention timer goes; steps that succeeded stay."""
+        state = self.state
+        state.status = "running"
+        state.finished_ms = state.output = state.error = state.confidence = None
+        state.redrives += 1
+        state.timers.pop(keys.RUN_RETENTION, None)
+        self.publish("run.redriven")
+        if self.wf.definition.timeout is not None:
+            self.set_timer(keys.RUN_TIMEOUT, self.wf.definition.timeout, "run_timeout")
+        root_frame = state.frames["root"]
+        root_frame.status, root_frame.error = "running", None
+        transitions.reopen(self, step)
+        processor(step.kind).redrive(self, step, self.wf.steps[step.step_id])
+
     def stop_for_budget(self) -> None:
         """``on_budget: finish``, once over budget: nothing new has started since (``_advance`` holds every frame
         where it is), and a loop whose iteration ended in this decision has made its check. Stop every loop still
@@ -272,7 +288,7 @@ class Run:
         self.out.append(
             PublishRunEvent(
                 event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms),
-                               correlation_id=s.correlation_id, version=s.version or None)
+                               correlation_id=s.correlation_id, version=s.version or None, redrives=s.redrives or None)
             )
         )
 
@@ -367,6 +383,7 @@ def terminal_event(state: RunState) -> RunEvent:
         stopped_by="budget" if ok and state.budget_exhausted else None,
         confidence=state.confidence if ok else None,
         version=state.version or None,
+        redrives=state.redrives or None,
     )
 
 

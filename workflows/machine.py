@@ -16,12 +16,13 @@ from legato.topics.models import (
     ErrorInfo,
     RunAccepted,
     RunCancelRequested,
+    RunRedriveRequested,
     SignalSent,
     TimerFired,
 )
 from legato.workflows import keys
 from legato.workflows.catalog import Catalog, Definition
-from legato.workflows.lifecycle import DEFAULT_RETENTION_S
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S, redrive_refusal
 from legato.workflows.commands import (
     CancelChildRun,
     CancelRequest,
@@ -45,11 +46,11 @@ from legato.workflows.steps.subworkflow import SubWorkflowProcessor
 from legato.workflows.steps.wait import WaitProcessor
 from legato.workflows.transitions import DomainEvent, SignalIgnored
 
-Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent]
+Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested]
 
 __all__ = [
     "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CancelChildRun", "CancelRequest", "Command",
-    "Decision", "Event", "EventIgnored", "ForgetRun", "Machine", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
+    "Decision", "Event", "EventIgnored", "ForgetRun", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
     "StartChildRun", "StartTimer", "iso", "outstanding", "replay", "_jitter",
 ]
 
@@ -101,6 +102,8 @@ class Machine:
             if state is not None:
                 return Decision(state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger")], [])
             return self._start(event, now_ms)
+        if isinstance(event, RunRedriveRequested):
+            return self._redrive(state, event, now_ms, in_place)
         if state is None:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
         if state.finished and isinstance(event, TimerFired) and event.timer_id == keys.RUN_RETENTION:
@@ -166,10 +169,43 @@ class Machine:
         return Decision(run.state, run.out, run.events)
 
 
+    def _redrive(self, state: RunState | None, event: RunRedriveRequested, now_ms: int, in_place: bool) -> Decision:
+        refusal = redrive_refusal(state)
+        if state is None or refusal is not None:
+            return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=refusal or "")], [])
+        definition = self.pinned(state)
+        step = redrive_target(state, definition)
+        if isinstance(step, str):
+            return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=step)], [])
+        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s)
+        run.redrive(run.state.steps[step.key])
+        run.drain()
+        run.stop_for_budget()
+        run.enforce_size()
+        return Decision(run.state, run.out, run.events)
+
     @staticmethod
     def _gone(state: RunState) -> str:
         pin = f"workflow {state.workflow!r} v{state.version}" + (f" (sha256 {state.sha256[:12]})" if state.sha256 else "")
         return f"{pin} is no longer deployed as the run started it"
+
+
+def redrive_target(state: RunState, definition: Definition | None) -> StepState | str:
+    """The top-level step a failed run stopped at, when a redrive can run it again; else why not (a named guard, also
+    applied by ``legato redrive --wait`` to the stored run). ``definition``: the one the run is pinned to."""
+    if definition is None:
+        return Machine._gone(state) + ": it cannot be redriven"
+    root = state.frames["root"]
+    sequence = definition.workflow.sequences["root"]
+    error = state.error.type if state.error else "failed"
+    if root.index >= len(sequence):
+        return f"the run failed after its last step ({error}): trigger it again"
+    step = state.steps.get(keys.step_key("root", sequence[root.index].id))
+    if step is None or step.status not in ("failed", "timed_out", "cancelled"):
+        return f"the run failed between steps ({error}): trigger it again"
+    if not processor(step.kind).redrivable or step.children:
+        return f"the run failed in the {step.kind} step {step.step_id!r}: this version redrives a failed top-level activity or sub-workflow step only"
+    return step
 
 
 def _unknown(catalog: Catalog, event: RunAccepted) -> str:

@@ -108,6 +108,7 @@ class RunState(_State):
     workflow: str
     version: int
     sha256: str = ""  # of the definition the run is pinned to; "" in a state started before runs were pinned
+    redrives: int = 0  # how many times the run was redriven after it failed
     status: RunStatus = "running"
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None

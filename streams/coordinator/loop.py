@@ -57,7 +57,7 @@ class Coordinator:
         # every decision sees the table's catalog of that moment: a definition deployed while the coordinator runs
         # is used by the next trigger; a run keeps the version it started with (Machine.pinned)
         self.definitions = DefinitionTable(settings.bootstrap, self.topics, kafka=security.aiokafka_kwargs())
-        self.machine = Machine(lambda: self.definitions.catalog)
+        self.machine = Machine(lambda: self.definitions.catalog, default_retention_s=settings.retention_s)
         self.partition_count: int = settings.partitions
         self.metrics = metrics
         self._known: set[str] = set()

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from legato.topics.models import RunEvent
 from tests.integration.conftest import REPO_ROOT, Legato, legato_executable
 
 pytestmark = pytest.mark.integration
@@ -88,3 +89,31 @@ async def test_a_finished_run_is_forgotten_after_its_retention_and_its_run_id_st
     assert second.status == "succeeded" and second.output == {"n": 2}, second
     started = [e for e in await legato.run_events(run_id) if e.type == "run.started"]
     assert len(started) == 2
+
+
+async def test_a_failed_run_is_redriven_from_its_failed_step_and_completes_without_running_step_one_again(legato: Legato):
+    """Step 2 of 3 fails (its handler fails the first call of each run; no retries), ``legato redrive --wait`` resumes
+    it: step 1 is not run again (its output says it was called once), and the run has one ``run.failed``, one
+    ``run.redriven`` and one ``run.completed``, the last two with ``redrives: 1``."""
+    name = f"redrive_{uuid.uuid4().hex[:8]}"
+    await deploy(legato, name, f"""\
+        name: {name}
+        steps:
+          - {{id: one, activity: e2e_counted, input: {{key: "${{ input.key }}", value: 1}}}}
+          - {{id: two, activity: e2e_flaky, input: {{run_id: "${{ input.key }}"}}, retry: {{max_attempts: 1}}}}
+          - {{id: three, activity: e2e_echo, input: {{done: true}}}}
+        output: "{{'one': steps.one.output.call, 'two': steps.two.output.attempts, 'three': steps.three.output}}"
+        """)
+    run_id = f"{name}-run"
+    failed = await legato.run(name, {"key": run_id}, run_id=run_id)
+    assert failed.status == "failed" and failed.error.type == "E2ETransient", failed
+
+    code, out, err = await cli(legato, "redrive", run_id, "--reason", "worker fixed", "--wait", "--timeout", "60")
+    assert code == 0, err
+    done = RunEvent.model_validate_json(out)
+    assert (done.type, done.redrives, done.output) == ("run.completed", 1, {"one": 1, "two": 2, "three": {"done": True}}), done
+    events = await legato.run_events(run_id)
+    assert [(e.type, e.redrives) for e in events] == [("run.started", None), ("run.failed", None), ("run.redriven", 1), ("run.completed", 1)]
+
+    code, out, err = await cli(legato, "redrive", run_id, "--wait")
+    assert code == 1 and "the run is succeeded: only a failed run can be redriven" in err, err
