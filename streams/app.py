@@ -101,7 +101,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
 async def _deployed(settings: Settings) -> Catalog:
     """Deploy the ``--workflows`` files under ``legato deploy``'s rules (a file whose name@version is deployed with
     other content stops the start, naming it), then read every deployed definition: files and Kafka never disagree
-    silently. Until the coordinator follows the table (docs/lifecycle.md, I2) it decides with what is deployed now."""
+    silently. The catalog read here gives the topics to create; the coordinator itself follows the table."""
     kafka = security.aiokafka_kwargs()
     await ensure_topics(settings.bootstrap, settings.topics, [], settings.partitions)
     if settings.workflow_dirs:
