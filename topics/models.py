@@ -100,6 +100,7 @@ class RunEvent(_Record):
     confidence: float | None = None  # a succeeded run's: its last step's (a parallel or map: its aggregate)
     version: int | None = None  # the version of the definition the run is pinned to (run.started and terminal events)
     redrives: int | None = None  # set once the run was redriven: how many times (run.redriven and later terminal events)
+    forked_from: dict[str, str] | None = None  # a forked run's {"run_id", "step"} (run.started and terminal events)
 
 
 class DeadLetter(_Record):

@@ -288,7 +288,8 @@ class Run:
         self.out.append(
             PublishRunEvent(
                 event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms),
-                               correlation_id=s.correlation_id, version=s.version or None, redrives=s.redrives or None)
+                               correlation_id=s.correlation_id, version=s.version or None, redrives=s.redrives or None,
+                               forked_from=s.forked_from)
             )
         )
 
@@ -308,6 +309,10 @@ class Run:
     def add_cost(self, step: StepState, cost: dict[str, Any], models: dict[str, Any] | None = None) -> None:
         step.cost = _sum_cost(step.cost or {}, cost, models)
         self.state.cost = _sum_cost(self.state.cost, cost, models)
+
+    def add_copied_cost(self, cost: dict[str, Any]) -> None:
+        """The cost of a step copied into a forked run (already summed: ``models`` by model)."""
+        self.state.cost = _sum_cost(self.state.cost, {k: v for k, v in cost.items() if k != "models"}, cost.get("models"))
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -384,6 +389,7 @@ def terminal_event(state: RunState) -> RunEvent:
         confidence=state.confidence if ok else None,
         version=state.version or None,
         redrives=state.redrives or None,
+        forked_from=state.forked_from,
     )
 
 

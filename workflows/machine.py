@@ -16,13 +16,15 @@ from legato.topics.models import (
     ErrorInfo,
     RunAccepted,
     RunCancelRequested,
+    RunForkAccepted,
+    RunForkRequested,
     RunRedriveRequested,
     SignalSent,
     TimerFired,
 )
 from legato.workflows import keys
 from legato.workflows.catalog import Catalog, Definition
-from legato.workflows.lifecycle import DEFAULT_RETENTION_S, redrive_refusal
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S, fork_seed, redrive_refusal
 from legato.workflows.commands import (
     CancelChildRun,
     CancelRequest,
@@ -34,10 +36,11 @@ from legato.workflows.commands import (
     RequestActivity,
     SignalRefused,
     StartChildRun,
+    StartForkedRun,
     StartTimer,
 )
 from legato.workflows.context import DEFAULT_MAX_STATE_BYTES, Run, child_finished, iso, parent_waits, terminal_event
-from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow
+from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, step_kind
 from legato.workflows.state import SCHEMA_VERSION, Frame, RunState, StepState
 from legato.workflows.steps import processor
 from legato.workflows.steps.activity import ActivityProcessor, _jitter
@@ -46,7 +49,8 @@ from legato.workflows.steps.subworkflow import SubWorkflowProcessor
 from legato.workflows.steps.wait import WaitProcessor
 from legato.workflows.transitions import DomainEvent, SignalIgnored
 
-Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested]
+Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested, RunForkRequested,
+              RunForkAccepted]
 
 __all__ = [
     "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CancelChildRun", "CancelRequest", "Command",
@@ -104,6 +108,12 @@ class Machine:
             return self._start(event, now_ms)
         if isinstance(event, RunRedriveRequested):
             return self._redrive(state, event, now_ms, in_place)
+        if isinstance(event, RunForkRequested):
+            return self._fork(state, event)
+        if isinstance(event, RunForkAccepted):
+            if state is not None:
+                return Decision(state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger", detail=f"fork of {event.forked_from}")], [])
+            return self._start_forked(event, now_ms)
         if state is None:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
         if state.finished and isinstance(event, TimerFired) and event.timer_id == keys.RUN_RETENTION:
@@ -181,6 +191,53 @@ class Machine:
         run.redrive(run.state.steps[step.key])
         run.drain()
         run.stop_for_budget()
+        run.enforce_size()
+        return Decision(run.state, run.out, run.events)
+
+    def _fork(self, state: RunState | None, event: RunForkRequested) -> Decision:
+        """A fork of the source run ``state`` (any status): its seed goes to the new run's partition; the source is unchanged."""
+        if state is None:
+            seed: RunForkAccepted | str = f"no run {event.run_id!r} (unknown, or forgotten after its retention)"
+        else:
+            definition = self.pinned(state)
+            seed = fork_seed(state, definition, event) if definition is not None else self._gone(state) + ": it cannot be forked"
+        if isinstance(seed, str):
+            return Decision(state, [EventIgnored(run_id=event.run_id, reason="fork_refused", detail=seed)], [])
+        return Decision(state, [StartForkedRun(seed=seed)], [])
+
+    def _start_forked(self, seed: RunForkAccepted, now_ms: int) -> Decision:
+        """A forked run starts with the steps before the fork point already finished as they were, and runs from it on."""
+        definition = self.definitions().get(seed.workflow, seed.version)
+        state = RunState(schema_version=SCHEMA_VERSION, run_id=seed.run_id, workflow=seed.workflow, version=seed.version, sha256=seed.sha256,
+                         input=seed.input, correlation_id=seed.correlation_id, started_ms=now_ms, forked_from=dict(seed.forked_from))
+        wf = definition.workflow if definition is not None and definition.sha256 == seed.sha256 else None
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s)
+        if wf is None:
+            run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
+            return Decision(run.state, run.out, run.events)
+        root = Frame(id="root", ref="root")
+        top = [step.id for step in wf.sequences["root"]]
+        for forked in seed.steps:
+            state.view[forked.step_id] = {"output": forked.output, "status": forked.status, "confidence": forked.confidence, "attempt": 0, "cached": forked.cached}
+            if forked.step_id not in top:
+                continue  # nested: only what CEL sees as steps.<id>
+            step = StepState(key=forked.step_id, step_id=forked.step_id, kind=step_kind(wf.steps[forked.step_id]), frame="root", status=forked.status,
+                             output=forked.output, confidence=forked.confidence, cached=forked.cached, cost=forked.cost, path=forked.path,
+                             started_ms=now_ms, finished_ms=now_ms)
+            state.steps[step.key] = step
+            root.step_keys.append(step.key)
+            if forked.cost:
+                run.add_copied_cost(forked.cost)
+            if forked.path:
+                state.path.append(f"{forked.step_id}:{forked.path}")
+            root.last_output, root.last_confidence = forked.output, forked.confidence
+        root.index = top.index(seed.forked_from["step"])
+        state.frames["root"] = root
+        run.publish("run.started")
+        if wf.definition.timeout is not None:
+            run.set_timer(keys.RUN_TIMEOUT, wf.definition.timeout, "run_timeout")
+        run.advance("root")
+        run.drain()
         run.enforce_size()
         return Decision(run.state, run.out, run.events)
 

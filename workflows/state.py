@@ -109,6 +109,7 @@ class RunState(_State):
     version: int
     sha256: str = ""  # of the definition the run is pinned to; "" in a state started before runs were pinned
     redrives: int = 0  # how many times the run was redriven after it failed
+    forked_from: dict[str, str] | None = None  # a forked run's source: {"run_id", "step"}
     status: RunStatus = "running"
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None

@@ -17,6 +17,7 @@ from legato.workflows.machine import (
     RequestActivity,
     SignalRefused,
     StartChildRun,
+    StartForkedRun,
     StartTimer,
 )
 
@@ -51,6 +52,9 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
         elif isinstance(command, NotifyParent):
             f = command.finished
             sends.append((topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
+        elif isinstance(command, StartForkedRun):
+            seed = command.seed
+            sends.append((topics.coordinator, seed.run_id.encode(), codec.dumps(seed), None))
         elif isinstance(command, ForgetRun):
             pass  # the partition task deletes the state and writes the tombstone (partition.Partitions._apply)
         elif isinstance(command, SignalRefused):  # e.g. a run keeps 64 at most

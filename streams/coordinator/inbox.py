@@ -8,7 +8,7 @@ from legato.streams.dlq import dead_letter
 from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRedriveRequested, RunRequested, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
 
 Send = tuple[str, bytes | None, bytes, int | None]
@@ -22,6 +22,8 @@ _COORDINATOR_RECORDS = {
     "child.finished": ChildRunFinished,
     "run.cancel_requested": RunCancelRequested,
     "run.redrive_requested": RunRedriveRequested,
+    "run.fork_requested": RunForkRequested,
+    "run.fork_accepted": RunForkAccepted,
 }
 
 

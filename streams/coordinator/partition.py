@@ -21,7 +21,7 @@ from legato.streams.coordinator.inbox import Inbox, Send
 from legato.streams.coordinator.timers import Timers, now_ms
 from legato.streams.metrics import count_in_flight
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, RunRedriveRequested, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
 from legato.workflows.lifecycle import retention_ms
 from legato.workflows.machine import EventIgnored, ForgetRun, Machine, StartTimer, outstanding
@@ -33,7 +33,7 @@ _DECODED_STATES = 1_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
 _EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
-                RunRedriveRequested: "redrive"}
+                RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
 
 class RunTable:

@@ -117,3 +117,29 @@ async def test_a_failed_run_is_redriven_from_its_failed_step_and_completes_witho
 
     code, out, err = await cli(legato, "redrive", run_id, "--wait")
     assert code == 1 and "the run is succeeded: only a failed run can be redriven" in err, err
+
+
+async def test_a_fork_from_step_two_runs_steps_two_and_three_only(legato: Legato):
+    """``legato fork RUN --from two --input …``: a new run copies step one's output (its handler was called once) and
+    runs steps two and three with the new input; its events carry ``forked_from``."""
+    name = f"fork_{uuid.uuid4().hex[:8]}"
+    await deploy(legato, name, f"""\
+        name: {name}
+        steps:
+          - {{id: one, activity: e2e_counted, input: {{key: "${{ input.key }}", value: 1}}}}
+          - {{id: two, activity: e2e_echo, input: {{prompt: "${{ input.prompt }}"}}}}
+          - {{id: three, activity: e2e_counted, input: {{key: "${{ input.key }}-three", value: 3}}}}
+        output: "{{'one': steps.one.output.call, 'two': steps.two.output, 'three': steps.three.output.call}}"
+        """)
+    source = f"{name}-src"
+    first = await legato.run(name, {"key": source, "prompt": "old"}, run_id=source)
+    assert first.status == "succeeded" and first.output == {"one": 1, "two": {"prompt": "old"}, "three": 1}, first
+
+    new_run = f"{name}-fork"
+    code, out, err = await cli(legato, "fork", source, "--from", "two", "--input", f'{{"key": "{source}", "prompt": "new"}}', "--run-id", new_run,
+                               "--wait", "--timeout", "60")
+    assert code == 0, err
+    forked = RunEvent.model_validate_json(out)
+    assert (forked.run_id, forked.type, forked.forked_from) == (new_run, "run.completed", {"run_id": source, "step": "two"}), forked
+    assert forked.output == {"one": 1, "two": {"prompt": "new"}, "three": 2}, forked
+    assert forked.cost["usd"] == 0.02  # step one's cost copied, step three's paid again
