@@ -56,7 +56,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     changelog = [settings.topics.changelog] if coordinator else []
     asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
     metrics = Metrics() if settings.metrics_port else None
-    coord = Coordinator(settings, workflows, metrics) if coordinator else None
+    coord = Coordinator(settings, metrics) if coordinator else None
     if not (worker and activities):
         if coord is None:
             raise SystemExit("nothing to run: no workflows for a coordinator and no activities for a worker")
@@ -101,7 +101,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
 async def _deployed(settings: Settings) -> Catalog:
     """Deploy the ``--workflows`` files under ``legato deploy``'s rules (a file whose name@version is deployed with
     other content stops the start, naming it), then read every deployed definition: files and Kafka never disagree
-    silently. Until the coordinator follows the table (docs/lifecycle.md, I2) it decides with what is deployed now."""
+    silently. The catalog read here gives the topics to create; the coordinator itself follows the table."""
     kafka = security.aiokafka_kwargs()
     await ensure_topics(settings.bootstrap, settings.topics, [], settings.partitions)
     if settings.workflow_dirs:

@@ -33,10 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from legato.streams.app import build, run
 
-    s = _settings(args)
-    if not s.workflow_dirs:
-        print("legato coordinator: give --workflows DIR or LEGATO_WORKFLOWS", file=sys.stderr)
-        return 2
+    s = _settings(args)  # --workflows is optional: a coordinator decides with what is deployed on the definitions topic
     run(build(s, coordinator=True, worker=False), s.loglevel)
     return 0
 
@@ -101,13 +98,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_redrive(args: argparse.Namespace) -> int:
     from legato.topics.client import LegatoClient
     from legato.tools.runs_show import load_run
+    from legato.streams.definitions import read_catalog
     from legato.workflows.lifecycle import redrive_refusal
+    from legato.workflows.machine import Machine, redrive_target
 
     s = _settings(args)
 
     async def go() -> int:
         if args.wait:  # the coordinator counts a refused redrive and emits nothing: say why before waiting in vain
-            refusal = redrive_refusal(await load_run(s.bootstrap, s.prefix, args.run_id))
+            state = await load_run(s.bootstrap, s.prefix, args.run_id)
+            refusal = redrive_refusal(state)
+            if refusal is None and state is not None:
+                catalog = (await read_catalog(s.bootstrap, s.topics, kafka=security.aiokafka_kwargs())).catalog
+                target = redrive_target(state, Machine(catalog).pinned(state))
+                refusal = target if isinstance(target, str) else None
             if refusal is not None:
                 print(f"legato redrive: run {args.run_id!r}: {refusal}", file=sys.stderr)
                 return 1
@@ -223,10 +227,11 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
             if not args.wait:
-                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id)
+                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version)
                 print(run_id)
                 return 0
-            result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr))
+            result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr),
+                                      version=args.version)
             print(result.model_dump_json(exclude_none=True))
             return 0 if result.status == "succeeded" else 1
 
@@ -455,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workflow")
     p.add_argument("--input", default="{}", help="JSON object")
     p.add_argument("--run-id", default=None)
+    p.add_argument("--version", type=int, default=None, help="run this version of the workflow (default: the highest deployed)")
     p.add_argument("--wait", action="store_true", help="show progress (completions and progress chunks, live) and print the terminal run event")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)

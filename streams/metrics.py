@@ -81,6 +81,8 @@ class Metrics:
         self.runs_cancelled = Counter("legato_runs_cancelled", "Runs cancelled (by their parent run or a run.cancel_requested record).", ["workflow"], registry=r)
         self.run_duration = Histogram("legato_run_duration_seconds", "End-to-end run duration (accepted → terminal).", ["workflow", "outcome"], buckets=RUN_SECONDS, registry=r)
         self.in_flight_runs = Gauge("legato_runs_in_flight", "Runs in the coordinator's run table that are still running.", registry=r)
+        self.retained_runs = Gauge("legato_runs_retained", "Finished runs in the coordinator's run table, kept until their retention ends.", registry=r)
+        self.forgotten_runs = Counter("legato_runs_forgotten", "Finished runs removed from the run table and the changelog after their retention.", ["workflow"], registry=r)
         # steps and patterns
         self.steps_finished = Counter("legato_steps_finished", "Steps that reached a terminal status.", ["workflow", "kind", "step", "status"], registry=r)
         self.step_failures = Counter("legato_step_failures", "Steps that failed or timed out, by error type.", ["workflow", "kind", "step", "error_type"], registry=r)
@@ -161,6 +163,12 @@ class Metrics:
     def runs_in_flight(self, n: int) -> None:
         self.in_flight_runs.set(n)
 
+    def runs_retained(self, n: int) -> None:
+        self.retained_runs.set(n)
+
+    def run_forgotten(self, workflow: str) -> None:
+        self.forgotten_runs.labels(workflow).inc()
+
     def lag(self, group: str, topic: str, partition: int, value: float) -> None:
         self.consumer_lag.labels(group, topic, str(partition)).set(value)
 
@@ -187,9 +195,9 @@ class Metrics:
         for event in events:
             getattr(self, self._COUNTERS[type(event)])(event)
 
-    def declare(self, workflows: Mapping[str, CompiledWorkflow]) -> None:
+    def declare(self, workflows: Iterable[CompiledWorkflow]) -> None:
         """Create the series of every declared choice path at 0, so a path never taken shows as a dead path."""
-        for wf in workflows.values():
+        for wf in workflows:
             for step in wf.steps.values():
                 if isinstance(step, ChoiceStep):
                     for path in declared_paths(step):

@@ -140,7 +140,7 @@ class Workers:
             if request.activity != activity.name:
                 await self.dlq.send(msg, f"request for activity {request.activity!r} on the topic of {activity.name!r}")
                 return
-            if not self.seen.add(request.request_id):
+            if not self.seen.add(_delivery(request)):
                 self._skip("duplicate_request")
                 return
             if request.deadline is not None and request.deadline < time.time() * 1000:
@@ -206,3 +206,9 @@ class Workers:
 
     async def _tail_cache(self) -> None:
         await tail_topic(self.bootstrap, self.topics.cache, self.cache.on_record, from_beginning=True)
+
+
+def _delivery(request: ActivityRequested) -> str:
+    """What makes a request a duplicate: a request re-sent after a crash is the stored one (the same ``requested_ms``),
+    while a run_id started again after its retention asks the same request ids at another time."""
+    return request.request_id if request.requested_ms is None else f"{request.request_id}@{request.requested_ms}"

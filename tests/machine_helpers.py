@@ -22,6 +22,7 @@ from legato.workflows.machine import (
     RequestActivity,
     StartTimer,
 )
+from legato.workflows.catalog import Catalog, Definition, source_sha256
 from legato.workflows.model import CompiledWorkflow, compile_workflow, load_workflow
 from legato.workflows.state import RunState
 
@@ -40,8 +41,12 @@ def compile_yaml(text: str, file: str = "<test>") -> CompiledWorkflow:
 
 def machine_from(*texts: str) -> Machine:
     """A Machine knowing the workflows written in ``texts`` (inline YAML, one document each)."""
-    compiled = [compile_yaml(t) for t in texts]
-    return Machine({wf.name: wf for wf in compiled})
+    return Machine(catalog_from(*texts))
+
+
+def catalog_from(*texts: str) -> Catalog:
+    """The catalog of the workflows in ``texts``, each hashed from its text as ``legato deploy`` does."""
+    return Catalog.of([Definition(compile_yaml(t), source_sha256(t)) for t in texts])
 
 
 def example(name: str) -> CompiledWorkflow:

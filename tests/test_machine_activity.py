@@ -82,7 +82,7 @@ def test_success_finishes_the_run_with_the_activity_output():
     step = h.state.steps["a"]
     assert (step.status, step.output, step.confidence, step.attempt) == ("succeeded", {"answer": 42}, 0.7, 1)
     assert h.state.view["a"] == {"output": {"answer": 42}, "status": "succeeded", "confidence": 0.7, "attempt": 1, "cached": False}
-    assert h.state.requests == {} and h.state.timers == {}
+    assert h.state.requests == {} and set(h.state.timers) == {"run:retention"}
 
 
 def test_output_confidence_and_cost_are_passed_on_to_the_next_step():
@@ -210,7 +210,7 @@ def test_retries_exhausted_fail_the_run_with_the_last_error():
     h.fail("a", "First")
     h.fire("a:retry:1")
     out = h.fail("a", "Second")
-    assert timers_in(out) == []
+    assert [t.timer_id for t in timers_in(out)] == ["run:retention"]  # no retry: only the finished run's retention
     end = h.terminal().event
     assert end.type == "run.failed" and end.error.type == "Second"
     assert h.state.steps["a"].status == "failed" and h.state.steps["a"].attempt == 2
@@ -221,10 +221,10 @@ def test_a_non_retryable_error_fails_at_once(max_attempts):
     h = Harness(machine_from(retrying(max_attempts)))
     h.start("retrying", {"n": 1})
     out = h.fail("a", "BadInput", retryable=False)
-    assert timers_in(out) == [] and requests_in(out) == []
+    assert [t.timer_id for t in timers_in(out)] == ["run:retention"] and requests_in(out) == []
     end = h.terminal().event
     assert end.status == "failed" and end.error.type == "BadInput" and end.error.retryable is False
-    assert h.state.steps["a"].status == "failed" and h.state.timers == {}
+    assert h.state.steps["a"].status == "failed" and set(h.state.timers) == {"run:retention"}
 
 
 def test_a_failure_without_error_info_is_a_retryable_activity_failed():

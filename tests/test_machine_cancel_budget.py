@@ -83,7 +83,7 @@ def test_a_cancelled_run_cancels_its_requests_and_ends_cancelled(reason, request
     [req] = h.pending()
     out = h.deliver(cancel(reason=reason, requested_by=requested_by), now=T0 + 700)
     assert requests_cancelled(out) == [req.request_id] and not requests_in(out)
-    assert h.status == "cancelled" and h.state.requests == {} and h.state.timers == {}
+    assert h.status == "cancelled" and h.state.requests == {} and set(h.state.timers) == {"run:retention"}
     assert h.state.steps["a"].status == "cancelled" and h.state.cancelled_by == requested_by
     [end] = terminal_events_in(out)
     assert end.event.type == "run.cancelled" and end.event.status == "cancelled" and end.event.output is None
@@ -355,7 +355,7 @@ def test_over_budget_nothing_new_starts_and_the_run_succeeds_with_what_it_has(ou
     assert not requests_in(out) and not children_started(out)
     end = h.terminal().event
     assert end.type == "run.completed" and end.status == "succeeded" and end.output == expected
-    assert end.stopped_by == "budget" and end.error is None and h.state.timers == {}
+    assert end.stopped_by == "budget" and end.error is None and set(h.state.timers) == {"run:retention"}
 
 
 def test_under_budget_the_run_is_not_marked():
@@ -437,7 +437,7 @@ def test_a_step_waiting_to_retry_is_not_tried_again():
     h.fail("flaky")
     assert h.state.steps["par/flaky/flaky"].status == "waiting_retry"
     h.deliver(costing(h.pending_for("costly"), "C", usd=1))
-    assert h.status == "succeeded" and h.state.timers == {}
+    assert h.status == "succeeded" and set(h.state.timers) == {"run:retention"}
     assert [r.step_id for r in requests_in(h.commands)].count("flaky") == 1
 
 
@@ -511,7 +511,7 @@ def test_a_random_run_cancelled_at_a_random_moment_ends_cancelled_with_nothing_l
     if before.finished:
         assert [c.reason for c in out] == ["run_finished"] and drive.state is before
     else:
-        assert drive.state.status == "cancelled" and drive.state.requests == {} and drive.state.timers == {}
+        assert drive.state.status == "cancelled" and drive.state.requests == {} and set(drive.state.timers) == {"run:retention"}
         assert set(requests_cancelled(out)) == pending and not requests_in(out)
         [end] = terminal_events_in(out)
         assert end.event.type == "run.cancelled" and end.event.error.message == "property"

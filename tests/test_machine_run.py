@@ -22,7 +22,7 @@ from tests.machine_helpers import (
     terminal_events_in,
     timers_in,
 )
-from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, outstanding, replay
+from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, StartTimer, outstanding, replay
 
 SIMPLE = """
 name: simple
@@ -61,8 +61,8 @@ def test_a_run_starts_with_run_started_then_its_first_request():
 def test_an_unknown_workflow_fails_at_once_without_run_started():
     h = Harness(machine_from(SIMPLE))
     out = h.start("nope", {"x": 1})
-    assert [type(c) for c in out] == [PublishRunEvent]
-    ev = out[0].event
+    assert [type(c) for c in out] == [StartTimer, PublishRunEvent]  # its retention, then run.failed
+    ev = out[1].event
     assert (ev.type, ev.status) == ("run.failed", "failed")
     assert ev.error.type == "UnknownWorkflow" and "'nope'" in ev.error.message and "simple" in ev.error.message
     assert h.state.status == "failed" and h.state.version == 0
@@ -91,7 +91,7 @@ def test_the_run_timeout_fails_the_run_and_cancels_everything():
     [end] = terminal_events_in(out)
     assert end.event.type == "run.failed" and end.event.error.type == "RunTimeout"
     assert end.event.duration_ms == 60_000 and end.completion_topic == "simple.done"
-    assert h.state.requests == {} and h.state.timers == {}
+    assert h.state.requests == {} and set(h.state.timers) == {"run:retention"}
     assert h.state.steps["a"].status == "cancelled"
     before = h.state
     out = h.deliver(succeeded(req, 1))
@@ -114,7 +114,7 @@ def test_default_output_is_the_last_steps_output_and_the_completion_topic_is_use
     [end] = terminal_events_in(out)
     assert end.event.output == {"v": 2} and end.completion_topic == "simple.done"
     assert end.event.finished_at == "2023-11-14T22:13:20.030Z" and end.event.duration_ms == 30
-    assert h.state.timers == {}  # the run timeout is gone too
+    assert set(h.state.timers) == {"run:retention"}  # the run timeout is gone too
 
 
 def test_the_workflow_output_expression_shapes_the_result():
@@ -221,14 +221,15 @@ def test_exactly_one_terminal_run_event_per_run(name, finish):
     assert len([c for c in run_events_in(h.commands) if c.event.type == "run.started"]) == 1
 
 
-def test_a_definition_removed_mid_run_fails_the_run_with_unknown_workflow():
+def test_a_definition_removed_mid_run_fails_the_run_with_definition_changed():
     h = Harness(machine_from(SIMPLE))
     h.start("simple")
     req = h.pending_for("a")
     h.machine = Machine({})
     out = h.deliver(succeeded(req, 1))
     [end] = terminal_events_in(out)
-    assert end.event.error.type == "UnknownWorkflow"
+    assert end.event.error.type == "DefinitionChanged"
+    assert "'simple' v1" in end.event.error.message
 
 
 def test_outstanding_reissues_pending_requests_and_timers_or_the_terminal_event():
@@ -238,7 +239,8 @@ def test_outstanding_reissues_pending_requests_and_timers_or_the_terminal_event(
     assert sorted(map(repr, again)) == sorted(repr(c) for c in start if not isinstance(c, PublishRunEvent))
     h.succeed("a", 1)
     h.succeed("b", 2)
-    [end] = outstanding(h.state)
+    retention, end = outstanding(h.state)
+    assert isinstance(retention, StartTimer) and retention.timer_id == "run:retention"
     assert isinstance(end, PublishRunEvent) and end.event == h.terminal().event
 
 

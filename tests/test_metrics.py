@@ -381,7 +381,7 @@ def test_waits_count_runs_waiting_their_duration_and_ignored_signals(metrics):
 
 def test_every_declared_choice_path_exists_at_zero_so_dead_paths_show(metrics):
     m = machine(TRIAGE)
-    metrics.declare(m.workflows)
+    metrics.declare(d.workflow for d in m.definitions())
     for path in ("case0", "default"):
         assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path=path) == 0
     drive_triage(metrics)

@@ -41,11 +41,13 @@ class LegatoClient:
         if self._producer is not None:
             await self._producer.stop()
 
-    async def trigger(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, correlation_id: str | None = None) -> str:
-        """Publish a trigger and return its run_id (a new uuid4 unless given; it is the idempotency key)."""
+    async def trigger(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, correlation_id: str | None = None,
+                      version: int | None = None) -> str:
+        """Publish a trigger and return its run_id (a new uuid4 unless given; it is the idempotency key). The run is
+        pinned to ``version`` of the workflow, or to its highest version deployed when the coordinator decides it."""
         assert self._producer is not None, "use `async with LegatoClient(...)`"
         run_id = run_id or str(uuid.uuid4())
-        record = RunRequested(workflow=workflow, input=input or {}, run_id=run_id, correlation_id=correlation_id)
+        record = RunRequested(workflow=workflow, input=input or {}, run_id=run_id, correlation_id=correlation_id, version=version)
         await self._producer.send_and_wait(self.topics.triggers, codec.dumps(record), key=run_id.encode())
         return run_id
 
@@ -134,13 +136,13 @@ class LegatoClient:
             return await asyncio.wait_for(self._wait(consumer, {new_run_id}, progress, started), timeout)
 
     async def run(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, timeout: float = 300.0,
-                  progress: Callable[[str], None] | None = None) -> RunEvent:
+                  progress: Callable[[str], None] | None = None, version: int | None = None) -> RunEvent:
         """Trigger a run and wait for its terminal event."""
         run_id = run_id or str(uuid.uuid4())
         watch = [self.topics.runs, self.topics.completions, self.topics.progress] if progress else [self.topics.runs]
         async with _RunsConsumer(self.bootstrap, watch, False, self._kafka) as consumer:
             started = asyncio.get_running_loop().time()
-            await self.trigger(workflow, input, run_id=run_id)
+            await self.trigger(workflow, input, run_id=run_id, version=version)
             if progress:
                 progress(f"triggered {workflow} run {run_id}")
             return await asyncio.wait_for(self._wait(consumer, {run_id}, progress, started), timeout)

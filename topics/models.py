@@ -22,6 +22,7 @@ class RunRequested(_Record):
     run_id: str | None = Field(default=None, min_length=1, max_length=200)
     correlation_id: str | None = Field(default=None, max_length=200)
     parent: dict[str, Any] | None = None  # set for sub-workflow runs: {run_id, step_key}
+    version: int | None = Field(default=None, ge=1)  # the definition's version to run; None: the highest deployed
 
 
 class Cost(_Record):
@@ -83,7 +84,7 @@ class RequestCancelled(_Record):
 class RunEvent(_Record):
     """On ``legato.runs`` (and a workflow's own ``completion_topic``): a run's lifecycle."""
 
-    type: Literal["run.started", "run.completed", "run.failed", "run.cancelled"]
+    type: Literal["run.started", "run.redriven", "run.completed", "run.failed", "run.cancelled"]
     run_id: str
     workflow: str
     status: Literal["running", "succeeded", "failed", "cancelled"]
@@ -97,6 +98,9 @@ class RunEvent(_Record):
     cost: dict[str, Any] | None = None
     stopped_by: Literal["budget"] | None = None  # the run went over its budget (on_budget: finish) and ended with what it had
     confidence: float | None = None  # a succeeded run's: its last step's (a parallel or map: its aggregate)
+    version: int | None = None  # the version of the definition the run is pinned to (run.started and terminal events)
+    redrives: int | None = None  # set once the run was redriven: how many times (run.redriven and later terminal events)
+    forked_from: dict[str, str] | None = None  # a forked run's {"run_id", "step"} (run.started and terminal events)
 
 
 class DeadLetter(_Record):
@@ -122,6 +126,7 @@ class RunAccepted(_Record):
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
     parent: dict[str, Any] | None = None
+    version: int | None = Field(default=None, ge=1)  # None: the highest deployed when this record is decided
 
 
 class ChildRunFinished(_Record):

@@ -5,7 +5,7 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict
 
-from legato.topics.models import ActivityRequested, ChildRunFinished, RequestCancelled, RunAccepted, RunCancelRequested, RunEvent, SignalSent
+from legato.topics.models import ActivityRequested, ChildRunFinished, RequestCancelled, RunAccepted, RunCancelRequested, RunEvent, RunForkAccepted, SignalSent
 
 
 class _Command(BaseModel):
@@ -51,11 +51,24 @@ class NotifyParent(_Command):
     finished: ChildRunFinished
 
 
+class StartForkedRun(_Command):
+    """Start a run forked from another (sent to the coordinator topic, keyed by the new run_id)."""
+
+    seed: RunForkAccepted
+
+
+class ForgetRun(_Command):
+    """A finished run's retention is over: delete its state (a tombstone on the changelog); its run_id is free again."""
+
+    run_id: str
+    workflow: str
+
+
 class EventIgnored(_Command):
     """A refused transition: duplicate, stale or unknown. Counted by the shell, never silently dropped."""
 
     run_id: str
-    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer | stale_child | duplicate_signal
+    reason: str  # duplicate_trigger | unknown_run | run_finished | duplicate_completion | unknown_request | stale_attempt | stale_timer | stale_child | duplicate_signal | redrive_refused | fork_refused
     detail: str = ""
 
 
@@ -67,4 +80,4 @@ class SignalRefused(_Command):
     reason: str
 
 
-Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, EventIgnored, SignalRefused]
+Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, EventIgnored, SignalRefused]

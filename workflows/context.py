@@ -15,6 +15,7 @@ from legato.topics.models import ChildRunFinished, ErrorInfo, RunCancelRequested
 from legato.workflows import keys, transitions
 from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent, StartTimer
 from legato.workflows.expressions import ExpressionError
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S, retention_ms
 from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
 from legato.workflows.state import Frame, RunState, StepState, StepStatus, Timer, TimerKind
 from legato.workflows.steps import processor
@@ -34,11 +35,13 @@ def iso(ms: int) -> str:
 class Run:
     """One decision in progress: mutates its own copy of the state and collects commands and domain events."""
 
-    def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
+    def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+                 default_retention_s: float = DEFAULT_RETENTION_S):
         self.state = state
         self.wf = wf
         self.now = now_ms
         self.max_state_bytes = max_state_bytes
+        self.default_retention_s = default_retention_s
         self.out: list[Command] = []
         self.events: list[DomainEvent] = []
         self.changed = True
@@ -227,6 +230,8 @@ class Run:
                 transitions.move(self, step, "cancelled")
         state.requests.clear()
         state.timers.clear()
+        # a durable timer like every other, so a finished run is forgotten even across restarts
+        self.set_timer_at(keys.RUN_RETENTION, self.now + retention_ms(self.wf, self.default_retention_s), "retention")
         for frame in state.frames.values():
             if frame.status == "running":
                 frame.status = "cancelled" if not ok or frame.owner is not None else "succeeded"
@@ -239,6 +244,22 @@ class Run:
         self.out.append(PublishRunEvent(event=terminal_event(state), completion_topic=completion_topic))
         if parent_waits(state):
             self.out.append(NotifyParent(finished=child_finished(state)))
+
+    def redrive(self, step: StepState) -> None:
+        """Resume the failed run at ``step``, the root frame's failed step (the machine checked it can be redriven):
+        the run is running again, its timeout restarts, its retention timer goes; steps that succeeded stay."""
+        state = self.state
+        state.status = "running"
+        state.finished_ms = state.output = state.error = state.confidence = None
+        state.redrives += 1
+        state.timers.pop(keys.RUN_RETENTION, None)
+        self.publish("run.redriven")
+        if self.wf.definition.timeout is not None:
+            self.set_timer(keys.RUN_TIMEOUT, self.wf.definition.timeout, "run_timeout")
+        root_frame = state.frames["root"]
+        root_frame.status, root_frame.error = "running", None
+        transitions.reopen(self, step)
+        processor(step.kind).redrive(self, step, self.wf.steps[step.step_id])
 
     def stop_for_budget(self) -> None:
         """``on_budget: finish``, once over budget: nothing new has started since (``_advance`` holds every frame
@@ -266,7 +287,9 @@ class Run:
         s = self.state
         self.out.append(
             PublishRunEvent(
-                event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms), correlation_id=s.correlation_id)
+                event=RunEvent(type=kind, run_id=s.run_id, workflow=s.workflow, status="running", started_at=iso(s.started_ms),
+                               correlation_id=s.correlation_id, version=s.version or None, redrives=s.redrives or None,
+                               forked_from=s.forked_from)
             )
         )
 
@@ -286,6 +309,10 @@ class Run:
     def add_cost(self, step: StepState, cost: dict[str, Any], models: dict[str, Any] | None = None) -> None:
         step.cost = _sum_cost(step.cost or {}, cost, models)
         self.state.cost = _sum_cost(self.state.cost, cost, models)
+
+    def add_copied_cost(self, cost: dict[str, Any]) -> None:
+        """The cost of a step copied into a forked run (already summed: ``models`` by model)."""
+        self.state.cost = _sum_cost(self.state.cost, {k: v for k, v in cost.items() if k != "models"}, cost.get("models"))
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -360,6 +387,9 @@ def terminal_event(state: RunState) -> RunEvent:
         cost=dict(state.cost) or None,
         stopped_by="budget" if ok and state.budget_exhausted else None,
         confidence=state.confidence if ok else None,
+        version=state.version or None,
+        redrives=state.redrives or None,
+        forked_from=state.forked_from,
     )
 
 

@@ -11,6 +11,8 @@ Ids are deterministic (a replay makes the same ones) and readable in logs:
 from __future__ import annotations
 
 RUN_TIMEOUT = "run:timeout"
+RUN_RETENTION = "run:retention"
+"""Set when a run ends; when it fires, the finished run is forgotten (its state deleted, its run_id free again)."""
 
 
 # --- steps and frames -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ through ``transitions``, which also emits the domain events that ``decide_events
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple, Union
+from typing import Callable, Iterable, Mapping, NamedTuple, Union
 
 from legato.topics.models import (
     ActivityCompleted,
@@ -16,24 +16,31 @@ from legato.topics.models import (
     ErrorInfo,
     RunAccepted,
     RunCancelRequested,
+    RunForkAccepted,
+    RunForkRequested,
+    RunRedriveRequested,
     SignalSent,
     TimerFired,
 )
 from legato.workflows import keys
+from legato.workflows.catalog import Catalog, Definition
+from legato.workflows.lifecycle import DEFAULT_RETENTION_S, fork_seed, redrive_refusal
 from legato.workflows.commands import (
     CancelChildRun,
     CancelRequest,
     Command,
     EventIgnored,
+    ForgetRun,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
     SignalRefused,
     StartChildRun,
+    StartForkedRun,
     StartTimer,
 )
 from legato.workflows.context import DEFAULT_MAX_STATE_BYTES, Run, child_finished, iso, parent_waits, terminal_event
-from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow
+from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, step_kind
 from legato.workflows.state import SCHEMA_VERSION, Frame, RunState, StepState
 from legato.workflows.steps import processor
 from legato.workflows.steps.activity import ActivityProcessor, _jitter
@@ -42,11 +49,12 @@ from legato.workflows.steps.subworkflow import SubWorkflowProcessor
 from legato.workflows.steps.wait import WaitProcessor
 from legato.workflows.transitions import DomainEvent, SignalIgnored
 
-Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent]
+Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested, RunForkRequested,
+              RunForkAccepted]
 
 __all__ = [
     "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CancelChildRun", "CancelRequest", "Command",
-    "Decision", "Event", "EventIgnored", "Machine", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
+    "Decision", "Event", "EventIgnored", "ForgetRun", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
     "StartChildRun", "StartTimer", "iso", "outstanding", "replay", "_jitter",
 ]
 
@@ -60,11 +68,28 @@ class Decision(NamedTuple):
 
 
 class Machine:
-    """Decides runs of the given workflow definitions."""
+    """Decides runs of the deployed workflow definitions, each run by the definition it is pinned to."""
 
-    def __init__(self, workflows: Mapping[str, CompiledWorkflow], max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
-        self.workflows = dict(workflows)
+    def __init__(self, definitions: Catalog | Callable[[], Catalog] | Mapping[str, CompiledWorkflow], *,
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, default_retention_s: float = DEFAULT_RETENTION_S):
+        """``definitions``: the catalog, or a function returning the current one (a coordinator's live table); a
+        mapping of name to compiled workflow is a fixed catalog of those (tests, tools), whose runs pin no sha256.
+        ``default_retention_s``: how long a finished run is kept when its workflow sets no ``retention``."""
+        if isinstance(definitions, Mapping):
+            definitions = Catalog.of([Definition(wf, "") for wf in definitions.values()])
+        if isinstance(definitions, Catalog):
+            fixed = definitions
+            definitions = lambda: fixed  # noqa: E731
+        self.definitions: Callable[[], Catalog] = definitions
         self.max_state_bytes = max_state_bytes
+        self.default_retention_s = default_retention_s
+
+    def pinned(self, state: RunState) -> Definition | None:
+        """The definition ``state`` is pinned to, or None when it is no longer deployed as it was."""
+        definition = self.definitions().get(state.workflow, state.version)
+        if definition is None or (state.sha256 and definition.sha256 != state.sha256):
+            return None
+        return definition
 
     def decide(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> tuple[RunState | None, list[Command]]:
         """Apply ``event`` to a copy of ``state``; return the new state and the commands to carry out.
@@ -81,17 +106,29 @@ class Machine:
             if state is not None:
                 return Decision(state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger")], [])
             return self._start(event, now_ms)
+        if isinstance(event, RunRedriveRequested):
+            return self._redrive(state, event, now_ms, in_place)
+        if isinstance(event, RunForkRequested):
+            return self._fork(state, event)
+        if isinstance(event, RunForkAccepted):
+            if state is not None:
+                return Decision(state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger", detail=f"fork of {event.forked_from}")], [])
+            return self._start_forked(event, now_ms)
         if state is None:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
+        if state.finished and isinstance(event, TimerFired) and event.timer_id == keys.RUN_RETENTION:
+            # also for a state that finished before runs had a retention timer (the shell fires one for it)
+            return Decision(None, [ForgetRun(run_id=state.run_id, workflow=state.workflow)], [])
         if state.finished:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
-        wf = self.workflows.get(state.workflow)
-        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes)
+        definition = self.pinned(state)
+        wf = definition.workflow if definition is not None else None
+        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s)
         if isinstance(event, RunCancelRequested):
             run.cancel_run(event)
             return Decision(run.state, run.out, run.events)
-        if wf is None:  # the definition was removed while the run was in flight
-            run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=f"workflow {state.workflow!r} is no longer loaded", retryable=False))
+        if wf is None:  # removed, or other text deployed under its name@version, while the run was in flight
+            run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
             return Decision(run.state, run.out, run.events)
         if isinstance(event, ActivityCompleted):
             _activities.completed(run, event)
@@ -109,22 +146,25 @@ class Machine:
         return Decision(run.state, run.out, run.events)
 
     def _start(self, event: RunAccepted, now_ms: int) -> Decision:
-        wf = self.workflows.get(event.workflow)
+        # the one place a run's version is chosen: later decisions use what the state records
+        catalog = self.definitions()
+        definition = catalog.resolve(event.workflow, event.version)
+        wf = definition.workflow if definition is not None else None
         state = RunState(
             schema_version=SCHEMA_VERSION,
             run_id=event.run_id,
             workflow=event.workflow,
-            version=wf.version if wf else 0,
+            version=definition.version if definition is not None else (event.version or 0),
+            sha256=definition.sha256 if definition is not None else "",
             input=event.input,
             correlation_id=event.correlation_id,
             parent=event.parent,
             started_ms=now_ms,
             depth=int((event.parent or {}).get("depth", 0)),
         )
-        run = Run(state, wf, now_ms, self.max_state_bytes)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s)
         if wf is None:
-            known = ", ".join(sorted(self.workflows)) or "none"
-            run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=f"no workflow named {event.workflow!r} (loaded: {known})", retryable=False))
+            run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=_unknown(catalog, event), retryable=False))
             return Decision(run.state, run.out, run.events)
         if state.depth > MAX_WORKFLOW_DEPTH:
             run.finish_run(False, None, ErrorInfo(type="DepthExceeded", message=f"sub-workflows nest deeper than {MAX_WORKFLOW_DEPTH}", retryable=False))
@@ -137,6 +177,99 @@ class Machine:
         run.drain()
         run.enforce_size()
         return Decision(run.state, run.out, run.events)
+
+
+    def _redrive(self, state: RunState | None, event: RunRedriveRequested, now_ms: int, in_place: bool) -> Decision:
+        refusal = redrive_refusal(state)
+        if state is None or refusal is not None:
+            return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=refusal or "")], [])
+        definition = self.pinned(state)
+        step = redrive_target(state, definition)
+        if isinstance(step, str):
+            return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=step)], [])
+        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s)
+        run.redrive(run.state.steps[step.key])
+        run.drain()
+        run.stop_for_budget()
+        run.enforce_size()
+        return Decision(run.state, run.out, run.events)
+
+    def _fork(self, state: RunState | None, event: RunForkRequested) -> Decision:
+        """A fork of the source run ``state`` (any status): its seed goes to the new run's partition; the source is unchanged."""
+        if state is None:
+            seed: RunForkAccepted | str = f"no run {event.run_id!r} (unknown, or forgotten after its retention)"
+        else:
+            definition = self.pinned(state)
+            seed = fork_seed(state, definition, event) if definition is not None else self._gone(state) + ": it cannot be forked"
+        if isinstance(seed, str):
+            return Decision(state, [EventIgnored(run_id=event.run_id, reason="fork_refused", detail=seed)], [])
+        return Decision(state, [StartForkedRun(seed=seed)], [])
+
+    def _start_forked(self, seed: RunForkAccepted, now_ms: int) -> Decision:
+        """A forked run starts with the steps before the fork point already finished as they were, and runs from it on."""
+        definition = self.definitions().get(seed.workflow, seed.version)
+        state = RunState(schema_version=SCHEMA_VERSION, run_id=seed.run_id, workflow=seed.workflow, version=seed.version, sha256=seed.sha256,
+                         input=seed.input, correlation_id=seed.correlation_id, started_ms=now_ms, forked_from=dict(seed.forked_from))
+        wf = definition.workflow if definition is not None and definition.sha256 == seed.sha256 else None
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s)
+        if wf is None:
+            run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
+            return Decision(run.state, run.out, run.events)
+        root = Frame(id="root", ref="root")
+        top = [step.id for step in wf.sequences["root"]]
+        for forked in seed.steps:
+            state.view[forked.step_id] = {"output": forked.output, "status": forked.status, "confidence": forked.confidence, "attempt": 0, "cached": forked.cached}
+            if forked.step_id not in top:
+                continue  # nested: only what CEL sees as steps.<id>
+            step = StepState(key=forked.step_id, step_id=forked.step_id, kind=step_kind(wf.steps[forked.step_id]), frame="root", status=forked.status,
+                             output=forked.output, confidence=forked.confidence, cached=forked.cached, cost=forked.cost, path=forked.path,
+                             started_ms=now_ms, finished_ms=now_ms)
+            state.steps[step.key] = step
+            root.step_keys.append(step.key)
+            if forked.cost:
+                run.add_copied_cost(forked.cost)
+            if forked.path:
+                state.path.append(f"{forked.step_id}:{forked.path}")
+            root.last_output, root.last_confidence = forked.output, forked.confidence
+        root.index = top.index(seed.forked_from["step"])
+        state.frames["root"] = root
+        run.publish("run.started")
+        if wf.definition.timeout is not None:
+            run.set_timer(keys.RUN_TIMEOUT, wf.definition.timeout, "run_timeout")
+        run.advance("root")
+        run.drain()
+        run.enforce_size()
+        return Decision(run.state, run.out, run.events)
+
+    @staticmethod
+    def _gone(state: RunState) -> str:
+        pin = f"workflow {state.workflow!r} v{state.version}" + (f" (sha256 {state.sha256[:12]})" if state.sha256 else "")
+        return f"{pin} is no longer deployed as the run started it"
+
+
+def redrive_target(state: RunState, definition: Definition | None) -> StepState | str:
+    """The top-level step a failed run stopped at, when a redrive can run it again; else why not (a named guard, also
+    applied by ``legato redrive --wait`` to the stored run). ``definition``: the one the run is pinned to."""
+    if definition is None:
+        return Machine._gone(state) + ": it cannot be redriven"
+    root = state.frames["root"]
+    sequence = definition.workflow.sequences["root"]
+    error = state.error.type if state.error else "failed"
+    if root.index >= len(sequence):
+        return f"the run failed after its last step ({error}): trigger it again"
+    step = state.steps.get(keys.step_key("root", sequence[root.index].id))
+    if step is None or step.status not in ("failed", "timed_out", "cancelled"):
+        return f"the run failed between steps ({error}): trigger it again"
+    if not processor(step.kind).redrivable or step.children:
+        return f"the run failed in the {step.kind} step {step.step_id!r}: this version redrives a failed top-level activity or sub-workflow step only"
+    return step
+
+
+def _unknown(catalog: Catalog, event: RunAccepted) -> str:
+    versions = [str(d.version) for d in catalog if d.name == event.workflow]
+    if event.version is not None and versions:
+        return f"workflow {event.workflow!r} has no version {event.version} (deployed: {', '.join(versions)})"
+    return f"no workflow named {event.workflow!r} (deployed: {', '.join(catalog.names()) or 'none'})"
 
 
 _activities: ActivityProcessor = processor("activity")  # type: ignore[assignment]

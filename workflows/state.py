@@ -11,7 +11,7 @@ StepStatus = Literal["running", "waiting", "waiting_retry", "succeeded", "failed
 """``waiting``: a ``wait`` step waiting for its signal. ``waiting_retry``: an activity between attempts."""
 FrameStatus = Literal["running", "succeeded", "failed", "cancelled"]
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
-TimerKind = Literal["activity_timeout", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep"]
+TimerKind = Literal["activity_timeout", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep", "retention"]
 
 TERMINAL: tuple[RunStatus, ...] = ("succeeded", "failed", "cancelled")
 STEP_FINISHED: tuple[StepStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
@@ -107,6 +107,9 @@ class RunState(_State):
     run_id: str
     workflow: str
     version: int
+    sha256: str = ""  # of the definition the run is pinned to; "" in a state started before runs were pinned
+    redrives: int = 0  # how many times the run was redriven after it failed
+    forked_from: dict[str, str] | None = None  # a forked run's source: {"run_id", "step"}
     status: RunStatus = "running"
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None

@@ -112,6 +112,16 @@ def begin(run: "Run", definition_id: str, kind: str, frame: Frame, key: str) -> 
     return step
 
 
+def reopen(run: "Run", step: StepState) -> None:
+    """A redrive (``RunRedriveRequested``): the one move out of a final status, for a step that failed, timed out or
+    was cancelled when its run failed. Its processor then runs it again (``Processor.redrive``)."""
+    if step.status not in ("failed", "timed_out", "cancelled"):
+        raise IllegalTransition(f"run {run.state.run_id}: step {step.key} ({step.kind}) cannot be redriven from {step.status}")
+    step.status = "running"
+    step.error = None
+    step.finished_ms = None
+
+
 def move(run: "Run", step: StepState, status: StepStatus) -> None:
     """Change ``step``'s status; a final one is stamped, shown to CEL (``steps.<id>``) and emitted."""
     if status not in ALLOWED[step.status]:

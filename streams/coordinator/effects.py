@@ -11,11 +11,13 @@ from legato.workflows.machine import (
     CancelChildRun,
     CancelRequest,
     EventIgnored,
+    ForgetRun,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
     SignalRefused,
     StartChildRun,
+    StartForkedRun,
     StartTimer,
 )
 
@@ -50,6 +52,11 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
         elif isinstance(command, NotifyParent):
             f = command.finished
             sends.append((topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
+        elif isinstance(command, StartForkedRun):
+            seed = command.seed
+            sends.append((topics.coordinator, seed.run_id.encode(), codec.dumps(seed), None))
+        elif isinstance(command, ForgetRun):
+            pass  # the partition task deletes the state and writes the tombstone (partition.Partitions._apply)
         elif isinstance(command, SignalRefused):  # e.g. a run keeps 64 at most
             refused(f"signal refused: {command.reason}")
             log.info("refused signal %r for run %s: %s", command.signal.signal, command.signal.run_id, command.reason)

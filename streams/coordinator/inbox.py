@@ -8,7 +8,7 @@ from legato.streams.dlq import dead_letter
 from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunRequested, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
 
 Send = tuple[str, bytes | None, bytes, int | None]
@@ -21,6 +21,9 @@ _COORDINATOR_RECORDS = {
     "timer.fired": TimerFired,
     "child.finished": ChildRunFinished,
     "run.cancel_requested": RunCancelRequested,
+    "run.redrive_requested": RunRedriveRequested,
+    "run.fork_requested": RunForkRequested,
+    "run.fork_accepted": RunForkAccepted,
 }
 
 
@@ -56,7 +59,8 @@ class Inbox:
         """Validate a trigger and re-key it by run_id onto the coordinator topic; raises DecodeError."""
         trigger = codec.decode(RunRequested, msg.value)
         run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
-        accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent)
+        accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent,
+                               version=trigger.version)
         return (self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None)
 
     def misplaced(self, msg: Any, run_id: str) -> Send | None:

@@ -18,8 +18,10 @@ from legato.streams.coordinator.partition import PartitionTask, Partitions
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.timers import fire_timers
 from legato.topics.names import Topics
+from legato.streams.admin import ensure_topics
+from legato.streams.definitions import DefinitionTable
+from legato.workflows.catalog import Catalog
 from legato.workflows.machine import Machine
-from legato.workflows.model import CompiledWorkflow
 
 log = logging.getLogger("legato.coordinator")
 
@@ -49,14 +51,17 @@ async def _trim_heap(interval: float = 5.0) -> None:
 class Coordinator:
     """Runs the transactional coordinator loop for one process (several processes share the partitions)."""
 
-    def __init__(self, settings: Any, workflows: dict[str, CompiledWorkflow], metrics: Any = None):
+    def __init__(self, settings: Any, metrics: Any = None):
         self.settings = settings
         self.topics: Topics = settings.topics
-        self.machine = Machine(workflows)
+        # every decision sees the table's catalog of that moment: a definition deployed while the coordinator runs
+        # is used by the next trigger; a run keeps the version it started with (Machine.pinned)
+        self.definitions = DefinitionTable(settings.bootstrap, self.topics, kafka=security.aiokafka_kwargs())
+        self.machine = Machine(lambda: self.definitions.catalog, default_retention_s=settings.retention_s)
         self.partition_count: int = settings.partitions
         self.metrics = metrics
-        if metrics is not None:
-            metrics.declare(workflows)  # every declared choice path exists at 0: dead paths show
+        self._known: set[str] = set()
+        self._background: set[asyncio.Task] = set()  # name@version of the definitions whose topics and metrics are set up
         self.group = self.topics.coordinator_group
         self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions, self.topics.signals]
         self.tasks: dict[int, PartitionTask] = {}  # the active tasks by partition (parked ones are not here)
@@ -73,6 +78,9 @@ class Coordinator:
     async def serve(self) -> None:
         """Consume, decide and commit until cancelled; then leave the group so the partitions move at once."""
         kw = security.aiokafka_kwargs()
+        await self.definitions.start()
+        self.definitions.on_change(self._on_catalog)
+        self._on_catalog(self.definitions.catalog)
         timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, **kw)
         await timer_producer.start()
         self._consumer = AIOKafkaConsumer(
@@ -106,6 +114,27 @@ class Coordinator:
             await self._consumer.stop()  # revokes and leaves the group
             await self.rebalance.stop()
             await timer_producer.stop()
+            await self.definitions.stop()
+
+    def _on_catalog(self, catalog: Catalog) -> None:
+        """New definitions: their choice paths exist at 0 in the metrics (dead paths show), and their topics are
+        created (``legato deploy`` creates them; a raw producer or another cluster's deployer may not have)."""
+        new = [d.workflow for d in catalog if d.key not in self._known]
+        if not new:
+            return
+        self._known.update(d.key for d in catalog)
+        if self.metrics is not None:
+            self.metrics.declare(new)
+        activities = sorted({a for wf in new for a in wf.activities})
+        completions = sorted({wf.definition.completion_topic for wf in new if wf.definition.completion_topic})
+        task = asyncio.create_task(ensure_topics(self.settings.bootstrap, self.topics, activities, self.partition_count, completions))
+        self._background.add(task)
+        task.add_done_callback(self._topics_created)
+
+    def _topics_created(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("creating the topics of new definitions failed: %s", task.exception())
 
     async def _consume(self) -> None:
         """Poll, and hand each partition's records to its task."""
@@ -159,5 +188,7 @@ class Coordinator:
 
     async def _report_in_flight(self) -> None:
         while True:
-            self.metrics.runs_in_flight(sum(t.running for t in list(self.tasks.values())))
+            tasks = list(self.tasks.values())
+            self.metrics.runs_in_flight(sum(t.running for t in tasks))
+            self.metrics.runs_retained(sum(t.stored - t.running for t in tasks))
             await asyncio.sleep(5.0)

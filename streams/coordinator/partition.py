@@ -21,9 +21,10 @@ from legato.streams.coordinator.inbox import Inbox, Send
 from legato.streams.coordinator.timers import Timers, now_ms
 from legato.streams.metrics import count_in_flight
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
-from legato.workflows.machine import EventIgnored, Machine, StartTimer, outstanding
+from legato.workflows.lifecycle import retention_ms
+from legato.workflows.machine import EventIgnored, ForgetRun, Machine, StartTimer, outstanding
 from legato.workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
@@ -31,7 +32,8 @@ log = logging.getLogger("legato.coordinator")
 _DECODED_STATES = 1_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
-_EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal"}
+_EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
+                RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
 
 class RunTable:
@@ -54,6 +56,9 @@ class RunTable:
     def put(self, key: bytes, value: bytes) -> None:
         self._data[key] = value
 
+    def delete(self, key: bytes) -> None:
+        self._data.pop(key, None) if self._path is None else self._data.delete(key)
+
     def values(self) -> Iterable[bytes]:
         return self._data.values()
 
@@ -71,6 +76,7 @@ class PartitionTask:
         self.store = store
         self.next_offset: dict[TopicPartition, int] = {}
         self.running = 0
+        self.stored = 0  # runs in the table (running and retained)
         self.timers = Timers()  # fired only while the task is active (not while it is parked in a rebalance)
         self.inbox: list[tuple[TopicPartition, list[Any], float]] = []  # polled, not yet decided
         self.queued = 0
@@ -85,9 +91,10 @@ class Batch:
     """What one turn of a partition's task decided, committed in one transaction."""
 
     sends: list[Send] = field(default_factory=list)
-    changed: dict[str, RunState] = field(default_factory=dict)  # runs this batch changed, encoded once at its end
-    written: dict[bytes, bytes] = field(default_factory=dict)  # run key → the state bytes this batch stores
+    changed: dict[str, RunState | None] = field(default_factory=dict)  # runs this batch changed (None: forgotten)
+    written: dict[bytes, bytes | None] = field(default_factory=dict)  # run key → the state bytes it stores (None: a tombstone)
     running: int = 0  # runs started minus runs finished
+    stored: int = 0  # runs started minus runs forgotten
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     timers: list[StartTimer] = field(default_factory=list)
     overheads: list[str] = field(default_factory=list)  # workflow of each completion that requested the next activity
@@ -119,7 +126,9 @@ class Partitions:
     async def restore(self, task: PartitionTask, bootstrap: str) -> int:
         """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
         def put(record: Any) -> None:
-            if record.value is not None:
+            if record.value is None:  # a forgotten run: skipping the tombstone would bring it back
+                task.store.delete(record.key)
+            else:
                 task.store.put(record.key, record.value)
 
         reader = kafka_io.reader(bootstrap, max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
@@ -129,9 +138,15 @@ class Partitions:
         finally:
             await reader.stop()
         loaded = sum(1 for _ in task.store.values())
-        task.timers.rearm(task.store.values())
+        task.timers.rearm(task.store.values(), self._retention_due)
         task.running = count_in_flight(task.store.values())
+        task.stored = loaded
         return loaded
+
+    def _retention_due(self, state: RunState) -> int:
+        """When a run that finished before runs had a retention timer is forgotten."""
+        definition = self.machine.pinned(state)
+        return (state.finished_ms or state.started_ms) + retention_ms(definition.workflow if definition else None, self.machine.default_retention_s)
 
     def forget(self) -> None:
         """Drop the decoded states (a partition was closed: its table is gone)."""
@@ -163,6 +178,7 @@ class Partitions:
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
         task.running += batch.running
+        task.stored += batch.stored
         if self._poisoned:
             self._poisoned = {k: v for k, v in self._poisoned.items() if k[2] >= task.next_offset.get(TopicPartition(k[0], k[1]), 0)}
         for timer in batch.timers:
@@ -185,8 +201,13 @@ class Partitions:
         if not batch.offsets:
             return None
         for run_id, state in batch.changed.items():
-            stored = state.model_dump_json(exclude_defaults=True).encode()
             key = run_id.encode()
+            if state is None:
+                task.store.delete(key)
+                batch.written[key] = None
+                self._states.pop(run_id, None)
+                continue
+            stored = state.model_dump_json(exclude_defaults=True).encode()
             task.store.put(key, stored)
             batch.written[key] = stored
             self._remember(run_id, stored, state)
@@ -233,15 +254,16 @@ class Partitions:
         self._apply(task, record, msg, batch)
 
     def _apply(self, task: PartitionTask, record: Any, msg: Any, batch: Batch) -> None:
-        state = batch.changed.get(record.run_id)
-        if state is None:
+        if record.run_id in batch.changed:  # None: forgotten earlier in this batch
+            state = batch.changed[record.run_id]
+        else:
             state = self._load(record.run_id, task.store.get(record.run_id.encode()))
         position = f"{msg.topic}:{msg.partition}"
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
             # The state already holds this event (offsets reset by hand, or read again after an unclean
             # hand-over): re-issue what the run is waiting on; ids are deterministic, so duplicates drop.
-            wf = self.machine.workflows.get(state.workflow)
-            completion_topic = wf.definition.completion_topic if wf else None
+            definition = self.machine.pinned(state)
+            completion_topic = definition.workflow.definition.completion_topic if definition else None
             commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
             carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None)
@@ -262,6 +284,12 @@ class Partitions:
             new_state.cursor[position] = msg.offset
             batch.changed[record.run_id] = new_state
             batch.running += (new_state.status == "running") - was_running
+            batch.stored += state is None
+        elif state is not None and any(isinstance(c, ForgetRun) for c in commands):
+            batch.changed[record.run_id] = None
+            batch.stored -= 1
+            if self.metrics is not None:
+                self.metrics.run_forgotten(state.workflow)
         if self.metrics is not None:
             # Derived now, while the state object still is this decision's result (later records of the batch
             # change it in place). A batch whose transaction fails is read again and counted again: rare.

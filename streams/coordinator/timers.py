@@ -6,14 +6,15 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
+import orjson
 from aiokafka import AIOKafkaProducer
 
 from legato.topics import codec
 from legato.topics.models import TimerFired
 from legato.workflows import keys
-from legato.workflows.state import RunState
+from legato.workflows.state import TERMINAL, RunState
 
 if TYPE_CHECKING:
     from legato.streams.coordinator.partition import PartitionTask
@@ -45,13 +46,16 @@ class Timers:
             fired.append((run_id, timer_id))
         return fired
 
-    def rearm(self, stored: Iterable[bytes]) -> None:
-        """Schedule every timer of the stored run states (a partition was just loaded)."""
+    def rearm(self, stored: Iterable[bytes], retention_due: Callable[[RunState], int]) -> None:
+        """Schedule every timer of the stored run states (a partition was just loaded), and the retention of a run
+        that finished before runs had a retention timer (at ``retention_due(state)``)."""
         for raw in stored:
-            if keys.has_timers(raw):  # most runs have none: skip decoding them
-                state = RunState.model_validate_json(raw)
-                for timer_id, timer in state.timers.items():
-                    self.schedule(state.run_id, timer_id, timer.due_ms)
+            doc = orjson.loads(raw)  # not a RunState: a restore reads every retained run, and a full validation costs more
+            timers = doc.get("timers") or {}
+            for timer_id, timer in timers.items():
+                self.schedule(doc["run_id"], timer_id, timer["due_ms"])
+            if doc.get("status", "running") in TERMINAL and keys.RUN_RETENTION not in timers:
+                self.schedule(doc["run_id"], keys.RUN_RETENTION, retention_due(RunState.model_validate(doc)))
 
 
 async def fire_timers(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProducer, topic: str) -> None:
@@ -71,7 +75,7 @@ async def _fire_due(tasks: Mapping[int, "PartitionTask"], task: "PartitionTask",
             return  # closed or reloaded while a send was awaited; a reload re-arms its timers
         key = run_id.encode()
         raw = task.store.get(key)
-        if raw is None or not keys.timer_pending(raw, timer_id):
+        if raw is None or not (keys.timer_pending(raw, timer_id) or (timer_id == keys.RUN_RETENTION and RunState.model_validate_json(raw).finished)):
             continue  # finished or cleared since it was set
         try:
             await producer.send(topic, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)

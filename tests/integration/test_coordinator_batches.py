@@ -15,7 +15,7 @@ from legato.streams.config import Settings
 from legato.streams.coordinator import Coordinator
 from legato.topics import codec
 from legato.topics.models import RunRequested
-from legato.workflows.model import load_directories
+from legato.streams.definitions import deploy_files
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +47,9 @@ async def test_a_record_the_machine_raises_on_is_dead_lettered_and_its_batch_sti
     settings = Settings(bootstrap=kafka_bootstrap, prefix=f"cb{uuid.uuid4().hex[:10]}", partitions=1,
                         workflow_dirs=[str(tmp_path / "wf")], data_dir=tmp_path / "data")
     await ensure_topics(kafka_bootstrap, settings.topics, [], 1, [], compacted=[settings.topics.changelog])
-    coordinator = Coordinator(settings, load_directories(settings.workflow_dirs))
-    decide = coordinator.machine.decide_events  # what the coordinator calls (decide plus the domain events)
+    await deploy_files(settings.workflow_dirs, kafka_bootstrap, settings.topics)
+    coordinator = Coordinator(settings)
+    decide = coordinator.machine.decide_events  # what the partition tasks call
     raised: list[str] = []
 
     def buggy(state, event, now, in_place=False):  # a state machine bug that only this run's trigger meets

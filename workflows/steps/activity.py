@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 
 
 class ActivityProcessor(Processor):
+    redrivable = True
+
+    def redrive(self, run: "Run", step: StepState, definition: ActivityStep) -> None:
+        """The next attempt: attempts continue, so request ids never repeat and the failed attempt's late completion
+        is stale. Its retries are what is left of ``retry.max_attempts`` (none when they were spent)."""
+        request(run, step, definition, step.attempt + 1)
+
     def start(self, run: "Run", step: StepState, definition: ActivityStep, frame: "Frame", variables: dict[str, Any]) -> None:
         request(run, step, definition, 1, variables)
 

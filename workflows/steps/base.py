@@ -10,7 +10,10 @@ if TYPE_CHECKING:
 
 class Processor:
     """What a step kind does when it starts, when a frame below it ends, when its timer fires, when it is
-    cancelled. The defaults do nothing: a kind overrides what applies to it."""
+    cancelled, when its failed run is redriven. The defaults do nothing: a kind overrides what applies to it."""
+
+    redrivable = False
+    """Whether ``redrive`` runs a failed step of this kind again (the machine refuses to redrive other kinds)."""
 
     def start(self, run: "Run", step: "StepState", definition: Any, frame: "Frame", variables: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -20,6 +23,10 @@ class Processor:
 
     def timer(self, run: "Run", step: "StepState", timer: "Timer") -> None:
         """One of ``step``'s timers fired (already removed from the run's timers)."""
+
+    def redrive(self, run: "Run", step: "StepState", definition: Any) -> None:
+        """The run failed at ``step`` (reopened: running again) and is redriven: run it again."""
+        raise NotImplementedError
 
     def cancel(self, run: "Run", step: "StepState", reason: str) -> bool:
         """Stop what ``step`` waits for and clear its timers; the caller then moves its status. Return whether it

@@ -16,24 +16,34 @@ if TYPE_CHECKING:
 
 
 class SubWorkflowProcessor(Processor):
+    redrivable = True
+
     def start(self, run: "Run", step: StepState, definition: WorkflowStep, frame: "Frame", variables: dict[str, Any]) -> None:
+        self._start_child(run, step, definition, variables, keys.child_run_id(run.state.run_id, step.key), 1)
+
+    def redrive(self, run: "Run", step: StepState, definition: WorkflowStep) -> None:
+        """A fresh child run (the failed one's late ``child.finished`` is stale), with the step's input rendered again."""
+        child_id = f"{keys.child_run_id(run.state.run_id, step.key)}~{run.state.redrives}"
+        self._start_child(run, step, definition, run.variables(run.state.frames[step.frame]), child_id, step.attempt + 1)
+
+    def _start_child(self, run: "Run", step: StepState, definition: WorkflowStep, variables: dict[str, Any], child_id: str, attempt: int) -> None:
         payload = run.wf.templates[definition.id].render(variables)
         if not isinstance(payload, dict):
             payload = {"value": payload} if payload is not None else {}
-        child_id = keys.child_run_id(run.state.run_id, step.key)
         accepted = RunAccepted(
             run_id=child_id,
             workflow=definition.workflow,
+            version=definition.version,
             input=payload,
             correlation_id=run.state.correlation_id,
             parent={"run_id": run.state.run_id, "step_key": step.key, "depth": run.state.depth + 1},
         )
         transitions.move(run, step, "running")
-        step.attempt, step.child_run = 1, child_id
+        step.attempt, step.child_run = attempt, child_id
         step.request = accepted.model_dump(mode="json", exclude_none=True)
         run.out.append(StartChildRun(accepted=accepted))
         if definition.timeout is not None:
-            run.set_timer(keys.attempt_timeout(step.key, 1), definition.timeout, "activity_timeout", target=step.key, attempt=1)
+            run.set_timer(keys.attempt_timeout(step.key, attempt), definition.timeout, "activity_timeout", target=step.key, attempt=attempt)
 
     def child_run_finished(self, run: "Run", event: ChildRunFinished) -> None:
         """The child run of one of this run's sub-workflow steps ended."""
@@ -41,7 +51,7 @@ class SubWorkflowProcessor(Processor):
         if step is None or step.child_run != event.child_run_id or step.status != "running" or run.fallback_running(step):
             run.ignore("stale_child", f"child run {event.child_run_id} of step {event.step_key}")
             return
-        run.clear_timer(keys.attempt_timeout(step.key, 1))
+        run.clear_timer(keys.attempt_timeout(step.key, step.attempt))
         if event.cost:
             run.add_cost(step, {k: v for k, v in event.cost.items() if k != "models"}, models=event.cost.get("models"))
         too_big = run.too_big(event.output) if event.status == "succeeded" else None
