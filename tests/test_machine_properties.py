@@ -18,7 +18,8 @@ from hypothesis import event as tally
 from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
-from legato.topics.models import ActivityCompleted, ActivityRequested, ChildRunFinished, RunAccepted, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ActivityRequested, ChildRunFinished, RunAccepted, RunRedriveRequested, SignalSent, TimerFired
+from legato.workflows import keys
 from legato.workflows.machine import EventIgnored, Machine, NotifyParent, PublishRunEvent, RequestActivity, StartChildRun, replay
 from legato.workflows.model import compile_workflow
 from legato.workflows.state import RunState
@@ -244,7 +245,7 @@ def scenarios(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 def check_invariants(state: RunState) -> None:
     """Bookkeeping that must hold after every decision."""
     if state.finished:
-        assert state.requests == {} and set(state.timers) == {"run:retention"}
+        assert state.requests == {} and set(state.timers) == {keys.run_timer("run:retention", state.redrives)}
         return
     # a running run is never stuck: something that will move it on is pending
     waiting = [s.key for s in state.steps.values() if s.status == "waiting"]
@@ -401,6 +402,8 @@ class Drive:
         tally(f"refused: {out[0].reason}")
         if isinstance(event, RunAccepted):
             assert [c.reason for c in out] == ["duplicate_trigger"]
+        elif isinstance(event, RunRedriveRequested):
+            assert [c.reason for c in out] == ["redrive_refused"]
         elif before.finished:
             assert [c.reason for c in out] == ["run_finished"]
         elif isinstance(event, TimerFired):
@@ -476,3 +479,35 @@ def test_every_prefix_of_a_log_replays_to_the_state_that_was_seen(scenario, data
     cut = data.draw(st.integers(1, len(drive.log)), label="prefix")
     state, _ = replay(machine_for(doc), drive.log[:cut])
     assert dump(state) == seen[cut - 1]
+
+
+@PROPERTY_SETTINGS
+@given(scenario=scenarios(), data=st.data())
+def test_a_redriven_run_still_terminates_and_replays_deterministically(scenario, data):
+    """A failed run redriven (when it can be: else the refusal changes nothing) ends again within the bound, with
+    one more terminal event carrying ``redrives: 1``; the whole log replays to the same state and commands."""
+    doc, run_input = scenario
+    note(yaml.safe_dump(doc, sort_keys=False))
+    drive = Drive(machine_for(doc), data)
+    drive.deliver(RunAccepted(run_id="run-1", workflow="gen", input=run_input))
+    while not drive.state.finished:
+        assert len(drive.log) < MAX_EVENTS
+        drive.step()
+    if drive.state.status != "failed":
+        return
+    before = drive.state
+    out = drive.deliver(RunRedriveRequested(run_id="run-1", reason="property"))
+    if all(isinstance(c, EventIgnored) for c in out):
+        assert [c.reason for c in out] == ["redrive_refused"] and drive.state is before
+        tally("redrive refused")
+        return
+    tally("redriven")
+    check_invariants(drive.state)
+    while not drive.state.finished:
+        assert len(drive.log) < 2 * MAX_EVENTS, "no end after the redrive"
+        drive.step()
+        check_invariants(drive.state)
+    terminal = terminal_events_in(drive.commands)
+    assert [t.event.redrives for t in terminal] == [None, 1]
+    state, commands = replay(machine_for(doc), drive.log)
+    assert dump(state) == dump(drive.state) and commands == drive.commands
