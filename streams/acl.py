@@ -11,7 +11,7 @@ topics are PREFIXED patterns, everything else is LITERAL.
 | ``worker`` | read the requests of its activities, cancellations and the cache; write completions, progress, the cache and the DLQ |
 | ``trigger`` | write triggers; read the completion topics of its workflows |
 | ``signal`` | write signals |
-| ``operator`` | cancel (write the coordinator topic), deploy (write definitions), fork and redrive (read the DLQ, write triggers and completions), read run events and the run table |
+| ``operator`` | cancel, redrive and fork (records on the coordinator topic), deploy (write definitions), read run events, the run table and the DLQ |
 | ``console`` | read what the console shows: run events, the run table, progress, definitions, signals, the DLQ |
 | ``observer`` | read run events and completion topics |
 """
@@ -98,7 +98,7 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
     elif role == "signal":
         topic("WRITE", t.signals)
     elif role == "operator":
-        topic("WRITE", t.coordinator, t.definitions, t.triggers, t.completions)
+        topic("WRITE", t.coordinator, t.definitions)  # cancel, redrive and fork are coordinator-topic records
         topic("READ", t.runs, t.changelog, t.dlq, t.definitions, *completion)
         out.add(Acl("transactional-id", "literal", t.deployer, "WRITE", principal))  # legato deploy
     elif role == "console":

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tests.machine_helpers import T0, dump, failed, fired, pending_requests, succeeded, terminal_events_in
 from legato.topics.models import ActivityCompleted, ActivityRequested, ChildRunFinished, RunAccepted, RunRedriveRequested, SignalSent, TimerFired
+from legato.workflows import keys
 from legato.workflows.machine import EventIgnored, Machine, NotifyParent, PublishRunEvent, RequestActivity, StartChildRun, replay
 from legato.workflows.model import compile_workflow
 from legato.workflows.state import RunState
@@ -244,7 +245,7 @@ def scenarios(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 def check_invariants(state: RunState) -> None:
     """Bookkeeping that must hold after every decision."""
     if state.finished:
-        assert state.requests == {} and set(state.timers) == {"run:retention"}
+        assert state.requests == {} and set(state.timers) == {keys.run_timer("run:retention", state.redrives)}
         return
     # a running run is never stuck: something that will move it on is pending
     waiting = [s.key for s in state.steps.values() if s.status == "waiting"]
@@ -401,6 +402,8 @@ class Drive:
         tally(f"refused: {out[0].reason}")
         if isinstance(event, RunAccepted):
             assert [c.reason for c in out] == ["duplicate_trigger"]
+        elif isinstance(event, RunRedriveRequested):
+            assert [c.reason for c in out] == ["redrive_refused"]
         elif before.finished:
             assert [c.reason for c in out] == ["run_finished"]
         elif isinstance(event, TimerFired):

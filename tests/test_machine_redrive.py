@@ -6,7 +6,7 @@ import pytest
 
 from legato.topics.models import ActivityRequested, ChildRunFinished, RunCancelRequested, RunRedriveRequested
 from legato.workflows.machine import StartChildRun
-from tests.machine_helpers import T0, Harness, ignored_in, machine_from, requests_in, run_events_in, succeeded, terminal_events_in
+from tests.machine_helpers import T0, Harness, ignored_in, machine_from, requests_in, fired, run_events_in, succeeded, terminal_events_in
 
 THREE = """
 name: three
@@ -67,8 +67,9 @@ def test_a_failed_run_resumes_at_its_failed_step_with_the_next_attempt():
     [request] = requests_in(out)
     assert (request.step_id, request.attempt, request.request_id) == ("two", 2, "r1/two/2")
     assert h.status == "running" and h.state.error is None and h.state.finished_ms is None
-    assert set(h.state.timers) == {"run:timeout", "two:timeout:2"}  # the run's timeout restarts; no retention
-    assert h.state.timers["run:timeout"].due_ms == T0 + 1_000 + 60_000
+    # the run's timeout restarts (a new id: a copy of an old run:timeout fired twice is stale); no retention
+    assert set(h.state.timers) == {"run:timeout~1", "two:timeout:2"}
+    assert h.state.timers["run:timeout~1"].due_ms == T0 + 1_000 + 60_000
 
 
 def test_steps_that_succeeded_are_not_run_again_and_the_run_ends_with_their_outputs():
@@ -132,6 +133,21 @@ def test_a_run_that_failed_in_a_compound_step_is_refused_in_this_version():
     assert h.status == "failed"
     [refused] = ignored_in(redrive(h))
     assert refused.detail == "the run failed in the parallel step 'p': this version redrives a failed top-level activity or sub-workflow step only"
+
+
+def test_a_copy_of_a_timer_fired_before_the_redrive_is_stale():
+    h = Harness(machine_from(THREE))
+    h.start("three", now=T0)
+    h.fire("run:timeout")
+    assert h.status == "failed" and h.terminal().event.error.type == "RunTimeout"
+    redrive(h)
+    assert [i.reason for i in ignored_in(h.deliver(fired("r1", "run:timeout")))] == ["stale_timer"]
+    h.succeed("one", 1)
+    h.succeed("two", 2)
+    h.succeed("three", 3)
+    assert set(h.state.timers) == {"run:retention~1"}
+    assert [i.reason for i in ignored_in(h.deliver(fired("r1", "run:retention")))] == ["run_finished"]
+    assert h.deliver(fired("r1", "run:retention~1"))[0].run_id == "r1" and h.state is None
 
 
 def test_a_redriven_run_that_fails_again_can_be_redriven_again():

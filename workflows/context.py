@@ -231,7 +231,7 @@ class Run:
         state.requests.clear()
         state.timers.clear()
         # a durable timer like every other, so a finished run is forgotten even across restarts
-        self.set_timer_at(keys.RUN_RETENTION, self.now + retention_ms(self.wf, self.default_retention_s), "retention")
+        self.set_timer_at(keys.run_timer(keys.RUN_RETENTION, state.redrives), self.now + retention_ms(self.wf, self.default_retention_s), "retention")
         for frame in state.frames.values():
             if frame.status == "running":
                 frame.status = "cancelled" if not ok or frame.owner is not None else "succeeded"
@@ -252,10 +252,10 @@ class Run:
         state.status = "running"
         state.finished_ms = state.output = state.error = state.confidence = None
         state.redrives += 1
-        state.timers.pop(keys.RUN_RETENTION, None)
+        state.timers.clear()  # a finished run holds only its retention timer
         self.publish("run.redriven")
         if self.wf.definition.timeout is not None:
-            self.set_timer(keys.RUN_TIMEOUT, self.wf.definition.timeout, "run_timeout")
+            self.set_timer(keys.run_timer(keys.RUN_TIMEOUT, state.redrives), self.wf.definition.timeout, "run_timeout")
         root_frame = state.frames["root"]
         root_frame.status, root_frame.error = "running", None
         transitions.reopen(self, step)

@@ -15,6 +15,12 @@ RUN_RETENTION = "run:retention"
 """Set when a run ends; when it fires, the finished run is forgotten (its state deleted, its run_id free again)."""
 
 
+def run_timer(timer_id: str, redrives: int) -> str:
+    """A run-level timer's id after ``redrives`` redrives: a copy of the timer fired before the redrive (the timer
+    loop may send one twice across a crash) is then stale, not the new run timeout or retention."""
+    return timer_id if redrives == 0 else f"{timer_id}~{redrives}"
+
+
 # --- steps and frames -------------------------------------------------------------------------------
 
 

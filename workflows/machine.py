@@ -116,8 +116,7 @@ class Machine:
             return self._start_forked(event, now_ms)
         if state is None:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
-        if state.finished and isinstance(event, TimerFired) and event.timer_id == keys.RUN_RETENTION:
-            # also for a state that finished before runs had a retention timer (the shell fires one for it)
+        if state.finished and isinstance(event, TimerFired) and _retention_over(state, event.timer_id):
             return Decision(None, [ForgetRun(run_id=state.run_id, workflow=state.workflow)], [])
         if state.finished:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
@@ -245,6 +244,15 @@ class Machine:
     def _gone(state: RunState) -> str:
         pin = f"workflow {state.workflow!r} v{state.version}" + (f" (sha256 {state.sha256[:12]})" if state.sha256 else "")
         return f"{pin} is no longer deployed as the run started it"
+
+
+def _retention_over(state: RunState, timer_id: str) -> bool:
+    """Whether ``timer_id`` is the finished run's retention timer, or ``run:retention`` for a state that finished before
+    runs had one (the shell fires it for them)."""
+    timer = state.timers.get(timer_id)
+    if timer is not None:
+        return timer.kind == "retention"
+    return timer_id == keys.RUN_RETENTION and not any(t.kind == "retention" for t in state.timers.values())
 
 
 def redrive_target(state: RunState, definition: Definition | None) -> StepState | str:

@@ -54,7 +54,7 @@ class Timers:
             timers = doc.get("timers") or {}
             for timer_id, timer in timers.items():
                 self.schedule(doc["run_id"], timer_id, timer["due_ms"])
-            if doc.get("status", "running") in TERMINAL and keys.RUN_RETENTION not in timers:
+            if doc.get("status", "running") in TERMINAL and not any(t.get("kind") == "retention" for t in timers.values()):
                 self.schedule(doc["run_id"], keys.RUN_RETENTION, retention_due(RunState.model_validate(doc)))
 
 
