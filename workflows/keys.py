@@ -135,7 +135,3 @@ def timer_pending(raw_state: bytes, timer_id: str) -> bool:
     field of a ``Timer`` and has no default), which no other part of a state looks like."""
     return b'"' + timer_id.encode() + b'":{"due_ms":' in raw_state
 
-
-def has_timers(raw_state: bytes) -> bool:
-    """Whether a stored run state (its JSON bytes, dumped without defaults) may hold pending timers."""
-    return b'"timers"' in raw_state

@@ -23,6 +23,8 @@ from legato.workflows.machine import (
 
 log = logging.getLogger("legato.coordinator")
 
+_TO_COORDINATOR = {StartChildRun: "accepted", CancelChildRun: "cancel", NotifyParent: "finished", StartForkedRun: "seed"}
+"""Commands whose record goes to the coordinator topic, keyed by the run it is for: command type → its field."""
 
 
 def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: list[StartTimer], ignored: Callable[[str], None],
@@ -43,18 +45,9 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
         elif isinstance(command, CancelRequest):
             c = command.cancel
             sends.append((topics.cancellations, c.run_id.encode(), codec.dumps(c), None))
-        elif isinstance(command, StartChildRun):
-            a = command.accepted
-            sends.append((topics.coordinator, a.run_id.encode(), codec.dumps(a), None))
-        elif isinstance(command, CancelChildRun):
-            c = command.cancel
-            sends.append((topics.coordinator, c.run_id.encode(), codec.dumps(c), None))
-        elif isinstance(command, NotifyParent):
-            f = command.finished
-            sends.append((topics.coordinator, f.run_id.encode(), codec.dumps(f), None))
-        elif isinstance(command, StartForkedRun):
-            seed = command.seed
-            sends.append((topics.coordinator, seed.run_id.encode(), codec.dumps(seed), None))
+        elif type(command) in _TO_COORDINATOR:  # records another run (or the run itself, later) decides
+            record = getattr(command, _TO_COORDINATOR[type(command)])
+            sends.append((topics.coordinator, record.run_id.encode(), codec.dumps(record), None))
         elif isinstance(command, ForgetRun):
             pass  # the partition task deletes the state and writes the tombstone (partition.Partitions._apply)
         elif isinstance(command, SignalRefused):  # e.g. a run keeps 64 at most
