@@ -387,3 +387,16 @@ def test_every_declared_choice_path_exists_at_zero_so_dead_paths_show(metrics):
     drive_triage(metrics)
     assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="case0") == 0
     assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="default") == 1
+
+
+def test_every_metric_readme_names_exists():
+    """README's metric names are real: each is one the coordinator's or a worker's registry exports."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(legato_[a-z_]+)`", readme))
+    exported = {f.name for f in Metrics().registry.collect()}
+    exported |= {name + suffix for name in exported for suffix in ("_total",)}  # counters collect without _total
+    assert len(named) > 20
+    assert named <= exported, f"README names metrics nobody exports: {sorted(named - exported)}"
