@@ -245,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = list(NAMES) if args.name == "all" else [args.name]
     sizes = [int(x) for x in args.sizes.split(",")]
     return bench_main(s, names, runs=args.runs, output=Path(args.output) if args.output else None, sizes=sizes,
-                      memory_runs=args.memory_runs, store=args.store)
+                      memory_runs=args.memory_runs, store=args.store, latency_runs=args.latency_runs)
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -496,10 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_fork, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
-    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout"])
+    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
     p.add_argument("--sizes", default="10,100,1000,10000", help="fan-out sizes")
     p.add_argument("--memory-runs", type=int, default=100_000)
+    p.add_argument("--latency-runs", type=int, default=30, help="runs of the 20-step workflow, one at a time, per pipe for latency")
     p.add_argument("--store", default="memory", choices=["memory", "rocksdb"], help="run table store for the memory benchmark")
     p.add_argument("--output", default=None, help="append the results to this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--loglevel", default=None)

@@ -34,6 +34,7 @@ class Settings:
     commit_interval: float = 0.5  # workers: seconds between offset commits
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
     console_port: int = 8080  # `legato dev` serves the console here
+    trace_file: Path | None = None  # the coordinator appends one JSON line per committed batch here (`legato bench latency`)
 
     @property
     def topics(self) -> Topics:
@@ -59,5 +60,6 @@ class Settings:
             linger_ms=float(env.get("LEGATO_LINGER_MS", "0")),
             commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
             console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),
+            trace_file=Path(env["LEGATO_TRACE_FILE"]) if env.get("LEGATO_TRACE_FILE") else None,
             retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

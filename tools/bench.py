@@ -34,7 +34,7 @@ from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
-NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout")
+NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency")
 
 
 @dataclass
@@ -471,7 +471,8 @@ def bench_scaleout(b: Bench, runs: int) -> Report:
     return report
 
 
-def main(settings: Settings, names: list[str], runs: int, output: Path | None, sizes: list[int], memory_runs: int, store: str) -> int:
+def main(settings: Settings, names: list[str], runs: int, output: Path | None, sizes: list[int], memory_runs: int, store: str,
+         latency_runs: int = 30) -> int:
     b = Bench(settings)
     reports: list[Report] = []
     max_rate = None
@@ -490,6 +491,10 @@ def main(settings: Settings, names: list[str], runs: int, output: Path | None, s
         reports.append(bench_memory(b, memory_runs, store))
     if "scaleout" in names:
         reports.append(bench_scaleout(b, runs))
+    if "latency" in names:
+        from legato.tools.bench_latency import bench_latency
+
+        reports.append(bench_latency(b, latency_runs))
     text = _render(reports)
     print(text)
     if output is not None:

@@ -14,7 +14,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from legato.streams import security
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import PartitionTask, Partitions
+from legato.streams.coordinator.partition import PartitionTask, Partitions, Trace
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.timers import fire_timers
 from legato.topics.names import Topics
@@ -65,7 +65,8 @@ class Coordinator:
         self.group = self.topics.coordinator_group
         self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions, self.topics.signals]
         self.tasks: dict[int, PartitionTask] = {}  # the active tasks by partition (parked ones are not here)
-        self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics)
+        self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics,
+                                     trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None)
         self.rebalance = Rebalance(self)
         self._consumer: AIOKafkaConsumer | None = None
         self._session_timeout_ms = int(settings.session_timeout * 1000)

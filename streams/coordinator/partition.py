@@ -29,6 +29,12 @@ from legato.workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
 
+
+def orjson_request_id(value: bytes) -> str:
+    import orjson
+
+    return orjson.loads(value).get("request_id", "")
+
 _DECODED_STATES = 1_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
@@ -98,6 +104,22 @@ class Batch:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     timers: list[StartTimer] = field(default_factory=list)
     overheads: list[str] = field(default_factory=list)  # workflow of each completion that requested the next activity
+    stamps: dict[str, float] = field(default_factory=dict)  # hop → wall-clock seconds (only when tracing)
+    requests: list[str] = field(default_factory=list)  # request ids produced (only when tracing)
+
+
+class Trace:
+    """``LEGATO_TRACE_FILE``: one JSON line per committed batch with the wall-clock moments of its hops (polled,
+    decided, records handed to the producer, offsets added, records acknowledged, committed) and the ids of the
+    requests it produced; ``legato bench latency`` joins them with the records' own timestamps."""
+
+    def __init__(self, path: Path):
+        self._fh = open(path, "ab", buffering=0)
+
+    def write(self, partition: int, batch: "Batch", polled: float) -> None:
+        import orjson
+
+        self._fh.write(orjson.dumps({"p": partition, "polled": polled, **batch.stamps, "requests": batch.requests}) + b"\n")
 
 
 class Poisoned(Exception):
@@ -112,8 +134,9 @@ class Poisoned(Exception):
 class Partitions:
     """Loads, decides and commits the partitions' batches; shared by every task of one coordinator process."""
 
-    def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None):
+    def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None, trace: Trace | None = None):
         self.machine = machine
+        self.trace = trace
         self.topics = topics
         self.group = group
         self.inbox = inbox
@@ -160,6 +183,9 @@ class Partitions:
         try:
             batch = self._decide_batch(task, parts)
             if batch is not None:
+                if self.trace is not None:
+                    batch.stamps["decided"] = time.time()
+                    batch.requests = [orjson_request_id(v) for t, _, v, _ in batch.sends if t.startswith(self.topics.requests(""))]
                 await self._commit(task, batch)
         except Poisoned as exc:
             # The decision changed the run's state object in place before it raised, and earlier records of this
@@ -175,6 +201,9 @@ class Partitions:
             return type(exc).__name__
         if batch is None:
             return None
+        if self.trace is not None:
+            batch.stamps["committed"] = time.time()
+            self.trace.write(task.partition, batch, time.time() - (time.perf_counter() - received))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
         task.running += batch.running
@@ -215,13 +244,20 @@ class Partitions:
 
     async def _commit(self, task: PartitionTask, batch: Batch) -> None:
         producer = task.producer
+        stamps = batch.stamps if self.trace is not None else None
         await producer.begin_transaction()
         try:
             futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]
             futures += [await producer.send(self.topics.changelog, value, key=key, partition=task.partition) for key, value in batch.written.items()]
+            if stamps is not None:
+                stamps["sent"] = time.time()
             await producer.send_offsets_to_transaction(batch.offsets, self.group)
+            if stamps is not None:
+                stamps["offsets"] = time.time()
             for fut in futures:
                 await fut  # aiokafka would commit a transaction in which a record failed: check every one first
+            if stamps is not None:
+                stamps["acked"] = time.time()
             await producer.commit_transaction()
         except BaseException:
             try:
