@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "legato"
 DEFAULT_PARTITIONS = 8
+CHANGELOG_OFFSETS_KEY = b"\x00offsets"
+"""The changelog key (not a run id: run ids are text without NUL) under which each coordinator partition stores, in
+every batch's transaction, where its input topics resume: ``{"<topic>:<partition>": next offset}``."""
 
 
 @dataclass(frozen=True)

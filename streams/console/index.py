@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import orjson
 from pydantic import ValidationError
 
-from legato.topics.names import Topics
+from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows.state import RunState
 
 STATUSES = ("running", "waiting", "succeeded", "failed", "cancelled")
@@ -231,7 +231,7 @@ class RunIndex:
         return self.db.execute("SELECT 1 FROM forgotten WHERE run_id = ?", (run_id,)).fetchone() is not None
 
     def _apply_state(self, key: bytes | None, value: bytes | None, at: str, timestamp_ms: int) -> None:
-        if key is None:
+        if key is None or key == CHANGELOG_OFFSETS_KEY:  # the coordinator's input positions, not a run
             return
         run_id = key.decode("utf-8", "replace")
         if value is None:  # a tombstone: the run was forgotten, and so is everything the index knew of it

@@ -14,7 +14,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from legato.streams import security
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import PartitionTask, Partitions, Trace
+from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, PartitionTask, Partitions, Trace
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.timers import fire_timers
 from legato.topics.names import Topics
@@ -164,7 +164,19 @@ class Coordinator:
     async def _run_task(self, task: PartitionTask) -> None:
         """Decide and commit the task's queued records, one transaction per turn, until the task is closed."""
         while self.tasks.get(task.partition) is task:
-            await task.wake.wait()
+            if task.group_offsets_behind:
+                try:
+                    await asyncio.wait_for(task.wake.wait(), GROUP_OFFSETS_EVERY_S)
+                except asyncio.TimeoutError:  # idle: bring the group's offsets (what lag monitoring reads) up to date
+                    async with task.busy:
+                        if self.tasks.get(task.partition) is task and not task.wake.is_set() and task.group_offsets_behind:
+                            try:
+                                await self.partitions.flush_group_offsets(task)
+                            except Exception as exc:
+                                await self.rebalance.reload(task, type(exc).__name__)
+                    continue
+            else:
+                await task.wake.wait()
             async with task.busy:
                 task.wake.clear()
                 if self.tasks.get(task.partition) is not task:

@@ -22,7 +22,7 @@ from legato.streams.coordinator.timers import Timers, now_ms
 from legato.streams.metrics import count_in_flight
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
-from legato.topics.names import Topics
+from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows.lifecycle import retention_ms
 from legato.workflows.machine import EventIgnored, ForgetRun, Machine, StartTimer, outstanding
 from legato.workflows.state import RunState
@@ -37,6 +37,12 @@ def orjson_request_id(value: bytes) -> str:
 
 _DECODED_STATES = 1_000
 """Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
+
+GROUP_OFFSETS_EVERY_S = 1.0
+"""Where the input topics resume is stored with the run states, in the changelog record ``CHANGELOG_OFFSETS_KEY`` of
+every batch's transaction; the consumer group's offsets (what lag monitoring reads) are added to a transaction at
+most this often: ``send_offsets_to_transaction`` costs two sequential round trips to the broker (AddOffsetsToTxn,
+TxnOffsetCommit), a third of a step's overhead at low load (BENCHMARKS.md, latency)."""
 
 _EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
@@ -90,6 +96,9 @@ class PartitionTask:
         self.busy = asyncio.Lock()  # held while a batch is decided and committed
         self.loop: asyncio.Task | None = None
         self.paused = False
+        self.restored_offsets: dict[TopicPartition, int] = {}  # from the changelog's offsets record
+        self.group_offsets_at = 0.0  # monotonic time the group's offsets were last committed
+        self.group_offsets_behind = False  # a batch committed since then without them
 
 
 @dataclass
@@ -102,10 +111,27 @@ class Batch:
     running: int = 0  # runs started minus runs finished
     stored: int = 0  # runs started minus runs forgotten
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    group_offsets: bool = False  # the consumer group's offsets are committed in this transaction too
     timers: list[StartTimer] = field(default_factory=list)
     overheads: list[str] = field(default_factory=list)  # workflow of each completion that requested the next activity
     stamps: dict[str, float] = field(default_factory=dict)  # hop → wall-clock seconds (only when tracing)
     requests: list[str] = field(default_factory=list)  # request ids produced (only when tracing)
+
+
+def _encode_offsets(offsets: dict[TopicPartition, int]) -> bytes:
+    import orjson
+
+    return orjson.dumps({f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
+
+
+def _decode_offsets(value: bytes | None) -> dict[TopicPartition, int]:
+    import orjson
+
+    out = {}
+    for name, offset in (orjson.loads(value) if value else {}).items():
+        topic, _, partition = name.rpartition(":")
+        out[TopicPartition(topic, int(partition))] = int(offset)
+    return out
 
 
 class Trace:
@@ -149,7 +175,9 @@ class Partitions:
     async def restore(self, task: PartitionTask, bootstrap: str) -> int:
         """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
         def put(record: Any) -> None:
-            if record.value is None:  # a forgotten run: skipping the tombstone would bring it back
+            if record.key == CHANGELOG_OFFSETS_KEY:
+                task.restored_offsets = _decode_offsets(record.value)
+            elif record.value is None:  # a forgotten run: skipping the tombstone would bring it back
                 task.store.delete(record.key)
             else:
                 task.store.put(record.key, record.value)
@@ -206,6 +234,10 @@ class Partitions:
             self.trace.write(task.partition, batch, time.time() - (time.perf_counter() - received))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
+        if batch.group_offsets:
+            task.group_offsets_at, task.group_offsets_behind = time.monotonic(), False
+        else:
+            task.group_offsets_behind = True
         task.running += batch.running
         task.stored += batch.stored
         if self._poisoned:
@@ -229,6 +261,7 @@ class Partitions:
                 batch.offsets[tp] = msg.offset + 1
         if not batch.offsets:
             return None
+        batch.group_offsets = time.monotonic() - task.group_offsets_at >= GROUP_OFFSETS_EVERY_S
         for run_id, state in batch.changed.items():
             key = run_id.encode()
             if state is None:
@@ -240,7 +273,23 @@ class Partitions:
             task.store.put(key, stored)
             batch.written[key] = stored
             self._remember(run_id, stored, state)
+        batch.written[CHANGELOG_OFFSETS_KEY] = _encode_offsets({**task.next_offset, **batch.offsets})
         return batch
+
+    async def flush_group_offsets(self, task: PartitionTask) -> None:
+        """Commit the consumer group's offsets of an idle partition (they lag behind the changelog's by design)."""
+        producer = task.producer
+        await producer.begin_transaction()
+        try:
+            await producer.send_offsets_to_transaction(dict(task.next_offset), self.group)
+            await producer.commit_transaction()
+        except BaseException:
+            try:
+                await producer.abort_transaction()
+            except Exception:
+                pass
+            raise
+        task.group_offsets_at, task.group_offsets_behind = time.monotonic(), False
 
     async def _commit(self, task: PartitionTask, batch: Batch) -> None:
         producer = task.producer
@@ -251,7 +300,8 @@ class Partitions:
             futures += [await producer.send(self.topics.changelog, value, key=key, partition=task.partition) for key, value in batch.written.items()]
             if stamps is not None:
                 stamps["sent"] = time.time()
-            await producer.send_offsets_to_transaction(batch.offsets, self.group)
+            if batch.group_offsets:
+                await producer.send_offsets_to_transaction({**task.next_offset, **batch.offsets}, self.group)
             if stamps is not None:
                 stamps["offsets"] = time.time()
             for fut in futures:

@@ -142,6 +142,10 @@ class Rebalance(ConsumerRebalanceListener):
                 if tp not in consumer.assignment():
                     continue
                 committed = await consumer.committed(tp)  # asked after the fence: no pending offsets left
+                # the changelog's offsets record is committed with every batch, the group's offsets now and then
+                stored = task.restored_offsets.get(tp)
+                if stored is not None and (committed is None or stored > committed):
+                    committed = stored
                 if committed is None:
                     await consumer.seek_to_beginning(tp)
                 else:
