@@ -5,7 +5,6 @@ Each keeps to one worker process; what must be shared (cancellations, cached res
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -73,12 +72,6 @@ class Cancellations:
         task = self.running.get(cancel.request_id)
         if task is not None:
             task.cancel()
-
-
-def fingerprint(activity: str, payload: Any) -> str:
-    """The cache key of a request: the activity and the canonical JSON of its input."""
-    canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(activity.encode() + b"\0" + canonical).hexdigest()
 
 
 class ResultCache:
