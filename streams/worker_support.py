@@ -100,7 +100,7 @@ class ResultCache:
 
     def get(self, key: str, ttl_ms: int, now_ms: int) -> dict[str, Any] | None:
         entry = self._entries.get(key)
-        if entry is None or now_ms - int(entry["stored_ms"]) > ttl_ms:
+        if entry is None or int(entry["stored_ms"]) + ttl_ms <= now_ms:  # fresh while stored_ms + ttl is after now, as in the coordinator
             return None
         return entry
 
