@@ -202,7 +202,7 @@ class Metrics:
 
     def declare(self, workflows: Iterable[CompiledWorkflow]) -> None:
         """Create the series of every declared choice path at 0, so a path never taken shows as a dead path, and the
-        cache hits and misses of every ``cache: {ttl}`` step, so its hit rate is defined from the start."""
+        cache hits and misses of every ``cache: {ttl}`` step, so a cache step never asked for shows at 0."""
         for wf in workflows:
             for step in wf.steps.values():
                 if isinstance(step, ChoiceStep):
