@@ -7,7 +7,7 @@ topics are PREFIXED patterns, everything else is LITERAL.
 
 | role | may |
 |---|---|
-| ``coordinator`` | read triggers, completions, signals, definitions, its own topic and its changelog; write requests, run events, cancellations, the DLQ, completion topics and its changelog, in transactions under ``<prefix>-coordinator-*`` |
+| ``coordinator`` | read triggers, completions, signals, definitions, the cache, its own topic and its changelog; write requests, completions (cache hits), run events, cancellations, the cache, the DLQ, completion topics and its changelog, in transactions under ``<prefix>-coordinator-*`` |
 | ``worker`` | read the requests of its activities, cancellations and the cache; write completions, progress, the cache and the DLQ |
 | ``trigger`` | write triggers; read the completion topics of its workflows |
 | ``signal`` | write signals |
@@ -72,8 +72,10 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
         out.update(Acl("topic", pattern, n, op, principal) for n in names)
 
     if role == "coordinator":
-        topic("READ", t.triggers, t.coordinator, t.completions, t.signals, t.definitions, t.changelog)
-        topic("WRITE", t.runs, t.coordinator, t.cancellations, t.dlq, t.changelog, *completion)
+        topic("READ", t.triggers, t.coordinator, t.completions, t.signals, t.definitions, t.changelog, t.cache)
+        # completions: a cache hit is answered with a cached completion (and a misplaced one is re-keyed there);
+        # cache: the results of cache steps, whichever worker answered them
+        topic("WRITE", t.runs, t.coordinator, t.completions, t.cancellations, t.dlq, t.changelog, t.cache, *completion)
         topic("WRITE", t.requests(""), pattern="prefixed")
         # it creates the contract's topics at start when they are missing (streams/admin.py), and lists them
         topic("CREATE", t.changelog, *completion)

@@ -20,7 +20,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from legato.workflows.machine import PublishRunEvent, RequestActivity
-from legato.workflows.model import ChoiceStep, CompiledWorkflow
+from legato.workflows.model import ActivityStep, ChoiceStep, CompiledWorkflow
 from legato.workflows.transitions import DomainEvent, LoopEnded, PathTaken, RunFinished, SignalIgnored, StepFinished, StepWaiting
 
 log = logging.getLogger("legato.metrics")
@@ -95,6 +95,8 @@ class Metrics:
         self.wait_duration = Histogram("legato_wait_duration_seconds", "How long wait steps waited, by how they ended (succeeded: the signal came; timed_out; cancelled).", ["workflow", "signal", "status"], buckets=WAIT_SECONDS, registry=r)
         self.signals_ignored = Counter("legato_signals_ignored", "Signals that completed no wait and were not kept, by reason (duplicate_signal, unknown_run, run_finished, too_many_signals).", ["reason"], registry=r)
         self.parallel_achieved = Histogram("legato_parallel_achieved_concurrency", "Most branches of a parallel step that had an activity in flight at the same time.", ["workflow", "step"], buckets=CONCURRENCY, registry=r)
+        self.cache_hits = Counter("legato_cache_hits", "Requests of cache steps the coordinator answered from the result cache (no worker hop).", ["workflow", "step"], registry=r)
+        self.cache_misses = Counter("legato_cache_misses", "Requests of cache steps sent to a worker: no fresh entry in the result cache.", ["workflow", "step"], registry=r)
         # cost
         self.run_cost = Histogram("legato_run_cost_usd", "Cost of one finished run in US dollars.", ["workflow"], buckets=USD, registry=r)
         self.run_tokens = Histogram("legato_run_tokens", "Tokens of one finished run, by direction (in, out).", ["workflow", "direction"], buckets=TOKENS, registry=r)
@@ -151,6 +153,9 @@ class Metrics:
     def progress_chunk(self, activity: str) -> None:
         self.progress_chunks.labels(activity).inc()
 
+    def cache_lookup(self, workflow: str, step: str, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).labels(workflow, step).inc()
+
     @staticmethod
     def observes_overhead(commands: Iterable[Any]) -> bool:
         """A completion's decision counts towards the per-step overhead when it requested the next activity."""
@@ -196,12 +201,16 @@ class Metrics:
             getattr(self, self._COUNTERS[type(event)])(event)
 
     def declare(self, workflows: Iterable[CompiledWorkflow]) -> None:
-        """Create the series of every declared choice path at 0, so a path never taken shows as a dead path."""
+        """Create the series of every declared choice path at 0, so a path never taken shows as a dead path, and the
+        cache hits and misses of every ``cache: {ttl}`` step, so a cache step never asked for shows at 0."""
         for wf in workflows:
             for step in wf.steps.values():
                 if isinstance(step, ChoiceStep):
                     for path in declared_paths(step):
                         self.choice_paths.labels(wf.name, step.id, path)
+                elif isinstance(step, ActivityStep) and step.cache is not None:
+                    self.cache_hits.labels(wf.name, step.id)
+                    self.cache_misses.labels(wf.name, step.id)
 
     # --- one counter per domain event ---------------------------------------------------------------
 

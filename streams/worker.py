@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 from legato.handlers.progress import reporting
 from legato.handlers.registry import Activity, ActivityError, Result
 from legato.streams.dlq import DeadLetters
-from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, fingerprint, tail_topic
+from legato.topics.cache import fingerprint
+from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, tail_topic
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, ProgressReported

@@ -5,7 +5,6 @@ Each keeps to one worker process; what must be shared (cancellations, cached res
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -75,12 +74,6 @@ class Cancellations:
             task.cancel()
 
 
-def fingerprint(activity: str, payload: Any) -> str:
-    """The cache key of a request: the activity and the canonical JSON of its input."""
-    canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(activity.encode() + b"\0" + canonical).hexdigest()
-
-
 class ResultCache:
     """Results by fingerprint, read from the compacted cache topic (shared by all processes, survives restarts)."""
 
@@ -107,7 +100,7 @@ class ResultCache:
 
     def get(self, key: str, ttl_ms: int, now_ms: int) -> dict[str, Any] | None:
         entry = self._entries.get(key)
-        if entry is None or now_ms - int(entry["stored_ms"]) > ttl_ms:
+        if entry is None or int(entry["stored_ms"]) + ttl_ms <= now_ms:  # fresh while stored_ms + ttl is after now, as in the coordinator
             return None
         return entry
 

@@ -52,6 +52,8 @@ def test_coordinator_transactions_and_group_follow_one_prefix():
     assert {"legato.runs", "legato.cancellations", "legato.dlq", "legato.coordinator", T.changelog, "app.done"} <= topics_with("coordinator", "WRITE", completion_topics=["app.done"])
     assert {"legato.triggers", "legato.completions", "legato.signals", "legato.coordinator", T.changelog} <= topics_with("coordinator", "READ")
     assert "legato.signals" not in topics_with("coordinator", "WRITE")
+    # the result cache: read whole, entries written for every worker, hits answered as cached completions
+    assert {"legato.cache", "legato.completions"} <= topics_with("coordinator", "WRITE") & topics_with("coordinator", "READ")
 
 
 @pytest.mark.parametrize("role,writes,reads", [

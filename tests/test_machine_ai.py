@@ -11,7 +11,7 @@ import pytest
 from tests.machine_helpers import Harness, compile_yaml, machine_from, requests_in, terminal_events_in
 from legato.topics.models import ActivityCompleted, ChildRunFinished, Cost
 from legato.workflows.expressions import approx_tokens
-from legato.workflows.machine import CancelRequest, Machine, NotifyParent, StartChildRun
+from legato.workflows.machine import CacheResult, CancelRequest, Machine, NotifyParent, StartChildRun
 
 
 def wf(steps: list[dict[str, Any]], **top: Any) -> str:
@@ -337,3 +337,54 @@ def test_a_budget_that_is_not_positive_is_refused(budget):
     with pytest.raises(DefinitionError) as caught:
         compile_yaml(wf([{"id": "a", "activity": "a"}], budget=budget))
     assert caught.value.path.startswith("budget.")
+
+
+# --- the result cache: what a cache step's completion stores ----------------------------------------------
+
+
+def cache_results(commands) -> list[CacheResult]:
+    return [c for c in commands if isinstance(c, CacheResult)]
+
+
+CACHED_STEP = {"id": "classify", "activity": "classify", "input": {"text": "${ input.text }"}, "cache": {"ttl": "1h"},
+               "retry": {"max_attempts": 2, "backoff": "1s"}}
+
+
+def test_a_cache_steps_success_from_any_worker_stores_its_result_with_the_request_input():
+    h = Harness(machine_from(wf([CACHED_STEP, {"id": "next", "activity": "next"}])))
+    h.start("ai", {"text": "hello"}, now=1_000)
+    req = h.pending_for("classify")
+    [store] = cache_results(h.deliver(completion(req, {"label": "greeting"}, confidence=0.9), now=5_000))  # a plain worker: no `cached`
+    assert (store.activity, store.input) == ("classify", {"text": "hello"})
+    assert store.result.model_dump() == {"output": {"label": "greeting"}, "confidence": 0.9, "stored_ms": 5_000}
+    assert h.state.steps["classify"].request is None, "the stored input does not stay in the run's state"
+
+
+def test_a_retried_cache_step_stores_the_result_of_the_attempt_that_succeeded():
+    h = Harness(machine_from(wf([CACHED_STEP])))
+    h.start("ai", {"text": "hi"})
+    h.fail("classify", "Flaky", retryable=True)
+    h.fire("classify:retry:1")
+    [store] = cache_results(h.succeed("classify", "ok"))
+    assert store.input == {"text": "hi"} and store.result.output == "ok"
+
+
+@pytest.mark.parametrize("case", ["cached", "failed", "no_cache", "stale", "too_big"])
+def test_no_result_is_stored_for_a_cached_failed_uncached_stale_or_refused_completion(case):
+    step = {k: v for k, v in CACHED_STEP.items() if k != "cache"} if case == "no_cache" else CACHED_STEP
+    h = Harness(Machine({"ai": compile_yaml(wf([step]))}, max_state_bytes=2_000) if case == "too_big" else machine_from(wf([step])))
+    h.start("ai", {"text": "hello"})
+    req = h.pending_for("classify")
+    if case == "stale":
+        h.deliver(completion(req, "first"))
+        commands = h.deliver(completion(req, "again"))
+    elif case == "failed":
+        commands = h.deliver(completion(req, status="failed"))
+    elif case == "too_big":
+        commands = h.deliver(completion(req, "x" * 5_000))
+        assert h.state.steps["classify"].error.type == "ContextTooLarge"
+    else:
+        commands = h.deliver(completion(req, "answer", cached=case == "cached"))
+    assert cache_results(commands) == []
+    if case == "cached":  # an answer from the cache marks the step, and would never expire if it were stored again
+        assert h.state.steps["classify"].cached is True and h.state.status == "succeeded"

@@ -166,7 +166,7 @@ def test_issue_panels_are_present():
         "legato_choice_paths_total", "legato_loop_iterations_bucket", "legato_loop_endings_total", "legato_step_failures_total",
         "legato_run_cost_usd_sum", "legato_run_tokens_sum", "legato_cost_usd_total", "legato_coordinator_events_total",
         "legato_events_ignored_total", "legato_dead_letters_total", "legato_consumer_lag", "legato_step_overhead_seconds_bucket",
-        "legato_step_duration_seconds_bucket", "legato_activity_errors_total",
+        "legato_step_duration_seconds_bucket", "legato_activity_errors_total", "legato_cache_hits_total", "legato_cache_misses_total",
     ]:
         assert name in text, f"no panel shows {name}"
 

@@ -70,6 +70,16 @@ class ActivityCompleted(_Record):
     cached: bool | None = None  # answered from the result cache
 
 
+class CachedResult(_Record):
+    """On the compacted ``legato.cache``, keyed by the request's fingerprint (``legato.topics.cache``): the result
+    of a ``cache: {ttl}`` step, written by the coordinator when it decides the step's successful completion (and by
+    Legato's own workers). It answers an identical request while ``stored_ms`` + the step's ttl is in the future."""
+
+    output: Any = None
+    confidence: float | None = Field(default=None, ge=0, le=1)
+    stored_ms: int
+
+
 class RequestCancelled(_Record):
     """On ``legato.cancellations``: the coordinator no longer waits for this request (a lost race, a failed
     sibling, a finished run). Workers skip it when still queued and cancel it when running."""

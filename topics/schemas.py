@@ -12,6 +12,7 @@ from pathlib import Path
 from legato.topics.models import (
     ActivityCompleted,
     ActivityRequested,
+    CachedResult,
     DeadLetter,
     DefinitionDeployed,
     ProgressReported,
@@ -37,6 +38,7 @@ RECORDS = {
     "definitions": DefinitionDeployed,
     "redrive": RunRedriveRequested,
     "fork": RunForkRequested,
+    "cache": CachedResult,
 }
 
 

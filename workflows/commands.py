@@ -1,11 +1,11 @@
 """What a decision asks the shell to do (imperative), and the records of what it refused (what happened instead)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from legato.topics.models import ActivityRequested, ChildRunFinished, RequestCancelled, RunAccepted, RunCancelRequested, RunEvent, RunForkAccepted, SignalSent
+from legato.topics.models import ActivityRequested, CachedResult, ChildRunFinished, RequestCancelled, RunAccepted, RunCancelRequested, RunEvent, RunForkAccepted, SignalSent
 
 
 class _Command(BaseModel):
@@ -14,6 +14,15 @@ class _Command(BaseModel):
 
 class RequestActivity(_Command):
     request: ActivityRequested
+
+
+class CacheResult(_Command):
+    """Store a ``cache: {ttl}`` step's successful result on the result cache, keyed by ``activity`` and ``input``
+    (the shell writes it to ``legato.cache`` in the transaction of the decision)."""
+
+    activity: str
+    input: Any = None
+    result: CachedResult
 
 
 class StartTimer(_Command):
@@ -80,4 +89,4 @@ class SignalRefused(_Command):
     reason: str
 
 
-Command = Union[RequestActivity, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, EventIgnored, SignalRefused]
+Command = Union[RequestActivity, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, EventIgnored, SignalRefused]

@@ -26,6 +26,7 @@ from legato.workflows import keys
 from legato.workflows.catalog import Catalog, Definition
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, fork_seed, redrive_refusal
 from legato.workflows.commands import (
+    CacheResult,
     CancelChildRun,
     CancelRequest,
     Command,
@@ -53,7 +54,7 @@ Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunC
               RunForkAccepted]
 
 __all__ = [
-    "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CancelChildRun", "CancelRequest", "Command",
+    "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CacheResult", "CancelChildRun", "CancelRequest", "Command",
     "Decision", "Event", "EventIgnored", "ForgetRun", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
     "StartChildRun", "StartTimer", "iso", "outstanding", "replay", "_jitter",
 ]

@@ -21,6 +21,7 @@ Modules, one concern each:
 - ``timers``: due timers become ``timer.fired`` records;
 - ``effects``: the machine's commands become records;
 - ``inbox``: input records decoded (a bad one is dead-lettered with the reason), triggers re-keyed by run_id.
+- ``cache``: the result cache topic followed as a table; a request it answers becomes a cached completion.
 """
 from legato.streams.coordinator.inbox import run_id_for
 from legato.streams.coordinator.loop import Coordinator

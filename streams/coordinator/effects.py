@@ -1,13 +1,17 @@
-"""The machine's commands become records of the batch's transaction (timers are armed once it has committed)."""
+"""The machine's commands become records of the batch's transaction (timers are armed once it has committed).
+
+A request the result cache answers becomes its cached completion instead (``cache``)."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Callable
 
+from legato.streams.coordinator.cache import ResultTable, entry_record
 from legato.streams.coordinator.inbox import Send
 from legato.topics import codec
 from legato.topics.names import Topics
 from legato.workflows.machine import (
+    CacheResult,
     CancelChildRun,
     CancelRequest,
     EventIgnored,
@@ -28,13 +32,20 @@ _TO_COORDINATOR = {StartChildRun: "accepted", CancelChildRun: "cancel", NotifyPa
 
 
 def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: list[StartTimer], ignored: Callable[[str], None],
-              refused: Callable[[str], None]) -> None:
+              refused: Callable[[str], None], cache: ResultTable | None = None) -> None:
     """Append the records of ``commands`` to ``sends`` and their timers to ``timers``; count ignored events; hand
-    the reason of a refused signal to ``refused`` (which dead-letters the record being decided)."""
+    the reason of a refused signal to ``refused`` (which dead-letters the record being decided). A request that
+    ``cache`` answers is not sent: its cached completion goes to the completions topic (``coordinator.cache``)."""
     for command in commands:
         if isinstance(command, RequestActivity):
             req = command.request
-            sends.append((topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
+            hit = cache.answer(req) if cache is not None else None
+            if hit is not None:
+                sends.append((topics.completions, req.run_id.encode(), codec.dumps(hit), None))
+            else:
+                sends.append((topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
+        elif isinstance(command, CacheResult):
+            sends.append(entry_record(command, topics))
         elif isinstance(command, StartTimer):
             timers.append(command)
         elif isinstance(command, PublishRunEvent):

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from legato.streams import security
+from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.inbox import Inbox
 from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, PartitionTask, Partitions, Trace
 from legato.streams.coordinator.rebalance import Rebalance
@@ -65,8 +66,10 @@ class Coordinator:
         self.group = self.topics.coordinator_group
         self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions, self.topics.signals]
         self.tasks: dict[int, PartitionTask] = {}  # the active tasks by partition (parked ones are not here)
+        # every coordinator follows the whole result cache topic: a hit is answered here, for every worker
+        self.cache = ResultTable(settings.bootstrap, self.topics, kafka=security.aiokafka_kwargs(), metrics=metrics)
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics,
-                                     trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None)
+                                     trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache)
         self.rebalance = Rebalance(self)
         self._consumer: AIOKafkaConsumer | None = None
         self._session_timeout_ms = int(settings.session_timeout * 1000)
@@ -80,6 +83,7 @@ class Coordinator:
         """Consume, decide and commit until cancelled; then leave the group so the partitions move at once."""
         kw = security.aiokafka_kwargs()
         await self.definitions.start()
+        await self.cache.start()
         self.definitions.on_change(self._on_catalog)
         self._on_catalog(self.definitions.catalog)
         timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, **kw)
@@ -115,6 +119,7 @@ class Coordinator:
             await self._consumer.stop()  # revokes and leaves the group
             await self.rebalance.stop()
             await timer_producer.stop()
+            await self.cache.stop()
             await self.definitions.stop()
 
     def _on_catalog(self, catalog: Catalog) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from legato.streams import kafka_io, security
+from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.effects import carry_out
 from legato.streams.coordinator.inbox import Inbox, Send
 from legato.streams.coordinator.timers import Timers, now_ms
@@ -160,8 +161,10 @@ class Poisoned(Exception):
 class Partitions:
     """Loads, decides and commits the partitions' batches; shared by every task of one coordinator process."""
 
-    def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None, trace: Trace | None = None):
+    def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None, trace: Trace | None = None,
+                 cache: ResultTable | None = None):
         self.machine = machine
+        self.cache = cache  # answers requests of cache steps (coordinator.cache)
         self.trace = trace
         self.topics = topics
         self.group = group
@@ -352,7 +355,7 @@ class Partitions:
             completion_topic = definition.workflow.definition.completion_topic if definition else None
             commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
-            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None)
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None, self.cache)
             return
         now = now_ms()
         was_running = state is not None and state.status == "running"
@@ -361,7 +364,7 @@ class Partitions:
         self._states.pop(record.run_id, None)
         try:
             new_state, commands, events = self.machine.decide_events(state, record, now, in_place=True)
-            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason))
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason), self.cache)
         except Exception as exc:  # a bug in deciding this event must not stop every other run
             log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
             raise Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc

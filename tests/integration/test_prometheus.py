@@ -65,6 +65,11 @@ steps:
       on_exhausted: continue
       steps: [{id: attempt, activity: noop, input: {done: false}}]
 """,
+    "metrics_cache.yaml": """\
+name: metrics_cache
+steps:
+  - {id: lookup, activity: noop, input: {q: same}, cache: {ttl: 1h}}
+""",
     "metrics_wait.yaml": """\
 name: metrics_wait
 steps:
@@ -180,6 +185,7 @@ async def workload_round(obs: Observed, client: LegatoClient, producer: AIOKafka
         "support_triage": [{"text": "my invoice is wrong", "email": "a@b.com"}, {"text": "an error on login", "email": "c@d.org"}],
         "metrics_failing": [{}],
         "metrics_polish": [{}],
+        "metrics_cache": [{}],  # the same input every round: a miss, then hits answered by the coordinator
         "metrics_wait": [{}],  # waits for a signal nobody sends: times out and goes on
         "no_such_workflow": [{}],
     }
@@ -372,6 +378,8 @@ def test_metric_values_follow_the_demo(observed: Observed):
     assert value(f'max(legato_consumer_lag{{group="{observed.prefix}-coordinator"}})') >= 0
     assert value(f'count(legato_consumer_lag{{group="{observed.prefix}-worker"}})') >= 1
     assert value("sum(legato_runs_in_flight)") == 0
+    assert value('sum(legato_cache_misses_total{workflow="metrics_cache", step="lookup"})') == 1
+    assert value('sum(legato_cache_hits_total{workflow="metrics_cache", step="lookup"})') == ROUNDS - 1
     # bounded labels: nothing is labelled by run
     assert observed.query('count({__name__=~"legato_.+", run_id!=""})')["data"]["result"] == []
 

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from legato.streams.worker_support import fingerprint
+from legato.topics.cache import fingerprint
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityRequested, RequestCancelled
@@ -331,7 +331,7 @@ async def test_result_cache_answers_an_identical_request(legato):
     assert first.status == "succeeded", first
     assert first.output == {"value": payload["value"], "call": 1, "cached": False}
     assert first.cost["usd"] == pytest.approx(0.01)
-    # the worker stored the result on the compacted cache topic (keyed by the request's fingerprint)
+    # the result is stored on the compacted cache topic (keyed by the request's fingerprint)
     fp = fingerprint("e2e_counted", {"key": key, "value": payload["value"]}).encode()
     await legato.read_topic(legato.topics.cache, until=lambda rs: any(r.key == fp for r in rs), timeout=15)
     second = await legato.run("sem_cache", payload)

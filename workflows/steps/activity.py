@@ -4,9 +4,9 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from legato.topics.models import ActivityCompleted, ActivityRequested, ErrorInfo, RequestCancelled
+from legato.topics.models import ActivityCompleted, ActivityRequested, CachedResult, ErrorInfo, RequestCancelled
 from legato.workflows import keys, transitions
-from legato.workflows.commands import CancelRequest, RequestActivity
+from legato.workflows.commands import CacheResult, CancelRequest, RequestActivity
 from legato.workflows.model import DEFAULT_ACTIVITY_TIMEOUT, ActivityStep
 from legato.workflows.state import StepState, StepStatus, Timer
 from legato.workflows.steps.base import Processor
@@ -48,6 +48,7 @@ class ActivityProcessor(Processor):
                 self._attempt_failed(run, step, ErrorInfo(type="ContextTooLarge", message=too_big, retryable=False), "failed")
             else:
                 step.output = event.output
+                _cache(run, step, event)
                 run.finish_step(step, "succeeded")
         else:
             error = event.error or ErrorInfo(type="ActivityFailed", message="the worker reported a failure without an error")
@@ -115,6 +116,17 @@ def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int,
     run.state.requests[req.request_id] = step.key
     run.out.append(RequestActivity(request=req))
     run.set_timer(keys.attempt_timeout(step.key, attempt), timeout, "activity_timeout", target=step.key, attempt=attempt)
+
+
+def _cache(run: "Run", step: StepState, event: ActivityCompleted) -> None:
+    """A ``cache: {ttl}`` step succeeded: store the result under its request's activity and input, whichever worker
+    answered (one that knows nothing of the cache, too). A result that came from the cache is not stored again: its
+    ``stored_ms`` would move on and the entry would never expire."""
+    request = step.request
+    if event.cached or not request or not request.get("cache_ttl_ms"):
+        return
+    result = CachedResult(output=event.output, confidence=event.confidence, stored_ms=run.now)
+    run.out.append(CacheResult(activity=request["activity"], input=request.get("input"), result=result))
 
 
 def _clear_pending(run: "Run", step: StepState) -> None:
