@@ -55,12 +55,17 @@ class Inbox:
         """How a dead letter names a record of ``topic`` it could not decode."""
         return {self.topics.completions: "completion", self.topics.signals: "signal"}.get(topic, "coordinator record")
 
-    def accept_trigger(self, msg: Any) -> Send:
-        """Validate a trigger and re-key it by run_id onto the coordinator topic; raises DecodeError."""
+    def accept_trigger(self, msg: Any) -> RunAccepted | Send:
+        """Validate a trigger; raises DecodeError. A trigger that carries its run_id and sits on that run's partition
+        (``LegatoClient`` and any producer keying by run_id with Kafka's default partitioner) is the run's to decide
+        now: its ``RunAccepted`` is returned. Any other is re-keyed by run_id onto the coordinator topic (a record to
+        send), whose partition owns the run: one transaction more before the run starts."""
         trigger = codec.decode(RunRequested, msg.value)
         run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
         accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent,
                                version=trigger.version)
+        if trigger.run_id and msg.partition == partition_for(run_id.encode(), self.partitions):
+            return accepted
         return (self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None)
 
     def misplaced(self, msg: Any, run_id: str) -> Send | None:

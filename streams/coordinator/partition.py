@@ -326,9 +326,14 @@ class Partitions:
             return
         if msg.topic == self.topics.triggers:
             try:
-                batch.sends.append(self.inbox.accept_trigger(msg))
+                accepted = self.inbox.accept_trigger(msg)
             except DecodeError as exc:
                 self._dead_letter(batch, msg, f"bad trigger: {exc}")
+                return
+            if isinstance(accepted, tuple):
+                batch.sends.append(accepted)  # re-keyed onto the run's partition of the coordinator topic
+            else:
+                self._apply(task, accepted, msg, batch)
             return
         try:
             record = self.inbox.decode(msg.topic, msg.value)
