@@ -8,11 +8,11 @@ from legato.workflows import keys
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.model import DefaultValue, MapStep, NOf
 from legato.workflows.state import StepState, Timer
-from legato.workflows.steps.base import Processor
+from legato.workflows.steps.base import Processor, unfinished_frames
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 DEFAULT_MAP_CONCURRENCY = 256
 """Item sub-flows a map keeps in flight when it sets no ``max_concurrency``: every one in flight is held in the
@@ -62,7 +62,7 @@ class FanOutProcessor(Processor):
                 step.error = frame.error
             else:  # fail_fast, or retry exhausted
                 run.cancel_children(step, "a branch failed")
-                run.clear_timer(keys.join_timeout(step.key))
+                run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
                 run.failed_finally(step, frame.error, "failed")
                 return
         step.done_n += 1
@@ -73,7 +73,7 @@ class FanOutProcessor(Processor):
             if is_map and step.next_index < step.total:
                 _start_item(run, step, definition, run.state.frames[step.frame])
             return
-        run.clear_timer(keys.join_timeout(step.key))
+        run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
         run.cancel_children(step, "the join is complete")
         if verdict:
             step.output = _output(run, step, is_map)
@@ -99,8 +99,38 @@ class FanOutProcessor(Processor):
             run.failed_finally(step, error, "timed_out")
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
-        run.clear_timer(keys.join_timeout(step.key))
+        run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
         return False
+
+    def redrive_frames(self, state: "RunState", step: StepState, definition: Any) -> list["Frame"] | str:
+        """The branches (map items) that failed or were cancelled and gave no result, each from its step that failed;
+        the others keep their results. A map drops the frame of an item that failed under ``on_failure: continue``,
+        so such an item cannot be resumed."""
+        kind = "map" if isinstance(definition, MapStep) else "parallel"
+        if kind == "map" and step.failed_n:
+            return (f"the map {step.step_id!r} let {step.failed_n} item(s) fail (on_failure: continue) and dropped their steps: "
+                    "they cannot be resumed: trigger the run again")
+        frames = [f for f in unfinished_frames(state, step) if f.name not in step.results]
+        if frames:
+            return frames
+        error = f"{step.error.type}: {step.error.message}" if step.error else "failed"
+        return f"nothing failed inside the {kind} step {step.step_id!r} ({error}): trigger the run again"
+
+    def redrive(self, run: "Run", step: StepState, definition: Any) -> None:
+        """Resume those branches (items); a branch that failed under ``on_failure: continue`` is no longer counted as
+        done; the join's timeout restarts. Items not started yet start as the resumed ones end."""
+        frames = self.redrive_frames(run.state, step, definition)
+        assert not isinstance(frames, str), frames  # the machine's guard refused it
+        is_map = isinstance(definition, MapStep)
+        spec = definition.map if is_map else definition.parallel
+        for frame in frames:
+            policy = spec.failure_policy if is_map else spec.branch_policy(frame.name or "")
+            if frame.status == "failed" and policy == "continue":
+                step.failed_n -= 1
+                step.done_n -= 1
+        _arm_join_timeout(run, step, spec)
+        for frame in frames:
+            run.resume_frame(frame)
 
     def _start_map(self, run: "Run", step: StepState, definition: MapStep, frame: "Frame", variables: dict[str, Any]) -> None:
         items = run.wf.expr(f"{definition.id}.items").evaluate(variables)
@@ -118,7 +148,7 @@ class FanOutProcessor(Processor):
 
 def _arm_join_timeout(run: "Run", step: StepState, spec: Any) -> None:
     if spec.timeout is not None:
-        run.set_timer(keys.join_timeout(step.key), spec.timeout, "join_timeout", target=step.key)
+        run.set_timer(keys.join_timeout(step.key, run.state.redrives), spec.timeout, "join_timeout", target=step.key)
 
 
 def _start_item(run: "Run", step: StepState, definition: MapStep, parent: "Frame") -> None:
