@@ -4,7 +4,8 @@ Ids are deterministic (a replay makes the same ones) and readable in logs:
 
 - step key: ``<frame id>/<step id>`` (a root step's key is its id);
 - frame ids below a compound step ``K``: ``K/<branch>``, ``K/<choice path>``, ``K#<iteration>``, ``K[<item>]``,
-  ``K/fallback``, ``K/exhausted``, and ``<frame>~<attempt>`` for a parallel branch or map item run again;
+  ``K/fallback``, ``K/exhausted``, and ``<frame>~<attempt>`` for a parallel branch or map item run again
+  (``<frame>~r<redrives>`` for a map item run again by a redrive);
 - request id: ``<run_id>/<step key>/<attempt>``; a child run's id: ``<run_id>/<step key>``;
 - timer ids: ``run:timeout`` and ``<step key>:<what>[:<attempt>]``, with ``~<redrives>`` when a redrive armed it again
   (``run_timer``).
@@ -59,6 +60,11 @@ def exhausted_frame(key: str) -> str:
 def rerun_frame(frame_id: str, attempt: int) -> str:
     """A parallel branch or map item run again (``on_failure: retry``)."""
     return f"{frame_id}~{attempt}"
+
+
+def redriven_frame(frame_id: str, redrives: int) -> str:
+    """A map item that failed under ``on_failure: continue`` (its frame was dropped) run again by redrive ``redrives``."""
+    return f"{frame_id}~r{redrives}"
 
 
 def branch_of(frame_id: str) -> str:

@@ -70,7 +70,7 @@ class FanOutProcessor(Processor):
             run.drop_frame(frame)  # keep the state small: the result is in step.results
         verdict = _join_verdict(step, spec.join, frame.status == "succeeded" or name in step.results)
         if verdict is None:
-            if is_map and step.next_index < step.total:
+            if is_map and (step.redo or step.next_index < step.total):
                 _start_item(run, step, definition, run.state.frames[step.frame])
             return
         run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
@@ -104,21 +104,19 @@ class FanOutProcessor(Processor):
 
     def redrive_frames(self, state: "RunState", step: StepState, definition: Any) -> list["Frame"] | str:
         """The branches (map items) that failed or were cancelled and gave no result, each from its step that failed;
-        the others keep their results. A map drops the frame of an item that failed under ``on_failure: continue``,
-        so such an item cannot be resumed."""
-        kind = "map" if isinstance(definition, MapStep) else "parallel"
-        if kind == "map" and step.failed_n:
-            return (f"the map {step.step_id!r} let {step.failed_n} item(s) fail (on_failure: continue) and dropped their steps: "
-                    "they cannot be resumed: trigger the run again")
+        the others keep their results. (A map's items that failed under ``on_failure: continue`` left no frame:
+        ``redrive`` runs them again from their first step.)"""
         frames = [f for f in unfinished_frames(state, step) if f.name not in step.results]
-        if frames:
+        if frames or _dropped_failures(state, step):
             return frames
         error = f"{step.error.type}: {step.error.message}" if step.error else "failed"
-        return f"nothing failed inside the {kind} step {step.step_id!r} ({error}): trigger the run again"
+        return f"nothing failed inside the {step.kind} step {step.step_id!r} ({error}): trigger the run again"
 
     def redrive(self, run: "Run", step: StepState, definition: Any) -> None:
-        """Resume those branches (items); a branch that failed under ``on_failure: continue`` is no longer counted as
-        done; the join's timeout restarts. Items not started yet start as the resumed ones end."""
+        """Resume those branches (items); one that failed under ``on_failure: continue`` is no longer counted as done,
+        and a map item of those starts again in a frame of its own (``keys.redriven_frame``, so no request id
+        repeats), as many at once as ``max_concurrency`` leaves room for, the others before the items not started
+        yet; the join's timeout restarts."""
         frames = self.redrive_frames(run.state, step, definition)
         assert not isinstance(frames, str), frames  # the machine's guard refused it
         is_map = isinstance(definition, MapStep)
@@ -128,9 +126,16 @@ class FanOutProcessor(Processor):
             if frame.status == "failed" and policy == "continue":
                 step.failed_n -= 1
                 step.done_n -= 1
+        step.redo = _dropped_failures(run.state, step)
+        step.failed_n -= len(step.redo)
+        step.done_n -= len(step.redo)
         _arm_join_timeout(run, step, spec)
         for frame in frames:
             run.resume_frame(frame)
+        if step.redo:
+            room = (spec.max_concurrency or DEFAULT_MAP_CONCURRENCY) - len(frames)
+            for _ in range(min(max(room, 0), len(step.redo))):
+                _start_item(run, step, definition, run.state.frames[step.frame])
 
     def _start_map(self, run: "Run", step: StepState, definition: MapStep, frame: "Frame", variables: dict[str, Any]) -> None:
         items = run.wf.expr(f"{definition.id}.items").evaluate(variables)
@@ -152,10 +157,25 @@ def _arm_join_timeout(run: "Run", step: StepState, spec: Any) -> None:
 
 
 def _start_item(run: "Run", step: StepState, definition: MapStep, parent: "Frame") -> None:
-    index = step.next_index
-    step.next_index += 1
-    child = run.child_frame(step, keys.item_frame(step.key, index), keys.sequence_ref(definition.id, "item"), parent, name=str(index), item=step.items[index], index=index)
+    """Start the next item: one a redrive runs again first (``redo``), else the next not started."""
+    if step.redo:
+        index = step.redo.pop(0)
+        frame_id = keys.redriven_frame(keys.item_frame(step.key, index), run.state.redrives)
+    else:
+        index = step.next_index
+        step.next_index += 1
+        frame_id = keys.item_frame(step.key, index)
+    child = run.child_frame(step, frame_id, keys.sequence_ref(definition.id, "item"), parent, name=str(index), item=step.items[index], index=index)
     run.advance(child.id)
+
+
+def _dropped_failures(state: "RunState", step: StepState) -> list[int]:
+    """A map's items that failed under ``on_failure: continue``: started, without a result, and without a frame (a
+    map drops an item's frame once it is counted)."""
+    if step.kind != "map" or not step.failed_n:
+        return []
+    live = {state.frames[f].name for f in step.children if f in state.frames}
+    return [i for i in range(step.next_index) if str(i) not in step.results and str(i) not in live]
 
 
 def _join_verdict(step: StepState, join: Any, last_ok: bool) -> bool | None:
