@@ -385,3 +385,13 @@ def test_what_would_fail_the_same_way_again_is_refused_with_the_reason(doc, fail
     assert h.status == "failed"
     assert refusal(h).startswith(detail)
     assert isinstance(redrive_target(h.state, h.machine.pinned(h.state)), str)
+
+
+def test_a_child_run_that_failed_on_an_expression_is_started_fresh_its_outputs_may_differ_now():
+    h = Harness(machine_from("name: parent\nsteps: [{id: sub, workflow: kid}]\n", "name: kid\nsteps: [{id: k, activity: w}]\n"))
+    [first] = [c.accepted for c in h.start("parent") if isinstance(c, StartChildRun)]
+    error = {"type": "ExpressionError", "message": "step k2: no such key: missing", "retryable": False}
+    h.deliver(ChildRunFinished(run_id="r1", step_key="sub", child_run_id=first.run_id, status="failed", error=error))
+    assert h.status == "failed" and h.state.error.type == "ExpressionError"
+    [fresh] = [c.accepted for c in redrive(h) if isinstance(c, StartChildRun)]
+    assert fresh.run_id == "r1/sub~1"

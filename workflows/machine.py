@@ -282,12 +282,21 @@ def _step_refusal(state: RunState, wf: CompiledWorkflow, step: StepState) -> str
     fallback = state.frames.get(keys.fallback_frame(step.key))
     if fallback is not None:
         return _frame_refusal(state, wf, fallback)
-    if step.error is not None and step.error.type == "ExpressionError" and not step.children:
+    if _failed_on_own_expression(step):
         return f"step {step.key!r} failed on an expression ({step.error.message}): it would fail the same way again: trigger the run again"
     frames = processor(step.kind).redrive_frames(state, step, wf.steps[step.step_id])
     if isinstance(frames, str):
         return frames
     return next((refusal for frame in frames if (refusal := _frame_refusal(state, wf, frame)) is not None), None)
+
+
+def _failed_on_own_expression(step: StepState) -> bool:
+    """Whether ``step`` failed on one of its own expressions (its input, a map's ``items``, a choice's condition), which
+    read the same values again. Not a compound step's (a step inside it failed) nor a child run's (a fresh child run
+    may see other outputs)."""
+    if step.error is None or step.error.type != "ExpressionError" or step.children:
+        return False
+    return not (step.kind == "workflow" and step.child_run is not None)
 
 
 def _frame_refusal(state: RunState, wf: CompiledWorkflow, frame: Frame) -> str | None:
