@@ -148,6 +148,29 @@ def test_map_items_that_failed_under_continue_start_again_in_frames_of_their_own
     assert h.status == "succeeded" and h.state.output == ["A", "B", None]  # the join needed two: item 2 never ran
 
 
+def test_map_items_a_redrive_had_no_room_to_start_yet_wait_for_the_next_redrive_and_are_counted_once():
+    h = Harness(machine_from("""
+        name: mapping
+        steps:
+          - id: m
+            map: {items: input.xs, max_concurrency: 1, on_failure: continue, join: {n_of: 2}, timeout: 10s, steps: [{id: work, activity: w}]}
+        output: "steps.m.output"
+        """))
+    h.start("mapping", {"xs": ["a", "b", "c"]}, now=T0)
+    h.fail("work", retryable=False)
+    h.fail("work", retryable=False)  # items 0 and 1 failed: 2 of 3 can no longer succeed
+    assert request_ids(redrive(h, now=T0 + 1_000)) == ["r1/m[0]~r1/work/1"]
+    h.fire(keys.join_timeout("m", 1))  # item 0 (again) is cancelled; item 1 never started again
+    m = h.state.steps["m"]
+    assert (h.status, h.state.error.type, m.failed_n, m.done_n, m.redo) == ("failed", "JoinTimeout", 0, 0, [1])
+    assert request_ids(redrive(h)) == ["r1/m[0]~r1/work/2"]  # the cancelled item resumes; item 1 still waits for room
+    h.succeed("work", "A")
+    assert [r.request_id for r in h.pending()] == ["r1/m[1]~r2/work/1"]
+    h.succeed("work", "B")
+    assert h.status == "succeeded" and h.state.output == ["A", "B", None]
+    assert [e.event.redrives for e in terminal_events_in(h.commands)] == [None, 1, 2]
+
+
 LOOP = """
 name: looping
 steps:

@@ -107,7 +107,7 @@ class FanOutProcessor(Processor):
         the others keep their results. (A map's items that failed under ``on_failure: continue`` left no frame:
         ``redrive`` runs them again from their first step.)"""
         frames = [f for f in unfinished_frames(state, step) if f.name not in step.results]
-        if frames or _dropped_failures(state, step):
+        if frames or step.redo or _dropped_failures(state, step):
             return frames
         error = f"{step.error.type}: {step.error.message}" if step.error else "failed"
         return f"nothing failed inside the {step.kind} step {step.step_id!r} ({error}): trigger the run again"
@@ -126,9 +126,10 @@ class FanOutProcessor(Processor):
             if frame.status == "failed" and policy == "continue":
                 step.failed_n -= 1
                 step.done_n -= 1
-        step.redo = _dropped_failures(run.state, step)
-        step.failed_n -= len(step.redo)
-        step.done_n -= len(step.redo)
+        dropped = _dropped_failures(run.state, step)
+        step.failed_n -= len(dropped)
+        step.done_n -= len(dropped)
+        step.redo = sorted(step.redo + dropped)  # with those an earlier redrive had no room to start yet
         _arm_join_timeout(run, step, spec)
         for frame in frames:
             run.resume_frame(frame)
@@ -170,12 +171,12 @@ def _start_item(run: "Run", step: StepState, definition: MapStep, parent: "Frame
 
 
 def _dropped_failures(state: "RunState", step: StepState) -> list[int]:
-    """A map's items that failed under ``on_failure: continue``: started, without a result, and without a frame (a
-    map drops an item's frame once it is counted)."""
+    """A map's items that failed under ``on_failure: continue`` and are counted in ``failed_n``: started, without a
+    result, without a frame (a map drops an item's frame once it is counted), and not waiting in ``redo``."""
     if step.kind != "map" or not step.failed_n:
         return []
     live = {state.frames[f].name for f in step.children if f in state.frames}
-    return [i for i in range(step.next_index) if str(i) not in step.results and str(i) not in live]
+    return [i for i in range(step.next_index) if str(i) not in step.results and str(i) not in live and i not in step.redo]
 
 
 def _join_verdict(step: StepState, join: Any, last_ok: bool) -> bool | None:
