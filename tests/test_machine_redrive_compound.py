@@ -9,8 +9,8 @@ import pytest
 
 from legato.topics.models import ChildRunFinished, RunRedriveRequested, SignalSent
 from legato.workflows import keys
-from legato.workflows.machine import StartChildRun, redrive_target
-from tests.machine_helpers import T0, Harness, fired, ignored_in, machine_from, requests_in, run_events_in, terminal_events_in
+from legato.workflows.machine import Machine, StartChildRun, redrive_target
+from tests.machine_helpers import T0, Harness, compile_yaml, fired, ignored_in, machine_from, requests_in, run_events_in, terminal_events_in
 
 
 def redrive(h: Harness, now: int | None = None):
@@ -418,3 +418,13 @@ def test_a_child_run_that_failed_on_an_expression_is_started_fresh_its_outputs_m
     assert h.status == "failed" and h.state.error.type == "ExpressionError"
     [fresh] = [c.accepted for c in redrive(h) if isinstance(c, StartChildRun)]
     assert fresh.run_id == "r1/sub~1"
+
+
+def test_a_run_whose_state_outgrew_its_limit_is_refused_its_outputs_were_shed():
+    doc = "name: big\nsteps: [{id: m, map: {items: input.xs, steps: [{id: i, activity: w}]}}]\n"
+    h = Harness(Machine({"big": compile_yaml(doc)}, max_state_bytes=30_000))
+    h.start("big", {"xs": list(range(40))})
+    while h.status == "running":
+        h.succeed(h.pending()[0], "y" * 500)
+    assert h.state.error.type == "ContextTooLarge" and "the run's state grew" in h.state.error.message
+    assert refusal(h) == "the run's state outgrew its limit and its outputs were shed: trigger it again"

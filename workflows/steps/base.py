@@ -1,4 +1,4 @@
-"""What every step processor has: the four entry points, and the redrive of a failed run."""
+"""What every step processor has: the four entry points, and the two of a redrive."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
