@@ -481,11 +481,17 @@ def test_every_prefix_of_a_log_replays_to_the_state_that_was_seen(scenario, data
     assert dump(state) == seen[cut - 1]
 
 
+MAX_REDRIVES = 3
+
+
 @PROPERTY_SETTINGS
 @given(scenario=scenarios(), data=st.data())
 def test_a_redriven_run_still_terminates_and_replays_deterministically(scenario, data):
-    """A failed run redriven (when it can be: else the refusal changes nothing) ends again within the bound, with
-    one more terminal event carrying ``redrives: 1``; the whole log replays to the same state and commands."""
+    """A failed run is redriven (up to ``MAX_REDRIVES`` times, while it fails; a refusal changes nothing): after each
+    redrive it ends again, with one more terminal event carrying ``redrives: n``; no step that had succeeded is
+    requested again, no request id or child run id repeats (attempts continue); the whole log replays to the same
+    state and commands. The workflows nest every step kind, so redrives resume failed branches, map items, loop
+    iterations, choice paths and fallback steps."""
     doc, run_input = scenario
     note(yaml.safe_dump(doc, sort_keys=False))
     drive = Drive(machine_for(doc), data)
@@ -493,21 +499,31 @@ def test_a_redriven_run_still_terminates_and_replays_deterministically(scenario,
     while not drive.state.finished:
         assert len(drive.log) < MAX_EVENTS
         drive.step()
-    if drive.state.status != "failed":
-        return
-    before = drive.state
-    out = drive.deliver(RunRedriveRequested(run_id="run-1", reason="property"))
-    if all(isinstance(c, EventIgnored) for c in out):
-        assert [c.reason for c in out] == ["redrive_refused"] and drive.state is before
-        tally("redrive refused")
-        return
-    tally("redriven")
-    check_invariants(drive.state)
-    while not drive.state.finished:
-        assert len(drive.log) < 2 * MAX_EVENTS, "no end after the redrive"
-        drive.step()
+    redrives = 0
+    while drive.state.status == "failed" and redrives < MAX_REDRIVES:
+        before = drive.state
+        succeeded_keys = {s.key for s in before.steps.values() if s.status in ("succeeded", "skipped")}
+        issued = len(drive.commands)
+        out = drive.deliver(RunRedriveRequested(run_id="run-1", reason="property"))
+        if all(isinstance(c, EventIgnored) for c in out):
+            assert [c.reason for c in out] == ["redrive_refused"] and drive.state is before
+            tally(f"redrive refused: {out[0].detail[:40]}")
+            break
+        redrives += 1
+        root = before.steps[keys.step_key("root", drive.machine.pinned(before).workflow.sequences["root"][before.frames["root"].index].id)]
+        tally(f"redriven at a {root.kind} step")
         check_invariants(drive.state)
+        while not drive.state.finished:
+            assert len(drive.log) < (2 + redrives) * MAX_EVENTS, "no end after the redrive"
+            drive.step()
+            check_invariants(drive.state)
+        again = [c.request for c in drive.commands[issued:] if isinstance(c, RequestActivity)]
+        assert not [r.request_id for r in again if keys.parse_request_id("run-1", r.request_id)[0] in succeeded_keys]
     terminal = terminal_events_in(drive.commands)
-    assert [t.event.redrives for t in terminal] == [None, 1]
+    assert [t.event.redrives for t in terminal] == [None, *range(1, redrives + 1)]
+    requested = [c.request.request_id for c in drive.commands if isinstance(c, RequestActivity)]
+    assert len(requested) == len(set(requested)), "a request id was used twice"
+    children = [c.accepted.run_id for c in drive.commands if isinstance(c, StartChildRun)]
+    assert len(children) == len(set(children)), "a child run id was used twice"
     state, commands = replay(machine_for(doc), drive.log)
     assert dump(state) == dump(drive.state) and commands == drive.commands

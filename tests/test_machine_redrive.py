@@ -1,5 +1,5 @@
 """Given/when/then tables for redrive: a failed run resumes at the top-level step it failed at; steps that succeeded
-keep their outputs (docs/lifecycle.md, M6)."""
+keep their outputs (docs/lifecycle.md, M6). Inside compound steps: test_machine_redrive_compound.py."""
 from __future__ import annotations
 
 import pytest
@@ -36,13 +36,11 @@ steps:
     activity: w
 """
 
-FANOUT = """
-name: fanout
+FAILING = """
+name: failing
 steps:
-  - id: p
-    parallel:
-      branches:
-        a: [{id: a1, activity: w}]
+  - id: stop
+    fail: {reason: "'refused'"}
 """
 
 
@@ -126,13 +124,12 @@ def test_a_run_that_did_not_fail_is_left_as_it_is_and_the_refusal_counted(how, d
     assert h.state == before
 
 
-def test_a_run_that_failed_in_a_compound_step_is_refused_in_this_version():
-    h = Harness(machine_from(FANOUT))
-    h.start("fanout")
-    h.fail("a1", retryable=False)
+def test_a_run_that_failed_at_its_fail_step_is_refused_it_would_fail_there_again():
+    h = Harness(machine_from(FAILING))
+    h.start("failing")
     assert h.status == "failed"
     [refused] = ignored_in(redrive(h))
-    assert refused.detail == "the run failed in the parallel step 'p': this version redrives a failed top-level activity or sub-workflow step only"
+    assert refused.detail == "the run ended at its fail step 'stop' (refused): it would end there again: trigger the run again"
 
 
 def test_a_copy_of_a_timer_fired_before_the_redrive_is_stale():

@@ -17,7 +17,7 @@ from legato.workflows.commands import Command, EventIgnored, NotifyParent, Publi
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, retention_ms
 from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
-from legato.workflows.state import Frame, RunState, StepState, StepStatus, Timer, TimerKind
+from legato.workflows.state import STEP_FINISHED, Frame, RunState, StepState, StepStatus, Timer, TimerKind
 from legato.workflows.steps import processor
 from legato.workflows.steps.base import finish_with_frame
 from legato.workflows.transitions import DomainEvent
@@ -46,6 +46,7 @@ class Run:
         self.events: list[DomainEvent] = []
         self.changed = True
         self._queue: deque[str] = deque()
+        self._resuming: set[str] = set()  # frames a redrive resumes: their step at ``index`` runs again
 
     # --- frames ---------------------------------------------------------------------------------
 
@@ -66,6 +67,12 @@ class Run:
         if frame is None or self.state.finished or frame.status != "running":
             return  # cancelled (a failed sibling, a finished run) while it waited in the queue
         steps = self.wf.sequences[frame.ref]
+        if frame_id in self._resuming:
+            self._resuming.discard(frame_id)
+            stopped = self.state.steps.get(keys.step_key(frame.id, steps[frame.index].id)) if frame.index < len(steps) else None
+            if stopped is not None:
+                self.redrive_step(stopped)
+                return
         if frame.index >= len(steps):
             frame.status = "succeeded"
             self.frame_finished(frame)
@@ -92,6 +99,13 @@ class Run:
         owner.children.append(frame_id)
         return frame
 
+    def resume_frame(self, frame: Frame) -> None:
+        """A redrive runs ``frame`` (failed, or cancelled when its run failed) again from the step it stopped at (or
+        starts that step when it never started)."""
+        frame.status, frame.error = "running", None
+        self._resuming.add(frame.id)
+        self.advance(frame.id)
+
     def drop_frame(self, frame: Frame) -> None:
         """Forget a finished frame and the steps in it (their results were already taken)."""
         for key in frame.step_keys:
@@ -115,10 +129,28 @@ class Run:
         try:
             processor(kind).start(self, step, definition, frame, self.variables(frame))
         except ExpressionError as exc:
-            step.error = ErrorInfo(type="ExpressionError", message=f"step {definition.id}: {exc}", retryable=False)
-            self.cancel_children(step, "expression error")
-            processor(kind).cancel(self, step, "expression error")
-            self.finish_step(step, "failed")
+            self._expression_failed(step, exc)
+
+    def redrive_step(self, step: StepState) -> None:
+        """A redrive runs ``step`` again (reopened unless the run's end left it running): its fallback steps when it
+        ran them (they failed: its own failure was already handled), else what its processor's ``redrive`` runs again:
+        itself, or the frames below it that failed or were cancelled."""
+        if step.status in STEP_FINISHED:
+            transitions.reopen(self, step)
+        fallback = self.state.frames.get(keys.fallback_frame(step.key))
+        if fallback is not None:
+            self.resume_frame(fallback)
+            return
+        try:
+            processor(step.kind).redrive(self, step, self.wf.steps[step.step_id])
+        except ExpressionError as exc:  # a sleep's `until`, an input rendered again
+            self._expression_failed(step, exc)
+
+    def _expression_failed(self, step: StepState, exc: ExpressionError) -> None:
+        step.error = ErrorInfo(type="ExpressionError", message=f"step {step.step_id}: {exc}", retryable=False)
+        self.cancel_children(step, "expression error")
+        processor(step.kind).cancel(self, step, "expression error")
+        self.finish_step(step, "failed")
 
     def finish_step(self, step: StepState, status: StepStatus, output: Any = None, proceed: bool = False) -> None:
         """Record a final status and move the step's frame on (or fail it, unless ``proceed``)."""
@@ -245,9 +277,10 @@ class Run:
         if parent_waits(state):
             self.out.append(NotifyParent(finished=child_finished(state)))
 
-    def redrive(self, step: StepState) -> None:
-        """Resume the failed run at ``step``, the root frame's failed step (the machine checked it can be redriven):
-        the run is running again, its timeout restarts, its retention timer goes; steps that succeeded stay."""
+    def redrive(self) -> None:
+        """Resume the failed run where it stopped (the machine checked it can be, ``redrive_target``): the run is
+        running again, its timeout restarts, its retention timer goes; from the root frame down, every step that
+        failed, timed out or was cancelled runs again (``redrive_step``); steps that succeeded keep their outputs."""
         state = self.state
         state.status = "running"
         state.finished_ms = state.output = state.error = state.confidence = None
@@ -256,10 +289,7 @@ class Run:
         self.publish("run.redriven")
         if self.wf.definition.timeout is not None:
             self.set_timer(keys.run_timer(keys.RUN_TIMEOUT, state.redrives), self.wf.definition.timeout, "run_timeout")
-        root_frame = state.frames["root"]
-        root_frame.status, root_frame.error = "running", None
-        transitions.reopen(self, step)
-        processor(step.kind).redrive(self, step, self.wf.steps[step.step_id])
+        self.resume_frame(state.frames["root"])
 
     def stop_for_budget(self) -> None:
         """``on_budget: finish``, once over budget: nothing new has started since (``_advance`` holds every frame
@@ -272,7 +302,7 @@ class Run:
         for step in [s for s in reversed(state.steps.values()) if s.kind == "loop"]:
             if step.status == "running" and not state.finished:
                 self.cancel_children(step, "the budget is spent")
-                self.clear_timer(keys.loop_timeout(step.key))
+                self.clear_timer(keys.loop_timeout(step.key, state.redrives))
                 step.ended_by = step.ended_by or "budget"
                 self.finish_step(step, "succeeded")
                 self.drain()

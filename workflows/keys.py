@@ -4,9 +4,11 @@ Ids are deterministic (a replay makes the same ones) and readable in logs:
 
 - step key: ``<frame id>/<step id>`` (a root step's key is its id);
 - frame ids below a compound step ``K``: ``K/<branch>``, ``K/<choice path>``, ``K#<iteration>``, ``K[<item>]``,
-  ``K/fallback``, ``K/exhausted``, and ``<frame>~<attempt>`` for a parallel branch or map item run again;
+  ``K/fallback``, ``K/exhausted``, and ``<frame>~<attempt>`` for a parallel branch or map item run again
+  (``<frame>~r<redrives>`` for a map item run again by a redrive);
 - request id: ``<run_id>/<step key>/<attempt>``; a child run's id: ``<run_id>/<step key>``;
-- timer ids: ``run:timeout`` and ``<step key>:<what>[:<attempt>]``.
+- timer ids: ``run:timeout`` and ``<step key>:<what>[:<attempt>]``, with ``~<redrives>`` when a redrive armed it again
+  (``run_timer``).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ RUN_RETENTION = "run:retention"
 
 
 def run_timer(timer_id: str, redrives: int) -> str:
-    """A run-level timer's id after ``redrives`` redrives: a copy of the timer fired before the redrive (the timer
-    loop may send one twice across a crash) is then stale, not the new run timeout or retention."""
+    """A timer's id after ``redrives`` redrives (the run's timeout and retention, and a step's timer armed again by a
+    redrive): a copy of the timer fired before the redrive (the timer loop may send one twice across a crash) is
+    then stale, not the new one."""
     return timer_id if redrives == 0 else f"{timer_id}~{redrives}"
 
 
@@ -57,6 +60,11 @@ def exhausted_frame(key: str) -> str:
 def rerun_frame(frame_id: str, attempt: int) -> str:
     """A parallel branch or map item run again (``on_failure: retry``)."""
     return f"{frame_id}~{attempt}"
+
+
+def redriven_frame(frame_id: str, redrives: int) -> str:
+    """A map item that failed under ``on_failure: continue`` (its frame was dropped) run again by redrive ``redrives``."""
+    return f"{frame_id}~r{redrives}"
 
 
 def branch_of(frame_id: str) -> str:
@@ -112,20 +120,20 @@ def retry_timer(key: str, attempt: int) -> str:
     return f"{key}:retry:{attempt}"
 
 
-def loop_timeout(key: str) -> str:
-    return f"{key}:loop_timeout"
+def loop_timeout(key: str, redrives: int = 0) -> str:
+    return run_timer(f"{key}:loop_timeout", redrives)
 
 
-def join_timeout(key: str) -> str:
-    return f"{key}:join_timeout"
+def join_timeout(key: str, redrives: int = 0) -> str:
+    return run_timer(f"{key}:join_timeout", redrives)
 
 
-def wait_timeout(key: str) -> str:
-    return f"{key}:wait_timeout"
+def wait_timeout(key: str, redrives: int = 0) -> str:
+    return run_timer(f"{key}:wait_timeout", redrives)
 
 
-def sleep_timer(key: str) -> str:
-    return f"{key}:sleep"
+def sleep_timer(key: str, redrives: int = 0) -> str:
+    return run_timer(f"{key}:sleep", redrives)
 
 
 def timer_pending(raw_state: bytes, timer_id: str) -> bool:

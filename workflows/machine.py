@@ -188,7 +188,7 @@ class Machine:
         if isinstance(step, str):
             return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=step)], [])
         run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s)
-        run.redrive(run.state.steps[step.key])
+        run.redrive()
         run.drain()
         run.stop_for_budget()
         run.enforce_size()
@@ -257,8 +257,12 @@ def _retention_over(state: RunState, timer_id: str) -> bool:
 
 
 def redrive_target(state: RunState, definition: Definition | None) -> StepState | str:
-    """The top-level step a failed run stopped at, when a redrive can run it again; else why not (a named guard, also
-    applied by ``legato redrive --wait`` to the stored run). ``definition``: the one the run is pinned to."""
+    """The top-level step a failed run stopped at, when a redrive can resume it; else why not (a named guard, also
+    applied by ``legato redrive --wait`` to the stored run). ``definition``: the one the run is pinned to.
+
+    The guard walks down what ``Run.redrive`` would resume (fallback steps that failed, the frames of compound steps
+    that failed or were cancelled, ``Processor.redrive_frames``) and refuses when any part of it would fail the same
+    way again or cannot be resumed."""
     if definition is None:
         return Machine._gone(state) + ": it cannot be redriven"
     root = state.frames["root"]
@@ -266,12 +270,47 @@ def redrive_target(state: RunState, definition: Definition | None) -> StepState 
     error = state.error.type if state.error else "failed"
     if root.index >= len(sequence):
         return f"the run failed after its last step ({error}): trigger it again"
+    if error == "ContextTooLarge" and root.status == "cancelled":
+        return "the run's state outgrew its limit and its outputs were shed: trigger it again"
     step = state.steps.get(keys.step_key("root", sequence[root.index].id))
-    if step is None or step.status not in ("failed", "timed_out", "cancelled"):
+    if step is None or step.status in ("succeeded", "skipped"):
         return f"the run failed between steps ({error}): trigger it again"
-    if not processor(step.kind).redrivable or step.children:
-        return f"the run failed in the {step.kind} step {step.step_id!r}: this version redrives a failed top-level activity or sub-workflow step only"
-    return step
+    return _step_refusal(state, definition.workflow, step) or step
+
+
+def _step_refusal(state: RunState, wf: CompiledWorkflow, step: StepState) -> str | None:
+    """Why ``step``, where a frame of the failed run stopped, cannot run again (``Run.redrive_step``), or None."""
+    fallback = state.frames.get(keys.fallback_frame(step.key))
+    if fallback is not None:
+        return _frame_refusal(state, wf, fallback)
+    if _failed_on_own_expression(step):
+        return f"step {step.key!r} failed on an expression ({step.error.message}): it would fail the same way again: trigger the run again"
+    frames = processor(step.kind).redrive_frames(state, step, wf.steps[step.step_id])
+    if isinstance(frames, str):
+        return frames
+    return next((refusal for frame in frames if (refusal := _frame_refusal(state, wf, frame)) is not None), None)
+
+
+def _failed_on_own_expression(step: StepState) -> bool:
+    """Whether ``step`` failed on one of its own expressions (its input, a map's ``items``, a choice's condition), which
+    read the same values again. Not a compound step's (a step inside it failed) nor a child run's (a fresh child run
+    may see other outputs)."""
+    if step.error is None or step.error.type != "ExpressionError" or step.children:
+        return False
+    return not (step.kind == "workflow" and step.child_run is not None)
+
+
+def _frame_refusal(state: RunState, wf: CompiledWorkflow, frame: Frame) -> str | None:
+    """Why ``frame`` cannot be resumed from the step it stopped at (``Run.resume_frame``), or None."""
+    sequence = wf.sequences[frame.ref]
+    if frame.index >= len(sequence):
+        return None  # it ends at once
+    step = state.steps.get(keys.step_key(frame.id, sequence[frame.index].id))
+    if step is None:
+        return None  # it starts the step it never started
+    if step.status in ("succeeded", "skipped"):
+        return f"step {step.key!r} {step.status} but its frame did not go on: trigger the run again"
+    return _step_refusal(state, wf, step)
 
 
 def _unknown(catalog: Catalog, event: RunAccepted) -> str:

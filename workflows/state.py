@@ -63,6 +63,7 @@ class StepState(_State):
     done_n: int = 0
     total: int = 0
     next_index: int = 0
+    redo: list[int] = Field(default_factory=list)  # a redriven map's items that failed under on_failure: continue, to start again
     items: list[Any] | None = None  # a map's items or a for_each loop's list
     unchanged: int = 0  # a loop's iterations in a row whose output did not change (no_progress)
     cost: dict[str, Any] | None = None

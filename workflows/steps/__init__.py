@@ -1,8 +1,9 @@
 """One processor per step kind, and the registry that maps a kind to its processor.
 
-Every processor has the same four entry points (``base.Processor``: start, child finished, timer, cancel); a kind
-that reacts to an event of its own adds one more (an activity's completion, a sub-workflow's child run, a wait's
-signal). Adding a step kind is one module here and one row in ``_PROCESSORS``.
+Every processor has the same four entry points (``base.Processor``: start, child finished, timer, cancel) and the
+two of a redrive (``redrive_frames``: what it would resume, or why not; ``redrive``: resume it); a kind that reacts to
+an event of its own adds one more (an activity's completion, a sub-workflow's child run, a wait's signal). Adding a
+step kind is one module here and one row in ``_PROCESSORS``.
 """
 from __future__ import annotations
 

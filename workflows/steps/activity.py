@@ -13,11 +13,12 @@ from legato.workflows.steps.base import Processor
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 class ActivityProcessor(Processor):
-    redrivable = True
+    def redrive_frames(self, state: "RunState", step: StepState, definition: ActivityStep) -> list["Frame"]:
+        return []
 
     def redrive(self, run: "Run", step: StepState, definition: ActivityStep) -> None:
         """The next attempt: attempts continue, so request ids never repeat and the failed attempt's late completion

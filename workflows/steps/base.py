@@ -1,19 +1,18 @@
-"""What every step processor has: the four entry points."""
+"""What every step processor has: the four entry points, and the two of a redrive."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from legato.workflows import keys
+
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame, StepState, Timer
+    from legato.workflows.state import Frame, RunState, StepState, Timer
 
 
 class Processor:
     """What a step kind does when it starts, when a frame below it ends, when its timer fires, when it is
     cancelled, when its failed run is redriven. The defaults do nothing: a kind overrides what applies to it."""
-
-    redrivable = False
-    """Whether ``redrive`` runs a failed step of this kind again (the machine refuses to redrive other kinds)."""
 
     def start(self, run: "Run", step: "StepState", definition: Any, frame: "Frame", variables: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -24,8 +23,16 @@ class Processor:
     def timer(self, run: "Run", step: "StepState", timer: "Timer") -> None:
         """One of ``step``'s timers fired (already removed from the run's timers)."""
 
+    def redrive_frames(self, state: "RunState", step: "StepState", definition: Any) -> list["Frame"] | str:
+        """What a redrive of ``step`` resumes (a step that failed, timed out or was cancelled when its run failed, or
+        that the run's end left running): the frames below it that run again from where they stopped (none for a
+        step that runs itself again), or why it cannot be redriven. Pure: the machine's guard and ``redrive`` both
+        ask it."""
+        return f"the {step.kind} step {step.step_id!r} cannot run again"
+
     def redrive(self, run: "Run", step: "StepState", definition: Any) -> None:
-        """The run failed at ``step`` (reopened: running again) and is redriven: run it again."""
+        """The run is redriven and ``step`` (reopened: running again) runs again: itself, or the frames
+        ``redrive_frames`` names (``run.resume_frame``), with its counters and timers as they must be for that."""
         raise NotImplementedError
 
     def cancel(self, run: "Run", step: "StepState", reason: str) -> bool:
@@ -44,3 +51,11 @@ def finish_with_frame(run: "Run", step: "StepState", frame: "Frame") -> None:
     else:
         step.error = frame.error
         run.finish_step(step, "failed")
+
+
+def unfinished_frames(state: "RunState", step: "StepState") -> list["Frame"]:
+    """The frames below ``step`` (not its fallback) that failed or were cancelled, in the order they started: what
+    a redrive of a compound step runs again."""
+    fallback = keys.fallback_frame(step.key)
+    frames = [state.frames[f] for f in step.children if f != fallback and f in state.frames]
+    return [f for f in frames if f.status in ("failed", "cancelled")]

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any
 from legato.workflows import keys, transitions
 from legato.workflows.model import ChoiceStep
 from legato.workflows.state import StepState
-from legato.workflows.steps.base import Processor, finish_with_frame
+from legato.workflows.steps.base import Processor, finish_with_frame, unfinished_frames
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 ROUTE_NAME_MAX = 100
@@ -26,6 +26,14 @@ class ChoiceProcessor(Processor):
 
     def child_finished(self, run: "Run", step: StepState, definition: Any, frame: "Frame") -> None:
         finish_with_frame(run, step, frame)
+
+    def redrive_frames(self, state: "RunState", step: StepState, definition: ChoiceStep) -> list["Frame"] | str:
+        """The path it took, from its step that failed (the path is not chosen again)."""
+        return unfinished_frames(state, step) or f"nothing failed inside the choice step {step.step_id!r}: trigger the run again"
+
+    def redrive(self, run: "Run", step: StepState, definition: ChoiceStep) -> None:
+        for frame in unfinished_frames(run.state, step):
+            run.resume_frame(frame)
 
 
 def _choose(run: "Run", definition: ChoiceStep, variables: dict[str, Any]) -> tuple[str, str | None]:

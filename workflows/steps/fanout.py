@@ -8,11 +8,11 @@ from legato.workflows import keys
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.model import DefaultValue, MapStep, NOf
 from legato.workflows.state import StepState, Timer
-from legato.workflows.steps.base import Processor
+from legato.workflows.steps.base import Processor, unfinished_frames
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 DEFAULT_MAP_CONCURRENCY = 256
 """Item sub-flows a map keeps in flight when it sets no ``max_concurrency``: every one in flight is held in the
@@ -62,7 +62,7 @@ class FanOutProcessor(Processor):
                 step.error = frame.error
             else:  # fail_fast, or retry exhausted
                 run.cancel_children(step, "a branch failed")
-                run.clear_timer(keys.join_timeout(step.key))
+                run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
                 run.failed_finally(step, frame.error, "failed")
                 return
         step.done_n += 1
@@ -70,10 +70,10 @@ class FanOutProcessor(Processor):
             run.drop_frame(frame)  # keep the state small: the result is in step.results
         verdict = _join_verdict(step, spec.join, frame.status == "succeeded" or name in step.results)
         if verdict is None:
-            if is_map and step.next_index < step.total:
+            if is_map and (step.redo or step.next_index < step.total):
                 _start_item(run, step, definition, run.state.frames[step.frame])
             return
-        run.clear_timer(keys.join_timeout(step.key))
+        run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
         run.cancel_children(step, "the join is complete")
         if verdict:
             step.output = _output(run, step, is_map)
@@ -99,8 +99,44 @@ class FanOutProcessor(Processor):
             run.failed_finally(step, error, "timed_out")
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
-        run.clear_timer(keys.join_timeout(step.key))
+        run.clear_timer(keys.join_timeout(step.key, run.state.redrives))
         return False
+
+    def redrive_frames(self, state: "RunState", step: StepState, definition: Any) -> list["Frame"] | str:
+        """The branches (map items) that failed or were cancelled and gave no result, each from its step that failed;
+        the others keep their results. (A map's items that failed under ``on_failure: continue`` left no frame:
+        ``redrive`` runs them again from their first step.)"""
+        frames = [f for f in unfinished_frames(state, step) if f.name not in step.results]
+        if frames or step.redo or _dropped_failures(state, step):
+            return frames
+        error = f"{step.error.type}: {step.error.message}" if step.error else "failed"
+        return f"nothing failed inside the {step.kind} step {step.step_id!r} ({error}): trigger the run again"
+
+    def redrive(self, run: "Run", step: StepState, definition: Any) -> None:
+        """Resume those branches (items); one that failed under ``on_failure: continue`` is no longer counted as done,
+        and a map item of those starts again in a frame of its own (``keys.redriven_frame``, so no request id
+        repeats), as many at once as ``max_concurrency`` leaves room for, the others before the items not started
+        yet; the join's timeout restarts."""
+        frames = self.redrive_frames(run.state, step, definition)
+        assert not isinstance(frames, str), frames  # the machine's guard refused it
+        is_map = isinstance(definition, MapStep)
+        spec = definition.map if is_map else definition.parallel
+        for frame in frames:
+            policy = spec.failure_policy if is_map else spec.branch_policy(frame.name or "")
+            if frame.status == "failed" and policy == "continue":
+                step.failed_n -= 1
+                step.done_n -= 1
+        dropped = _dropped_failures(run.state, step)
+        step.failed_n -= len(dropped)
+        step.done_n -= len(dropped)
+        step.redo = sorted(step.redo + dropped)  # with those an earlier redrive had no room to start yet
+        _arm_join_timeout(run, step, spec)
+        for frame in frames:
+            run.resume_frame(frame)
+        if step.redo:
+            room = (spec.max_concurrency or DEFAULT_MAP_CONCURRENCY) - len(frames)
+            for _ in range(min(max(room, 0), len(step.redo))):
+                _start_item(run, step, definition, run.state.frames[step.frame])
 
     def _start_map(self, run: "Run", step: StepState, definition: MapStep, frame: "Frame", variables: dict[str, Any]) -> None:
         items = run.wf.expr(f"{definition.id}.items").evaluate(variables)
@@ -118,14 +154,29 @@ class FanOutProcessor(Processor):
 
 def _arm_join_timeout(run: "Run", step: StepState, spec: Any) -> None:
     if spec.timeout is not None:
-        run.set_timer(keys.join_timeout(step.key), spec.timeout, "join_timeout", target=step.key)
+        run.set_timer(keys.join_timeout(step.key, run.state.redrives), spec.timeout, "join_timeout", target=step.key)
 
 
 def _start_item(run: "Run", step: StepState, definition: MapStep, parent: "Frame") -> None:
-    index = step.next_index
-    step.next_index += 1
-    child = run.child_frame(step, keys.item_frame(step.key, index), keys.sequence_ref(definition.id, "item"), parent, name=str(index), item=step.items[index], index=index)
+    """Start the next item: one a redrive runs again first (``redo``), else the next not started."""
+    if step.redo:
+        index = step.redo.pop(0)
+        frame_id = keys.redriven_frame(keys.item_frame(step.key, index), run.state.redrives)
+    else:
+        index = step.next_index
+        step.next_index += 1
+        frame_id = keys.item_frame(step.key, index)
+    child = run.child_frame(step, frame_id, keys.sequence_ref(definition.id, "item"), parent, name=str(index), item=step.items[index], index=index)
     run.advance(child.id)
+
+
+def _dropped_failures(state: "RunState", step: StepState) -> list[int]:
+    """A map's items that failed under ``on_failure: continue`` and are counted in ``failed_n``: started, without a
+    result, without a frame (a map drops an item's frame once it is counted), and not waiting in ``redo``."""
+    if step.kind != "map" or not step.failed_n:
+        return []
+    live = {state.frames[f].name for f in step.children if f in state.frames}
+    return [i for i in range(step.next_index) if str(i) not in step.results and str(i) not in live and i not in step.redo]
 
 
 def _join_verdict(step: StepState, join: Any, last_ok: bool) -> bool | None:

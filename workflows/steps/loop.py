@@ -8,11 +8,11 @@ from legato.workflows import keys
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.model import ENGINE_MAX_ITERATIONS, LoopStep
 from legato.workflows.state import StepState, Timer
-from legato.workflows.steps.base import Processor, finish_with_frame
+from legato.workflows.steps.base import Processor, finish_with_frame, unfinished_frames
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 class LoopProcessor(Processor):
@@ -32,7 +32,7 @@ class LoopProcessor(Processor):
             scope.update(item=items[: spec.batch_size], index=0)
         step.iteration = 0
         if spec.timeout is not None:
-            run.set_timer(keys.loop_timeout(step.key), spec.timeout, "loop_timeout", target=step.key)
+            run.set_timer(keys.loop_timeout(step.key, run.state.redrives), spec.timeout, "loop_timeout", target=step.key)
         child = run.child_frame(step, keys.iteration_frame(step.key, 0), keys.sequence_ref(definition.id, "body"), frame, **scope)
         run.advance(child.id)
 
@@ -43,7 +43,7 @@ class LoopProcessor(Processor):
         spec = definition.loop
         if frame.status != "succeeded":
             step.ended_by = "failed"
-            run.clear_timer(keys.loop_timeout(step.key))
+            run.clear_timer(keys.loop_timeout(step.key, run.state.redrives))
             run.failed_finally(step, frame.error, "failed")
             return
         previous = frame.scope.get("previous")
@@ -55,11 +55,11 @@ class LoopProcessor(Processor):
                 done = run.truth(f"{definition.id}.until", variables)
             except ExpressionError as exc:
                 step.ended_by = "failed"
-                run.clear_timer(keys.loop_timeout(step.key))
+                run.clear_timer(keys.loop_timeout(step.key, run.state.redrives))
                 run.failed_finally(step, ErrorInfo(type="ExpressionError", message=f"step {definition.id}: {exc}", retryable=False), "failed")
                 return
             if done:
-                run.clear_timer(keys.loop_timeout(step.key))
+                run.clear_timer(keys.loop_timeout(step.key, run.state.redrives))
                 step.ended_by = "until"
                 run.finish_step(step, "succeeded")
                 return
@@ -71,7 +71,7 @@ class LoopProcessor(Processor):
             _exhausted(run, step, "budget", step.output)
             return
         if spec.for_each is not None and iteration + 1 >= step.total:
-            run.clear_timer(keys.loop_timeout(step.key))
+            run.clear_timer(keys.loop_timeout(step.key, run.state.redrives))
             step.ended_by = "items"
             run.finish_step(step, "succeeded")
             return
@@ -88,19 +88,40 @@ class LoopProcessor(Processor):
         child = run.child_frame(step, keys.iteration_frame(step.key, iteration + 1), keys.sequence_ref(definition.id, "body"), parent, **scope)
         run.advance(child.id)
 
+    def redrive_frames(self, state: "RunState", step: StepState, definition: LoopStep) -> list["Frame"] | str:
+        """Its ``on_exhausted`` steps when they failed; else the iteration that failed or was cancelled (a timeout, a
+        sibling's failure), from its step that failed, with the loop's counters as they were. A loop that failed on
+        its own (a bound with ``on_exhausted: fail``, its ``until``) would end the same way again."""
+        frames = unfinished_frames(state, step)
+        exhausted = [f for f in frames if f.id == keys.exhausted_frame(step.key)]
+        if exhausted or frames:
+            return exhausted or frames
+        error = f"{step.error.type}: {step.error.message}" if step.error else "failed"
+        return f"the loop {step.step_id!r} ended by {step.ended_by or 'failed'} ({error}), not in a step of its body: it would end the same way again: trigger the run again"
+
+    def redrive(self, run: "Run", step: StepState, definition: LoopStep) -> None:
+        frames = self.redrive_frames(run.state, step, definition)
+        assert not isinstance(frames, str), frames  # the machine's guard refused it
+        if frames[0].id != keys.exhausted_frame(step.key):  # iterating again: its timeout restarts
+            step.ended_by = None
+            if definition.loop.timeout is not None:
+                run.set_timer(keys.loop_timeout(step.key, run.state.redrives), definition.loop.timeout, "loop_timeout", target=step.key)
+        for frame in frames:
+            run.resume_frame(frame)
+
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind == "loop_timeout" and step.status == "running":
             run.cancel_children(step, "loop timeout")
             _exhausted(run, step, "timeout", step.output)
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
-        run.clear_timer(keys.loop_timeout(step.key))
+        run.clear_timer(keys.loop_timeout(step.key, run.state.redrives))
         return False
 
 
 def _exhausted(run: "Run", step: StepState, bound: str, output: Any) -> None:
     spec = run.wf.steps[step.step_id].loop
-    run.clear_timer(keys.loop_timeout(step.key))
+    run.clear_timer(keys.loop_timeout(step.key, run.state.redrives))
     step.ended_by = bound
     if bound == "budget" or (spec.until is None and spec.for_each is None and bound == "max_iterations" and spec.no_progress is None):
         run.finish_step(step, "succeeded", output=output)  # a counted loop ran to its end; a budget stop keeps what it has

@@ -15,7 +15,7 @@ from legato.workflows.steps.base import Processor
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 class SleepProcessor(Processor):
@@ -28,14 +28,22 @@ class SleepProcessor(Processor):
         if due <= run.now:
             run.finish_step(step, "succeeded")
             return
-        run.set_timer_at(keys.sleep_timer(step.key), due, "sleep", target=step.key)
+        run.set_timer_at(keys.sleep_timer(step.key, run.state.redrives), due, "sleep", target=step.key)
+
+    def redrive_frames(self, state: "RunState", step: StepState, definition: SleepStep) -> list["Frame"]:
+        return []
+
+    def redrive(self, run: "Run", step: StepState, definition: SleepStep) -> None:
+        """Sleep again: the whole duration from now, or until the same instant."""
+        frame = run.state.frames[step.frame]
+        self.start(run, step, definition, frame, run.variables(frame))
 
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind == "sleep" and step.status == "running":
             run.finish_step(step, "succeeded")
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
-        run.clear_timer(keys.sleep_timer(step.key))
+        run.clear_timer(keys.sleep_timer(step.key, run.state.redrives))
         return False
 
 

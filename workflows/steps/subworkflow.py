@@ -12,11 +12,12 @@ from legato.workflows.steps.base import Processor
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 class SubWorkflowProcessor(Processor):
-    redrivable = True
+    def redrive_frames(self, state: "RunState", step: StepState, definition: WorkflowStep) -> list["Frame"]:
+        return []
 
     def start(self, run: "Run", step: StepState, definition: WorkflowStep, frame: "Frame", variables: dict[str, Any]) -> None:
         self._start_child(run, step, definition, variables, keys.child_run_id(run.state.run_id, step.key), 1)

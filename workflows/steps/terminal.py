@@ -12,7 +12,7 @@ from legato.workflows.steps.base import Processor
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 class EndProcessor(Processor):
@@ -37,3 +37,7 @@ class FailProcessor(Processor):
         reason = run.wf.expr(f"{definition.id}.reason").evaluate(variables)
         step.error = ErrorInfo(type="WorkflowFailed", message=str(reason), retryable=False)
         run.finish_step(step, "failed")
+
+    def redrive_frames(self, state: "RunState", step: StepState, definition: FailStep) -> str:
+        reason = step.error.message if step.error else ""
+        return f"the run ended at its fail step {step.step_id!r} ({reason}): it would end there again: trigger the run again"

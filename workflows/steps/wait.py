@@ -17,7 +17,7 @@ from legato.workflows.transitions import SignalIgnored
 
 if TYPE_CHECKING:
     from legato.workflows.context import Run
-    from legato.workflows.state import Frame
+    from legato.workflows.state import Frame, RunState
 
 
 class WaitProcessor(Processor):
@@ -31,7 +31,15 @@ class WaitProcessor(Processor):
             return
         transitions.move(run, step, "waiting")
         if spec.timeout is not None:
-            run.set_timer(keys.wait_timeout(step.key), spec.timeout, "wait_timeout", target=step.key)
+            run.set_timer(keys.wait_timeout(step.key, run.state.redrives), spec.timeout, "wait_timeout", target=step.key)
+
+    def redrive_frames(self, state: "RunState", step: StepState, definition: WaitStep) -> list["Frame"]:
+        return []
+
+    def redrive(self, run: "Run", step: StepState, definition: WaitStep) -> None:
+        """Wait again (a signal the run kept since completes it at once), with a fresh timeout."""
+        frame = run.state.frames[step.frame]
+        self.start(run, step, definition, frame, run.variables(frame))
 
     def signalled(self, run: "Run", event: SignalSent) -> None:
         """A signal for this run: complete the oldest wait on its name, or keep it for one."""
@@ -52,7 +60,7 @@ class WaitProcessor(Processor):
         if waiting is None:
             state.signals.append(PendingSignal(signal=event.signal, data=event.data, signal_id=event.signal_id, received_ms=run.now))
             return
-        run.clear_timer(keys.wait_timeout(waiting.key))
+        run.clear_timer(keys.wait_timeout(waiting.key, run.state.redrives))
         _deliver(run, waiting, event.data)
 
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
@@ -68,7 +76,7 @@ class WaitProcessor(Processor):
             run.finish_step(step, "timed_out")
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
-        run.clear_timer(keys.wait_timeout(step.key))
+        run.clear_timer(keys.wait_timeout(step.key, run.state.redrives))
         return step.status == "waiting"
 
 
