@@ -105,7 +105,7 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
         out.add(Acl("transactional-id", "literal", t.deployer, "WRITE", principal))  # legato deploy
     elif role == "console":
         # what the console's run index reads (streams/console/feed.py): the run-keyed topics and every request topic
-        topic("READ", t.runs, t.changelog, t.coordinator, t.completions, t.cancellations, t.progress, t.definitions, t.signals,
+        topic("READ", t.runs, t.triggers, t.changelog, t.coordinator, t.completions, t.cancellations, t.progress, t.definitions, t.signals,
               t.dlq, *completion)
         topic("READ", t.requests(""), pattern="prefixed")
     elif role == "observer":

@@ -60,7 +60,7 @@ def test_coordinator_transactions_and_group_follow_one_prefix():
     ("trigger", {"legato.triggers"}, {"app.done"}),
     ("signal", {"legato.signals"}, set()),
     ("observer", set(), {"legato.runs", "app.done"}),
-    ("console", set(), {"legato.runs", T.changelog, "legato.coordinator", "legato.completions", "legato.cancellations", "legato.requests.",
+    ("console", set(), {"legato.runs", "legato.triggers", T.changelog, "legato.coordinator", "legato.completions", "legato.cancellations", "legato.requests.",
                         "legato.progress", "legato.definitions", "legato.signals", "legato.dlq", "app.done"}),
     ("operator", {"legato.coordinator", "legato.definitions"},
      {"legato.runs", T.changelog, "legato.dlq", "legato.definitions", "app.done"}),

@@ -47,7 +47,7 @@ class Feed:
 
     def _wanted(self, topic: str) -> bool:
         t = self.topics
-        return topic in (t.runs, t.changelog, t.coordinator, t.completions, t.cancellations, t.signals, t.progress, t.definitions) \
+        return topic in (t.runs, t.triggers, t.changelog, t.coordinator, t.completions, t.cancellations, t.signals, t.progress, t.definitions) \
             or topic.startswith(t.requests(""))
 
     async def _assign(self) -> bool:

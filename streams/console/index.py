@@ -146,6 +146,7 @@ class RunIndex:
             self.topics.cancellations: "cancellation",
             self.topics.signals: "signal",
             self.topics.progress: "progress",
+            self.topics.triggers: "trigger",
         }
         self._requests_prefix = self.topics.requests("")
 
@@ -203,8 +204,8 @@ class RunIndex:
             return
         if topic == self.topics.runs:
             self._apply_run_event(raw, timestamp_ms)
-        elif topic == self.topics.coordinator and raw.get("type") == "run.accepted":
-            self._apply_accepted(raw, timestamp_ms)
+        elif (topic == self.topics.coordinator and raw.get("type") == "run.accepted") or topic == self.topics.triggers:
+            self._apply_accepted(raw, timestamp_ms)  # a trigger keyed by its run_id is accepted without a run.accepted
         kind = self._kind(topic, raw)
         if kind is None:
             return
@@ -225,6 +226,8 @@ class RunIndex:
             return f"activity.{raw.get('status') or 'completed'}"
         if family == "signal":
             return "signal.sent"
+        if family == "trigger":
+            return "run.requested"
         return "progress.reported"
 
     def _forgotten(self, run_id: str) -> bool:

@@ -79,7 +79,7 @@ async def test_runs_list_and_show_read_the_topics(legato, runs_env, tmp_path):
     shown = orjson.loads(out)
     assert shown["run"]["state"]["output"] == {"first": 2, "second": 12, "third": 112}
     kinds = [e["kind"] for e in shown["events"]]
-    assert kinds.count("activity.requested") == 3 and kinds.count("activity.succeeded") == 3 and "run.accepted" in kinds
+    assert kinds.count("activity.requested") == 3 and kinds.count("activity.succeeded") == 3 and "run.requested" in kinds
     assert all(isinstance(e["offset"], int) and isinstance(e["partition"], int) for e in shown["events"])
     code, out, err = await cli("runs", "show", f"seq-{tag}", "--gantt", env=runs_env)
     assert code == 0 and out.startswith("gantt\n"), err
