@@ -5,11 +5,13 @@ task: the run table of ``p`` (loaded from partition ``p`` of the changelog when 
 transactional producer whose ``transactional.id`` is ``<group>-<p>``. Each batch a task reads is decided by
 ``legato.workflows.machine`` and then committed in ONE Kafka transaction holding everything it caused: the requests,
 run events, cancellations and child records it produced, the new state of every run it touched (changelog), any
-dead letters, and the input offsets. Either all of it becomes visible to ``read_committed`` consumers or none of it.
+dead letters, and the input offsets (a changelog record of their own, ``CHANGELOG_OFFSETS_KEY``, so they cost no
+extra round trip; the consumer group's offsets follow at most once a second). Either all of it becomes visible to
+``read_committed`` consumers or none of it.
 
 Killing the process at any moment therefore loses nothing and repeats nothing: the next owner of ``p`` starts a
 producer with the same ``transactional.id``, which fences the dead one and aborts its open transaction, then loads
-the changelog and resumes from the committed offsets. faust's own ``exactly_once`` mode lost runs in our kill tests
+the changelog and resumes from the offsets stored in it. faust's own ``exactly_once`` mode lost runs in our kill tests
 and its at-least-once mode acknowledges records fetched before a rebalance (RELIABILITY.md); this loop is why the
 coordinator uses aiokafka directly. The activity workers stay on faust.
 
@@ -20,7 +22,7 @@ Modules, one concern each:
 - ``rebalance``: partitions assigned and revoked (tasks parked, reused, opened, reloaded);
 - ``timers``: due timers become ``timer.fired`` records;
 - ``effects``: the machine's commands become records;
-- ``inbox``: input records decoded (a bad one is dead-lettered with the reason), triggers re-keyed by run_id.
+- ``inbox``: input records decoded (a bad one is dead-lettered with the reason), triggers re-keyed by run_id (or decided where they land when keyed by their run_id).
 - ``cache``: the result cache topic followed as a table; a request it answers becomes a cached completion.
 """
 from legato.streams.coordinator.inbox import run_id_for

@@ -76,7 +76,7 @@ async def test_a_record_the_machine_raises_on_is_dead_lettered_and_its_batch_sti
     assert completed == {"before": {"echo": "before"}, "after": {"echo": "after"}}
     assert not [e for e in events if e["run_id"] == "poison"]
     assert len(letters) == 1, letters
-    assert letters[0]["source_topic"] == settings.topics.coordinator
+    assert letters[0]["source_topic"] == settings.topics.triggers  # keyed by its run_id: decided where it landed
     assert letters[0]["reason"] == "internal error: ZeroDivisionError: a bug"
     assert orjson.loads(letters[0]["payload"])["run_id"] == "poison"
     assert raised == ["poison"]  # decided once; on the second reading it was dead-lettered without deciding
