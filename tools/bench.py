@@ -34,7 +34,7 @@ from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
-NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout")
+NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "retention")
 
 
 @dataclass
@@ -490,6 +490,10 @@ def main(settings: Settings, names: list[str], runs: int, output: Path | None, s
         reports.append(bench_memory(b, memory_runs, store))
     if "scaleout" in names:
         reports.append(bench_scaleout(b, runs))
+    if "retention" in names:
+        from legato.tools.bench_retention import bench_retention
+
+        reports.append(bench_retention(b, memory_runs))
     text = _render(reports)
     print(text)
     if output is not None:
