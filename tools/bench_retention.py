@@ -1,11 +1,13 @@
 """``legato bench retention``: what forgetting finished runs buys the coordinator.
 
-Two cases in one run, each on its own topics with one coordinator: N runs of a one-step no-op workflow, answered at
+Three cases in one run, each on its own topics with one coordinator: N runs of a one-step no-op workflow, answered at
 once by an independent measuring worker, until every one has finished —
 
 - **retained** (the baseline): the workflow sets no ``retention``, so the runs stay in the run table (default 7 d);
 - **forgotten**: ``retention: 1s``, so each finished run is forgotten a second later (a changelog tombstone), and the
-  benchmark waits until ``legato_runs_forgotten_total`` counts every run.
+  benchmark waits until ``legato_runs_forgotten_total`` counts every run;
+- **forgotten, compacting changelog**: the same on a changelog whose segments roll every 10 s (``COMPACTING``), restored
+  once the log cleaner has been over it.
 
 Then it measures the coordinator's RSS, SIGKILLs it, starts a fresh one and measures the restore: from the new
 process's start to its log saying that the last of its partitions is loaded (``partition N: K runs loaded in S s``,
