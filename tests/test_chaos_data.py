@@ -14,3 +14,14 @@ def test_the_chaos_workflows_load_and_their_activities_are_served_or_deliberatel
               for d in node.decorator_list if isinstance(d, ast.Call) and d.args}
     assert used <= set(ACTIVITIES)
     assert used - served == {"chaos_nobody"}  # only timers can finish the runs that wait on it
+
+
+def test_the_deploy_scenarios_v2_is_a_new_version_with_other_step_ids():
+    from legato.tools.chaos import V1_STEPS, V2_FILE, V2_STEPS
+
+    v1 = load_directories([DATA])["chaos_deploy"]
+    v2 = load_directories([V2_FILE.parent])["chaos_deploy"]
+    assert (v1.version, v2.version) == (1, 2)
+    assert set(v2.activities) <= set(ACTIVITIES)
+    assert {s.id for s in v1.definition.steps} == V1_STEPS and {s.id for s in v2.definition.steps} == V2_STEPS
+    assert not V1_STEPS & V2_STEPS

@@ -34,7 +34,7 @@ from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
-NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency")
+NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention")
 
 
 @dataclass
@@ -495,6 +495,10 @@ def main(settings: Settings, names: list[str], runs: int, output: Path | None, s
         from legato.tools.bench_latency import bench_latency
 
         reports.append(bench_latency(b, latency_runs))
+    if "retention" in names:
+        from legato.tools.bench_retention import bench_retention
+
+        reports.append(bench_retention(b, memory_runs))
     text = _render(reports)
     print(text)
     if output is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from legato.tools import kafka_local
-from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_takeover, scenario_timers, scenario_waits, scenario_worker
+from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_deploy, scenario_takeover, scenario_timers, scenario_waits, scenario_worker
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +59,15 @@ async def test_waits_and_sleeps_survive_a_coordinator_sigkill(kafka_bootstrap, t
     assert r["due_while_down"] > 0, r
     assert r["ended_early"] == 0 and r["waits_ended_before_their_signal"] == 0, r
     assert r["duplicate_terminal_events"] == 0, r  # each signal was sent twice with one signal_id
+
+
+async def test_v2_deployed_mid_flight_with_a_coordinator_sigkill_switches_no_run(kafka_bootstrap, tmp_path):
+    r = await scenario_deploy(kafka_bootstrap, runs=30, kills=1, new_runs=10, seconds=8.0, extra_env=FAST_GROUP, timeout=120, workdir=tmp_path)
+    no_loss(r)  # wrong_output 0: every v1 run ended with v1's output, every later trigger with v2's
+    assert r["v1_in_flight_at_deploy"] > 0 and r["kill_log"][0]["v1_in_flight"] > 0, r  # deployed and killed mid-flight
+    assert r["switched_version"] == 0, r  # v1 runs: version 1 on run.started and the terminal event, only v1's step ids requested
+    assert r["new_not_v2"] == 0, r
+    assert r["duplicate_terminal_events"] == 0 and r["duplicate_executions"] == 0, r
 
 
 async def test_survivor_takes_over_partitions_of_killed_coordinator(kafka_bootstrap, tmp_path):
