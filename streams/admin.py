@@ -8,6 +8,12 @@ from legato.streams import security
 from legato.topics.names import Topics
 
 
+_COMPACTED = {"cleanup.policy": "compact", "segment.ms": "3600000", "min.cleanable.dirty.ratio": "0.25"}
+"""Compacted topics roll a segment every hour, so the log cleaner can take all but the last hour: without it the
+changelog a restore reads is every state, tombstone and offsets record written until a 7-day (or 1 GiB) roll
+(BENCHMARKS.md, retention). ``delete.retention.ms`` keeps its 24 h: a tombstone outlives any restore."""
+
+
 async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], partitions: int, extra: list[str] | None = None,
                         compacted: list[str] | None = None) -> None:
     """Create the contract's topics that are missing; refuse a run-keyed topic with another partition count.
@@ -24,7 +30,7 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
         if missing:
             try:
                 await admin.create_topics([
-                    NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n in compact else {})
+                    NewTopic(n, partitions, 1, topic_configs=_COMPACTED if n in compact else {})
                     for n in missing
                 ])
             except TopicAlreadyExistsError:
