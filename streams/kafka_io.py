@@ -124,3 +124,13 @@ def faust_read_committed() -> None:
 
     AIOKafkaConsumerThread._create_worker_consumer = create_read_committed  # type: ignore[method-assign]
     AIOKafkaConsumerThread._legato_read_committed = True  # type: ignore[attr-defined]
+
+
+def transaction_retry_backoff(seconds: float) -> None:
+    """How long aiokafka waits before it asks again to add a partition to a new transaction that the broker refused
+    with CONCURRENT_TRANSACTIONS (the previous transaction's commit markers are still being written: a millisecond or
+    two on a healthy broker). aiokafka hard-codes 20 ms (``sender.BACKOFF_OVERRIDE``, private); a partition busy enough
+    to start its next transaction at once met it on most transactions (BENCHMARKS.md, latency). Idempotent."""
+    from aiokafka.producer import sender
+
+    sender.BACKOFF_OVERRIDE = seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
@@ -34,6 +35,7 @@ class Timers:
         self._scheduled: set[tuple[str, str]] = set()
 
     def schedule(self, run_id: str, timer_id: str, due_ms: int) -> None:
+        timer_id = sys.intern(timer_id)  # the same few ids ("s0:timeout:1", "run:retention") in every run: stored once
         if (run_id, timer_id) not in self._scheduled:
             self._scheduled.add((run_id, timer_id))
             heapq.heappush(self._heap, (due_ms, run_id, timer_id))
