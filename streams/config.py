@@ -35,6 +35,7 @@ class Settings:
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
     console_port: int = 8080  # `legato dev` serves the console here
     trace_file: Path | None = None  # the coordinator appends one JSON line per committed batch here (`legato bench latency`)
+    early_requests: bool = True  # requests caused only by completions are sent ahead of the transaction (README, Guarantees)
 
     @property
     def topics(self) -> Topics:
@@ -61,5 +62,6 @@ class Settings:
             commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
             console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),
             trace_file=Path(env["LEGATO_TRACE_FILE"]) if env.get("LEGATO_TRACE_FILE") else None,
+            early_requests=env.get("LEGATO_EARLY_REQUESTS", "1") not in ("0", "false", "no", "off"),
             retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

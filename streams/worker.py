@@ -210,6 +210,10 @@ class Workers:
 
 
 def _delivery(request: ActivityRequested) -> str:
-    """What makes a request a duplicate: a request re-sent after a crash is the stored one (the same ``requested_ms``),
-    while a run_id started again after its retention asks the same request ids at another time."""
+    """What makes a request a duplicate: the same request_id of the same run, i.e. with the same ``run_started_ms``
+    (a request decided again after a coordinator crash is decided at another ``requested_ms``; a run_id started
+    again after its retention asks the same request ids with another ``run_started_ms``). Requests of coordinators
+    that did not send ``run_started_ms`` are told apart by ``requested_ms``."""
+    if request.run_started_ms is not None:
+        return f"{request.request_id}@{request.run_started_ms}"
     return request.request_id if request.requested_ms is None else f"{request.request_id}@{request.requested_ms}"

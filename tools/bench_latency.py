@@ -1,9 +1,11 @@
 """``legato bench latency``: where a step's time goes, hop by hop, one run at a time.
 
-Three pipes carry the same chain of no-op steps, measured in the same run:
+Four pipes carry the same chain of no-op steps, measured in the same run:
 
 - the raw pipe (the floor of this stack: a stateless aiokafka consumer turns each completion into the next request),
-- Legato's coordinator with an independent aiokafka worker (nothing but the topic contract),
+- Legato's coordinator with an independent aiokafka worker (nothing but the topic contract), every request in its
+  batch's transaction (``LEGATO_EARLY_REQUESTS=0``: the baseline of the early requests),
+- the same with requests caused by completions sent ahead of the transaction (the default),
 - Legato's coordinator with Legato's own faust worker (``legato worker``).
 
 The hops come from wall-clock timestamps (one machine, one clock): the measuring worker's own (completion sent,
@@ -32,6 +34,9 @@ HOPS = [("completion → coordinator polled", "done", "polled"), ("polled → de
         ("decided → records handed to producer", "decided", "sent"), ("→ offsets added to the transaction", "sent", "offsets"),
         ("→ records acknowledged", "offsets", "acked"), ("→ transaction committed", "acked", "committed"),
         ("committed → worker has the request", "committed", "fetched")]
+EARLY_HOPS = HOPS[:2] + [("decided → request handed to the early producer", "decided", "early"), ("early request → worker has it", "early", "fetched"),
+                         ("(meanwhile) early request → transaction committed", "early", "committed")]
+"""The hops of a request sent ahead of its batch's transaction (``LEGATO_EARLY_REQUESTS``, the default)."""
 
 
 class TracingWorker:
@@ -91,10 +96,15 @@ def _read_trace(path: Path) -> dict[str, dict[str, float]]:
 def _hop_rows(report: Report, label: str, samples: list[dict[str, float]], raw: list[float] | None, total: tuple[str, str, str],
              hops: list[tuple[str, str, str]]) -> list[float]:
     totals = [s[total[2]] - s[total[1]] for s in samples if total[1] in s and total[2] in s]
-    for name, a, b in hops:
-        values = [s[b] - s[a] for s in samples if a in s and b in s]
-        if values:
-            report.rows.append(Row(f"{label}: {name}", f"{_percentile(values, 50) * 1000:.2f} / {_percentile(values, 99) * 1000:.2f} ms", "-", "-", "-", "-"))
+    early = [s for s in samples if "early" in s]
+    groups = [("", [s for s in samples if "early" not in s], hops)]
+    if early:
+        groups.append((f"early ({len(early)} of {len(samples)}) ", early, [hops[0]] + EARLY_HOPS[1:]))
+    for prefix, group, names in groups:
+        for name, a, b in names:
+            values = [s[b] - s[a] for s in group if a in s and b in s]
+            if values:
+                report.rows.append(Row(f"{label}: {prefix}{name}", f"{_percentile(values, 50) * 1000:.2f} / {_percentile(values, 99) * 1000:.2f} ms", "-", "-", "-", "-"))
     t50, t99 = _percentile(totals, 50) * 1000, _percentile(totals, 99) * 1000
     r50 = r99 = None
     if raw:
@@ -165,10 +175,10 @@ async def _legato_runs(b: Bench, topics: Topics, runs: int, label: str) -> list[
     return run_ids
 
 
-def _independent(b: Bench, runs: int, steps: int) -> list[dict[str, float]]:
-    topics = b.topics("li")
+def _independent(b: Bench, runs: int, steps: int, early: bool = True) -> list[dict[str, float]]:
+    topics = b.topics("li" if early else "lt")
     trace = b.workdir / f"trace-{topics.prefix}.jsonl"
-    procs = Coordinators(b.settings, topics.prefix, b.workdir, {"LEGATO_TRACE_FILE": str(trace)})
+    procs = Coordinators(b.settings, topics.prefix, b.workdir, {"LEGATO_TRACE_FILE": str(trace), "LEGATO_EARLY_REQUESTS": "1" if early else "0"})
     procs.start(1)
 
     async def go() -> tuple[TracingWorker, list[str]]:
@@ -225,12 +235,15 @@ def _own_worker(b: Bench, runs: int, steps: int) -> list[dict[str, float]]:
 def bench_latency(b: Bench, runs: int, steps: int = 20) -> Report:
     report = Report(f"legato bench latency --runs {runs}")
     raw = asyncio.run(_raw_once(b, b.topics("lr"), runs, steps))
+    transactional = _independent(b, runs, steps, early=False)
     independent = _independent(b, runs, steps)
     own = _own_worker(b, runs, steps)
+    _hop_rows(report, "independent worker, every request in the transaction (LEGATO_EARLY_REQUESTS=0)", transactional, raw,
+              ("completion sent → next request fetched", "done", "fetched"), HOPS)
     _hop_rows(report, "independent worker", independent, raw, ("completion sent → next request fetched", "done", "fetched"), HOPS)
     own_hops = [("handler end → coordinator polled", "done", "polled")] + HOPS[1:6] + [("committed → next handler start", "committed", "fetched")]
     _hop_rows(report, "own worker", own, raw, ("handler end → next handler start", "done", "fetched"), own_hops)
     report.notes.append(f"{runs} runs of {steps} no-op steps, one run at a time (the first 2 runs of each pipe warm up and are not counted); "
-                        f"{len(raw)} raw, {len(independent)} independent-worker and {len(own)} own-worker steps. Each hop row is p50 / p99; "
+                        f"{len(raw)} raw, {len(transactional)} + {len(independent)} independent-worker and {len(own)} own-worker steps. Each hop row is p50 / p99; "
                         "hops are wall-clock moments on one machine: the measuring worker's, the coordinator's LEGATO_TRACE_FILE and the bench handler's.")
     return report

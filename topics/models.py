@@ -50,6 +50,7 @@ class ActivityRequested(_Record):
     deadline: int | None = None  # epoch ms after which the coordinator no longer waits
     workflow: str | None = None
     requested_ms: int | None = None  # epoch ms when the coordinator decided it (queue-time metric)
+    run_started_ms: int | None = None  # epoch ms its run started: with request_id, the request's identity across a run_id reused after retention
     cache_ttl_ms: int | None = None  # answer from the result cache when an identical request succeeded within it
     batch: dict[str, Any] | None = None  # {max_size, max_wait_ms}: the handler may take several requests at once
     rate_limit: float | None = None  # requests per second per worker process

@@ -32,10 +32,12 @@ _TO_COORDINATOR = {StartChildRun: "accepted", CancelChildRun: "cancel", NotifyPa
 
 
 def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: list[StartTimer], ignored: Callable[[str], None],
-              refused: Callable[[str], None], cache: ResultTable | None = None) -> None:
+              refused: Callable[[str], None], cache: ResultTable | None = None, requests: list[Send] | None = None) -> None:
     """Append the records of ``commands`` to ``sends`` and their timers to ``timers``; count ignored events; hand
     the reason of a refused signal to ``refused`` (which dead-letters the record being decided). A request that
-    ``cache`` answers is not sent: its cached completion goes to the completions topic (``coordinator.cache``)."""
+    ``cache`` answers is not sent: its cached completion goes to the completions topic (``coordinator.cache``).
+    Activity requests go to ``requests`` when it is given (the partition task decides which of them may be sent
+    ahead of the transaction), else to ``sends``."""
     for command in commands:
         if isinstance(command, RequestActivity):
             req = command.request
@@ -43,7 +45,7 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
             if hit is not None:
                 sends.append((topics.completions, req.run_id.encode(), codec.dumps(hit), None))
             else:
-                sends.append((topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
+                (sends if requests is None else requests).append((topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
         elif isinstance(command, CacheResult):
             sends.append(entry_record(command, topics))
         elif isinstance(command, StartTimer):

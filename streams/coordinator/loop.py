@@ -88,6 +88,8 @@ class Coordinator:
         self._on_catalog(self.definitions.catalog)
         timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, **kw)
         await timer_producer.start()
+        if getattr(self.settings, "early_requests", False):
+            self.partitions.early = timer_producer  # idempotent, not transactional: requests ahead of their transaction
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
             group_id=self.group,
@@ -186,14 +188,19 @@ class Coordinator:
                 task.wake.clear()
                 if self.tasks.get(task.partition) is not task:
                     return
-                parts, task.inbox, task.queued = task.inbox, [], 0
+                parts = self._take(task)
                 if parts:
-                    why = await self.partitions.process(task, parts)
+                    why = await self.partitions.process(task, parts, lambda: self._take(task))
                     if why is not None:
                         await self.rebalance.reload(task, why)
-                if task.paused and self.tasks.get(task.partition) is task:
-                    task.paused = False
-                    self.consumer.resume(*self.assigned(task.partition))
+
+    def _take(self, task: PartitionTask) -> list[tuple[TopicPartition, list[Any], float]]:
+        """The records queued for ``task``, its fetching resumed if a full queue had paused it."""
+        parts, task.inbox, task.queued = task.inbox, [], 0
+        if task.paused and self.tasks.get(task.partition) is task:
+            task.paused = False
+            self.consumer.resume(*self.assigned(task.partition))
+        return parts
 
     def assigned(self, p: int) -> list[TopicPartition]:
         """This process's assigned input topic-partitions numbered ``p``."""

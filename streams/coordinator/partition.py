@@ -12,7 +12,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
@@ -45,6 +45,14 @@ GROUP_OFFSETS_EVERY_S = 1.0
 every batch's transaction; the consumer group's offsets (what lag monitoring reads) are added to a transaction at
 most this often: ``send_offsets_to_transaction`` costs two sequential round trips to the broker (AddOffsetsToTxn,
 TxnOffsetCommit), a third of a step's overhead at low load (BENCHMARKS.md, latency)."""
+
+_CHAIN = 16
+"""Batches one call of ``Partitions.process`` commits back to back (each decided while the one before commits) before
+it lets a rebalance, waiting for the partition, in."""
+
+_MAX_BATCH = 500
+"""Records decided into the next batch while one commits: it bounds a transaction's size, and with it the memory that
+the partitions' batches in flight hold at once (like the consume loop's queue, ``loop._MAX_QUEUED``)."""
 
 _EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
@@ -118,6 +126,14 @@ class Batch:
     """What one turn of a partition's task decided, committed in one transaction."""
 
     sends: list[Send] = field(default_factory=list)
+    requested: list[Send] = field(default_factory=list)  # activity requests decided, sent early or in the transaction
+    early: list[Send] = field(default_factory=list)  # requests sent ahead of the transaction (``Partitions.early``)
+    mixed: set[str] = field(default_factory=set)  # runs an input other than a worker's completion changed
+    unsettled: set[str] = field(default_factory=set)  # ``mixed`` of the batch still committing when this one was decided
+    early_sent: int = 0  # how many of ``early`` were handed to the producer
+    early_futures: list[Any] = field(default_factory=list)  # deliveries of the early requests sent while the batch before committed
+    received: float = float("inf")  # perf_counter when its first record was polled
+    size: int = 0  # records decided into it
     changed: dict[str, RunState | None] = field(default_factory=dict)  # runs this batch changed (None: forgotten)
     written: dict[bytes, bytes | None] = field(default_factory=dict)  # run key → the state bytes it stores (None: a tombstone)
     running: int = 0  # runs started minus runs finished
@@ -173,8 +189,9 @@ class Partitions:
     """Loads, decides and commits the partitions' batches; shared by every task of one coordinator process."""
 
     def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None, trace: Trace | None = None,
-                 cache: ResultTable | None = None):
+                 cache: ResultTable | None = None, early: AIOKafkaProducer | None = None):
         self.machine = machine
+        self.early = early  # sends the requests of a batch ahead of its transaction; None: every request in it
         self.cache = cache  # answers requests of cache steps (coordinator.cache)
         self.trace = trace
         self.topics = topics
@@ -219,33 +236,84 @@ class Partitions:
 
     # --- one batch, one transaction ------------------------------------------------------------
 
-    async def process(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]]) -> str | None:
-        """Decide and commit ``parts``; the reason to reload the partition from the log when that failed, else None."""
-        received = min(r for _, _, r in parts)
+    async def process(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]],
+                      more: Callable[[], list[tuple[TopicPartition, list[Any], float]]] | None = None) -> str | None:
+        """Decide and commit ``parts``; the reason to reload the partition from the log when that failed, else None.
+
+        While a batch's transaction commits, the records that arrive meanwhile (``more`` takes them from the task's
+        queue) are decided into the next batch and its early requests go out at once; that batch commits as soon as
+        the one before has, up to ``_CHAIN`` batches per call. A failure at any point reloads the partition: every
+        batch not yet committed is read again."""
         try:
             batch = self._decide_batch(task, parts)
-            if batch is not None:
-                if self.trace is not None:
-                    batch.stamps["decided"] = time.time()
-                    batch.requests = [orjson_request_id(v) for t, _, v, _ in batch.sends if t.startswith(self.topics.requests(""))]
-                await self._commit(task, batch)
         except Poisoned as exc:
-            # The decision changed the run's state object in place before it raised, and earlier records of this
-            # batch may share that object: drop the batch, reload the partition, read it all again and
-            # dead-letter this one record without deciding it.
             self._poisoned[exc.position] = exc.reason
             return "a record the state machine raised on"
-        except Exception as exc:
-            # The broker is away, the transaction was refused or fenced (the broker aborted it, or another member
-            # owns the partition now): nothing of this batch is visible. The table already holds the batch, so
-            # rebuild the partition from the log and read the batch again.
-            log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
-            return type(exc).__name__
-        if batch is None:
-            return None
+        chain = 0
+        while batch is not None:
+            chain += 1
+            try:
+                early = await self._send_early(batch)
+                commit = asyncio.ensure_future(self._commit(task, batch, early))
+            except Exception as exc:
+                log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
+                return type(exc).__name__
+            following: Batch | None = None
+            poisoned: Poisoned | None = None
+            broken: str | None = None
+            while not commit.done():
+                room = following is None or following.size < _MAX_BATCH
+                if more is not None and poisoned is None and broken is None and chain < _CHAIN and room and task.inbox:
+                    task.wake.clear()
+                    try:
+                        following = self._decide_batch(task, more(), following or Batch(unsettled=set(batch.mixed)))
+                        if following is not None:
+                            following.early_futures += await self._send_early(following)
+                    except Poisoned as exc:
+                        poisoned = exc
+                    except Exception as exc:
+                        broken = type(exc).__name__
+                    continue
+                waiter = asyncio.ensure_future(task.wake.wait())
+                await asyncio.wait([commit, waiter], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+            try:
+                commit.result()
+            except Exception as exc:
+                # The broker is away, the transaction was refused or fenced (the broker aborted it, or another
+                # member owns the partition now): nothing of this batch is visible. The table already holds the
+                # batch (and any decided after it), so rebuild the partition from the log and read them again.
+                log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
+                return type(exc).__name__
+            self._committed(task, batch)
+            if broken is not None:
+                log.warning("partition %d: the next batch failed: %s", task.partition, broken)
+                return broken
+            if poisoned is not None:
+                # The decision changed the run's state object in place before it raised, and earlier records of
+                # its batch may share that object: drop that batch, reload the partition, read it all again and
+                # dead-letter this one record without deciding it.
+                self._poisoned[poisoned.position] = poisoned.reason
+                return "a record the state machine raised on"
+            batch = following
+        return None
+
+    async def _send_early(self, batch: "Batch") -> list[Any]:
+        """Hand the batch's early requests not yet sent to the early producer; their delivery futures."""
+        sent, batch.early_sent = batch.early[batch.early_sent:], len(batch.early)
+        if self.trace is not None and "decided" not in batch.stamps:
+            batch.stamps["decided"] = time.time()
+        futures = [await self.early.send(topic, value, key=key, partition=partition) for topic, key, value, partition in sent]
+        if self.trace is not None and futures and "early" not in batch.stamps:
+            batch.stamps["early"] = time.time()
+        return futures
+
+    def _committed(self, task: PartitionTask, batch: "Batch") -> None:
+        """What a batch's commit makes true: where the inputs resume, the runs counted, the timers armed."""
         if self.trace is not None:
             batch.stamps["committed"] = time.time()
-            self.trace.write(task.partition, batch, time.time() - (time.perf_counter() - received))
+            batch.requests = [orjson_request_id(v) for t, _, v, _ in batch.early + batch.sends if t.startswith(self.topics.requests(""))]
+            self.trace.write(task.partition, batch, time.time() - (time.perf_counter() - batch.received))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
         if batch.group_offsets:
@@ -259,13 +327,15 @@ class Partitions:
         for timer in batch.timers:
             task.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
         if self.metrics is not None and batch.overheads:
-            overhead = time.perf_counter() - received  # completion polled → its requests committed
+            overhead = time.perf_counter() - batch.received  # completion polled → its requests committed
             for workflow in batch.overheads:
                 self.metrics.orchestration_overhead(workflow, overhead)
-        return None
 
-    def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]]) -> Batch | None:
-        batch = Batch()
+    def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]], batch: "Batch | None" = None) -> "Batch | None":
+        """Decide ``parts`` into ``batch`` (a new one by default); None when nothing in them was new."""
+        batch = batch if batch is not None else Batch()
+        if parts:
+            batch.received = min(batch.received, min(r for _, _, r in parts))
         for tp, records, _ in parts:
             start = max(task.next_offset.get(tp, 0), batch.offsets.get(tp, 0))
             for msg in records:
@@ -273,8 +343,19 @@ class Partitions:
                     continue  # already committed (fetched before this task's offsets were known)
                 self._handle(task, msg, batch)
                 batch.offsets[tp] = msg.offset + 1
+                batch.size += 1
         if not batch.offsets:
             return None
+        requested, batch.requested = batch.requested, []
+        for send in requested:
+            # A request caused only by workers' completions may go out before the transaction that stores its
+            # run's new state: if that transaction is lost, the completions are read again in their log order,
+            # the same request (same request_id and run_started_ms) is decided again and workers drop it, and
+            # the worker's answer, later in the same completions partition, is read after it. An input of
+            # another topic gives no such order, so its run's requests stay in the transaction (README, Guarantees).
+            run_id = send[1].decode()
+            early = self.early is not None and run_id not in batch.mixed and run_id not in batch.unsettled
+            (batch.early if early else batch.sends).append(send)
         batch.group_offsets = time.monotonic() - task.group_offsets_at >= GROUP_OFFSETS_EVERY_S
         for run_id, state in batch.changed.items():
             key = run_id.encode()
@@ -287,7 +368,6 @@ class Partitions:
             task.store.put(key, stored)
             batch.written[key] = stored
             self._remember(run_id, stored, state)
-        batch.written[CHANGELOG_OFFSETS_KEY] = _encode_offsets({**task.next_offset, **batch.offsets})
         return batch
 
     async def flush_group_offsets(self, task: PartitionTask) -> None:
@@ -305,8 +385,11 @@ class Partitions:
             raise
         task.group_offsets_at, task.group_offsets_behind = time.monotonic(), False
 
-    async def _commit(self, task: PartitionTask, batch: Batch) -> None:
+    async def _commit(self, task: PartitionTask, batch: Batch, early: list[Any]) -> None:
         producer = task.producer
+        # where the inputs resume, as of this batch: the batch before it has committed by now
+        batch.written[CHANGELOG_OFFSETS_KEY] = _encode_offsets({**task.next_offset, **batch.offsets})
+        early = early + batch.early_futures
         stamps = batch.stamps if self.trace is not None else None
         await producer.begin_transaction()
         try:
@@ -318,7 +401,7 @@ class Partitions:
                 await producer.send_offsets_to_transaction({**task.next_offset, **batch.offsets}, self.group)
             if stamps is not None:
                 stamps["offsets"] = time.time()
-            for fut in futures:
+            for fut in early + futures:
                 await fut  # aiokafka would commit a transaction in which a record failed: check every one first
             if stamps is not None:
                 stamps["acked"] = time.time()
@@ -371,8 +454,11 @@ class Partitions:
             completion_topic = definition.workflow.definition.completion_topic if definition else None
             commands = outstanding(state, completion_topic) if state.cursor[position] == msg.offset else []
             self._count_ignored("replayed")
-            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None, self.cache)
+            batch.mixed.add(record.run_id)
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None, self.cache, batch.requested)
             return
+        if msg.topic != self.topics.completions:
+            batch.mixed.add(record.run_id)
         now = now_ms()
         was_running = state is not None and state.status == "running"
         # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
@@ -380,7 +466,8 @@ class Partitions:
         self._states.pop(record.run_id, None)
         try:
             new_state, commands, events = self.machine.decide_events(state, record, now, in_place=True)
-            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason), self.cache)
+            carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason), self.cache,
+                      batch.requested)
         except Exception as exc:  # a bug in deciding this event must not stop every other run
             log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
             raise Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc
