@@ -275,8 +275,13 @@ class Partitions:
                         broken = type(exc).__name__
                     continue
                 waiter = asyncio.ensure_future(task.wake.wait())
-                await asyncio.wait([commit, waiter], return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    await asyncio.wait([commit, waiter], return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    commit.cancel()  # the process is stopping: the open transaction is aborted, the next owner reads it again
+                    raise
+                finally:
+                    waiter.cancel()
             try:
                 commit.result()
             except Exception as exc:
