@@ -41,7 +41,8 @@ async def deploy(legato: Legato, name: str, text: str) -> None:
 
 async def test_a_run_keeps_its_version_when_a_new_one_is_deployed_mid_run(legato: Legato):
     """v1 is deployed while the coordinator runs (no restart); a v1 run waits on a slow step while v2 (other steps) is
-    deployed; it finishes with v1's steps. A new trigger gets v2, and ``version: 1`` still starts v1."""
+    deployed; it finishes with v1's steps. A new trigger gets v2, and ``version: 1`` still starts v1 (``LegatoClient.run(...,
+    version=1)`` and ``legato trigger --version 1``)."""
     name = f"pin_{uuid.uuid4().hex[:8]}"
     await deploy(legato, f"{name}_v1", f"""\
         name: {name}
@@ -69,6 +70,10 @@ async def test_a_run_keeps_its_version_when_a_new_one_is_deployed_mid_run(legato
     assert legato.client is not None
     pinned = await legato.client.run(name, version=1, timeout=60.0)
     assert (pinned.status, pinned.output, pinned.version) == ("succeeded", {"made_by": "v1"}, 1), pinned
+    code, out, err = await cli(legato, "trigger", name, "--version", "1", "--wait", "--timeout", "60")
+    assert code == 0, err
+    by_cli = RunEvent.model_validate_json(out)
+    assert (by_cli.status, by_cli.output, by_cli.version) == ("succeeded", {"made_by": "v1"}, 1), by_cli
     missing = await legato.client.run(name, version=9, timeout=60.0)
     assert missing.status == "failed" and missing.error.message == f"workflow {name!r} has no version 9 (deployed: 1, 2)", missing
 
