@@ -5,8 +5,8 @@ import jsonschema
 import pytest
 
 from legato.topics import codec
-from legato.topics.models import ActivityCompleted, RunEvent
-from legato.topics.schemas import SCHEMA_DIR, render
+from legato.topics.models import ActivityCompleted, DefinitionDeployed, ForkedStep, RunEvent, RunForkAccepted, RunForkRequested, RunRedriveRequested
+from legato.topics.schemas import RECORDS, SCHEMA_DIR, render
 
 
 def test_schema_files_are_current():
@@ -42,3 +42,43 @@ def test_trigger_schema_requires_workflow():
     jsonschema.validate({"workflow": "w", "input": {}}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"input": {}}, schema)
+
+
+# --- issue 11: the lifecycle records and fields -------------------------------------------------------
+
+
+def test_a_definition_record_matches_its_schema():
+    record = DefinitionDeployed(name="w", version=2, sha256="a" * 64, source="name: w\n", deployed_at="2026-01-01T00:00:00Z")
+    raw = json.loads(codec.dumps(record))
+    assert set(raw) == {"name", "version", "sha256", "source", "deployed_at"}
+    jsonschema.validate(raw, _schema("definitions.json"))
+    for field in raw:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({k: v for k, v in raw.items() if k != field}, _schema("definitions.json"))
+
+
+def test_run_events_carry_version_redrives_and_forked_from_in_the_schema():
+    schema = _schema("runs.json")
+    redriven = RunEvent(type="run.redriven", run_id="r", workflow="w", status="running", started_at="2026-01-01T00:00:00Z", version=2, redrives=1,
+                        forked_from={"run_id": "src", "step": "two"})
+    raw = json.loads(codec.dumps(redriven))
+    assert (raw["version"], raw["redrives"], raw["forked_from"]) == (2, 1, {"run_id": "src", "step": "two"})
+    jsonschema.validate(raw, schema)
+    for bad in ({**raw, "forked_from": {"run_id": "src"}}, {**raw, "forked_from": {"step": "two"}}, {**raw, "redrives": "one"}, {**raw, "version": 1.5}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(codec.DecodeError):
+            codec.decode(RunEvent, json.dumps(bad).encode())
+
+
+def test_every_new_coordinator_record_has_a_schema():
+    """The records issue 11 adds to ``legato.coordinator``: redrive and fork requests, and the fork's seed."""
+    assert {"redrive": RunRedriveRequested, "fork": RunForkRequested, "fork_accepted": RunForkAccepted}.items() <= RECORDS.items()
+    seed = RunForkAccepted(run_id="new", workflow="w", version=2, sha256="a" * 64, input={"x": 1}, forked_from={"run_id": "src", "step": "b"},
+                           steps=[ForkedStep(step_id="a", status="succeeded", output={"y": 2}, cost={"usd": 0.01}, path="case0")])
+    raw = json.loads(codec.dumps(seed))
+    assert raw["type"] == "run.fork_accepted"
+    jsonschema.validate(raw, _schema("fork_accepted.json"))
+    for bad in ({k: v for k, v in raw.items() if k != "sha256"}, {**raw, "forked_from": {"run_id": "src"}}, {**raw, "steps": [{"step_id": "a", "status": "running"}]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, _schema("fork_accepted.json"))

@@ -400,3 +400,20 @@ def test_every_metric_readme_names_exists():
     exported |= {name + suffix for name in exported for suffix in ("_total",)}  # counters collect without _total
     assert len(named) > 20
     assert named <= exported, f"README names metrics nobody exports: {sorted(named - exported)}"
+
+
+def test_every_reason_an_event_is_ignored_for_is_in_the_metric_tables():
+    """The ``reason`` label values of ``legato_events_ignored_total`` that the machine and the coordinator write (a
+    refused redrive or fork included) are all listed in README's and docs/metrics.md's row of that metric."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "".join(p.read_text(encoding="utf-8") for d in ("workflows", "streams/coordinator") for p in sorted((root / d).rglob("*.py")))
+    reasons = set(re.findall(r'EventIgnored\([^)]*reason="([a-z_]+)"', code))
+    reasons |= set(re.findall(r'\b(?:ignore|_count_ignored)\("([a-z_]+)"', code))
+    assert {"redrive_refused", "fork_refused", "duplicate_trigger", "stale_attempt", "replayed"} <= reasons
+    for doc in ("README.md", "docs/metrics.md"):
+        row = next(line for line in (root / doc).read_text(encoding="utf-8").splitlines() if line.startswith("| `legato_events_ignored_total`"))
+        missing = sorted(r for r in reasons if f"`{r}`" not in row)
+        assert not missing, f"{doc}: legato_events_ignored_total does not list {missing}"

@@ -30,3 +30,26 @@ def test_no_other_runtime_module_reads_the_environment():
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
                 offenders.append(f"{path.relative_to(STREAMS.parent)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_every_variable_the_runtime_reads_is_documented_in_the_readme():
+    """README's settings (the variables table and the paragraph on --workflows/--handlers above it) name every
+    LEGATO_* variable config.py and security.py read."""
+    import re
+
+    readme = (STREAMS.parent / "README.md").read_text(encoding="utf-8")
+    settings = readme[readme.index("`--workflows DIR` (repeatable)"):readme.index("## Topic contract")]
+    read = set()
+    for path in READERS:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"LEGATO_[A-Z_]*[A-Z]", node.value):
+                read.add(node.value)
+    assert "LEGATO_RETENTION" in read
+    missing = sorted(name for name in read if f"`{name}`" not in settings)
+    assert not missing, f"README's settings do not name {missing}"
+
+
+def test_retention_defaults_to_seven_days_and_reads_a_duration(monkeypatch):
+    assert Settings().retention_s == Settings.from_env().retention_s == 7 * 24 * 3600
+    monkeypatch.setenv("LEGATO_RETENTION", "2s")
+    assert Settings.from_env().retention_s == 2.0

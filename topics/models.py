@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict
 
 
 class _Record(BaseModel):
@@ -92,6 +93,13 @@ class RequestCancelled(_Record):
     reason: str = ""
 
 
+class ForkedFrom(TypedDict):
+    """Where a forked run came from: the source run and the step it was forked from (a plain dict on the wire)."""
+
+    run_id: str
+    step: str
+
+
 class RunEvent(_Record):
     """On ``legato.runs`` (and a workflow's own ``completion_topic``): a run's lifecycle."""
 
@@ -111,7 +119,7 @@ class RunEvent(_Record):
     confidence: float | None = None  # a succeeded run's: its last step's (a parallel or map: its aggregate)
     version: int | None = None  # the version of the definition the run is pinned to (run.started and terminal events)
     redrives: int | None = None  # set once the run was redriven: how many times (run.redriven and later terminal events)
-    forked_from: dict[str, str] | None = None  # a forked run's {"run_id", "step"} (run.started and terminal events)
+    forked_from: ForkedFrom | None = None  # a forked run's source (run.started and terminal events)
 
 
 class DeadLetter(_Record):
@@ -254,5 +262,5 @@ class RunForkAccepted(_Record):
     sha256: str = Field(min_length=64, max_length=64)
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
-    forked_from: dict[str, str]  # {"run_id": source run, "step": from_step}
+    forked_from: ForkedFrom
     steps: list[ForkedStep] = Field(default_factory=list)  # in the order they ran

@@ -1,6 +1,7 @@
 """JSON Schemas of every record on the public topics, and of the records a user may produce to the internal
 coordinator topic (``cancel.json``: RunCancelRequested, ``redrive.json``: RunRedriveRequested, ``fork.json``:
-RunForkRequested), generated from the models.
+RunForkRequested) and of the fork's seed the coordinator writes there (``fork_accepted.json``: RunForkAccepted),
+generated from the models.
 
 ``python -m legato.topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
 """
@@ -18,6 +19,7 @@ from legato.topics.models import (
     ProgressReported,
     RunCancelRequested,
     RunEvent,
+    RunForkAccepted,
     RunForkRequested,
     RunRedriveRequested,
     RunRequested,
@@ -38,6 +40,7 @@ RECORDS = {
     "definitions": DefinitionDeployed,
     "redrive": RunRedriveRequested,
     "fork": RunForkRequested,
+    "fork_accepted": RunForkAccepted,
     "cache": CachedResult,
 }
 

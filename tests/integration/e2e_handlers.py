@@ -5,6 +5,7 @@ They only use the public handler API (``@activity``, ``Result``, ``ActivityError
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from legato.handlers import progress
@@ -53,6 +54,14 @@ async def e2e_flaky(data: dict[str, Any]) -> dict[str, Any]:
     if attempts == 1:
         raise ActivityError(f"first attempt of {key} fails", type="E2ETransient", retryable=True)
     return {"attempts": attempts}
+
+
+@activity("e2e_until_fixed")
+async def e2e_until_fixed(data: dict[str, Any]) -> dict[str, Any]:
+    """Fail non-retryably until the file ``data['fixed']`` exists: a test "fixes the worker" by creating it."""
+    if not Path(str(data["fixed"])).exists():
+        raise ActivityError("the worker is broken until it is fixed", type="E2EBroken", retryable=False)
+    return {"fixed": True}
 
 
 @activity("e2e_fatal")

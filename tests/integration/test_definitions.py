@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from legato.streams.admin import ensure_topics
 from legato.streams.definitions import DefinitionTable, DeployRefused, deploy, deploy_files, read_files
@@ -99,6 +100,20 @@ async def until(predicate, timeout: float, step: float = 0.01) -> float:
             raise AssertionError(f"not within {timeout}s")
         await asyncio.sleep(step)
     return time.monotonic() - started
+
+
+async def test_the_definitions_topic_is_created_up_front_and_compacted(topics, kafka_bootstrap):
+    """``ensure_topics`` (what every coordinator and ``legato deploy`` run first) creates ``<prefix>.definitions``
+    compacted: the latest record per ``<name>@<version>`` is kept for good."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        assert topics.definitions in set(await admin.list_topics())
+        resource = (await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topics.definitions)]))[0].resources[0]
+    finally:
+        await admin.close()
+    config = {entry[0]: entry[1] for entry in resource[4]}
+    assert config["cleanup.policy"] == "compact", config
 
 
 async def test_deploy_redeploy_and_conflict(tmp_path, env, topics, kafka_bootstrap):
