@@ -38,7 +38,8 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
             call = batcher.submit(request.input, *settings)
         else:
             call = activity([request.input] if activity.batched else request.input)
-        result = await asyncio.wait_for(call, timeout=timeout)
+        async with asyncio.timeout(timeout):  # unlike wait_for, no task of its own: a loop turn less at each end of the call
+            result = await call
         if activity.batched and (batcher is None or settings is None):
             if not isinstance(result, list) or len(result) != 1:
                 raise TypeError("a batch handler must return a list with one result per input")
@@ -109,7 +110,6 @@ class Workers:
         self.dlq = dlq
         self.metrics = metrics
         self.seen = BoundedSet()
-        self.completions = app.topic(topics.completions, key_serializer="raw", value_serializer="raw")
         self.progress = app.topic(topics.progress, key_serializer="raw", value_serializer="raw")
         for name, activity in sorted(activities.items()):
             topic = app.topic(topics.requests(name), partitions=partitions, key_serializer="raw", value_serializer="raw")
@@ -156,7 +156,7 @@ class Workers:
                 if hit is not None:
                     completion = ActivityCompleted(request_id=request.request_id, run_id=request.run_id, step_id=request.step_id, attempt=request.attempt,
                                                    status="succeeded", output=hit.get("output"), confidence=hit.get("confidence"), cached=True)
-                    await (await self.completions.send(key=request.run_id.encode(), value=codec.dumps(completion)))
+                    await (await self._send_completion(completion))
                     self._skip("cache_hit")
                     return
             if request.rate_limit:
@@ -190,14 +190,20 @@ class Workers:
                 await self.cache_topic.send(key=key.encode(), value=orjson.dumps(entry))
             if self.metrics is not None:
                 self.metrics.activity_done(activity.name, completion.status, time.time() - started, completion.error.type if completion.error else "")
-            fut = await self.completions.send(key=request.run_id.encode(), value=codec.dumps(completion))
-            await fut  # delivered before the offset may be committed
+            await (await self._send_completion(completion))  # delivered before the offset may be committed
         except Exception:
             log.exception("worker failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
         finally:
             if not stopping:
                 event.ack()
             slots.release()
+
+    async def _send_completion(self, completion: ActivityCompleted) -> Any:
+        """Hand ``completion`` to the producer; returns its delivery future. Straight to faust's producer: the
+        topic's send (its message future, serializers and send sensors, none of which a raw-bytes record needs)
+        cost a quarter of a millisecond per step in `legato bench latency`."""
+        producer = await self.app.maybe_start_producer()
+        return await producer.send(self.topics.completions, completion.run_id.encode(), codec.dumps(completion), None, None, None)
 
     def _skip(self, reason: str) -> None:
         log.info("skipped a request: %s", reason)
