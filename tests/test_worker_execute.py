@@ -1,0 +1,43 @@
+"""``streams.worker.execute``: every outcome of a handler call becomes a completion, a timeout included."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from legato.handlers.registry import Activity
+from legato.streams.worker import execute
+from legato.topics.models import ActivityRequested
+
+
+def _request(deadline_s: float | None) -> ActivityRequested:
+    deadline = None if deadline_s is None else int((time.time() + deadline_s) * 1000)
+    return ActivityRequested(request_id="r/a/1", run_id="r", step_id="a", activity="a", attempt=1, input={}, deadline=deadline)
+
+
+async def _own_timeout(_):
+    raise TimeoutError("upstream model call timed out")
+
+
+async def _slow(_):
+    await asyncio.sleep(5)
+
+
+async def _fast(payload):
+    return {"ok": True}
+
+
+def test_a_handler_past_its_deadline_fails_with_activity_timeout():
+    done = asyncio.run(execute(Activity(name="a", fn=_slow), _request(0.05)))
+    assert done.status == "failed" and done.error.type == "ActivityTimeout" and done.error.retryable
+
+
+def test_a_handlers_own_timeout_is_its_error_not_the_deadline_with_or_without_one():
+    for deadline_s in (None, 30.0):  # without a deadline this raised TypeError and the request was acked with no completion
+        done = asyncio.run(execute(Activity(name="a", fn=_own_timeout), _request(deadline_s)))
+        assert done.status == "failed" and done.error.type == "TimeoutError", done
+        assert "upstream model call timed out" in done.error.message and done.error.retryable
+
+
+def test_a_handler_within_its_deadline_succeeds():
+    done = asyncio.run(execute(Activity(name="a", fn=_fast), _request(30.0)))
+    assert done.status == "succeeded" and done.output == {"ok": True}
