@@ -266,7 +266,7 @@ class Partitions:
                 if more is not None and poisoned is None and broken is None and chain < _CHAIN and room and task.inbox:
                     task.wake.clear()
                     try:
-                        following = self._decide_batch(task, more(), following or Batch(unsettled=set(batch.mixed)))
+                        following = self._decide_batch(task, more(), following or Batch(unsettled=set(batch.mixed)), seal=False)
                         if following is not None:
                             following.early_futures += await self._send_early(following)
                     except Poisoned as exc:
@@ -301,6 +301,12 @@ class Partitions:
                 self._poisoned[poisoned.position] = poisoned.reason
                 return "a record the state machine raised on"
             batch = following
+            if batch is not None:
+                try:
+                    self._seal(task, batch)
+                except Exception as exc:
+                    log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
+                    return type(exc).__name__
         return None
 
     async def _send_early(self, batch: "Batch") -> list[Any]:
@@ -336,8 +342,10 @@ class Partitions:
             for workflow in batch.overheads:
                 self.metrics.orchestration_overhead(workflow, overhead)
 
-    def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]], batch: "Batch | None" = None) -> "Batch | None":
-        """Decide ``parts`` into ``batch`` (a new one by default); None when nothing in them was new."""
+    def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]], batch: "Batch | None" = None,
+                      seal: bool = True) -> "Batch | None":
+        """Decide ``parts`` into ``batch`` (a new one by default), stored unless ``seal`` is False (``_seal``); None when
+        nothing in them was new."""
         batch = batch if batch is not None else Batch()
         if parts:
             batch.received = min(batch.received, min(r for _, _, r in parts))
@@ -362,6 +370,13 @@ class Partitions:
             early = self.early is not None and run_id not in batch.mixed and run_id not in batch.unsettled
             (batch.early if early else batch.sends).append(send)
         batch.group_offsets = time.monotonic() - task.group_offsets_at >= GROUP_OFFSETS_EVERY_S
+        if seal:
+            self._seal(task, batch)
+        return batch
+
+    def _seal(self, task: PartitionTask, batch: "Batch") -> None:
+        """Encode and store the state of every run the batch changed, once, when nothing more is decided into it (a
+        batch that grows while the one before commits would otherwise encode a large run's state at every take)."""
         for run_id, state in batch.changed.items():
             key = run_id.encode()
             if state is None:
@@ -373,7 +388,6 @@ class Partitions:
             task.store.put(key, stored)
             batch.written[key] = stored
             self._remember(run_id, stored, state)
-        return batch
 
     async def flush_group_offsets(self, task: PartitionTask) -> None:
         """Commit the consumer group's offsets of an idle partition (they lag behind the changelog's by design)."""
