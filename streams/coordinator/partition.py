@@ -6,6 +6,7 @@ changelog), any dead letters and the input offsets: all of it becomes visible, o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import zlib
@@ -58,11 +59,20 @@ _EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFi
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
 
+_FRESH_STATES = 64
+"""States a memory table keeps uncompressed: the most recently written. A run in flight is written at every step;
+compressing it at every write and decompressing it at every read cost a quarter of a no-op step's coordinator CPU
+(``python -m legato.tools.bench_decide``),
+so a state is compressed once it is no longer among the last ones written. Their bytes are the very objects the
+decoded-state cache holds, so keeping them costs no memory of its own."""
+
+
 class RunTable:
     """One partition's run table: run_id bytes → state bytes, in memory or on disk (rocksdict)."""
 
     def __init__(self, path: Path | None):
         self._path = path
+        self._fresh: OrderedDict[bytes, bytes] = OrderedDict()  # in memory: the last states written, uncompressed
         if path is None:
             self._data: Any = {}
         else:
@@ -72,27 +82,45 @@ class RunTable:
             Rdict.destroy(str(path))  # rebuilt from the changelog, which is the truth
             self._data = Rdict(str(path))
 
-    # In memory, each state is kept zlib-compressed (level 1): a one-step run's 667 JSON bytes take 301, for 11 µs
-    # per write and 4 µs per read of a state not in the decoded cache (BENCHMARKS.md, memory). RocksDB compresses
-    # its own blocks.
+    # In memory, each state but the last ``_FRESH_STATES`` written is kept zlib-compressed (level 1): a one-step
+    # run's 667 JSON bytes take 301, for 11 µs per write and 4 µs per read of a state not in the decoded cache
+    # (BENCHMARKS.md, memory). A key is in ``_fresh`` or in ``_data``, never in both. RocksDB compresses its own
+    # blocks.
 
     def get(self, key: bytes) -> bytes | None:
+        if self._path is not None:
+            return self._data.get(key)
+        value = self._fresh.get(key)
+        if value is not None:
+            return value
         value = self._data.get(key)
-        return zlib.decompress(value) if value is not None and self._path is None else value
+        return zlib.decompress(value) if value is not None else None
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._data[key] = zlib.compress(value, 1) if self._path is None else value
+        if self._path is not None:
+            self._data[key] = value
+            return
+        self._data.pop(key, None)
+        self._fresh[key] = value
+        self._fresh.move_to_end(key)
+        if len(self._fresh) > _FRESH_STATES:
+            old, raw = self._fresh.popitem(last=False)
+            self._data[old] = zlib.compress(raw, 1)
 
     def delete(self, key: bytes) -> None:
-        self._data.pop(key, None) if self._path is None else self._data.delete(key)
+        if self._path is not None:
+            self._data.delete(key)
+            return
+        self._fresh.pop(key, None)
+        self._data.pop(key, None)
 
     def values(self) -> Iterable[bytes]:
         if self._path is None:
-            return (zlib.decompress(v) for v in self._data.values())
+            return itertools.chain(list(self._fresh.values()), (zlib.decompress(v) for v in self._data.values()))
         return self._data.values()
 
     def count(self) -> int:
-        return len(self._data) if self._path is None else sum(1 for _ in self._data.keys())
+        return len(self._data) + len(self._fresh) if self._path is None else sum(1 for _ in self._data.keys())
 
     def close(self) -> None:
         if self._path is not None:
