@@ -1,11 +1,11 @@
 """``python -m legato.tools.bench_decide``: the coordinator's CPU per completion, without a broker.
 
 Drives ``bench_sequential`` (the chain of 20 no-op steps of ``legato bench``) through the coordinator's own
-decision path — ``Partitions.process`` with its inbox decoding, decoded-state cache, ``Machine.decide_events``,
-``carry_out``, the metrics and the stored state — one run at a time, answering each request the way the
-measuring worker of ``legato bench`` does. Only Kafka is faked: the polled records are plain objects and the
-transaction (``Partitions._commit``) does nothing, so what is timed is what ``legato bench latency`` reports as
-"polled → decided" plus the bookkeeping after the commit.
+decision of a polled batch — ``Partitions._decide_batch`` with its inbox decoding, decoded-state cache,
+``Machine.decide_events``, ``carry_out``, the metrics and the stored state — one run at a time, answering each
+request the way the measuring worker of ``legato bench`` does. Only Kafka is faked: the polled records are plain
+objects and nothing is sent or committed (the batch's offsets are taken as committed), so what is timed is what
+``legato bench latency`` reports as "polled → decided".
 
 ``--profile`` prints the top of a cProfile of the timed completions; run it under ``valgrind --tool=callgrind``
 with ``--runs`` small for instruction counts that do not depend on the machine's load.
@@ -65,15 +65,11 @@ class Shell:
         cache = ResultTable("localhost:0", self.topics, metrics=self.metrics)
         self.partitions = Partitions(Machine(lambda: catalog), self.topics, self.topics.coordinator_group, Inbox(self.topics, partitions),
                                      self.metrics, cache=cache)
-        self.partitions._commit = self._commit  # type: ignore[method-assign]
         self.count = partitions
         self.tasks = [PartitionTask(p, None, RunTable(None)) for p in range(partitions)]  # type: ignore[arg-type]
         self.offsets: dict[tuple[str, int], itertools.count] = {}
         self.requests_topic = self.topics.requests(ACTIVITY)
         self.sent: list[tuple[str, bytes | None, bytes, int | None]] = []
-
-    async def _commit(self, task: PartitionTask, batch: Any) -> None:
-        self.sent = batch.sends
 
     def poll(self, topic: str, key: bytes, value: bytes) -> tuple[PartitionTask, list[tuple[TopicPartition, list[Any], float]]]:
         """One polled record, as ``Coordinator._consume`` hands it to the task of its partition."""
@@ -82,15 +78,10 @@ class Shell:
         return self.tasks[p], [(TopicPartition(topic, p), [_Record(topic, p, offset, key, value)], time.perf_counter())]
 
     def process(self, task: PartitionTask, parts: list) -> None:
-        """``Partitions.process`` without an event loop (the faked commit never waits)."""
-        coro = self.partitions.process(task, parts)
-        try:
-            coro.send(None)
-        except StopIteration as done:
-            if done.value is not None:
-                raise RuntimeError(f"the batch failed: {done.value}") from None
-        else:
-            raise RuntimeError("process waited")
+        """Decide one polled batch; its records are what it would send, its offsets are taken as committed."""
+        batch = self.partitions._decide_batch(task, parts)
+        self.sent = list(getattr(batch, "early", ())) + batch.sends
+        task.next_offset.update(batch.offsets)
 
     def request(self) -> dict[str, Any]:
         [value] = [v for t, _, v, _ in self.sent if t == self.requests_topic]
