@@ -158,8 +158,7 @@ class Batch:
     early: list[Send] = field(default_factory=list)  # requests sent ahead of the transaction (``Partitions.early``)
     mixed: set[str] = field(default_factory=set)  # runs an input other than a worker's completion changed
     unsettled: set[str] = field(default_factory=set)  # ``mixed`` of the batch still committing when this one was decided
-    early_sent: int = 0  # how many of ``early`` were handed to the producer
-    early_futures: list[Any] = field(default_factory=list)  # deliveries of the early requests sent while the batch before committed
+    early_futures: list[Any] = field(default_factory=list)  # deliveries of the early requests handed to the producer
     received: float = float("inf")  # perf_counter when its first record was polled
     size: int = 0  # records decided into it
     changed: dict[str, RunState | None] = field(default_factory=dict)  # runs this batch changed (None: forgotten)
@@ -281,8 +280,8 @@ class Partitions:
         while batch is not None:
             chain += 1
             try:
-                early = await self._send_early(batch)
-                commit = asyncio.ensure_future(self._commit(task, batch, early))
+                await self._send_early(batch)
+                commit = asyncio.ensure_future(self._commit(task, batch))
             except Exception as exc:
                 log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
                 return type(exc).__name__
@@ -296,7 +295,7 @@ class Partitions:
                     try:
                         following = self._decide_batch(task, more(), following or Batch(unsettled=set(batch.mixed)), seal=False)
                         if following is not None:
-                            following.early_futures += await self._send_early(following)
+                            await self._send_early(following)
                     except Poisoned as exc:
                         poisoned = exc
                     except Exception as exc:
@@ -337,15 +336,15 @@ class Partitions:
                     return type(exc).__name__
         return None
 
-    async def _send_early(self, batch: "Batch") -> list[Any]:
-        """Hand the batch's early requests not yet sent to the early producer; their delivery futures."""
-        sent, batch.early_sent = batch.early[batch.early_sent:], len(batch.early)
+    async def _send_early(self, batch: "Batch") -> None:
+        """Hand the batch's early requests not yet sent to the early producer (their deliveries: ``early_futures``,
+        checked before the batch's transaction commits)."""
+        sent = batch.early[len(batch.early_futures):]
         if self.trace is not None and "decided" not in batch.stamps:
             batch.stamps["decided"] = time.time()
-        futures = [await self.early.send(topic, value, key=key, partition=partition) for topic, key, value, partition in sent]
-        if self.trace is not None and futures and "early" not in batch.stamps:
+        batch.early_futures += [await self.early.send(topic, value, key=key, partition=partition) for topic, key, value, partition in sent]
+        if self.trace is not None and batch.early_futures and "early" not in batch.stamps:
             batch.stamps["early"] = time.time()
-        return futures
 
     def _committed(self, task: PartitionTask, batch: "Batch") -> None:
         """What a batch's commit makes true: where the inputs resume, the runs counted, the timers armed."""
@@ -432,11 +431,10 @@ class Partitions:
             raise
         task.group_offsets_at, task.group_offsets_behind = time.monotonic(), False
 
-    async def _commit(self, task: PartitionTask, batch: Batch, early: list[Any]) -> None:
+    async def _commit(self, task: PartitionTask, batch: Batch) -> None:
         producer = task.producer
         # where the inputs resume, as of this batch: the batch before it has committed by now
         batch.written[CHANGELOG_OFFSETS_KEY] = _encode_offsets({**task.next_offset, **batch.offsets})
-        early = early + batch.early_futures
         stamps = batch.stamps if self.trace is not None else None
         await producer.begin_transaction()
         try:
@@ -448,7 +446,7 @@ class Partitions:
                 await producer.send_offsets_to_transaction({**task.next_offset, **batch.offsets}, self.group)
             if stamps is not None:
                 stamps["offsets"] = time.time()
-            for fut in early + futures:
+            for fut in batch.early_futures + futures:
                 await fut  # aiokafka would commit a transaction in which a record failed: check every one first
             if stamps is not None:
                 stamps["acked"] = time.time()
