@@ -23,6 +23,7 @@ from tests.machine_helpers import (
     timers_in,
 )
 from legato.workflows.machine import EventIgnored, Machine, PublishRunEvent, StartTimer, outstanding, replay
+from legato.workflows.state import RunState
 
 SIMPLE = """
 name: simple
@@ -354,3 +355,36 @@ def test_the_documented_run_state_limit_is_what_the_machine_enforces():
         h.succeed(h.pending()[0], "y" * (limit // 7))  # each fits; together they do not
         assert stored() <= limit
     assert h.state.status == "failed" and h.terminal().event.error.type == "ContextTooLarge"
+
+
+def test_a_state_past_half_its_limit_is_not_measured_whole_on_every_event(monkeypatch):
+    """A map whose state stays past half the limit (each item's step and frame kept until it ends) must not dump the
+    whole document on every completion (that was O(N) per event: 10,000 items took 3.8 s of decide instead of 0.55 s):
+    the estimate is re-measured once it grew past half the headroom the last measurement left, and the stored state
+    still never passes the limit."""
+    wf = """
+    name: wide
+    steps:
+      - {id: many, map: {items: "input.items", max_concurrency: 64, steps: [{id: part, activity: part}]}}
+    """
+    limit = 100_000
+    h = Harness(Machine({"wide": compile_yaml(wf)}, max_state_bytes=limit))
+    measured = []
+    real = RunState.model_dump_json
+
+    def counting(self, *a, **k):
+        out = real(self, *a, **k)
+        measured.append(len(out))
+        return out
+
+    monkeypatch.setattr(RunState, "model_dump_json", counting)
+    h.start("wide", {"items": list(range(600))})
+    peak = 0
+    events = 0
+    while h.state.status == "running":
+        h.succeed(h.pending()[0], {"ok": 1})
+        events += 1
+        peak = max(peak, len(real(h.state, exclude_defaults=True)))
+    assert h.state.status == "succeeded"
+    assert limit // 2 < peak <= limit  # the state did spend its time past half the limit
+    assert events == 600 and 0 < len(measured) <= events // 5, len(measured)

@@ -96,6 +96,7 @@ class Run:
     def child_frame(self, owner: StepState, frame_id: str, ref: str, parent: Frame, name: str | None = None, **scope: Any) -> Frame:
         frame = Frame(id=frame_id, ref=ref, owner=owner.key, scope={**parent.scope, **scope}, name=name)
         self.state.frames[frame_id] = frame
+        self.grow(self.STEP_BYTES + (len(orjson.dumps(frame.scope)) if frame.scope else 0))
         owner.children.append(frame_id)
         return frame
 
@@ -355,32 +356,44 @@ class Run:
             raise ExpressionError(f"{self.wf.expr(key).source!r} gave {type(value).__name__}, not a bool")
         return value
 
+    # What the running estimate adds for a new step or frame beyond the values it holds (its key, status, stamps,
+    # timers, path entry and view row); values (inputs, items, outputs) are counted by their own JSON size.
+    STEP_BYTES = 600
+
+    def grow(self, nbytes: int) -> None:
+        """Add ``nbytes`` to the running upper estimate of the state's JSON size (``RunState.size_hint``)."""
+        self.state.size_hint += nbytes
+
+    def _measure(self) -> int:
+        size = len(self.state.model_dump_json())
+        self.state.size_hint = self.state.size_measured = size
+        return size
+
+    def _near_limit(self, estimate: int) -> bool:
+        """Whether ``estimate`` could be over the limit: it grew past half the headroom the last exact measurement
+        left. Measuring the whole state costs as much as storing it; re-measuring on a fixed share of the limit made
+        every event of a state past half the limit (a 10,000-item map) measure the whole document, O(N) each."""
+        measured = self.state.size_measured
+        return estimate > measured + (self.max_state_bytes - measured) // 2
+
     def too_big(self, output: Any) -> str | None:
         size = len(orjson.dumps(output))
         # An accepted output is held three times: the step's output, the CEL view and its frame's last output
-        # (a next step whose input copies it adds more: enforce_size catches that). Measuring the whole state
-        # costs as much as storing it, so measure only once the running estimate comes near the limit.
+        # (a next step whose input copies it adds more: its request counts it, and enforce_size catches the rest).
         projected = self.state.size_hint + 3 * size
-        if projected * 2 < self.max_state_bytes:
-            self.state.size_hint = projected
-            return None
-        projected = len(self.state.model_dump_json()) + 3 * size
-        if projected > self.max_state_bytes:
-            return f"an output of {size} bytes would grow the run's state to about {projected} bytes, over the limit of {self.max_state_bytes}"
+        if self._near_limit(projected):
+            projected = self._measure() + 3 * size
+            if projected > self.max_state_bytes:
+                return f"an output of {size} bytes would grow the run's state to about {projected} bytes, over the limit of {self.max_state_bytes}"
         self.state.size_hint = projected
         return None
 
     def enforce_size(self) -> None:
         """The last guard: a state that still grew past the limit (fan-out outputs gathered in one list) fails
         the run and sheds its outputs, so the document stays storable."""
-        if self.state.finished:
+        if self.state.finished or not self._near_limit(self.state.size_hint):
             return
-        # the outputs' estimate plus what every step and frame adds (fan-outs add many that no output estimate sees)
-        hint = self.state.size_hint + 600 * (len(self.state.steps) + len(self.state.frames))
-        if hint * 2 < self.max_state_bytes:
-            return
-        size = len(self.state.model_dump_json())
-        self.state.size_hint = size
+        size = self._measure()
         if size <= self.max_state_bytes:
             return
         for step in self.state.steps.values():

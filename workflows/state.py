@@ -131,7 +131,8 @@ class RunState(_State):
     depth: int = 0  # sub-workflow nesting
     budget_exhausted: bool = False
     cancelled_by: str | None = None  # who cancelled the run (RunCancelRequested.requested_by): its parent needs no notice
-    size_hint: int = 0  # an upper estimate of this document's JSON size, re-measured near the limit
+    size_hint: int = 0  # an upper estimate of this document's JSON size: the last exact measurement plus what came since
+    size_measured: int = 0  # the last exact measurement of this document's JSON size (Run._near_limit)
     signals: list[PendingSignal] = Field(default_factory=list)  # received, not yet taken by a wait (oldest first)
     signal_ids: list[str] = Field(default_factory=list)  # signal_ids seen (to drop repeats), oldest first
 

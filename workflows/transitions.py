@@ -109,6 +109,7 @@ def begin(run: "Run", definition_id: str, kind: str, frame: Frame, key: str) -> 
         step.iteration = frame.scope["iteration"]
     run.state.steps[key] = step
     frame.step_keys.append(key)
+    run.grow(run.STEP_BYTES)
     return step
 
 

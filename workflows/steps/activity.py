@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from legato.topics.models import ActivityCompleted, ActivityRequested, CachedResult, ErrorInfo, RequestCancelled
 from legato.workflows import keys, transitions
 from legato.workflows.commands import CacheResult, CancelRequest, RequestActivity
@@ -115,6 +117,7 @@ def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int,
     step.attempt = attempt
     step.request_id = req.request_id
     step.request = req.model_dump(mode="json", exclude_none=True)
+    run.grow(len(orjson.dumps(step.request)))
     run.state.requests[req.request_id] = step.key
     run.out.append(RequestActivity(request=req))
     run.set_timer(keys.attempt_timeout(step.key, attempt), timeout, "activity_timeout", target=step.key, attempt=attempt)
