@@ -30,11 +30,11 @@ from legato.tools.bench import ACTIVITY, Bench, Coordinators, Report, Row, _assi
 from legato.topics.client import LegatoClient
 from legato.topics.names import Topics
 
-HOPS = [("completion → coordinator polled", "done", "polled"), ("polled → decided", "polled", "decided"),
+HOPS = [("completion → coordinator polled", "done", "polled"), ("polled → deciding starts", "polled", "deciding"), ("deciding → decided", "deciding", "decided"),
         ("decided → records handed to producer", "decided", "sent"), ("→ offsets added to the transaction", "sent", "offsets"),
         ("→ records acknowledged", "offsets", "acked"), ("→ transaction committed", "acked", "committed"),
         ("committed → worker has the request", "committed", "fetched")]
-EARLY_HOPS = HOPS[:2] + [("decided → request handed to the early producer", "decided", "early"), ("early request → worker has it", "early", "fetched"),
+EARLY_HOPS = HOPS[:3] + [("decided → request handed to the early producer", "decided", "early"), ("early request → worker has it", "early", "fetched"),
                          ("(meanwhile) early request → transaction committed", "early", "committed")]
 """The hops of a request sent ahead of its batch's transaction (``LEGATO_EARLY_REQUESTS``, the default)."""
 

@@ -374,6 +374,8 @@ class Partitions:
         """Decide ``parts`` into ``batch`` (a new one by default), stored unless ``seal`` is False (``_seal``); None when
         nothing in them was new."""
         batch = batch if batch is not None else Batch()
+        if self.trace is not None and "deciding" not in batch.stamps:
+            batch.stamps["deciding"] = time.time()
         if parts:
             batch.received = min(batch.received, min(r for _, _, r in parts))
         for tp, records, _ in parts:
