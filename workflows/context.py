@@ -112,6 +112,8 @@ class Run:
         for key in frame.step_keys:
             step = self.state.steps.pop(key, None)
             if step is not None:
+                if step.status in ACTIVE:  # nothing will take its result now: its request and timers go too
+                    processor(step.kind).cancel(self, step, "its frame ended")
                 for child in step.children:
                     nested = self.state.frames.get(child)
                     if nested is not None:

@@ -36,7 +36,10 @@ class ActivityProcessor(Processor):
         if key is None:
             _refuse_completion(run, event)
             return
-        step = run.state.steps[key]
+        step = run.state.steps.get(key)
+        if step is None:  # its frame was dropped with it (Run.drop_frame cancels such requests)
+            _refuse_completion(run, event)
+            return
         if event.attempt != step.attempt or step.status != "running":
             run.ignore("stale_attempt", f"request {event.request_id} attempt {event.attempt}, step at {step.attempt} ({step.status})")
             return
