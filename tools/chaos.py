@@ -65,6 +65,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 can both be bound now, below Linux's ephemeral range (32768+): a port handed
+    out by ``bind(0)`` can be taken by any client connection's local end before the broker binds it (the private
+    broker then died with "Address already in use" on port + 1)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000, 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports between 20000 and 32000 on 127.0.0.1")
+
+
 def legato_executable() -> str:
     candidate = Path(sys.executable).with_name("legato")
     return str(candidate) if candidate.exists() else str(REPO_ROOT / ".venv" / "bin" / "legato")
@@ -872,11 +889,8 @@ class PrivateBroker:
         from legato.tools import kafka_local
 
         self.kl = kafka_local
-        self.port = port or free_port()
-        self.cport = self.port + 1
-        while kafka_local._port_open("127.0.0.1", self.cport):  # the controller needs port+1
-            self.port = free_port()
-            self.cport = self.port + 1
+        self.port = port or free_port_pair()
+        self.cport = self.port + 1  # the controller's
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="legato-broker-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sasl_users = sasl_users
