@@ -166,6 +166,7 @@ def _run_coordinator(coordinator: Coordinator, loglevel: str) -> None:
     # The decoded run states and their pydantic objects are long-lived: with CPython's default thresholds
     # (700, 10, 10) the collector walks them again and again under load. Collect the young generation every 50,000
     # allocations instead: `legato bench throughput --runs 2000` 5,806 / 4,816 → 6,761 / 5,968 steps/s (default /
-    # these, alternated; BENCHMARKS.md). Run states hold no reference cycles that need collecting sooner.
+    # (50,000, 50, 1,000), alternated; the committed third threshold, 100, is what BENCHMARKS.md's final rows ran).
+    # Cycles are still collected, later; `legato bench memory` (RSS per run in flight) did not grow with it.
     gc.set_threshold(*COORDINATOR_GC_THRESHOLDS)
     asyncio.run(main())

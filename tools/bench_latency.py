@@ -241,7 +241,7 @@ def bench_latency(b: Bench, runs: int, steps: int = 20) -> Report:
     _hop_rows(report, "independent worker, every request in the transaction (LEGATO_EARLY_REQUESTS=0)", transactional, raw,
               ("completion sent → next request fetched", "done", "fetched"), HOPS)
     _hop_rows(report, "independent worker", independent, raw, ("completion sent → next request fetched", "done", "fetched"), HOPS)
-    own_hops = [("handler end → coordinator polled", "done", "polled")] + HOPS[1:6] + [("committed → next handler start", "committed", "fetched")]
+    own_hops = [("handler end → coordinator polled", "done", "polled")] + HOPS[1:-1] + [("committed → next handler start", "committed", "fetched")]
     _hop_rows(report, "own worker", own, raw, ("handler end → next handler start", "done", "fetched"), own_hops)
     report.notes.append(f"{runs} runs of {steps} no-op steps, one run at a time (the first 2 runs of each pipe warm up and are not counted); "
                         f"{len(raw)} raw, {len(transactional)} + {len(independent)} independent-worker and {len(own)} own-worker steps. Each hop row is p50 / p99; "
