@@ -36,6 +36,7 @@ class Settings:
     console_port: int = 8080  # `legato dev` serves the console here
     trace_file: Path | None = None  # the coordinator appends one JSON line per committed batch here (`legato bench latency`)
     early_requests: bool = True  # requests caused only by completions are sent ahead of the transaction (README, Guarantees)
+    state_commit_ms: float = 50.0  # coordinator: how long a transaction of nothing but run states waits for more (partition.STATE_COMMIT_S)
 
     @property
     def topics(self) -> Topics:
@@ -63,5 +64,6 @@ class Settings:
             console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),
             trace_file=Path(env["LEGATO_TRACE_FILE"]) if env.get("LEGATO_TRACE_FILE") else None,
             early_requests=env.get("LEGATO_EARLY_REQUESTS", "1") not in ("0", "false", "no", "off"),
+            state_commit_ms=float(env.get("LEGATO_STATE_COMMIT_MS", "50")),
             retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

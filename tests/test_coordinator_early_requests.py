@@ -2,6 +2,7 @@
 what makes a request a duplicate for a worker when one is decided twice (streams/worker._delivery)."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ from legato.streams.coordinator.partition import PartitionTask, Partitions, RunT
 from legato.streams.worker import _delivery
 from legato.topics import codec
 from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired
-from legato.topics.names import Topics
+from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows.machine import Machine
 from tests.machine_helpers import compile_yaml
 
@@ -121,3 +122,77 @@ def test_a_request_decided_again_after_a_lost_transaction_is_a_duplicate_for_wor
     # a coordinator from before run_started_ms: requested_ms still tells the two apart
     old = a.model_copy(update={"run_started_ms": None})
     assert _delivery(old) == f"{a.request_id}@{a.requested_ms}"
+
+
+class _Producer:
+    """Stands in for the partition's transactional producer and the early producer: records what each transaction
+    held (the partition task's scheduling is under test here, not Kafka's)."""
+
+    def __init__(self):
+        self.transactions: list[list[tuple[str, bytes | None, bytes | None]]] = []
+        self.early: list[tuple[str, bytes | None, bytes | None]] = []
+        self._open: list[tuple[str, bytes | None, bytes | None]] | None = None
+
+    async def begin_transaction(self):
+        self._open = []
+
+    async def send(self, topic, value, key=None, partition=None):
+        (self._open if self._open is not None else self.early).append((topic, key, value))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def send_offsets_to_transaction(self, offsets, group):
+        pass
+
+    async def commit_transaction(self):
+        self.transactions.append(self._open)
+        self._open = None
+
+    async def abort_transaction(self):
+        self._open = None
+
+
+def _parts(msgs):
+    by_tp: dict = {}
+    for m in msgs:
+        by_tp.setdefault(TopicPartition(m.topic, 0), []).append(m)
+    return [(tp, ms, 0.0) for tp, ms in by_tp.items()]
+
+
+def _changelog_keys(transaction):
+    return sorted(key for topic, key, _ in transaction if topic == TOPICS.changelog and key != CHANGELOG_OFFSETS_KEY)
+
+
+async def test_a_batch_of_nothing_but_run_states_waits_for_more_and_one_with_a_terminal_or_first_request_commits_at_once():
+    producer, early = _Producer(), _Producer()
+    machine = Machine({"chain": compile_yaml(WORKFLOW)})
+    partitions = Partitions(machine, TOPICS, "g", Inbox(TOPICS, 1), early=early, state_commit_s=0.2)
+    task = PartitionTask(0, producer, RunTable(None))
+    take = lambda: _take(task)  # noqa: E731
+
+    # two runs start: their first requests are in the transaction, which commits at once
+    assert await partitions.process(task, _parts(_msgs([_accepted("w1"), _accepted("w2")])), take) is None
+    assert len(producer.transactions) == 1
+    first = {r.run_id: r for r in _requests([(t, k, v, None) for t, k, v in producer.transactions[0]])}
+    assert sorted(first) == ["w1", "w2"]
+
+    # w1's completion is decided; w2's arrives while that batch has nothing but states in it: one transaction
+    w1_done, w2_done = _msgs([_completion(first["w1"]), _completion(first["w2"])])  # in this order on one partition
+    task.inbox.append(_parts([w2_done])[0])
+    assert await partitions.process(task, _parts([w1_done]), take) is None
+    assert len(producer.transactions) == 2, "the second completion joined the waiting batch"
+    assert _changelog_keys(producer.transactions[1]) == [b"w1", b"w2"]
+    assert sorted((r.run_id, r.step_id) for r in _requests([(t, k, v, None) for t, k, v in early.early])) == [("w1", "b"), ("w2", "b")], \
+        "both next requests went ahead, before the transaction"
+    assert _requests([(t, k, v, None) for t, k, v in producer.transactions[1]]) == []
+
+    # a batch that carries a run's first request does not wait, however long the wait for states is
+    partitions.state_commit_s = 30.0
+    await asyncio.wait_for(partitions.process(task, _parts(_msgs([_accepted("w3")])), take), 5.0)
+    assert len(producer.transactions) == 3 and _changelog_keys(producer.transactions[2]) == [b"w3"]
+
+
+def _take(task):
+    parts, task.inbox, task.queued = task.inbox, [], 0
+    return parts

@@ -115,6 +115,9 @@ class MeasuringWorker:
         self.first_request: float | None = None
         self.last_request: float | None = None
         self.last_completion: float | None = None
+        self.fetched: dict[str, float] = {}  # request id → wall clock when fetched (only when ``trace``)
+        self.done: dict[str, float] = {}  # request id → wall clock when its completion was handed to the producer
+        self.trace = False
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -135,10 +138,14 @@ class MeasuringWorker:
                         sent = self.sent_at.pop(run_id, None)
                         if sent is not None:
                             self.gaps.append((now, now - sent))
+                        if self.trace:
+                            self.fetched[req["request_id"]] = time.time()
                         completion = {k: req[k] for k in ("request_id", "run_id", "step_id", "attempt")}
                         completion.update(status="succeeded", output=req.get("input"))
                         await producer.send(self.topics.completions, orjson.dumps(completion), key=run_id.encode())
                         self.sent_at[run_id] = self.last_completion = time.perf_counter()
+                        if self.trace:
+                            self.done[req["request_id"]] = time.time()
         finally:
             await consumer.stop()
             await producer.stop()
@@ -165,6 +172,15 @@ async def raw_pipe(bootstrap: str, topics: Topics, steps: int, stop: asyncio.Eve
         await producer.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (Linux /proc); 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Coordinators:
     """Coordinator subprocesses on a benchmark's own topics, killed at the end."""
 
@@ -187,8 +203,7 @@ class Coordinators:
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT)))
 
     def cpu_seconds(self, index: int = 0) -> float:
-        fields = Path(f"/proc/{self.procs[index].pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.procs[index].pid)
 
     def rss_bytes(self, index: int = 0) -> int:
         for line in Path(f"/proc/{self.procs[index].pid}/status").read_text().splitlines():
@@ -223,9 +238,13 @@ class Bench:
 
     # --- steady load: the raw pipe and Legato driven alike --------------------------------------
 
-    async def _drive(self, topics: Topics, legato: bool, runs: int, steps: int, rate: float | None, label: str) -> dict[str, Any]:
-        """Start ``runs`` runs of ``steps`` steps (all at once, or ``rate`` runs/s) and wait for every step."""
+    async def _drive(self, topics: Topics, legato: bool, runs: int, steps: int, rate: float | None, label: str,
+                     procs: "Coordinators | None" = None, trace: bool = False) -> dict[str, Any]:
+        """Start ``runs`` runs of ``steps`` steps (all at once, or ``rate`` runs/s) and wait for every step; with
+        the CPU seconds the broker, the coordinator (``procs``) and this process (the measuring worker, the raw pipe
+        and the load) spent meanwhile."""
         worker = MeasuringWorker(self.settings.bootstrap, topics)
+        worker.trace = trace
         tasks = [asyncio.create_task(worker.run())]
         pipe_ready = asyncio.Event()
         if not legato:
@@ -237,6 +256,11 @@ class Bench:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=5, **security.aiokafka_kwargs())
         await producer.start()
         expected = runs * steps
+        cpu = {"broker": kafka_local.broker_pid(self.settings.bootstrap), "bench": os.getpid()}
+        if procs is not None and procs.procs:
+            cpu["coordinator"] = procs.procs[0].pid
+        cpu = {name: pid for name, pid in cpu.items() if pid is not None}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in cpu.items()}
         try:
             started = time.perf_counter()
             for i in range(runs):
@@ -259,23 +283,34 @@ class Bench:
                 _progress(f"{label}: {worker.received}/{expected} steps")
                 await asyncio.sleep(0.2)
             _done()
+            cpu_spent = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in cpu.items()}
         finally:
             await producer.stop()
             worker.stop.set()
             await asyncio.gather(*tasks)
         elapsed = (worker.last_request or started) - started
-        return {"steps": worker.received, "expected": expected, "elapsed": elapsed, "gaps": [g for _, g in worker.gaps]}
+        return {"steps": worker.received, "expected": expected, "elapsed": elapsed, "gaps": [g for _, g in worker.gaps], "cpu": cpu_spent,
+                "fetched": worker.fetched, "done": worker.done}
 
-    def steady(self, legato: bool, runs: int, steps: int = 20, rate: float | None = None, coordinators: int = 1, label: str = "") -> dict[str, Any]:
+    def steady(self, legato: bool, runs: int, steps: int = 20, rate: float | None = None, coordinators: int = 1, label: str = "",
+               trace: bool = False) -> dict[str, Any]:
+        """A steady load; with ``trace``, the coordinator's LEGATO_TRACE_FILE is read into ``batches`` (request id →
+        its hops) and the measuring worker's wall-clock moments are kept (``fetched``, ``done``)."""
         topics = self.topics("l" if legato else "r")
-        procs = Coordinators(self.settings, topics.prefix, self.workdir)
+        trace_file = self.workdir / f"trace-{topics.prefix}.jsonl"
+        procs = Coordinators(self.settings, topics.prefix, self.workdir, {"LEGATO_TRACE_FILE": str(trace_file)} if trace and legato else None)
         try:
             if legato:
                 procs.start(coordinators)
                 asyncio.run(self._wait_ready(topics))
-            return asyncio.run(self._drive(topics, legato, runs, steps, rate, label or ("legato" if legato else "raw pipe")))
+            out = asyncio.run(self._drive(topics, legato, runs, steps, rate, label or ("legato" if legato else "raw pipe"), procs, trace))
         finally:
             procs.stop()
+        if trace and legato:
+            from legato.tools.bench_latency import _read_trace
+
+            out["batches"] = _read_trace(trace_file)
+        return out
 
     async def _wait_ready(self, topics: Topics) -> None:
         """A one-step run through a throwaway worker proves the coordinator has its partitions."""
@@ -314,20 +349,46 @@ def bench_throughput(b: Bench, runs: int) -> tuple[Report, float]:
 
 
 def bench_overhead(b: Bench, max_rate: float, runs: int) -> Report:
+    """Per-step overhead at 10, 50 and 80 % of the throughput measured in the same run; at each level the hops of
+    Legato's steps (from the coordinator's trace) and the CPU each process spent per step, Legato against the raw pipe."""
+    from legato.tools.bench_latency import HOPS, _hop_rows, _prev_request
+
     report = Report(f"legato bench overhead --runs {runs}")
     for share in (0.1, 0.5, 0.8):
         rate = max(0.5, share * max_rate / 20)  # runs/s; each run is 20 steps
         n = max(5, min(runs, int(rate * 20)))  # about 20 s of load at most
         raw = b.steady(False, n, rate=rate, label=f"raw pipe at {share:.0%}")
-        leg = b.steady(True, n, rate=rate, label=f"legato at {share:.0%}")
+        leg = b.steady(True, n, rate=rate, label=f"legato at {share:.0%}", trace=True)
         lg, rg = leg["gaps"], raw["gaps"]
         for q, goal in ((50, 5.0), (99, 25.0), (99.9, None)):
             lv, rv = _ms(lg, q), _ms(rg, q)
             met = ("yes" if lv <= goal else "no") if goal is not None else "-"
             report.rows.append(Row(f"overhead p{q} at {share:.0%} ({rate * 20:.0f} steps/s)", f"{lv:.2f} ms", f"{rv:.2f} ms", f"{lv / rv:.2f}" if rv else "-",
                                    f"≤ {goal:g} ms" if goal else "-", met))
+        samples = []
+        for rid, fetched in leg["fetched"].items():
+            prev = _prev_request(rid)
+            if prev in leg["done"] and rid in leg["batches"]:
+                samples.append({**leg["batches"][rid], "done": leg["done"][prev], "fetched": fetched})
+        hops = Report("")
+        _hop_rows(hops, f"hops at {share:.0%}", samples, None, ("completion sent → next request fetched", "done", "fetched"), HOPS)
+        report.rows += [r for r in hops.rows if "overhead" not in r.name]  # the totals are the rows above
+        for name in ("coordinator", "broker", "bench"):
+            lc, rc = leg["cpu"].get(name), raw["cpu"].get(name)
+            if lc is None:
+                continue
+            per = lambda spent, out: spent / max(1, out["steps"]) * 1e6  # noqa: E731
+            report.rows.append(Row(f"CPU per step at {share:.0%}: {_CPU_NAMES[name]}", f"{per(lc, leg):.0f} µs ({lc / max(leg['elapsed'], 1e-9):.0%} of a core)",
+                                   f"{per(rc, raw):.0f} µs ({rc / max(raw['elapsed'], 1e-9):.0%})" if rc is not None else "-", "-", "-", "-"))
     report.notes.append("Overhead: completion produced → next request received by the same measuring worker; load as a share of the throughput measured in the same run.")
+    report.notes.append("Hop rows are p50 / p99 of Legato's steps at that load, from the coordinator's LEGATO_TRACE_FILE (per request: polled, deciding, "
+                        "decided, handed to the early producer; per batch: committed) and the measuring worker's wall clock.")
+    report.notes.append("CPU per step: CPU seconds over the load / steps; the bench process holds the measuring worker, the load and (raw pipe) the pipe itself. "
+                        "All of them and the broker share the machine's cores.")
     return report
+
+
+_CPU_NAMES = {"coordinator": "coordinator process", "broker": "Kafka broker", "bench": "bench process (worker, load; raw: + the pipe)"}
 
 
 def bench_fanout(b: Bench, sizes: list[int]) -> Report:

@@ -88,8 +88,9 @@ def _read_trace(path: Path) -> dict[str, dict[str, float]]:
         return out
     for line in path.read_bytes().splitlines():
         rec = orjson.loads(line)
+        per = rec.pop("per", {})
         for rid in rec.pop("requests"):
-            out[rid] = rec
+            out[rid] = {**rec, **per.get(rid, {})}
     return out
 
 

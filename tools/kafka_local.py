@@ -359,6 +359,11 @@ def _format_storage(props: Path, bootstrap: str) -> None:
 # --------------------------------------------------------------------------- process
 
 
+def broker_pid(bootstrap: str = DEFAULT_BOOTSTRAP) -> int | None:
+    """The pid of the local broker serving ``bootstrap`` that this module started, or None (not local, or stopped)."""
+    return _read_pid(bootstrap)
+
+
 def _read_pid(bootstrap: str) -> int | None:
     try:
         pid = int(_pid_file(bootstrap).read_text().strip())

@@ -69,7 +69,8 @@ class Coordinator:
         # every coordinator follows the whole result cache topic: a hit is answered here, for every worker
         self.cache = ResultTable(settings.bootstrap, self.topics, kafka=security.aiokafka_kwargs(), metrics=metrics)
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics,
-                                     trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache)
+                                     trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache,
+                                     state_commit_s=getattr(settings, "state_commit_ms", 50.0) / 1000)
         self.rebalance = Rebalance(self)
         self._consumer: AIOKafkaConsumer | None = None
         self._session_timeout_ms = int(settings.session_timeout * 1000)

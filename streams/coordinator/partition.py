@@ -55,6 +55,16 @@ _MAX_BATCH = 500
 """Records decided into the next batch while one commits: it bounds a transaction's size, and with it the memory that
 the partitions' batches in flight hold at once (like the consume loop's queue, ``loop._MAX_QUEUED``)."""
 
+STATE_COMMIT_S = 0.05
+"""How long a batch whose transaction carries nothing but run states and input offsets (every request it decided
+went ahead of it, ``Partitions.early``) waits, counted from when its partition's previous transaction began, for
+more records to decide into it before it commits (``LEGATO_STATE_COMMIT_MS``). Nothing waits for such a
+transaction: the worker already has the request, and the completion it answers with is read after it either way.
+Committing each one at once cost the broker and the coordinator about 2 ms of CPU per transaction, and at a few
+hundred steps/s every step was its own transaction: at 340 steps/s the pair burnt 140 % of the machine's two cores
+(BENCHMARKS.md, overhead under load). A batch with anything else in it (a terminal event, a request that has to be
+in the transaction, a dead letter) commits at once."""
+
 _EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
@@ -147,6 +157,7 @@ class PartitionTask:
         self.restored_offsets: dict[TopicPartition, int] = {}  # from the changelog's offsets record
         self.group_offsets_at = 0.0  # monotonic time the group's offsets were last committed
         self.group_offsets_behind = False  # a batch committed since then without them
+        self.commit_began = 0.0  # monotonic time its last transaction began
 
 
 @dataclass
@@ -168,9 +179,10 @@ class Batch:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     group_offsets: bool = False  # the consumer group's offsets are committed in this transaction too
     timers: list[StartTimer] = field(default_factory=list)
-    overheads: list[str] = field(default_factory=list)  # workflow of each completion that requested the next activity
+    overheads: list[tuple[str, str]] = field(default_factory=list)  # (workflow, run_id) of each completion that requested the next activity
     stamps: dict[str, float] = field(default_factory=dict)  # hop → wall-clock seconds (only when tracing)
     requests: list[str] = field(default_factory=list)  # request ids produced (only when tracing)
+    per: dict[str, dict[str, float]] = field(default_factory=dict)  # request id → its own hops (only when tracing)
 
 
 def _encode_offsets(offsets: dict[TopicPartition, int]) -> bytes:
@@ -191,8 +203,10 @@ def _decode_offsets(value: bytes | None) -> dict[TopicPartition, int]:
 
 class Trace:
     """``LEGATO_TRACE_FILE``: one JSON line per committed batch with the wall-clock moments of its hops (polled,
-    decided, records handed to the producer, offsets added, records acknowledged, committed) and the ids of the
-    requests it produced; ``legato bench latency`` joins them with the records' own timestamps."""
+    decided, records handed to the producer, offsets added, records acknowledged, committed), the ids of the
+    requests it produced and, per request, the moments of its own record (polled, deciding, decided, handed to the
+    early producer: a batch decided while the one before commits, or waiting for more, holds records polled at
+    different moments); ``legato bench latency`` joins them with the records' own timestamps."""
 
     def __init__(self, path: Path):
         self._fh = open(path, "ab", buffering=0)
@@ -200,7 +214,7 @@ class Trace:
     def write(self, partition: int, batch: "Batch", polled: float) -> None:
         import orjson
 
-        self._fh.write(orjson.dumps({"p": partition, "polled": polled, **batch.stamps, "requests": batch.requests}) + b"\n")
+        self._fh.write(orjson.dumps({"p": partition, "polled": polled, **batch.stamps, "requests": batch.requests, "per": batch.per}) + b"\n")
 
 
 class Poisoned(Exception):
@@ -216,8 +230,9 @@ class Partitions:
     """Loads, decides and commits the partitions' batches; shared by every task of one coordinator process."""
 
     def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None, trace: Trace | None = None,
-                 cache: ResultTable | None = None, early: AIOKafkaProducer | None = None):
+                 cache: ResultTable | None = None, early: AIOKafkaProducer | None = None, state_commit_s: float = STATE_COMMIT_S):
         self.machine = machine
+        self.state_commit_s = state_commit_s  # STATE_COMMIT_S
         self.early = early  # sends the requests of a batch ahead of its transaction; None: every request in it
         self.cache = cache  # answers requests of cache steps (coordinator.cache)
         self.trace = trace
@@ -269,10 +284,11 @@ class Partitions:
 
         While a batch's transaction commits, the records that arrive meanwhile (``more`` takes them from the task's
         queue) are decided into the next batch and its early requests go out at once; that batch commits as soon as
-        the one before has, up to ``_CHAIN`` batches per call. A failure at any point reloads the partition: every
+        the one before has, up to ``_CHAIN`` batches per call. A batch of nothing but run states first waits for more
+        (``_linger``). A failure at any point reloads the partition: every
         batch not yet committed is read again."""
         try:
-            batch = self._decide_batch(task, parts)
+            batch = self._decide_batch(task, parts, seal=False)
         except Poisoned as exc:
             self._poisoned[exc.position] = exc.reason
             return "a record the state machine raised on"
@@ -281,7 +297,14 @@ class Partitions:
             chain += 1
             try:
                 await self._send_early(batch)
+                await self._linger(task, batch, more)
+                self._seal(task, batch)
                 commit = asyncio.ensure_future(self._commit(task, batch))
+            except Poisoned as exc:
+                # decided into a batch not yet committed, whose run states it may have changed in place: that batch
+                # is dropped with it (its early requests are decided again, and workers drop them)
+                self._poisoned[exc.position] = exc.reason
+                return "a record the state machine raised on"
             except Exception as exc:
                 log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
                 return type(exc).__name__
@@ -328,13 +351,28 @@ class Partitions:
                 self._poisoned[poisoned.position] = poisoned.reason
                 return "a record the state machine raised on"
             batch = following
-            if batch is not None:
-                try:
-                    self._seal(task, batch)
-                except Exception as exc:
-                    log.warning("partition %d: %s: %s", task.partition, type(exc).__name__, exc)
-                    return type(exc).__name__
         return None
+
+    async def _linger(self, task: PartitionTask, batch: "Batch", more: Callable[[], list[tuple[TopicPartition, list[Any], float]]] | None) -> None:
+        """Keep deciding arriving records into ``batch`` while its transaction would carry nothing but run states
+        (``STATE_COMMIT_S`` after the partition's previous transaction began, ``_MAX_BATCH`` records at most)."""
+        if more is None or self.state_commit_s <= 0:
+            return
+        deadline = task.commit_began + self.state_commit_s
+        while not batch.sends and batch.size < _MAX_BATCH:
+            if task.inbox:
+                task.wake.clear()
+                self._decide_batch(task, more(), batch, seal=False)
+                await self._send_early(batch)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            task.wake.clear()
+            try:
+                await asyncio.wait_for(task.wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     async def _send_early(self, batch: "Batch") -> None:
         """Hand the batch's early requests not yet sent to the early producer (their deliveries: ``early_futures``,
@@ -343,8 +381,19 @@ class Partitions:
         if self.trace is not None and "decided" not in batch.stamps:
             batch.stamps["decided"] = time.time()
         batch.early_futures += [await self.early.send(topic, value, key=key, partition=partition) for topic, key, value, partition in sent]
-        if self.trace is not None and batch.early_futures and "early" not in batch.stamps:
-            batch.stamps["early"] = time.time()
+        if self.trace is not None and sent:
+            now = time.time()
+            batch.stamps.setdefault("early", now)
+            for _, _, value, _ in sent:
+                batch.per.setdefault(orjson_request_id(value), {})["early"] = now
+        if self.metrics is not None and sent and batch.overheads:
+            # the completion's next request is on its way now, whenever the transaction commits
+            early = {key.decode() for _, key, _, _ in sent}
+            overhead = time.perf_counter() - batch.received
+            for workflow, run_id in batch.overheads:
+                if run_id in early:
+                    self.metrics.orchestration_overhead(workflow, overhead)
+            batch.overheads = [(w, r) for w, r in batch.overheads if r not in early]
 
     def _committed(self, task: PartitionTask, batch: "Batch") -> None:
         """What a batch's commit makes true: where the inputs resume, the runs counted, the timers armed."""
@@ -366,7 +415,7 @@ class Partitions:
             task.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
         if self.metrics is not None and batch.overheads:
             overhead = time.perf_counter() - batch.received  # completion polled → its requests committed
-            for workflow in batch.overheads:
+            for workflow, _ in batch.overheads:
                 self.metrics.orchestration_overhead(workflow, overhead)
 
     def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]], batch: "Batch | None" = None,
@@ -378,12 +427,20 @@ class Partitions:
             batch.stamps["deciding"] = time.time()
         if parts:
             batch.received = min(batch.received, min(r for _, _, r in parts))
-        for tp, records, _ in parts:
+        tracing = self.trace is not None
+        for tp, records, received in parts:
             start = max(task.next_offset.get(tp, 0), batch.offsets.get(tp, 0))
+            polled = time.time() - (time.perf_counter() - received) if tracing else 0.0
             for msg in records:
                 if msg.offset < start:
                     continue  # already committed (fetched before this task's offsets were known)
+                if tracing:
+                    before, deciding = len(batch.requested), time.time()
                 self._handle(task, msg, batch)
+                if tracing and len(batch.requested) > before:
+                    decided = time.time()
+                    for send in batch.requested[before:]:
+                        batch.per[orjson_request_id(send[2])] = {"polled": polled, "deciding": deciding, "decided": decided}
                 batch.offsets[tp] = msg.offset + 1
                 batch.size += 1
         if not batch.offsets:
@@ -438,6 +495,7 @@ class Partitions:
         # where the inputs resume, as of this batch: the batch before it has committed by now
         batch.written[CHANGELOG_OFFSETS_KEY] = _encode_offsets({**task.next_offset, **batch.offsets})
         stamps = batch.stamps if self.trace is not None else None
+        task.commit_began = time.monotonic()
         await producer.begin_transaction()
         try:
             futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]
@@ -536,7 +594,7 @@ class Partitions:
             self.metrics.event_processed(kind)
             self.metrics.decision(events, commands)
             if kind == "completion" and new_state is not None and self.metrics.observes_overhead(commands):
-                batch.overheads.append(new_state.workflow)
+                batch.overheads.append((new_state.workflow, record.run_id))
 
     def _dead_letter(self, batch: Batch, msg: Any, reason: str) -> None:
         batch.sends.append(self.inbox.dead_letter(msg, reason))
