@@ -511,8 +511,12 @@ def bench_memory(b: Bench, runs: int, store: str) -> Report:
             finally:
                 await consumer.stop()
         asyncio.run(flood())
-        time.sleep(3)
-        rss1 = procs.rss_bytes()
+        samples = []
+        for _ in range(8):
+            time.sleep(2)
+            samples.append(procs.rss_bytes())
+        print("RSS after flood MiB", [round(x / 2**20) for x in samples], file=sys.stderr)
+        rss1 = samples[-1]
     finally:
         procs.stop()
     per_run = (rss1 - rss0) / runs

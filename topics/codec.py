@@ -17,9 +17,12 @@ class DecodeError(ValueError):
 
 
 def dumps(value: Any) -> bytes:
+    """``value`` as JSON bytes of their exact size. orjson's own result keeps the buffer it wrote into (4 KiB of
+    memory for a 100-byte record with orjson 3.12 and 3.13, 1 KiB with 3.10 and 3.11), and records wait in batches and
+    producer queues by the tens of thousands during a burst: the copy costs 0.2 µs (BENCHMARKS.md, memory)."""
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json", exclude_none=True)
-    return orjson.dumps(value)
+    return bytes(memoryview(orjson.dumps(value)))
 
 
 def loads(data: bytes | str) -> Any:

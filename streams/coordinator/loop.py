@@ -26,7 +26,7 @@ from legato.workflows.machine import Machine
 
 log = logging.getLogger("legato.coordinator")
 
-_MAX_POLL = 2_000
+_MAX_POLL = 500
 """Records per poll."""
 
 _MAX_QUEUED = 500
