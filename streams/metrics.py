@@ -162,7 +162,7 @@ class Metrics:
         return any(isinstance(c, RequestActivity) for c in commands)
 
     def orchestration_overhead(self, workflow: str, seconds: float) -> None:
-        """Observe the overhead of one completion once its requests are committed (see ``observes_overhead``)."""
+        """Observe the overhead of one completion once its next request is on its way (handed to the early producer, or committed) (see ``observes_overhead``)."""
         self.overhead.labels(workflow).observe(max(0.0, seconds))
 
     def runs_in_flight(self, n: int) -> None:

@@ -196,3 +196,39 @@ async def test_a_batch_of_nothing_but_run_states_waits_for_more_and_one_with_a_t
 def _take(task):
     parts, task.inbox, task.queued = task.inbox, [], 0
     return parts
+
+
+class _Overheads:
+    """Records the step overheads the partition task observes; every other metric is a no-op."""
+
+    def __init__(self):
+        self.observed: list[tuple[str, float]] = []
+
+    def observes_overhead(self, commands):
+        from legato.streams.metrics import Metrics
+
+        return Metrics.observes_overhead(commands)
+
+    def orchestration_overhead(self, workflow, seconds):
+        self.observed.append((workflow, seconds))
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+async def test_each_early_request_s_overhead_counts_from_when_its_own_completion_was_polled():
+    import time
+
+    producer, early, metrics = _Producer(), _Producer(), _Overheads()
+    partitions = Partitions(Machine({"chain": compile_yaml(WORKFLOW)}), TOPICS, "g", Inbox(TOPICS, 1), metrics=metrics, early=early, state_commit_s=0.2)
+    task = PartitionTask(0, producer, RunTable(None))
+    assert await partitions.process(task, _parts(_msgs([_accepted("o1"), _accepted("o2")])), lambda: _take(task)) is None
+    first = {r.run_id: r for r in _requests([(t, k, v, None) for t, k, v in producer.transactions[0]])}
+    old, new = _msgs([_completion(first["o1"]), _completion(first["o2"])])
+    now = time.perf_counter()
+    # o1's completion was polled 5 s ago; o2's now, joining the batch that waits for more
+    task.inbox.append((TopicPartition(TOPICS.completions, 0), [new], now))
+    assert await partitions.process(task, [(TopicPartition(TOPICS.completions, 0), [old], now - 5.0)], lambda: _take(task)) is None
+    assert len(producer.transactions) == 2
+    [(_, o1), (_, o2)] = metrics.observed
+    assert o1 >= 5.0 and o2 < 1.0, metrics.observed

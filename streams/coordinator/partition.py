@@ -179,7 +179,7 @@ class Batch:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     group_offsets: bool = False  # the consumer group's offsets are committed in this transaction too
     timers: list[StartTimer] = field(default_factory=list)
-    overheads: list[tuple[str, str]] = field(default_factory=list)  # (workflow, run_id) of each completion that requested the next activity
+    overheads: list[tuple[str, str, float]] = field(default_factory=list)  # (workflow, run_id, perf_counter when polled) of each completion that requested the next activity
     stamps: dict[str, float] = field(default_factory=dict)  # hop → wall-clock seconds (only when tracing)
     requests: list[str] = field(default_factory=list)  # request ids produced (only when tracing)
     per: dict[str, dict[str, float]] = field(default_factory=dict)  # request id → its own hops (only when tracing)
@@ -388,12 +388,13 @@ class Partitions:
                 batch.per.setdefault(orjson_request_id(value), {})["early"] = now
         if self.metrics is not None and sent and batch.overheads:
             # the completion's next request is on its way now, whenever the transaction commits
+            # (each from when its own completion was polled: a batch that waits for more holds records polled later)
             early = {key.decode() for _, key, _, _ in sent}
-            overhead = time.perf_counter() - batch.received
-            for workflow, run_id in batch.overheads:
+            now = time.perf_counter()
+            for workflow, run_id, received in batch.overheads:
                 if run_id in early:
-                    self.metrics.orchestration_overhead(workflow, overhead)
-            batch.overheads = [(w, r) for w, r in batch.overheads if r not in early]
+                    self.metrics.orchestration_overhead(workflow, now - received)
+            batch.overheads = [o for o in batch.overheads if o[1] not in early]
 
     def _committed(self, task: PartitionTask, batch: "Batch") -> None:
         """What a batch's commit makes true: where the inputs resume, the runs counted, the timers armed."""
@@ -414,9 +415,9 @@ class Partitions:
         for timer in batch.timers:
             task.timers.schedule(timer.run_id, timer.timer_id, timer.due_ms)
         if self.metrics is not None and batch.overheads:
-            overhead = time.perf_counter() - batch.received  # completion polled → its requests committed
-            for workflow, _ in batch.overheads:
-                self.metrics.orchestration_overhead(workflow, overhead)
+            now = time.perf_counter()  # completion polled → its requests committed
+            for workflow, _, received in batch.overheads:
+                self.metrics.orchestration_overhead(workflow, now - received)
 
     def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]], batch: "Batch | None" = None,
                       seal: bool = True) -> "Batch | None":
@@ -436,7 +437,7 @@ class Partitions:
                     continue  # already committed (fetched before this task's offsets were known)
                 if tracing:
                     before, deciding = len(batch.requested), time.time()
-                self._handle(task, msg, batch)
+                self._handle(task, msg, batch, received)
                 if tracing and len(batch.requested) > before:
                     decided = time.time()
                     for send in batch.requested[before:]:
@@ -522,7 +523,7 @@ class Partitions:
                 pass  # fenced or fatal: the task is rebuilt with a fresh producer, which aborts it anyway
             raise
 
-    def _handle(self, task: PartitionTask, msg: Any, batch: Batch) -> None:
+    def _handle(self, task: PartitionTask, msg: Any, batch: Batch, received: float = 0.0) -> None:
         poisoned = self._poisoned.get((msg.topic, msg.partition, msg.offset))
         if poisoned is not None:
             self._dead_letter(batch, msg, poisoned)
@@ -536,7 +537,7 @@ class Partitions:
             if isinstance(accepted, tuple):
                 batch.sends.append(accepted)  # re-keyed onto the run's partition of the coordinator topic
             else:
-                self._apply(task, accepted, msg, batch)
+                self._apply(task, accepted, msg, batch, received)
             return
         try:
             record = self.inbox.decode(msg.topic, msg.value)
@@ -548,9 +549,9 @@ class Partitions:
             batch.sends.append(moved)
             self._count_ignored("rekeyed")
             return
-        self._apply(task, record, msg, batch)
+        self._apply(task, record, msg, batch, received)
 
-    def _apply(self, task: PartitionTask, record: Any, msg: Any, batch: Batch) -> None:
+    def _apply(self, task: PartitionTask, record: Any, msg: Any, batch: Batch, received: float = 0.0) -> None:
         if record.run_id in batch.changed:  # None: forgotten earlier in this batch
             state = batch.changed[record.run_id]
         else:
@@ -598,7 +599,7 @@ class Partitions:
             self.metrics.event_processed(kind)
             self.metrics.decision(events, commands)
             if kind == "completion" and new_state is not None and self.metrics.observes_overhead(commands):
-                batch.overheads.append((new_state.workflow, record.run_id))
+                batch.overheads.append((new_state.workflow, record.run_id, received))
 
     def _dead_letter(self, batch: Batch, msg: Any, reason: str) -> None:
         batch.sends.append(self.inbox.dead_letter(msg, reason))
