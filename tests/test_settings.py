@@ -12,13 +12,20 @@ def test_settings_read_the_tuning_variables(monkeypatch):
     monkeypatch.setenv("LEGATO_SESSION_TIMEOUT", "3.5")
     monkeypatch.setenv("LEGATO_LINGER_MS", "5")
     monkeypatch.setenv("LEGATO_COMMIT_INTERVAL", "0.25")
+    monkeypatch.setenv("LEGATO_STATE_COMMIT_MS", "0")
+    monkeypatch.setenv("LEGATO_EARLY_REQUESTS", "0")
     s = Settings.from_env()
     assert (s.session_timeout, s.linger_ms, s.commit_interval) == (3.5, 5.0, 0.25)
+    assert (s.state_commit_ms, s.early_requests) == (0.0, False)
 
 
 def test_defaults_match_the_readme():
+    from legato.streams.coordinator.partition import STATE_COMMIT_S
+
     s = Settings()
     assert (s.session_timeout, s.linger_ms, s.commit_interval) == (10.0, 0.0, 0.5)
+    assert s.state_commit_ms == Settings.from_env().state_commit_ms == STATE_COMMIT_S * 1000 == 50.0  # README: `50`
+    assert s.early_requests is True
 
 
 def test_no_other_runtime_module_reads_the_environment():
