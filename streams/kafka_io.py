@@ -17,12 +17,30 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 _PARTITIONER = DefaultPartitioner()
+_CACHED_KEYS = 65_536
+"""Keys whose partition is remembered: aiokafka's murmur2 is pure Python (7.6 µs a key here), and a coordinator
+hashes the same run_id for every record of a run (its completions, its requests, its events)."""
+_partitions: dict[tuple[bytes, int], int] = {}
 
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition of ``key`` among ``partitions`` (murmur2, like every run-keyed record's producer)."""
-    everything = list(range(partitions))
-    return _PARTITIONER(key, everything, everything)
+    cached = _partitions.get((key, partitions))
+    if cached is None:
+        everything = list(range(partitions))
+        cached = _PARTITIONER(key, everything, everything)
+        if len(_partitions) >= _CACHED_KEYS:
+            _partitions.clear()  # simpler than an LRU, and a run's records come close together
+        _partitions[(key, partitions)] = cached
+    return cached
+
+
+def keyed_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner (``AIOKafkaProducer(partitioner=...)``) with murmur2 remembered per key: the
+    same partition for every key, as the Java client and every other default producer choose."""
+    if key is None:
+        return _PARTITIONER(key, all_partitions, available)
+    return all_partitions[partition_for(key, len(all_partitions))]
 
 
 def reader(bootstrap: str, *, from_beginning: bool = True, **kafka: Any) -> AIOKafkaConsumer:

@@ -74,6 +74,7 @@ class Metrics:
         disable_created_metrics()  # no `*_created` series: they double the series count for nothing here
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         # runs
         self.runs_started = Counter("legato_runs_started", "Runs started (run.started published).", ["workflow"], registry=r)
         self.runs_completed = Counter("legato_runs_completed", "Runs that finished successfully.", ["workflow"], registry=r)
@@ -127,34 +128,43 @@ class Metrics:
 
     # --- hooks called by the shell ----------------------------------------------------------------
 
+    def _at(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: prometheus-client checks and converts the labels at every call
+        (2-3 µs, several times per step). No series a hook touches is ever removed."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def ignored(self, reason: str) -> None:
-        self.events_ignored.labels(reason).inc()
+        self._at(self.events_ignored, reason).inc()
 
     def dead_letter(self, topic: str, reason: str) -> None:
-        self.dead_letters.labels(topic, reason_label(reason)).inc()
+        self._at(self.dead_letters, topic, reason_label(reason)).inc()
 
     def event_processed(self, kind: str) -> None:
-        self.events.labels(kind).inc()
+        self._at(self.events, kind).inc()
 
     def activity_wait(self, activity: str, seconds: float) -> None:
-        self.activity_wait_time.labels(activity).observe(max(0.0, seconds))
+        self._at(self.activity_wait_time, activity).observe(max(0.0, seconds))
 
     def activity_started(self, activity: str) -> None:
-        self.activities_in_flight.labels(activity).inc()
+        self._at(self.activities_in_flight, activity).inc()
 
     def activity_finished(self, activity: str) -> None:
-        self.activities_in_flight.labels(activity).dec()
+        self._at(self.activities_in_flight, activity).dec()
 
     def activity_done(self, activity: str, status: str, seconds: float, error_type: str | None = "") -> None:
-        self.activity_execution.labels(activity, status).observe(max(0.0, seconds))
+        self._at(self.activity_execution, activity, status).observe(max(0.0, seconds))
         if status != "succeeded":
-            self.activity_errors.labels(activity, error_type or "unknown").inc()
+            self._at(self.activity_errors, activity, error_type or "unknown").inc()
 
     def progress_chunk(self, activity: str) -> None:
-        self.progress_chunks.labels(activity).inc()
+        self._at(self.progress_chunks, activity).inc()
 
     def cache_lookup(self, workflow: str, step: str, hit: bool) -> None:
-        (self.cache_hits if hit else self.cache_misses).labels(workflow, step).inc()
+        self._at(self.cache_hits if hit else self.cache_misses, workflow, step).inc()
 
     @staticmethod
     def observes_overhead(commands: Iterable[Any]) -> bool:
@@ -163,7 +173,7 @@ class Metrics:
 
     def orchestration_overhead(self, workflow: str, seconds: float) -> None:
         """Observe the overhead of one completion once its next request is on its way (handed to the early producer, or committed) (see ``observes_overhead``)."""
-        self.overhead.labels(workflow).observe(max(0.0, seconds))
+        self._at(self.overhead, workflow).observe(max(0.0, seconds))
 
     def runs_in_flight(self, n: int) -> None:
         self.in_flight_runs.set(n)
@@ -172,7 +182,7 @@ class Metrics:
         self.retained_runs.set(n)
 
     def run_forgotten(self, workflow: str) -> None:
-        self.forgotten_runs.labels(workflow).inc()
+        self._at(self.forgotten_runs, workflow).inc()
 
     def lag(self, group: str, topic: str, partition: int, value: float) -> None:
         self.consumer_lag.labels(group, topic, str(partition)).set(value)
@@ -192,11 +202,11 @@ class Metrics:
     def _decision(self, events: list[DomainEvent], commands: list[Any], overhead_seconds: float | None) -> None:
         for command in commands:
             if isinstance(command, PublishRunEvent) and command.event.type == "run.started":
-                self.runs_started.labels(command.event.workflow).inc()
+                self._at(self.runs_started, command.event.workflow).inc()
         if overhead_seconds is not None:
             requested = next((c.request.workflow for c in commands if isinstance(c, RequestActivity)), None)
             if requested is not None:
-                self.overhead.labels(requested).observe(max(0.0, overhead_seconds))
+                self._at(self.overhead, requested).observe(max(0.0, overhead_seconds))
         for event in events:
             getattr(self, self._COUNTERS[type(event)])(event)
 
@@ -207,61 +217,61 @@ class Metrics:
             for step in wf.steps.values():
                 if isinstance(step, ChoiceStep):
                     for path in declared_paths(step):
-                        self.choice_paths.labels(wf.name, step.id, path)
+                        self._at(self.choice_paths, wf.name, step.id, path)
                 elif isinstance(step, ActivityStep) and step.cache is not None:
-                    self.cache_hits.labels(wf.name, step.id)
-                    self.cache_misses.labels(wf.name, step.id)
+                    self._at(self.cache_hits, wf.name, step.id)
+                    self._at(self.cache_misses, wf.name, step.id)
 
     # --- one counter per domain event ---------------------------------------------------------------
 
     def _path_taken(self, event: PathTaken) -> None:
-        self.choice_paths.labels(event.workflow, event.step_id, event.path).inc()
+        self._at(self.choice_paths, event.workflow, event.step_id, event.path).inc()
 
     def _loop_ended(self, event: LoopEnded) -> None:
         for ending in LOOP_ENDINGS:  # every ending exists (at 0) once a loop has ended: ratios are defined
-            self.loop_endings.labels(event.workflow, event.step_id, ending)
-        self.loop_endings.labels(event.workflow, event.step_id, event.ended_by).inc()
-        self.loop_iterations.labels(event.workflow, event.step_id).observe(event.iterations)
+            self._at(self.loop_endings, event.workflow, event.step_id, ending)
+        self._at(self.loop_endings, event.workflow, event.step_id, event.ended_by).inc()
+        self._at(self.loop_iterations, event.workflow, event.step_id).observe(event.iterations)
 
     def _step_waiting(self, event: StepWaiting) -> None:
-        self.runs_waiting.labels(event.workflow, event.signal).inc()
+        self._at(self.runs_waiting, event.workflow, event.signal).inc()
 
     def _signal_ignored(self, event: SignalIgnored) -> None:
-        self.signals_ignored.labels(event.reason).inc()
+        self._at(self.signals_ignored, event.reason).inc()
 
     def _step_finished(self, event: StepFinished) -> None:
         workflow = event.workflow
-        self.steps_finished.labels(workflow, event.kind, event.step_id, event.status).inc()
+        self._at(self.steps_finished, workflow, event.kind, event.step_id, event.status).inc()
         if event.status in FAILED_STEP_STATUSES:
-            self.step_failures.labels(workflow, event.kind, event.step_id, event.error_type or "unknown").inc()
+            self._at(self.step_failures, workflow, event.kind, event.step_id, event.error_type or "unknown").inc()
         seconds = max(0, event.finished_ms - event.started_ms) / 1000
         if event.status in ("succeeded", "failed", "timed_out"):
-            self.step_duration.labels(workflow, event.kind, event.step_id).observe(seconds)
+            self._at(self.step_duration, workflow, event.kind, event.step_id).observe(seconds)
         if event.branches is not None and event.concurrent is not None:
-            self.parallel_potential.labels(workflow, event.step_id).observe(event.branches)
-            self.parallel_achieved.labels(workflow, event.step_id).observe(event.concurrent)
+            self._at(self.parallel_potential, workflow, event.step_id).observe(event.branches)
+            self._at(self.parallel_achieved, workflow, event.step_id).observe(event.concurrent)
         if event.previous == "waiting":
-            self.runs_waiting.labels(workflow, event.signal or "").dec()
-            self.wait_duration.labels(workflow, event.signal or "", event.status).observe(seconds)
+            self._at(self.runs_waiting, workflow, event.signal or "").dec()
+            self._at(self.wait_duration, workflow, event.signal or "", event.status).observe(seconds)
 
     def _run_finished(self, event: RunFinished) -> None:
         workflow = event.workflow if event.workflow_loaded else UNKNOWN_WORKFLOW
         outcome = event.status if event.status in ("succeeded", "cancelled") else "failed"
-        self.run_duration.labels(workflow, outcome).observe(max(0, event.finished_ms - event.started_ms) / 1000)
+        self._at(self.run_duration, workflow, outcome).observe(max(0, event.finished_ms - event.started_ms) / 1000)
         if outcome == "succeeded":
-            self.runs_completed.labels(workflow).inc()
+            self._at(self.runs_completed, workflow).inc()
         elif outcome == "cancelled":
-            self.runs_cancelled.labels(workflow).inc()
+            self._at(self.runs_cancelled, workflow).inc()
         else:
-            self.runs_failed.labels(workflow, event.error_type or "unknown").inc()
+            self._at(self.runs_failed, workflow, event.error_type or "unknown").inc()
         cost = event.cost or {}
-        self.run_cost.labels(workflow).observe(float(cost.get("usd", 0) or 0))
-        self.run_tokens.labels(workflow, "in").observe(int(cost.get("tokens_in", 0) or 0))
-        self.run_tokens.labels(workflow, "out").observe(int(cost.get("tokens_out", 0) or 0))
+        self._at(self.run_cost, workflow).observe(float(cost.get("usd", 0) or 0))
+        self._at(self.run_tokens, workflow, "in").observe(int(cost.get("tokens_in", 0) or 0))
+        self._at(self.run_tokens, workflow, "out").observe(int(cost.get("tokens_out", 0) or 0))
         # A sub-workflow's cost is also added to its parent run's: count the models of top-level runs only.
         models: Mapping[str, Any] = (cost.get("models") or {}) if event.top_level else {}
         for model, usd in models.items():
-            self.cost_usd.labels(workflow, str(model)).inc(max(0.0, float(usd or 0)))
+            self._at(self.cost_usd, workflow, str(model)).inc(max(0.0, float(usd or 0)))
 
     _COUNTERS: dict[type, str] = {
         LoopEnded: "_loop_ended",

@@ -18,6 +18,7 @@ from legato.streams.coordinator.inbox import Inbox
 from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_COMMIT_S, PartitionTask, Partitions, Trace
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.timers import fire_timers
+from legato.streams.kafka_io import keyed_partitioner
 from legato.topics.names import Topics
 from legato.streams.admin import ensure_topics
 from legato.streams.definitions import DefinitionTable
@@ -90,7 +91,7 @@ class Coordinator:
         await self.cache.start()
         self.definitions.on_change(self._on_catalog)
         self._on_catalog(self.definitions.catalog)
-        timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, **kw)
+        timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, partitioner=keyed_partitioner, **kw)
         await timer_producer.start()
         if getattr(self.settings, "early_requests", False):
             self.partitions.early = timer_producer  # idempotent, not transactional: requests ahead of their transaction

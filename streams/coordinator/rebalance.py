@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from legato.streams import security
-from legato.streams.kafka_io import group_membership, transaction_retry_backoff
+from legato.streams.kafka_io import group_membership, keyed_partitioner, transaction_retry_backoff
 from legato.streams.coordinator.partition import PartitionTask, RunTable
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ class Rebalance(ConsumerRebalanceListener):
             transactional_id=f"{c.group}-{p}",
             transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             linger_ms=0,
+            partitioner=keyed_partitioner,
             retry_backoff_ms=_TRANSACTION_RETRY_BACKOFF_MS,
             **security.aiokafka_kwargs(),
         )

@@ -1,0 +1,35 @@
+"""The partition helpers every producer of Legato shares: the same partition as aiokafka's (and the Java client's)
+default partitioner, for every key, whether remembered or not."""
+from __future__ import annotations
+
+import uuid
+
+from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from legato.streams import kafka_io
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=0, max_size=64), partitions=st.integers(min_value=1, max_value=64))
+def test_partition_for_and_the_keyed_partitioner_choose_what_the_default_partitioner_chooses(key: bytes, partitions: int) -> None:
+    everything = list(range(partitions))
+    expected = DefaultPartitioner()(key, everything, everything)
+    assert kafka_io.partition_for(key, partitions) == expected
+    assert kafka_io.partition_for(key, partitions) == expected  # the remembered answer is the same
+    assert kafka_io.keyed_partitioner(key, everything, everything[:1]) == expected  # availability does not move a key
+
+
+def test_the_keyed_partitioner_maps_onto_the_topic_s_own_partition_ids_and_spreads_records_without_a_key() -> None:
+    key = str(uuid.uuid4()).encode()
+    ids = [3, 5, 9, 11]  # aiokafka passes the topic's partition ids, not always 0..n-1
+    assert kafka_io.keyed_partitioner(key, ids, ids) == ids[kafka_io.partition_for(key, 4)]
+    chosen = {kafka_io.keyed_partitioner(None, ids, ids[:2]) for _ in range(200)}
+    assert chosen <= {3, 5} and len(chosen) == 2  # no key: a random available partition, as aiokafka does
+
+
+def test_the_remembered_partitions_stay_bounded() -> None:
+    for i in range(kafka_io._CACHED_KEYS + 10):
+        kafka_io.partition_for(str(i).encode(), 8)
+    assert len(kafka_io._partitions) <= kafka_io._CACHED_KEYS
