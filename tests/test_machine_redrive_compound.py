@@ -423,8 +423,22 @@ def test_a_child_run_that_failed_on_an_expression_is_started_fresh_its_outputs_m
 def test_a_run_whose_state_outgrew_its_limit_is_refused_its_outputs_were_shed():
     doc = "name: big\nsteps: [{id: m, map: {items: input.xs, steps: [{id: i, activity: w}]}}]\n"
     h = Harness(Machine({"big": compile_yaml(doc)}, max_state_bytes=30_000))
+    # an input that fits, which the map copies into its item list and every item's frame: no output to refuse
+    h.start("big", {"xs": ["x" * 400 for _ in range(40)]})
+    assert h.state.error.type == "ContextTooLarge" and "the run's state grew" in h.state.error.message
+    assert len(h.state.encoded()) <= 30_000  # shed: the stored document fits again
+    assert refusal(h) == "the run's state outgrew its limit and its outputs were shed: trigger it again"
+
+
+def test_a_map_whose_joined_output_the_state_cannot_hold_fails_with_context_too_large_instead_of_being_stored():
+    """BUG (found with the stored-size measure): a map's output, the list of every item's result, was copied into
+    the step, the CEL view and the frame without counting towards the size estimate, and a run that finished with it
+    was never measured: 40 results of 500 bytes, each accepted, made a 102 KB state stored under a 30 KB limit."""
+    doc = "name: big\nsteps: [{id: m, map: {items: input.xs, steps: [{id: i, activity: w}]}}]\n"
+    h = Harness(Machine({"big": compile_yaml(doc)}, max_state_bytes=30_000))
     h.start("big", {"xs": list(range(40))})
     while h.status == "running":
         h.succeed(h.pending()[0], "y" * 500)
-    assert h.state.error.type == "ContextTooLarge" and "the run's state grew" in h.state.error.message
-    assert refusal(h) == "the run's state outgrew its limit and its outputs were shed: trigger it again"
+    assert h.state.steps["m"].status == "failed" and h.state.steps["m"].error.type == "ContextTooLarge"
+    assert "would grow the run's state" in h.state.steps["m"].error.message
+    assert h.state.status == "failed" and len(h.state.encoded()) <= 30_000

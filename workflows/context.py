@@ -159,6 +159,15 @@ class Run:
         """Record a final status and move the step's frame on (or fail it, unless ``proceed``)."""
         if output is not None:
             step.output = output
+        if step.kind != "activity" and status == "succeeded" and step.output is not None:
+            # A compound step's output (a map's list of every result, a loop's last) is held three times, as an
+            # activity's is: refused the same way when the state could not hold it (the estimate must see it, or
+            # the state that outgrew the limit with it would be stored).
+            refused = self.too_big(step.output)
+            if refused:
+                step.output = None
+                self.failed_finally(step, ErrorInfo(type="ContextTooLarge", message=refused, retryable=False), "failed")
+                return
         step.request = None  # only a pending request is ever re-sent; keep the state small
         transitions.move(self, step, status)
         frame = self.state.frames.get(step.frame)
@@ -367,7 +376,7 @@ class Run:
         self.state.size_hint += nbytes
 
     def _measure(self) -> int:
-        size = len(self.state.model_dump_json())
+        size = len(self.state.encoded())  # the stored document's size
         self.state.size_hint = self.state.size_measured = size
         return size
 
@@ -401,7 +410,7 @@ class Run:
         for step in self.state.steps.values():
             step.output, step.results, step.items, step.request = None, {}, None, None
         for frame in self.state.frames.values():
-            frame.last_output = None
+            frame.last_output, frame.scope = None, {}  # a scope holds its map item or loop's previous output
         for entry in self.state.view.values():
             entry["output"] = None
         for pending in self.state.signals:

@@ -407,7 +407,7 @@ def _complete(raw: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     try:
         full = RunState.model_validate(raw).model_dump(mode="json")
-    except ValidationError:
+    except ValueError:  # msgspec's ValidationError, pydantic's too
         return raw
     steps = raw.get("steps") if isinstance(raw.get("steps"), dict) else {}
     full_steps = {k: {**full["steps"].get(k, {}), **v} if isinstance(v, dict) else full["steps"].get(k) for k, v in steps.items()}

@@ -471,7 +471,7 @@ class Partitions:
                 batch.written[key] = None
                 self._states.pop(run_id, None)
                 continue
-            stored = state.model_dump_json(exclude_defaults=True).encode()
+            stored = state.encoded()
             task.store.put(key, stored)
             batch.written[key] = stored
             self._remember(run_id, stored, state)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from legato.topics.models import ErrorInfo
 from legato.workflows import keys
 from legato.workflows.expressions import ExpressionError
@@ -143,6 +145,7 @@ class FanOutProcessor(Processor):
         if not isinstance(items, list):
             raise ExpressionError(f"map items {definition.map.items!r} gave {type(items).__name__}, not a list")
         step.items, step.total = items, len(items)
+        run.grow(len(orjson.dumps(items)))  # the step holds its own copy of the list
         if not items:
             run.finish_step(step, "succeeded", output=[])
             return
