@@ -69,12 +69,13 @@ _EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFi
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
 
-_FRESH_STATES = 64
-"""States a memory table keeps uncompressed: the most recently written. A run in flight is written at every step;
-compressing it at every write and decompressing it at every read cost a quarter of a no-op step's coordinator CPU
-(``python -m legato.tools.bench_decide``),
-so a state is compressed once it is no longer among the last ones written. Their bytes are the very objects the
-decoded-state cache holds, so keeping them costs no memory of its own."""
+_FRESH_BYTES = 4 * 1024 * 1024
+"""Bytes of states a memory table keeps uncompressed: the most recently written. A run in flight is written at every
+step; compressing it at every write and decompressing it at every read cost a quarter of a no-op step's coordinator
+CPU (``python -m legato.tools.bench_decide``), so a state is compressed once it is no longer among the last ones
+written. A budget in bytes, not a count: with 64 states a partition, 6,000 runs in flight compressed and
+decompressed at every step (a third of the coordinator's CPU; BENCHMARKS.md, seventh session), while 100,000 idle
+one-step runs cost each partition at most these 4 MiB more (BENCHMARKS.md, memory)."""
 
 
 class RunTable:
@@ -83,6 +84,7 @@ class RunTable:
     def __init__(self, path: Path | None):
         self._path = path
         self._fresh: OrderedDict[bytes, bytes] = OrderedDict()  # in memory: the last states written, uncompressed
+        self._fresh_bytes = 0
         if path is None:
             self._data: Any = {}
         else:
@@ -92,7 +94,7 @@ class RunTable:
             Rdict.destroy(str(path))  # rebuilt from the changelog, which is the truth
             self._data = Rdict(str(path))
 
-    # In memory, each state but the last ``_FRESH_STATES`` written is kept zlib-compressed (level 1): a one-step
+    # In memory, each state but the last ``_FRESH_BYTES`` written is kept zlib-compressed (level 1): a one-step
     # run's 667 JSON bytes take 301, for 11 µs per write and 4 µs per read of a state not in the decoded cache
     # (BENCHMARKS.md, memory). A key is in ``_fresh`` or in ``_data``, never in both. RocksDB compresses its own
     # blocks.
@@ -111,17 +113,23 @@ class RunTable:
             self._data[key] = value
             return
         self._data.pop(key, None)
+        before = self._fresh.pop(key, None)
+        if before is not None:
+            self._fresh_bytes -= len(before)
         self._fresh[key] = value
-        self._fresh.move_to_end(key)
-        if len(self._fresh) > _FRESH_STATES:
+        self._fresh_bytes += len(value)
+        while self._fresh_bytes > _FRESH_BYTES and len(self._fresh) > 1:
             old, raw = self._fresh.popitem(last=False)
+            self._fresh_bytes -= len(raw)
             self._data[old] = zlib.compress(raw, 1)
 
     def delete(self, key: bytes) -> None:
         if self._path is not None:
             self._data.delete(key)
             return
-        self._fresh.pop(key, None)
+        before = self._fresh.pop(key, None)
+        if before is not None:
+            self._fresh_bytes -= len(before)
         self._data.pop(key, None)
 
     def values(self) -> Iterable[bytes]:
