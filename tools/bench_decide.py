@@ -7,6 +7,10 @@ request the way the measuring worker of ``legato bench`` does. Only Kafka is fak
 objects and nothing is sent or committed (the batch's offsets are taken as committed), so what is timed is what
 ``legato bench latency`` reports as "polled → decided".
 
+``--fanout N`` drives ``bench_fanout`` instead (the ``map`` over N no-op items of ``legato bench fanout``): every
+request the coordinator sends is answered in the next polled batch, and the figure is the CPU per branch, what
+``legato bench fanout`` reports for the coordinator process without its Kafka client's share.
+
 ``--profile`` prints the top of a cProfile of the timed completions; run it under ``valgrind --tool=callgrind``
 with ``--runs`` small for instruction counts that do not depend on the machine's load.
 """
@@ -32,7 +36,7 @@ from legato.streams.coordinator.inbox import Inbox
 from legato.streams.coordinator.partition import PartitionTask, Partitions, RunTable
 from legato.streams.kafka_io import partition_for
 from legato.streams.metrics import Metrics
-from legato.tools.bench import ACTIVITY, _sequential_yaml
+from legato.tools.bench import ACTIVITY, FANOUT_YAML, _sequential_yaml
 from legato.topics.names import Topics
 from legato.workflows.catalog import Catalog, Definition, source_sha256
 from legato.workflows.machine import Machine
@@ -55,9 +59,9 @@ class _Record:
 class Shell:
     """One coordinator process's ``Partitions`` over ``partitions`` tasks, with the transaction faked."""
 
-    def __init__(self, partitions: int = DEFAULT_PARTITIONS):
-        source = _sequential_yaml("bench_sequential", STEPS)
-        wf = load_source(source, "seq.yaml")
+    def __init__(self, partitions: int = DEFAULT_PARTITIONS, source: str | None = None):
+        source = source if source is not None else _sequential_yaml("bench_sequential", STEPS)
+        wf = load_source(source, "bench.yaml")
         self.topics = Topics()
         self.metrics = Metrics()
         self.metrics.declare([wf])
@@ -110,6 +114,30 @@ def run_once(shell: Shell, timings: list[float] | None, cpu: list[float] | None 
         raise RuntimeError(f"run {run_id} did not complete: {events}")
 
 
+def fanout_once(shell: Shell, n: int) -> float:
+    """One run of ``bench_fanout`` over ``n`` items; the process CPU seconds its decisions took per branch."""
+    run_id = str(uuid.uuid4())
+    key = run_id.encode()
+    shell.process(*shell.poll(shell.topics.triggers, key, orjson.dumps({"workflow": "bench_fanout", "input": {"items": list(range(n))}, "run_id": run_id})))
+    pending = [orjson.loads(v) for t, _, v, _ in shell.sent if t == shell.requests_topic]
+    cpu = 0.0
+    while pending:
+        task, records = None, []
+        for req in pending:
+            completion = {k: req[k] for k in ("request_id", "run_id", "step_id", "attempt")}
+            completion.update(status="succeeded", output=req.get("input"))
+            task, [(tp, polled, _)] = shell.poll(shell.topics.completions, key, orjson.dumps(completion))
+            records += polled
+        start = time.process_time()
+        shell.process(task, [(tp, records, time.perf_counter())])
+        cpu += time.process_time() - start
+        pending = [orjson.loads(v) for t, _, v, _ in shell.sent if t == shell.requests_topic]
+    events = [orjson.loads(v) for t, _, v, _ in shell.sent if t == shell.topics.runs]
+    if not events or events[-1].get("type") != "run.completed":
+        raise RuntimeError(f"fan-out run {run_id} did not complete: {events[-1:]}")
+    return cpu / n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m legato.tools.bench_decide", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200, help="timed runs per repetition (20 completions each)")
@@ -117,8 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="untimed runs first")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the timed completions")
     parser.add_argument("--top", type=int, default=40, help="functions the profile shows")
+    parser.add_argument("--fanout", type=int, default=0, metavar="N", help="time bench_fanout over N items instead (CPU per branch)")
     args = parser.parse_args(argv)
 
+    if args.fanout:
+        shell = Shell(source=FANOUT_YAML)
+        fanout_once(shell, min(args.fanout, 500))  # warm-up
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
+        per_branch = [fanout_once(shell, args.fanout) * 1e6 for _ in range(1 if profiler else args.repeat)]
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.top)
+        print(f"map N={args.fanout} ({len(per_branch)} runs): process CPU per branch min {min(per_branch):.1f} µs, median {statistics.median(per_branch):.1f} µs")
+        return 0
     shell = Shell()
     for _ in range(args.warmup):
         run_once(shell, None)
