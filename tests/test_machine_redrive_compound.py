@@ -442,3 +442,18 @@ def test_a_map_whose_joined_output_the_state_cannot_hold_fails_with_context_too_
     assert h.state.steps["m"].status == "failed" and h.state.steps["m"].error.type == "ContextTooLarge"
     assert "would grow the run's state" in h.state.steps["m"].error.message
     assert h.state.status == "failed" and len(h.state.encoded()) <= 30_000
+
+
+def test_a_run_that_finishes_with_an_output_its_state_cannot_hold_a_fourth_time_is_stored_under_the_limit():
+    """An accepted output is held three times (the step, the CEL view, the frame); the run's own output is a fourth
+    copy, and a finished run was never measured: its stored state could pass the limit the changelog record must
+    keep. Now it is measured, and a finished state over the limit sheds the copies (its terminal event keeps the
+    output)."""
+    limit = 30_000
+    h = Harness(Machine({"one": compile_yaml("name: one\nsteps: [{id: a, activity: w}]\n")}, max_state_bytes=limit))
+    h.start("one")
+    big = "z" * 8_500  # 3 copies fit in 30,000 bytes, 4 do not
+    h.succeed("a", big)
+    assert h.status == "succeeded" and h.terminal().event.output == big
+    assert len(h.state.encoded()) <= limit
+    assert h.state.output == big and h.state.steps["a"].output is None  # the copies went, the run's output stayed

@@ -22,8 +22,11 @@ from legato.workflows.steps import processor
 from legato.workflows.steps.base import finish_with_frame
 from legato.workflows.transitions import DomainEvent
 
-DEFAULT_MAX_STATE_BYTES = 1024 * 1024
-"""A run's state may not grow past this; an output that would make it is refused (catchable by on_error)."""
+DEFAULT_MAX_STATE_BYTES = 1024 * 1024 - 8 * 1024
+"""A run's stored state (its JSON without defaults) may not grow past this; an output that would make it is refused
+(catchable by on_error). 8 KiB under the 1 MiB a Kafka record may hold (the producer's ``max_request_size``, the
+broker's ``message.max.bytes``), for the changelog record's key and framing: a state the broker refused would stop
+its partition (RELIABILITY.md, Size limits)."""
 
 ACTIVE: tuple[StepStatus, ...] = ("running", "waiting", "waiting_retry")
 
@@ -281,6 +284,8 @@ class Run:
                 frame.status = "cancelled" if not ok or frame.owner is not None else "succeeded"
         state.status = status
         state.output = output if ok else None
+        if state.output is not None:
+            self.grow(len(orjson.dumps(state.output)))  # a fourth copy of the last output: enforce_size must see it
         state.error = None if ok else error
         state.finished_ms = self.now
         transitions.run_finished(self)
@@ -402,11 +407,24 @@ class Run:
     def enforce_size(self) -> None:
         """The last guard: a state that still grew past the limit (fan-out outputs gathered in one list) fails
         the run and sheds its outputs, so the document stays storable."""
-        if self.state.finished or not self._near_limit(self.state.size_hint):
+        if not self._near_limit(self.state.size_hint):
             return
         size = self._measure()
         if size <= self.max_state_bytes:
             return
+        if self.state.finished:
+            # too late to fail it: its terminal event, output included, is on its way; what is stored sheds the
+            # copies, and the output itself if it alone is too large
+            self._shed()
+            if len(self.state.encoded()) > self.max_state_bytes:
+                self.state.output = None
+            self._measure()
+            return
+        self._shed()
+        self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
+
+    def _shed(self) -> None:
+        """Drop every output, result, item list, pending request and scope the state holds (the run's own output stays)."""
         for step in self.state.steps.values():
             step.output, step.results, step.items, step.request = None, {}, None, None
         for frame in self.state.frames.values():
@@ -415,7 +433,6 @@ class Run:
             entry["output"] = None
         for pending in self.state.signals:
             pending.data = None
-        self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
 
     def ignore(self, reason: str, detail: str) -> None:
         self.changed = False
