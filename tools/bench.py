@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from legato.streams import security
 from legato.tools import kafka_local
-from legato.streams.admin import ensure_topics
+from legato.streams.admin import delete_topics_under, ensure_topics
 from legato.streams.config import Settings
 from legato.topics.client import LegatoClient
 from legato.topics.names import Topics
@@ -230,11 +230,26 @@ class Bench:
         (self.workdir / "workflows" / "seq.yaml").write_text(_sequential_yaml("bench_sequential", 20))
         (self.workdir / "workflows" / "one.yaml").write_text(_sequential_yaml("bench_one", 1))
         (self.workdir / "workflows" / "fanout.yaml").write_text(FANOUT_YAML)
+        self.prefixes: list[str] = []  # every topic prefix this run created, deleted by ``cleanup``
 
     def topics(self, tag: str) -> Topics:
-        topics = Topics(f"bench{tag}{uuid.uuid4().hex[:6]}")
+        topics = self.named(tag)
         asyncio.run(ensure_topics(self.settings.bootstrap, topics, [ACTIVITY], self.settings.partitions))
         return topics
+
+    def named(self, tag: str) -> Topics:
+        """A fresh topic prefix for one benchmark, deleted with every topic under it when the run ends."""
+        topics = Topics(f"bench{tag}{uuid.uuid4().hex[:6]}")
+        self.prefixes.append(topics.prefix)
+        return topics
+
+    def cleanup(self) -> None:
+        """Delete the topics of every prefix this run created (a broker that keeps them all slows down)."""
+        try:
+            deleted = asyncio.run(delete_topics_under(self.settings.bootstrap, self.prefixes))
+            print(f"deleted the benchmark's {len(deleted)} topics", file=sys.stderr)
+        except Exception as exc:  # the figures stand; leftover topics only cost the broker
+            print(f"could not delete the benchmark's topics ({type(exc).__name__}: {exc})", file=sys.stderr)
 
     # --- steady load: the raw pipe and Legato driven alike --------------------------------------
 
@@ -437,7 +452,7 @@ async def _fanout_once(b: Bench, topics: Topics, procs: Coordinators, n: int) ->
 
 def bench_speedup(b: Bench, runs: int = 3) -> Report:
     """due_diligence with four 1 s checks: parallel / sequential duration."""
-    topics = Topics(f"benchs{uuid.uuid4().hex[:6]}")
+    topics = b.named("s")
     procs = Coordinators(b.settings, topics.prefix, b.workdir, {"LEGATO_DEMO_SCALE": "2.0"})
     examples = ROOT / "workflows" / "examples"
     for name in ("due_diligence.yaml", "due_diligence_sequential.yaml"):
@@ -539,6 +554,13 @@ def bench_scaleout(b: Bench, runs: int) -> Report:
 def main(settings: Settings, names: list[str], runs: int, output: Path | None, sizes: list[int], memory_runs: int, store: str,
          latency_runs: int = 30) -> int:
     b = Bench(settings)
+    try:
+        return _run(b, names, runs, output, sizes, memory_runs, store, latency_runs)
+    finally:
+        b.cleanup()
+
+
+def _run(b: "Bench", names: list[str], runs: int, output: Path | None, sizes: list[int], memory_runs: int, store: str, latency_runs: int) -> int:
     reports: list[Report] = []
     max_rate = None
     if "throughput" in names or "overhead" in names:

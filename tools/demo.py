@@ -53,18 +53,12 @@ def main(settings: Settings) -> int:
 
 async def _delete_topics(settings: Settings) -> None:
     """Delete the demo's own topics (every name under its private prefix)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from legato.streams.admin import delete_topics_under
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, **security.aiokafka_kwargs())
-    await admin.start()
     try:
-        mine = [t for t in await admin.list_topics() if t.startswith(settings.prefix + ".") or t.startswith(settings.prefix + "-")]
-        if mine:
-            await admin.delete_topics(mine)
+        await delete_topics_under(settings.bootstrap, [settings.prefix])
     except Exception as exc:  # the demo's result stands; leftover topics only cost disk
         print(f"could not delete the demo's topics ({exc})", file=sys.stderr)
-    finally:
-        await admin.close()
 
 
 async def _demo(settings: Settings, proc: subprocess.Popen) -> int:
