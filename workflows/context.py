@@ -405,23 +405,21 @@ class Run:
         return None
 
     def enforce_size(self) -> None:
-        """The last guard: a state that still grew past the limit (fan-out outputs gathered in one list) fails
-        the run and sheds its outputs, so the document stays storable."""
+        """The last guard: a state that still grew past the limit (an input a map copies into every item) sheds its
+        outputs, so the document stays storable, and fails the run. A run that already finished (its output is one
+        more copy of its last step's) cannot fail any more: its terminal event, output included, is on its way, so
+        only the copies go, and the run's output too if it alone is too large."""
         if not self._near_limit(self.state.size_hint):
             return
         size = self._measure()
         if size <= self.max_state_bytes:
             return
-        if self.state.finished:
-            # too late to fail it: its terminal event, output included, is on its way; what is stored sheds the
-            # copies, and the output itself if it alone is too large
-            self._shed()
-            if len(self.state.encoded()) > self.max_state_bytes:
-                self.state.output = None
-            self._measure()
-            return
         self._shed()
-        self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
+        if not self.state.finished:
+            self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
+        elif self._measure() > self.max_state_bytes:
+            self.state.output = None
+            self._measure()
 
     def _shed(self) -> None:
         """Drop every output, result, item list, pending request and scope the state holds (the run's own output stays)."""

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
-from pydantic import ValidationError
 
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows.state import RunState
