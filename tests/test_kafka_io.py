@@ -29,7 +29,9 @@ def test_the_keyed_partitioner_maps_onto_the_topic_s_own_partition_ids_and_sprea
     assert chosen <= {3, 5} and len(chosen) == 2  # no key: a random available partition, as aiokafka does
 
 
-def test_the_remembered_partitions_stay_bounded() -> None:
+def test_a_key_s_partition_is_remembered_and_the_memory_stays_bounded() -> None:
     for i in range(kafka_io._CACHED_KEYS + 10):
         kafka_io.partition_for(str(i).encode(), 8)
-    assert len(kafka_io._partitions) <= kafka_io._CACHED_KEYS
+    last = (str(kafka_io._CACHED_KEYS + 9).encode(), 8)
+    assert last in kafka_io._partitions  # remembered: murmur2 is not computed again for this key
+    assert 0 < len(kafka_io._partitions) <= kafka_io._CACHED_KEYS
