@@ -395,6 +395,9 @@ def bench_overhead(b: Bench, max_rate: float, runs: int) -> Report:
             per = lambda spent, out: spent / max(1, out["steps"]) * 1e6  # noqa: E731
             report.rows.append(Row(f"CPU per step at {share:.0%}: {_CPU_NAMES[name]}", f"{per(lc, leg):.0f} µs ({lc / max(leg['elapsed'], 1e-9):.0%} of a core)",
                                    f"{per(rc, raw):.0f} µs ({rc / max(raw['elapsed'], 1e-9):.0%})" if rc is not None else "-", "-", "-", "-"))
+        # contention: the hops wait for a CPU when broker, coordinator and worker together fill the machine's cores
+        busy = lambda out: sum(out["cpu"].values()) / max(out["elapsed"], 1e-9)  # noqa: E731
+        report.rows.append(Row(f"cores busy at {share:.0%} (these processes, of {os.cpu_count()})", f"{busy(leg):.2f}", f"{busy(raw):.2f}", "-", "-", "-"))
     report.notes.append("Overhead: completion produced → next request received by the same measuring worker; load as a share of the throughput measured in the same run.")
     report.notes.append("Hop rows are p50 / p99 of Legato's steps at that load, from the coordinator's LEGATO_TRACE_FILE (per request: polled, deciding, "
                         "decided, handed to the early producer; per batch: committed) and the measuring worker's wall clock.")
