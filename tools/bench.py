@@ -366,7 +366,7 @@ def bench_throughput(b: Bench, runs: int) -> tuple[Report, float]:
 def bench_overhead(b: Bench, max_rate: float, runs: int) -> Report:
     """Per-step overhead at 10, 50 and 80 % of the throughput measured in the same run; at each level the hops of
     Legato's steps (from the coordinator's trace) and the CPU each process spent per step, Legato against the raw pipe."""
-    from legato.tools.bench_latency import HOPS, _hop_rows, _prev_request
+    from legato.tools.bench_latency import HOPS, _hop_rows, steady_hop_samples
 
     report = Report(f"legato bench overhead --runs {runs}")
     for share in (0.1, 0.5, 0.8):
@@ -380,13 +380,8 @@ def bench_overhead(b: Bench, max_rate: float, runs: int) -> Report:
             met = ("yes" if lv <= goal else "no") if goal is not None else "-"
             report.rows.append(Row(f"overhead p{q} at {share:.0%} ({rate * 20:.0f} steps/s)", f"{lv:.2f} ms", f"{rv:.2f} ms", f"{lv / rv:.2f}" if rv else "-",
                                    f"≤ {goal:g} ms" if goal else "-", met))
-        samples = []
-        for rid, fetched in leg["fetched"].items():
-            prev = _prev_request(rid)
-            if prev in leg["done"] and rid in leg["batches"]:
-                samples.append({**leg["batches"][rid], "done": leg["done"][prev], "fetched": fetched})
         hops = Report("")
-        _hop_rows(hops, f"hops at {share:.0%}", samples, None, ("completion sent → next request fetched", "done", "fetched"), HOPS)
+        _hop_rows(hops, f"hops at {share:.0%}", steady_hop_samples(leg), None, ("completion sent → next request fetched", "done", "fetched"), HOPS)
         report.rows += [r for r in hops.rows if "overhead" not in r.name]  # the totals are the rows above
         for name in ("coordinator", "broker", "bench"):
             lc, rc = leg["cpu"].get(name), raw["cpu"].get(name)

@@ -81,6 +81,17 @@ def _prev_request(request_id: str) -> str | None:
     return f"{run}/s{i - 1}/1" if i > 0 else None
 
 
+def steady_hop_samples(leg: dict) -> list[dict[str, float]]:
+    """The per-step hop samples of a traced ``Bench.steady`` leg: each request's batch hops, the previous step's
+    completion sent (``done``) and the request fetched by the measuring worker (``fetched``)."""
+    samples = []
+    for rid, fetched in leg["fetched"].items():
+        prev = _prev_request(rid)
+        if prev in leg["done"] and rid in leg["batches"]:
+            samples.append({**leg["batches"][rid], "done": leg["done"][prev], "fetched": fetched})
+    return samples
+
+
 def _read_trace(path: Path) -> dict[str, dict[str, float]]:
     """Coordinator trace: request id → the hops of the batch that produced it."""
     out: dict[str, dict[str, float]] = {}

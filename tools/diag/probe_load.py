@@ -2,7 +2,7 @@
 usage: tools/diag/probe_load.py RATE SECS [uncommitted]"""
 import sys
 import legato.tools.bench as B
-from legato.tools.bench_latency import HOPS, _hop_rows, _prev_request
+from legato.tools.bench_latency import HOPS, _hop_rows, steady_hop_samples
 from legato.streams.config import Settings
 rate = float(sys.argv[1]); secs = float(sys.argv[2])
 if "uncommitted" in sys.argv[3:]:
@@ -16,13 +16,8 @@ try:
     g = leg["gaps"]
     cpu = {k: f"{v / max(1, leg['steps']) * 1e6:.0f}us/{v / leg['elapsed']:.0%}" for k, v in leg["cpu"].items()}
     print(f"rate {rate*20:.0f} steps/s  p50 {B._ms(g,50):.2f} p99 {B._ms(g,99):.2f} ms  cpu {cpu}  steps {leg['steps']} in {leg['elapsed']:.1f}s", flush=True)
-    samples = []
-    for rid, fetched in leg["fetched"].items():
-        prev = _prev_request(rid)
-        if prev in leg["done"] and rid in leg["batches"]:
-            samples.append({**leg["batches"][rid], "done": leg["done"][prev], "fetched": fetched})
     hops = B.Report("")
-    _hop_rows(hops, "hops", samples, None, ("completion sent → next request fetched", "done", "fetched"), HOPS)
+    _hop_rows(hops, "hops", steady_hop_samples(leg), None, ("completion sent → next request fetched", "done", "fetched"), HOPS)
     for r in hops.rows:
         print(f"  {r.name}: {r.legato}")
 finally:

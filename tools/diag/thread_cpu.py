@@ -1,3 +1,5 @@
+"""User and system CPU of a process's threads over SECS seconds, grouped by thread name (digits folded).
+usage: tools/diag/thread_cpu.py PID SECS"""
 import os, sys, time, collections, re
 pid = sys.argv[1]; secs = float(sys.argv[2])
 def snap():
@@ -16,7 +18,8 @@ for t, (n, u, s) in b.items():
     if t in a:
         n2 = re.sub(r"\d+", "N", n)
         agg[n2][0] += u - a[t][1]; agg[n2][1] += s - a[t][2]
+tick = os.sysconf("SC_CLK_TCK")
 tu = sum(v[0] for v in agg.values()); ts = sum(v[1] for v in agg.values())
-print(f"total user {tu/100/secs:.0%} sys {ts/100/secs:.0%}")
+print(f"total user {tu/tick/secs:.0%} sys {ts/tick/secs:.0%}")
 for n, (u, s) in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:12]:
-    print(f"  {n:30s} user {u/100/secs:5.0%} sys {s/100/secs:5.0%}")
+    print(f"  {n:30s} user {u/tick/secs:5.0%} sys {s/tick/secs:5.0%}")

@@ -1,5 +1,6 @@
-"""Diagnostic only: in a coordinator process, time every event-loop callback and sample loop lag; dump to $DIAG_OUT every 2 s."""
-import os, sys, time, atexit, threading, collections
+"""Diagnostic only: in a coordinator process, time every event-loop callback (asyncio Handle._run); every 2 s write
+the count and total of the short ones and, by coroutine, the long ones (> 0.5 ms) with a histogram to $DIAG_OUT."""
+import os, sys, time, threading, collections
 if os.environ.get("DIAG_OUT") and "coordinator" in " ".join(sys.argv):
     import asyncio.events as ev
     durs = []  # (dur, name)

@@ -1,3 +1,5 @@
+"""Diagnostic only: with $DIAG_OUT set, count the Kafka requests this process sends by type (aiokafka
+AIOKafkaConnection.send) and write them to $DIAG_OUT.<role>.<pid> every 2 s."""
 import os, sys, time, threading, collections
 if os.environ.get("DIAG_OUT"):
     counts = collections.Counter()
