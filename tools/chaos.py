@@ -46,7 +46,7 @@ from legato.streams import kafka_io
 from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz")
+SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries")
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
 HANDLERS_MODULE = "chaos_handlers"
@@ -354,6 +354,7 @@ def judge(run_ids: dict[str, Any], watch: RunWatch, completions: list[Rec], requ
     prefix_of = lambda v: isinstance(v, dict) and v.get("run_id") in ours
     comp = count_by_request([c for c in completions if prefix_of(c.json())])
     reqs = count_by_request([c for c in requests if prefix_of(c.json())])
+    failed = {r for r in ours if watch.terminal.get(r) and watch.terminal[r][0]["status"] == "failed"}
     return {
         "runs": len(ours),
         "completed": len(ours) - len(lost),
@@ -370,7 +371,27 @@ def judge(run_ids: dict[str, Any], watch: RunWatch, completions: list[Rec], requ
         "reissued_requests": sum(v - 1 for v in reqs.values()),
         "executions": sum(comp.values()),
         "duplicate_executions": sum(v - 1 for v in comp.values()),
+        "failed_answered_in_time": len(answered_in_time(failed, requests, completions)) if failed else 0,
     }
+
+
+def answered_in_time(failed: set[str], requests: list[Rec], completions: list[Rec]) -> list[dict[str, Any]]:
+    """The failed runs among ``failed`` in which a worker answered a request before that request's deadline (the
+    request record's ``deadline``: when its step's timeout was due). Such a run failed although its worker was in
+    time: the guarantee is that there are none. One entry per run, with the first such answer."""
+    deadlines: dict[str, list[tuple[int, int]]] = defaultdict(list)  # request_id -> (record time, deadline) of each copy sent
+    for r in requests:
+        v = r.json()
+        if isinstance(v, dict) and v.get("run_id") in failed and isinstance(v.get("request_id"), str) and isinstance(v.get("deadline"), int):
+            deadlines[v["request_id"]].append((r.timestamp, v["deadline"]))
+    out: dict[str, dict[str, Any]] = {}
+    for c in completions:
+        v = c.json()
+        if not isinstance(v, dict) or v.get("run_id") not in failed or v["run_id"] in out:
+            continue
+        if any(sent <= c.timestamp <= deadline for sent, deadline in deadlines.get(v.get("request_id"), ())):
+            out[v["run_id"]] = {"run_id": v["run_id"], "request_id": v["request_id"], "answered_ms": c.timestamp}
+    return list(out.values())
 
 
 async def producer(bootstrap: str, **kafka: Any):
@@ -1271,7 +1292,7 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, CPython {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
-KEYS = ["runs", "kills", "completed", "lost", "wrong_output", "duplicate_terminal_events", "runs_with_duplicate_terminal",
+KEYS = ["runs", "kills", "completed", "lost", "wrong_output", "failed_answered_in_time", "duplicate_terminal_events", "runs_with_duplicate_terminal",
         "distinct_requests", "reissued_requests", "executions", "duplicate_executions", "takeover_s", "recovery_s", "elapsed_s"]
 
 
@@ -1294,7 +1315,9 @@ def render(results: list[dict[str, Any]], command: str, mode: str) -> str:
 
 def verdict(r: dict[str, Any]) -> bool:
     ok = r.get("lost", 0) == 0 and r.get("all_finished", True) and r.get("wrong_output", 0) == 0 and r.get("conflicting_terminal", 0) == 0 \
-        and r.get("duplicate_terminal_events", 0) == 0
+        and r.get("duplicate_terminal_events", 0) == 0 and r.get("failed_answered_in_time", 0) == 0
+    if r["scenario"] == "retries":
+        ok = ok and r["failed"] == 0
     if r["scenario"] in ("coordinator", "takeover"):
         ok = ok and r["duplicate_executions"] == 0
     if r["scenario"] == "fuzz":
@@ -1336,6 +1359,10 @@ async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kil
             r = await scenario_deploy(settings.bootstrap, min(runs, 1000), kills, extra_env=extra, timeout=timeout)
         elif name == "waits":
             r = await scenario_waits(settings.bootstrap, waits if waits is not None else min(runs, 1000), extra_env=extra, timeout=timeout)
+        elif name == "retries":
+            from legato.tools.chaos_retries import scenario_retries
+
+            r = await scenario_retries(settings.bootstrap, runs, kills, extra_env=extra, timeout=timeout)
         else:
             r = await scenario_fuzz(settings.bootstrap, bad, valid, extra_env=extra, timeout=timeout)
         r.setdefault("elapsed_s", round(time.monotonic() - t0, 1))
