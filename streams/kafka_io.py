@@ -124,6 +124,24 @@ def group_membership(consumer: AIOKafkaConsumer) -> tuple[Any, Any]:
     return getattr(coordinator, "member_id", None), getattr(coordinator, "generation", None)
 
 
+def fetched_position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The offset up to which ``consumer`` has handed out ``tp``'s records (past transaction markers and aborted
+    records too), without a round trip; None when ``tp`` is not assigned or has no position yet. Private in aiokafka
+    (0.11–0.14): the public ``position`` is a coroutine that may reset the position."""
+    subscription = consumer._subscription  # private
+    if not subscription.is_assigned(tp):
+        return None
+    state = subscription.subscription.assignment.state_value(tp)
+    return state.position if state is not None and state.has_valid_position else None
+
+
+async def committed_offsets(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The group's committed offsets of ``tps`` in one request (assigned to this member or not); a partition without
+    one is left out. aiokafka's public ``committed`` asks one partition at a time."""
+    found = await consumer._coordinator.fetch_committed_offsets(list(tps))  # private
+    return {tp: meta.offset for tp, meta in found.items() if meta.offset >= 0}
+
+
 def faust_read_committed() -> None:
     """Workers read only committed records: a request from a coordinator transaction that was aborted (the
     coordinator died mid-batch) is never executed; its successor produces the same request again, committed.

@@ -167,6 +167,10 @@ class TimerFired(_Record):
     type: Literal["timer.fired"] = "timer.fired"
     run_id: str
     timer_id: str
+    completions_offset: int | None = None
+    """The end of the run's partition of the completions topic when the timer fired: the coordinator decides the
+    timer only after every completion before that offset, so an answer in the log before a deadline always wins
+    over the deadline's timer, also when a new owner reads both again after a crash."""
 
 
 class RunCancelRequested(_Record):

@@ -116,6 +116,12 @@ def attempt_timeout(key: str, attempt: int) -> str:
     return f"{key}:timeout:{attempt}"
 
 
+def timed_out_request(run_id: str, timer_id: str) -> str | None:
+    """The request id whose deadline ``timer_id`` is, when it is an activity attempt's timeout (else None)."""
+    key, sep, attempt = timer_id.rpartition(":timeout:")
+    return request_id(run_id, key, int(attempt)) if sep and attempt.isdigit() else None
+
+
 def retry_timer(key: str, attempt: int) -> str:
     return f"{key}:retry:{attempt}"
 

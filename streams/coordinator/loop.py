@@ -12,7 +12,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from legato.streams import security
+from legato.streams import kafka_io, security
+from legato.streams.coordinator.fence import AnswerFence
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.inbox import Inbox
 from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_COMMIT_S, PartitionTask, Partitions, Trace
@@ -109,7 +110,11 @@ class Coordinator:
         )
         self._consumer.subscribe(self.inputs, listener=self.rebalance)
         await self._consumer.start()
-        timers = asyncio.create_task(fire_timers(self.tasks, timer_producer, self.topics.coordinator), name="legato.fire_timers")
+        consumer = self._consumer
+        self.partitions.position = lambda tp: kafka_io.fetched_position(consumer, tp)
+        fence = AnswerFence(self.settings.bootstrap, self.topics.completions, self.partition_count, lambda: consumer, self.tasks, **kw)
+        await fence.start()
+        timers = asyncio.create_task(fire_timers(self.tasks, timer_producer, self.topics.coordinator, fence.look), name="legato.fire_timers")
         gauge = asyncio.create_task(self._report_in_flight(), name="legato.runs_in_flight") if self.metrics is not None else None
         trim = asyncio.create_task(_trim_heap(), name="legato.trim_heap")
         try:
@@ -125,6 +130,7 @@ class Coordinator:
             await asyncio.gather(*loops, return_exceptions=True)
             await self._consumer.stop()  # revokes and leaves the group
             await self.rebalance.stop()
+            await fence.stop()
             await timer_producer.stop()
             await self.cache.stop()
             await self.definitions.stop()

@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -166,6 +166,7 @@ class PartitionTask:
         self.group_offsets_at = 0.0  # monotonic time the group's offsets were last committed
         self.group_offsets_behind = False  # a batch committed since then without them
         self.commit_began = 0.0  # monotonic time its last transaction began
+        self.early_runs: Counter[str] = Counter()  # runs with requests sent ahead of a transaction not yet committed (per batch)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Batch:
     mixed: set[str] = field(default_factory=set)  # runs an input other than a worker's completion changed
     unsettled: set[str] = field(default_factory=set)  # ``mixed`` of the batch still committing when this one was decided
     early_futures: list[Any] = field(default_factory=list)  # deliveries of the early requests handed to the producer
+    early_runs: set[str] = field(default_factory=set)  # the runs of ``early`` (counted in ``PartitionTask.early_runs`` until committed)
     received: float = float("inf")  # perf_counter when its first record was polled
     size: int = 0  # records decided into it
     changed: dict[str, RunState | None] = field(default_factory=dict)  # runs this batch changed (None: forgotten)
@@ -242,6 +244,7 @@ class Partitions:
         self.machine = machine
         self.state_commit_s = state_commit_s  # STATE_COMMIT_S
         self.early = early  # sends the requests of a batch ahead of its transaction; None: every request in it
+        self.position: Callable[[TopicPartition], int | None] | None = None  # the consumer's position in an input partition
         self.cache = cache  # answers requests of cache steps (coordinator.cache)
         self.trace = trace
         self.topics = topics
@@ -304,7 +307,7 @@ class Partitions:
         while batch is not None:
             chain += 1
             try:
-                await self._send_early(batch)
+                await self._send_early(task, batch)
                 await self._linger(task, batch, more)
                 self._seal(task, batch)
                 commit = asyncio.ensure_future(self._commit(task, batch))
@@ -326,7 +329,7 @@ class Partitions:
                     try:
                         following = self._decide_batch(task, more(), following or Batch(unsettled=set(batch.mixed)), seal=False)
                         if following is not None:
-                            await self._send_early(following)
+                            await self._send_early(task, following)
                     except Poisoned as exc:
                         poisoned = exc
                     except Exception as exc:
@@ -371,7 +374,7 @@ class Partitions:
             if task.inbox:
                 task.wake.clear()
                 self._decide_batch(task, more(), batch, seal=False)
-                await self._send_early(batch)
+                await self._send_early(task, batch)
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
@@ -382,12 +385,17 @@ class Partitions:
             except asyncio.TimeoutError:
                 return
 
-    async def _send_early(self, batch: "Batch") -> None:
+    async def _send_early(self, task: PartitionTask, batch: "Batch") -> None:
         """Hand the batch's early requests not yet sent to the early producer (their deliveries: ``early_futures``,
         checked before the batch's transaction commits)."""
         sent = batch.early[len(batch.early_futures):]
         if self.trace is not None and "decided" not in batch.stamps:
             batch.stamps["decided"] = time.time()
+        for _, key, _, _ in sent:
+            run_id = key.decode()
+            if run_id not in batch.early_runs:
+                batch.early_runs.add(run_id)
+                task.early_runs[run_id] += 1
         batch.early_futures += [await self.early.send(topic, value, key=key, partition=partition) for topic, key, value, partition in sent]
         if self.trace is not None and sent:
             now = time.time()
@@ -412,6 +420,10 @@ class Partitions:
             self.trace.write(task.partition, batch, time.time() - (time.perf_counter() - batch.received))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
+        for run_id in batch.early_runs:
+            task.early_runs[run_id] -= 1
+            if task.early_runs[run_id] <= 0:
+                del task.early_runs[run_id]
         if batch.group_offsets:
             task.group_offsets_at, task.group_offsets_behind = time.monotonic(), False
         else:
@@ -436,6 +448,9 @@ class Partitions:
             batch.stamps["deciding"] = time.time()
         if parts:
             batch.received = min(batch.received, min(r for _, _, r in parts))
+            # completions before the other topics' records polled with them (records of different topics have no order
+            # of their own): a timer is decided only after the completions before its mark (``_answers_read``)
+            parts = sorted(parts, key=lambda part: part[0].topic != self.topics.completions)
         tracing = self.trace is not None
         for tp, records, received in parts:
             start = max(task.next_offset.get(tp, 0), batch.offsets.get(tp, 0))
@@ -455,19 +470,39 @@ class Partitions:
         if not batch.offsets:
             return None
         requested, batch.requested = batch.requested, []
+        now = now_ms()
         for send in requested:
             # A request caused only by workers' completions may go out before the transaction that stores its
             # run's new state: if that transaction is lost, the completions are read again in their log order,
             # the same request (same request_id and run_started_ms) is decided again and workers drop it, and
             # the worker's answer, later in the same completions partition, is read after it. An input of
             # another topic gives no such order, so its run's requests stay in the transaction (README, Guarantees).
+            # Nor may a timer of the run be decided between the early request and its transaction's commit: the
+            # fire loop holds back the timers of runs in ``PartitionTask.early_runs``, and a run with a timer due
+            # already (fired, maybe by the partition's previous owner, and not yet read) sends in the transaction.
             run_id = send[1].decode()
-            early = self.early is not None and run_id not in batch.mixed and run_id not in batch.unsettled
+            early = self.early is not None and run_id not in batch.mixed and run_id not in batch.unsettled and not self._timer_due(batch, run_id, now)
             (batch.early if early else batch.sends).append(send)
         batch.group_offsets = time.monotonic() - task.group_offsets_at >= GROUP_OFFSETS_EVERY_S
         if seal:
             self._seal(task, batch)
         return batch
+
+    @staticmethod
+    def _timer_due(batch: "Batch", run_id: str, now: int) -> bool:
+        state = batch.changed.get(run_id)
+        return state is not None and any(timer.due_ms <= now for timer in state.timers.values())
+
+    def _answers_read(self, task: PartitionTask, mark: int) -> bool:
+        """Whether every completion of the task's partition before offset ``mark`` has been decided (this batch's
+        completions are decided before its other records; the consumer's position counts transaction markers too)."""
+        if self.position is None:
+            return True
+        tp = TopicPartition(self.topics.completions, task.partition)
+        position = self.position(tp)
+        if position is None or position < mark:
+            return False
+        return not any(t == tp and records and records[0].offset < mark for t, records, _ in task.inbox)
 
     def _seal(self, task: PartitionTask, batch: "Batch") -> None:
         """Encode and store the state of every run the batch changed, once, when nothing more is decided into it (a
@@ -556,6 +591,12 @@ class Partitions:
         if moved is not None:
             batch.sends.append(moved)
             self._count_ignored("rekeyed")
+            return
+        if isinstance(record, TimerFired) and record.completions_offset is not None and not self._answers_read(task, record.completions_offset):
+            # completions written before the timer fired are not all decided yet (a new owner catching up): decide the
+            # timer after them. It stays in the run's state, so dropping this record loses nothing if the process dies.
+            task.timers.schedule(record.run_id, record.timer_id, now_ms() + 20)
+            self._count_ignored("timer_deferred")
             return
         self._apply(task, record, msg, batch, received)
 

@@ -7,7 +7,7 @@ import heapq
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -60,27 +60,57 @@ class Timers:
                 self.schedule(doc["run_id"], keys.RUN_RETENTION, retention_due(RunState.model_validate(doc)))
 
 
-async def fire_timers(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProducer, topic: str) -> None:
+Look = Callable[[set[str]], Awaitable[tuple[set[str], dict[int, int]]]]
+"""``AnswerFence.look``: of the request ids whose timeouts are due, those with an answer still on its way, and the end
+of every completions partition."""
+
+_WAIT_FOR_ANSWER_MS = 100
+"""A due timeout whose request's answer is in the log but not yet decided looks again this much later."""
+
+
+async def fire_timers(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProducer, topic: str, look: Look) -> None:
     """Every 20 ms, send the due timers of the active tasks (``tasks`` is the live map of them) to ``topic``."""
     while True:
         await asyncio.sleep(0.02)
-        for task in list(tasks.values()):
-            try:
-                await _fire_due(tasks, task, producer, topic)
-            except Exception:  # one partition's trouble (closed under us) must not stop every timer
-                log.exception("partition %d: firing timers failed", task.partition)
-
-
-async def _fire_due(tasks: Mapping[int, "PartitionTask"], task: "PartitionTask", producer: AIOKafkaProducer, topic: str) -> None:
-    for run_id, timer_id in task.timers.due(now_ms()):
-        if tasks.get(task.partition) is not task:
-            return  # closed or reloaded while a send was awaited; a reload re-arms its timers
-        key = run_id.encode()
-        raw = task.store.get(key)
-        if raw is None or not (keys.timer_pending(raw, timer_id) or (timer_id == keys.RUN_RETENTION and RunState.model_validate_json(raw).finished)):
-            continue  # finished or cleared since it was set
         try:
-            await producer.send(topic, codec.dumps(TimerFired(run_id=run_id, timer_id=timer_id)), key=key)
+            await _fire_due(tasks, producer, topic, look)
+        except Exception:  # one round's trouble (a partition closed under us) must not stop every timer
+            log.exception("firing timers failed")
+
+
+async def _fire_due(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProducer, topic: str, look: Look) -> None:
+    now = now_ms()
+    due: list[tuple["PartitionTask", str, str]] = []
+    for task in list(tasks.values()):
+        for run_id, timer_id in task.timers.due(now):
+            raw = task.store.get(run_id.encode())
+            if raw is None or not (keys.timer_pending(raw, timer_id) or (timer_id == keys.RUN_RETENTION and RunState.model_validate_json(raw).finished)):
+                continue  # finished or cleared since it was set
+            if run_id in task.early_runs:
+                # the run has requests out ahead of a transaction not yet committed: a timer decided after them could be
+                # read before them by a new owner if that transaction is lost (README, Guarantees)
+                task.timers.schedule(run_id, timer_id, now + 20)
+                continue
+            due.append((task, run_id, timer_id))
+    if not due:
+        return
+    timeouts = {request for _, run_id, timer_id in due if (request := keys.timed_out_request(run_id, timer_id)) is not None}
+    try:
+        pending, marks = await look(timeouts)
+    except Exception as exc:  # the broker is away: the timers are in the table, try again shortly
+        log.warning("cannot look for answers before firing %d timers (%s: %s); retrying", len(due), type(exc).__name__, exc)
+        for task, run_id, timer_id in due:
+            task.timers.schedule(run_id, timer_id, now_ms() + 1000)
+        return
+    for task, run_id, timer_id in due:
+        if tasks.get(task.partition) is not task:
+            continue  # closed or reloaded meanwhile; a reload re-arms its timers
+        if keys.timed_out_request(run_id, timer_id) in pending:
+            task.timers.schedule(run_id, timer_id, now_ms() + _WAIT_FOR_ANSWER_MS)  # its answer is on its way
+            continue
+        fired = TimerFired(run_id=run_id, timer_id=timer_id, completions_offset=marks.get(task.partition))
+        try:
+            await producer.send(topic, codec.dumps(fired), key=run_id.encode())
         except Exception as exc:  # the broker is away: the timer is in the table, try again shortly
             log.warning("cannot fire timer %s of run %s (%s); retrying", timer_id, run_id, exc)
             task.timers.schedule(run_id, timer_id, now_ms() + 1000)

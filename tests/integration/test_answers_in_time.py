@@ -46,9 +46,6 @@ async def test_answers_in_the_log_before_a_deadline_win_over_the_overdue_timer(k
     env = Env(kafka_bootstrap, tmp_path, partitions=PARTITIONS, extra_env={"LEGATO_SESSION_TIMEOUT": "10"})
     requests_topic = env.topics.requests(ACTIVITY)
     async with Scene(env) as scene:
-        from legato.streams.admin import ensure_topics
-
-        await ensure_topics(kafka_bootstrap, env.topics, [ACTIVITY], PARTITIONS)
         requests = await Tail(kafka_bootstrap, [requests_topic, env.topics.completions]).start()
         try:
             coord = env.process("coordinator")
