@@ -4,13 +4,18 @@ A step's timeout is a deadline on the worker's answer, but the coordinator learn
 a crash or under a backlog it can read the timer's record before an answer that was written earlier. Two rules keep
 the answer first (README, Guarantees):
 
-- Before it fires the timeout of a request, the coordinator looks for that request's answer in every partition of
-  the completions topic beyond the offsets the coordinator group has decided and committed (an answer produced to
-  another partition than its run's waits there to be re-keyed, and after a crash that partition's new owner may not
-  have read it yet). While one is there, the timer waits.
-- Every ``timer.fired`` carries the end of its run's completions partition at the moment it fired
-  (``completions_offset``); the partition's task decides it only after every completion before that offset
-  (``Partitions``), so a new owner that reads both again decides them in the order the first one did.
+- Before it fires the timeout of a request, the coordinator looks for that request's answer in the other partitions
+  of the completions topic, beyond the offsets the coordinator group has decided and committed: an answer produced
+  to another partition than its run's waits there to be re-keyed, and after a crash that partition's new owner may
+  not have read it yet. While one is there, the timer waits.
+- Every ``timer.fired`` carries the end of its run's completions partition when it fired (``completions_offset``:
+  the log end, open transactions included, such as the re-keyed copy of an answer), and the partition's task decides
+  it only after every completion before that offset (``Partitions._answers_read``). So an answer in the log when the
+  timer fired is decided first, also by a new owner that reads both again after a crash.
+
+Why that order holds: an answer the look does not find on another partition was decided there before the look
+began, and that owner's transaction, committed by then, appended its re-keyed copy to the run's partition before
+the end offset the mark takes.
 """
 from __future__ import annotations
 
@@ -38,7 +43,9 @@ class AnswerFence:
         self._tps = [TopicPartition(completions, p) for p in range(partitions)]
         self._group = group  # the coordinator's group consumer: its committed offsets
         self._tasks = tasks  # this process's active partition tasks: their offsets are newer than the group's
-        self._reader = kafka_io.reader(bootstrap, **kafka)
+        # read_uncommitted: the log end (not the last stable offset) and answers not yet committed count. On another
+        # partition than its run's an answer is only ever a worker's own record, never a transaction's copy.
+        self._reader = kafka_io.reader(bootstrap, isolation_level="read_uncommitted", **kafka)
         self._started = False
 
     async def start(self) -> None:
@@ -50,22 +57,23 @@ class AnswerFence:
         if self._started:
             await self._reader.stop()
 
-    async def look(self, requests: set[str]) -> tuple[set[str], dict[int, int]]:
-        """Of ``requests`` (ids whose timeouts are due), those with an answer in the log that the coordinator has not
-        decided yet, and the end of every completions partition now (after the look began: what ``timer.fired``
-        carries). Raises when the broker does not answer (the timers wait for the next look)."""
+    async def look(self, requests: dict[str, int]) -> tuple[set[str], dict[int, int]]:
+        """Of ``requests`` (ids whose timeouts are due → their run's partition), those with an answer on another
+        completions partition that the coordinator has not decided yet, and the end of every completions partition,
+        taken after the offsets decided were (what ``timer.fired`` carries). Raises when the broker does not answer
+        (the timers wait for the next look)."""
         decided = await kafka_io.committed_offsets(self._group(), self._tps)
         for p, task in list(self._tasks.items()):
             tp = TopicPartition(self._completions, p)
             if tp in task.next_offset:
                 decided[tp] = max(decided.get(tp, 0), task.next_offset[tp])
-        ends = await self._reader.end_offsets(self._tps)  # read_committed: the last stable offsets
+        ends = await self._reader.end_offsets(self._tps)  # read_uncommitted: the log ends
         pending: set[str] = set()
         if requests:
             pending = await self._scan({tp: (decided.get(tp), end) for tp, end in ends.items()}, requests)
         return pending, {tp.partition: end for tp, end in ends.items()}
 
-    async def _scan(self, ranges: dict[TopicPartition, tuple[int | None, int]], requests: set[str]) -> set[str]:
+    async def _scan(self, ranges: dict[TopicPartition, tuple[int | None, int]], requests: dict[str, int]) -> set[str]:
         todo = {}
         for tp, (start, end) in ranges.items():
             if start is None:
@@ -97,7 +105,7 @@ class AnswerFence:
                         request_id = orjson.loads(record.value).get("request_id")
                     except (orjson.JSONDecodeError, AttributeError):
                         continue
-                    if request_id in requests:
+                    if request_id in requests and requests[request_id] != tp.partition:
                         found.add(request_id)
         return found
 

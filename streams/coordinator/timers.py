@@ -60,9 +60,9 @@ class Timers:
                 self.schedule(doc["run_id"], keys.RUN_RETENTION, retention_due(RunState.model_validate(doc)))
 
 
-Look = Callable[[set[str]], Awaitable[tuple[set[str], dict[int, int]]]]
-"""``AnswerFence.look``: of the request ids whose timeouts are due, those with an answer still on its way, and the end
-of every completions partition."""
+Look = Callable[[dict[str, int]], Awaitable[tuple[set[str], dict[int, int]]]]
+"""``AnswerFence.look``: of the request ids whose timeouts are due (→ their run's partition), those with an answer still
+on its way from another partition, and the end of every completions partition."""
 
 _WAIT_FOR_ANSWER_MS = 100
 """A due timeout whose request's answer is in the log but not yet decided looks again this much later."""
@@ -94,7 +94,7 @@ async def _fire_due(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProd
             due.append((task, run_id, timer_id))
     if not due:
         return
-    timeouts = {request for _, run_id, timer_id in due if (request := keys.timed_out_request(run_id, timer_id)) is not None}
+    timeouts = {request: task.partition for task, run_id, timer_id in due if (request := keys.timed_out_request(run_id, timer_id)) is not None}
     try:
         pending, marks = await look(timeouts)
     except Exception as exc:  # the broker is away: the timers are in the table, try again shortly
