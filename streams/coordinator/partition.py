@@ -55,6 +55,15 @@ _MAX_BATCH = 500
 """Records decided into the next batch while one commits: it bounds a transaction's size, and with it the memory that
 the partitions' batches in flight hold at once (like the consume loop's queue, ``loop._MAX_QUEUED``)."""
 
+CLOCK_SKEW_MS = 250
+"""How far apart two coordinators' clocks may be: a timer due this much later than this process's clock may already
+have been fired by the partition's previous owner, so a completion of its run sends no request early (``_apply``)."""
+
+
+def _timer_due(state: RunState, by_ms: int) -> bool:
+    return any(timer.due_ms <= by_ms for timer in state.timers.values())
+
+
 STATE_COMMIT_S = 0.05
 """How long a batch whose transaction carries nothing but run states and input offsets (every request it decided
 went ahead of it, ``Partitions.early``) waits, counted from when its partition's previous transaction began, for
@@ -176,7 +185,7 @@ class Batch:
     sends: list[Send] = field(default_factory=list)
     requested: list[Send] = field(default_factory=list)  # activity requests decided, sent early or in the transaction
     early: list[Send] = field(default_factory=list)  # requests sent ahead of the transaction (``Partitions.early``)
-    mixed: set[str] = field(default_factory=set)  # runs an input other than a worker's completion changed
+    mixed: set[str] = field(default_factory=set)  # runs an input other than a worker's completion changed, or a completion while a timer was due
     unsettled: set[str] = field(default_factory=set)  # ``mixed`` of the batch still committing when this one was decided
     early_futures: list[Any] = field(default_factory=list)  # deliveries of the early requests handed to the producer
     early_runs: set[str] = field(default_factory=set)  # the runs of ``early`` (counted in ``PartitionTask.early_runs`` until committed)
@@ -470,7 +479,6 @@ class Partitions:
         if not batch.offsets:
             return None
         requested, batch.requested = batch.requested, []
-        now = now_ms()
         for send in requested:
             # A request caused only by workers' completions may go out before the transaction that stores its
             # run's new state: if that transaction is lost, the completions are read again in their log order,
@@ -478,20 +486,16 @@ class Partitions:
             # the worker's answer, later in the same completions partition, is read after it. An input of
             # another topic gives no such order, so its run's requests stay in the transaction (README, Guarantees).
             # Nor may a timer of the run be decided between the early request and its transaction's commit: the
-            # fire loop holds back the timers of runs in ``PartitionTask.early_runs``, and a run with a timer due
-            # already (fired, maybe by the partition's previous owner, and not yet read) sends in the transaction.
+            # fire loop holds back the timers of runs in ``PartitionTask.early_runs``, and a run that had a timer due
+            # when a completion changed it (fired, maybe by the partition's previous owner, and not yet read) is
+            # ``mixed`` (``_apply``): a replay could decide that timer first.
             run_id = send[1].decode()
-            early = self.early is not None and run_id not in batch.mixed and run_id not in batch.unsettled and not self._timer_due(batch, run_id, now)
+            early = self.early is not None and run_id not in batch.mixed and run_id not in batch.unsettled
             (batch.early if early else batch.sends).append(send)
         batch.group_offsets = time.monotonic() - task.group_offsets_at >= GROUP_OFFSETS_EVERY_S
         if seal:
             self._seal(task, batch)
         return batch
-
-    @staticmethod
-    def _timer_due(batch: "Batch", run_id: str, now: int) -> bool:
-        state = batch.changed.get(run_id)
-        return state is not None and any(timer.due_ms <= now for timer in state.timers.values())
 
     def _answers_read(self, task: PartitionTask, mark: int) -> bool:
         """Whether every completion of the task's partition before offset ``mark`` has been decided (this batch's
@@ -616,9 +620,9 @@ class Partitions:
             batch.mixed.add(record.run_id)
             carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: None, self.cache, batch.requested)
             return
-        if msg.topic != self.topics.completions:
-            batch.mixed.add(record.run_id)
         now = now_ms()
+        if msg.topic != self.topics.completions or (state is not None and _timer_due(state, now + CLOCK_SKEW_MS)):
+            batch.mixed.add(record.run_id)
         was_running = state is not None and state.status == "running"
         # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
         # leaves the cache until the batch has stored its bytes.
