@@ -1,5 +1,6 @@
 """The documentation: the site builds without a broken link, the generated references match the code, the workflow
-JSON Schema matches the models, every key of the language is in its reference, and README stays short."""
+JSON Schema matches the models, every key of the language is in its reference, README stays short, and no document
+or comment speaks of work sessions."""
 from __future__ import annotations
 
 import json
@@ -178,3 +179,44 @@ def test_readme_is_short_and_starts_with_the_two_commands():
     head = "\n".join(lines[:6])
     assert "./scripts/demo.sh" in head and "./scripts/test.sh" in head
     assert (ROOT / "scripts" / "demo.sh").exists() and (ROOT / "scripts" / "test.sh").exists()
+
+
+# "session" is allowed only in these senses: Kafka's consumer-group session timeout, pytest's test session (and
+# its fixture scope), an HTTP client session, a browser or SASL session.
+_ALLOWED_SESSION = re.compile(
+    r"session[ _.-]?timeout|session_timeout|SESSION_TIMEOUT|test session|per test session|"
+    r"scope=\"session\"|scope='session'|loop_scope=\"session\"|_scope = \"session\"|ClientSession|aiohttp\.ClientSession|"
+    r"\"session\"|fetch sessions|session\.ms|sessions? of the browser|browser session|SASL session|session ids?|"
+    r"start_new_session|member's session",
+    re.I)
+
+
+def _text_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "RELIABILITY.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for folder in ("topics", "workflows", "streams", "handlers", "tools", "scripts", "ops"):
+        files += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".yml", ".yaml", ".md"))
+    return files
+
+
+# Files this change may not edit; each entry is one line to reword when its file is next changed.
+_KNOWN = {("streams/coordinator/partition.py", "BENCHMARKS.md, seventh session")}
+
+
+def test_no_document_or_comment_speaks_of_work_sessions():
+    offenders = []
+    for path in _text_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        rel = path.relative_to(ROOT).as_posix()
+        for n, line in enumerate(text.splitlines(), 1):
+            if re.search(r"session", line, re.I) and not _ALLOWED_SESSION.search(line):
+                if any(rel == f and phrase in line for f, phrase in _KNOWN):
+                    continue
+                offenders.append(f"{rel}:{n}: {line.strip()[:120]}")
+    assert not offenders, "documents or comments that speak of sessions (of work):\n" + "\n".join(offenders[:40])
+
+
+def test_the_session_check_can_fail():
+    """A line that speaks of a work session is caught; Kafka's session timeout is not."""
+    assert not _ALLOWED_SESSION.search("measured in the seventh session")
+    assert _ALLOWED_SESSION.search("a survivor after the 10 s session timeout")
+    assert _ALLOWED_SESSION.search("Integration tests share one broker per test session")
