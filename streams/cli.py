@@ -439,7 +439,15 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_schema(args: argparse.Namespace) -> int:
+    from legato.workflows.schema import render_workflow_schema
+
+    sys.stdout.write(render_workflow_schema())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``legato`` argument parser (docs/reference/cli.md is generated from it)."""
     parser = argparse.ArgumentParser(prog="legato", description="Event-driven orchestrator for AI workflows on Apache Kafka")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -564,8 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apply", action="store_true", help="create the ACLs through the admin API (needs ALTER on the cluster)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_acl, workflows=[], handlers=[])
+    p = sub.add_parser("schema", help="print the JSON Schema of a workflow file (for editors; topics/schemas/workflow.json)")
+    p.add_argument("what", choices=["workflow"])
+    p.set_defaults(fn=cmd_schema)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     try:

@@ -35,7 +35,7 @@ class Settings:
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
     console_port: int = 8080  # `legato dev` serves the console here
     trace_file: Path | None = None  # the coordinator appends one JSON line per committed batch here (`legato bench latency`)
-    early_requests: bool = True  # requests caused only by completions are sent ahead of the transaction (README, Guarantees)
+    early_requests: bool = True  # requests caused only by completions are sent ahead of the transaction (docs/concepts/guarantees.md)
     state_commit_ms: float = 50.0  # coordinator: how long a transaction of nothing but run states waits for more (partition.STATE_COMMIT_S)
 
     @property

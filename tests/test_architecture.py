@@ -41,3 +41,26 @@ def test_no_code_runs_from_data():
                 if owner == "pickle" or (owner == "yaml" and name in ("load", "unsafe_load", "full_load")):
                     offenders.append(f"{path}:{node.lineno} {owner}.{name}()")
     assert not offenders, offenders
+
+
+def test_the_contract_imports_nothing_from_the_runtime():
+    """``topics/`` (names, records, codec, schemas, client) stands alone: a service that only triggers runs, or a
+    worker of its own, needs nothing of ``streams/`` (the coordinator, faust workers, console)."""
+    offenders = []
+    for path in sorted((ROOT / "topics").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {m}" for m in modules
+                          if m.startswith(("legato.streams", "legato.tools", "streams", "tools"))]
+    assert not offenders, offenders
+
+
+def test_importing_the_client_loads_no_runtime_module():
+    """The same, at run time: importing the client does not import ``legato.streams`` (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import sys, legato.topics.client; print(sorted(m for m in sys.modules if m.startswith(('legato.streams', 'legato.tools'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    assert out == "[]", out

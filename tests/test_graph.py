@@ -434,11 +434,60 @@ def test_single_activity():
     assert d.edges == [("wf_start", "-->", None, "s_only"), ("s_only", "-->", None, "wf_end")]
 
 
+SMALL = {"name": "small", "steps": [
+    {"id": "classify", "activity": "classify_ticket"},
+    {"id": "route", "choice": {"cases": [{"when": "steps.classify.output.x == 1", "steps": [{"id": "billing", "activity": "answer_billing"}]}],
+                               "default": [{"id": "human", "activity": "escalate"}]}},
+    {"id": "reviews", "parallel": {"branches": {"a": [{"id": "ra", "activity": "review"}], "b": [{"id": "rb", "activity": "review"}]}}},
+]}
+
+SMALL_MERMAID = """flowchart TD
+    %% workflow small v1
+    wf_start(["Start"])
+    s_classify["classify<br/>classify_ticket"]
+    s_route{"choice: route"}
+    s_billing["billing<br/>answer_billing"]
+    s_human["human<br/>escalate"]
+    m_route(("merge"))
+    s_reviews{{"parallel: reviews"}}
+    s_ra["ra<br/>review"]
+    s_rb["rb<br/>review"]
+    j_reviews(("join (all)"))
+    wf_end(["End"])
+    wf_start --> s_classify
+    s_classify --> s_route
+    s_route -->|"steps.classify.output.x == 1"| s_billing
+    s_route -->|"default"| s_human
+    s_billing --> m_route
+    s_human --> m_route
+    m_route --> s_reviews
+    s_reviews -->|"a"| s_ra
+    s_reviews -->|"b"| s_rb
+    s_ra --> j_reviews
+    s_rb --> j_reviews
+    j_reviews --> wf_end
+    classDef terminal fill:#eef,stroke:#446,stroke-width:2px
+    classDef done fill:#dfd,stroke:#393,color:#131
+    classDef fail fill:#fdd,stroke:#c00,color:#900
+    classDef control fill:#fff8e0,stroke:#a80
+    class wf_start,wf_end terminal
+    class s_route,m_route,s_reviews,j_reviews control"""
+
+
+def test_mermaid_text_of_a_small_workflow():
+    """The whole text for a chain, a choice and a parallel step: nodes by kind (activity box, choice diamond,
+    parallel hexagon, merge and join circles), edges labelled with the case's condition and the branch names."""
+    assert mermaid(compile_workflow(SMALL)).strip() == SMALL_MERMAID
+
+
 def test_mermaid_is_pure():
-    wf = compile_workflow(yaml.safe_load(NESTED))
+    """Drawing neither changes the definition nor depends on anything but it: two renderings of two compilations
+    give the expected text."""
+    wf = compile_workflow(SMALL)
     before = wf.definition.model_dump()
-    assert mermaid(wf) == mermaid(wf)
+    assert mermaid(wf).strip() == SMALL_MERMAID
     assert wf.definition.model_dump() == before
+    assert mermaid(compile_workflow(SMALL)).strip() == SMALL_MERMAID
     assert mermaid.__doc__
 
 

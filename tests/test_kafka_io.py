@@ -35,3 +35,33 @@ def test_a_key_s_partition_is_remembered_and_the_memory_stays_bounded() -> None:
     last = (str(kafka_io._CACHED_KEYS + 9).encode(), 8)
     assert last in kafka_io._partitions  # remembered: murmur2 is not computed again for this key
     assert 0 < len(kafka_io._partitions) <= kafka_io._CACHED_KEYS
+
+
+# Reference values from the Java client (kafka-clients 3.9.1), computed with jshell:
+#   Utils.murmur2(key.getBytes(UTF_8)) and Utils.toPositive(Utils.murmur2(bytes)) % partitions
+# for partitions 1, 3, 8, 12 and 64: the partition every default Java producer picks for the key.
+JAVA_MURMUR2 = [
+    ("", 275646681, (0, 0, 1, 9, 25)),
+    ("a", -1563381124, (0, 1, 4, 4, 60)),
+    ("run-1", 637533037, (0, 1, 5, 1, 45)),
+    ("hello", 2132663229, (0, 0, 5, 9, 61)),
+    ("legato", 2014972864, (0, 1, 0, 4, 0)),
+    ("0123456789", -631703640, (0, 2, 0, 8, 40)),
+    ("a8f2c1d0-5b7e-4c3a-9f1e-2d6b8a4c7e90", 916187944, (0, 1, 0, 4, 40)),
+    ("ütf-8 ключ", -1995336932, (0, 0, 4, 0, 28)),
+    ("due_diligence/run/42", -1335888537, (0, 2, 7, 11, 39)),
+    ("\u0000\u0001\u00ff", -487287704, (0, 0, 0, 0, 40)),
+]
+
+
+def test_partitions_match_the_java_client_s_murmur2_reference_values() -> None:
+    """Not a comparison with aiokafka (which could be wrong the same way): hard-coded values of the Java client."""
+    from aiokafka.partitioner import murmur2
+
+    for key, java_hash, java_partitions in JAVA_MURMUR2:
+        raw = key.encode("utf-8")
+        assert murmur2(raw) & 0xFFFFFFFF == java_hash & 0xFFFFFFFF, key
+        for partitions, expected in zip((1, 3, 8, 12, 64), java_partitions):
+            assert kafka_io.partition_for(raw, partitions) == expected, (key, partitions)
+            everything = list(range(partitions))
+            assert kafka_io.keyed_partitioner(raw, everything, everything) == expected, (key, partitions)

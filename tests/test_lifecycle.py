@@ -5,6 +5,7 @@ Source runs are made by the real state machine, so the tests see the states it a
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -145,29 +146,24 @@ def test_a_workflow_step_may_pin_its_child_version():
         load_source("name: parent\nsteps:\n  - {id: s, workflow: child, version: 0}\n")
 
 
-# --- README ----------------------------------------------------------------------------------------------
+# --- the documentation ----------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def _section(readme: str, title: str) -> str:
-    start = readme.index(f"\n## {title}\n")
-    end = readme.find("\n## ", start + 1)
-    return readme[start:end if end > 0 else None]
-
-
-def test_readme_documents_the_lifecycle_where_a_reader_looks_for_it():
-    """Issue 11's names in the README sections a user reads: the workflow language has ``retention`` and a
-    ``workflow:`` step's ``version``, the client shows ``version=``, ``redrive`` and ``fork``, and the guarantee is
-    one terminal event per run and per redrive."""
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    language = _section(readme, "Workflow language")
+def test_the_docs_document_the_lifecycle_where_a_reader_looks_for_it():
+    """Issue 11's names in the pages a user reads: the workflow language has ``retention`` and a ``workflow:``
+    step's ``version``, the client shows ``version=``, ``redrive`` and ``fork``, and the guarantee is one terminal
+    event per run and per redrive."""
+    language = (DOCS / "language" / "index.md").read_text(encoding="utf-8")
     assert "\nretention: " in language, "the example YAML has no workflow-level retention"
     assert "`retention`" in language.split("Workflow-level:")[1].split("\n\n")[0], "the workflow-level keys do not name retention"
     workflow_row = next(line for line in language.splitlines() if line.startswith("| `workflow` |"))
     assert "`version`" in workflow_row, workflow_row
-    contract = _section(readme, "Topic contract")
+    reference = (DOCS / "language" / "reference.md").read_text(encoding="utf-8")
+    assert "| `retention` | duration |" in reference and "| `version` | integer ≥ 1 | the highest deployed" in reference
+    contract = (DOCS / "concepts" / "topics.md").read_text(encoding="utf-8")
     for call in ("version=", "legato.redrive(", "legato.fork("):
         assert call in contract, f"the LegatoClient example does not show {call}"
-    guarantees = _section(readme, "Guarantees and how the coordinator stays correct under crashes")
+    guarantees = (DOCS / "concepts" / "guarantees.md").read_text(encoding="utf-8")
     assert "one terminal event per run and per redrive" in " ".join(guarantees.split())

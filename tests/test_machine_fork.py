@@ -1,5 +1,5 @@
 """Given/when/then tables for fork: a new run of the source's pinned definition starts with the steps before the fork
-point copied (outputs, cost, paths) and runs from it on (docs/lifecycle.md, M7)."""
+point copied (outputs, cost, paths) and runs from it on (docs/concepts/runs.md)."""
 from __future__ import annotations
 
 from legato.topics.models import RunForkRequested

@@ -1,5 +1,5 @@
 """Given/when/then tables for pinning: a run is decided by the definition (name, version, sha256) it started with,
-whatever is deployed later (docs/lifecycle.md, M1–M4)."""
+whatever is deployed later (docs/concepts/runs.md)."""
 from __future__ import annotations
 
 from legato.workflows.catalog import Catalog, Definition, source_sha256

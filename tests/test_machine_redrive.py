@@ -1,5 +1,5 @@
 """Given/when/then tables for redrive: a failed run resumes at the top-level step it failed at; steps that succeeded
-keep their outputs (docs/lifecycle.md, M6). Inside compound steps: test_machine_redrive_compound.py."""
+keep their outputs (docs/concepts/runs.md). Inside compound steps: test_machine_redrive_compound.py."""
 from __future__ import annotations
 
 import pytest

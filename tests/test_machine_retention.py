@@ -1,5 +1,5 @@
 """Given/when/then tables for retention: a finished run is kept for its workflow's ``retention`` (else the machine's
-default, LEGATO_RETENTION), then forgotten (docs/lifecycle.md, M5)."""
+default, LEGATO_RETENTION), then forgotten (docs/concepts/runs.md)."""
 from __future__ import annotations
 
 import pytest

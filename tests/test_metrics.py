@@ -339,13 +339,18 @@ def test_serve_exposes_the_registry_and_zero_disables(metrics):
 
 
 def test_every_metric_is_documented():
+    """The generated reference (docs/reference/metrics.md) has a row for every metric a registry exports, with a
+    help text a reader can use (not the metric's name again); tests/test_docs.py keeps the page in step with the code."""
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text(encoding="utf-8")
-    names = {f.name for f in Metrics().registry.collect()}
-    assert names
-    for name in names:
-        assert f"`{name}" in doc, f"{name} missing from docs/metrics.md"
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "metrics.md").read_text(encoding="utf-8")
+    families = list(Metrics().registry.collect())
+    assert len(families) > 30
+    for family in families:
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{family.name}")), None)
+        assert row is not None, f"{family.name} missing from docs/reference/metrics.md"
+        assert len(family.documentation.split()) >= 4, f"{family.name}: help text too short to explain it: {family.documentation!r}"
+        assert family.documentation.replace("|", "\\|") in row
 
 
 WAITING = """
@@ -389,22 +394,24 @@ def test_every_declared_choice_path_exists_at_zero_so_dead_paths_show(metrics):
     assert value(metrics, "legato_choice_paths_total", workflow="triage", step="route", path="default") == 1
 
 
-def test_every_metric_readme_names_exists():
-    """README's metric names are real: each is one the coordinator's or a worker's registry exports."""
+def test_every_metric_the_docs_name_exists():
+    """The metric names README and the pages under docs/ mention are real: each is one the coordinator's or a
+    worker's registry exports."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"`(legato_[a-z_]+)`", readme))
+    root = Path(__file__).resolve().parent.parent
+    text = "".join(p.read_text(encoding="utf-8") for p in [root / "README.md", *sorted((root / "docs").rglob("*.md"))])
+    named = set(re.findall(r"`(legato_[a-z_]+)`", text))
     exported = {f.name for f in Metrics().registry.collect()}
     exported |= {name + suffix for name in exported for suffix in ("_total",)}  # counters collect without _total
     assert len(named) > 20
-    assert named <= exported, f"README names metrics nobody exports: {sorted(named - exported)}"
+    assert named <= exported, f"the docs name metrics nobody exports: {sorted(named - exported)}"
 
 
 def test_every_reason_an_event_is_ignored_for_is_in_the_metric_tables():
     """The ``reason`` label values of ``legato_events_ignored_total`` that the machine and the coordinator write (a
-    refused redrive or fork included) are all listed in README's and docs/metrics.md's row of that metric."""
+    refused redrive or fork included) are all listed in its help text, hence in its row of the generated reference."""
     import re
     from pathlib import Path
 
@@ -413,7 +420,7 @@ def test_every_reason_an_event_is_ignored_for_is_in_the_metric_tables():
     reasons = set(re.findall(r'EventIgnored\([^)]*reason="([a-z_]+)"', code))
     reasons |= set(re.findall(r'\b(?:ignore|_count_ignored)\("([a-z_]+)"', code))
     assert {"redrive_refused", "fork_refused", "duplicate_trigger", "stale_attempt", "replayed"} <= reasons
-    for doc in ("README.md", "docs/metrics.md"):
-        row = next(line for line in (root / doc).read_text(encoding="utf-8").splitlines() if line.startswith("| `legato_events_ignored_total`"))
-        missing = sorted(r for r in reasons if f"`{r}`" not in row)
-        assert not missing, f"{doc}: legato_events_ignored_total does not list {missing}"
+    row = next(line for line in (root / "docs/reference/metrics.md").read_text(encoding="utf-8").splitlines() if line.startswith("| `legato_events_ignored_total`"))
+    listed = set(re.findall(r"[a-z_]+", row))
+    missing = sorted(r for r in reasons if r not in listed)
+    assert not missing, f"legato_events_ignored_total's help does not list {missing}"

@@ -24,7 +24,7 @@ def test_defaults_match_the_readme():
 
     s = Settings()
     assert (s.session_timeout, s.linger_ms, s.commit_interval) == (10.0, 0.0, 0.5)
-    assert s.state_commit_ms == Settings.from_env().state_commit_ms == STATE_COMMIT_S * 1000 == 50.0  # README: `50`
+    assert s.state_commit_ms == Settings.from_env().state_commit_ms == STATE_COMMIT_S * 1000 == 50.0  # docs/operations/deploy.md: `50`
     assert s.early_requests is True
 
 
@@ -39,13 +39,16 @@ def test_no_other_runtime_module_reads_the_environment():
     assert not offenders, offenders
 
 
-def test_every_variable_the_runtime_reads_is_documented_in_the_readme():
-    """README's settings (the variables table and the paragraph on --workflows/--handlers above it) name every
-    LEGATO_* variable config.py and security.py read."""
+def test_every_variable_the_runtime_reads_is_documented():
+    """The settings section of docs/operations/deploy.md (the variables table and the paragraph on
+    --workflows/--handlers above it) names every LEGATO_* variable config.py and security.py read."""
     import re
 
-    readme = (STREAMS.parent / "README.md").read_text(encoding="utf-8")
-    settings = readme[readme.index("`--workflows DIR` (repeatable)"):readme.index("## Topic contract")]
+    page = (STREAMS.parent / "docs" / "operations" / "deploy.md").read_text(encoding="utf-8")
+    start = page.index("\n## Settings\n")
+    end = page.find("\n## ", start + 1)
+    settings = page[start:end if end > 0 else None]
+    assert "`--workflows DIR` (repeatable)" in settings
     read = set()
     for path in READERS:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -53,7 +56,7 @@ def test_every_variable_the_runtime_reads_is_documented_in_the_readme():
                 read.add(node.value)
     assert "LEGATO_RETENTION" in read
     missing = sorted(name for name in read if f"`{name}`" not in settings)
-    assert not missing, f"README's settings do not name {missing}"
+    assert not missing, f"docs/operations/deploy.md's settings do not name {missing}"
 
 
 def test_retention_defaults_to_seven_days_and_reads_a_duration(monkeypatch):

@@ -13,7 +13,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import TopicAuthorizationFailedError
 
-from legato.streams import kafka_io
+from legato.topics import kafka_io
 
 from legato.topics import codec
 from legato.topics.codec import DecodeError

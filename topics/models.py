@@ -1,6 +1,6 @@
 """Records on the wire, one frozen pydantic model each.
 
-Events are named for what happened; the topic they travel on is in the README's topic contract.
+Events are named for what happened; the topic they travel on is in docs/concepts/topics.md.
 Times are Unix epoch milliseconds (``*_ms``) or ISO-8601 UTC strings (``*_at``).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Pure decisions of a run's lifecycle that need no step processor: who may be redriven, what a fork copies, when a
-finished run is forgotten. The state machine calls these (docs/lifecycle.md, "Integration").
+finished run is forgotten. The state machine calls these (docs/concepts/runs.md).
 """
 from __future__ import annotations
 

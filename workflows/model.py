@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -37,7 +38,14 @@ MAX_WORKFLOW_DEPTH = 5
 DEFAULT_ACTIVITY_TIMEOUT = 600.0
 """Seconds an activity attempt may take when its step sets no ``timeout``."""
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({
+        "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"}],
+        "description": "a duration: 100ms, 5s, 2m, 1h, 7d, or a number of seconds",
+    }),
+]
 StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=150)]
 

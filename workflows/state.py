@@ -61,7 +61,7 @@ def _plain(value: Any) -> Any:
 
 class _State(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A part of a run's state: a msgspec struct (pydantic models cost 23 µs to encode and 54 µs to decode a 20-step
-    run's 4.9 KB state, msgspec 3.8 and 10.9 µs, with the same bytes; BENCHMARKS.md, seventh session). Its JSON leaves
+    run's 4.9 KB state, msgspec 3.8 and 10.9 µs, with the same bytes; BENCHMARKS.md, "Run states: msgspec"). Its JSON leaves
     defaults out, as the run table stores it; unknown fields are ignored (a state from a newer engine that only
     added fields still reads). The ``model_*`` methods are the pydantic names the rest of Legato and its tools use."""
 

@@ -23,7 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 XSS = '<script>window.pwned=1</script>"><img src=x onerror="window.pwned=2">'
-SCREENSHOTS = os.environ.get("LEGATO_SCREENSHOTS")  # a directory to keep the page screenshots in (docs/ for README)
+SCREENSHOTS = os.environ.get("LEGATO_SCREENSHOTS")  # a directory to keep the page screenshots in (docs/ for docs/console.md)
 
 
 def _free_port() -> int:

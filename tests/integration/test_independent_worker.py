@@ -173,3 +173,40 @@ async def test_kcat_worker_completes_an_activity(legato, kcat, variant):
         assert sorted(e["partition"] for e in landed) == sorted([crc32_partition(run_id), murmur2_partition(run_id)]), landed
     else:
         assert murmur2_partition(run_id) in [e["partition"] for e in landed], "the coordinator re-keyed the completion"
+
+
+async def test_the_confluent_kafka_worker_of_the_docs_completes_an_activity(legato):
+    """The confluent-kafka worker printed in docs/handlers/other-languages.md, run as printed (only the bootstrap,
+    the topic prefix and the endless loop adapted to the test): it answers a run of e2e_external."""
+    import re
+    import threading
+
+    from tests.integration.conftest import REPO_ROOT
+
+    page = (REPO_ROOT / "docs" / "handlers" / "other-languages.md").read_text(encoding="utf-8")
+    code = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    prefix = legato.topics.requests("x").rsplit(".requests.", 1)[0]
+    adapted = (code.replace('"localhost:9092"', repr(legato.bootstrap))
+                   .replace('f"legato.', f'f"{prefix}.').replace('"legato.', f'"{prefix}.')
+                   .replace('f"my-', f'f"{prefix}-my-')
+                   .replace("while True:", "while not STOP.is_set():"))
+    assert adapted.count(prefix) == 3 and "while not STOP.is_set():" in adapted, adapted
+    adapted += "\nconsumer.close()\n"
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            exec(compile(adapted, "docs/handlers/other-languages.md", "exec"), {"STOP": stop})  # the page's own code
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        event = await legato.run("e2e_external", {"text": "hello from confluent-kafka"}, run_id=f"ext-ck-{uuid.uuid4()}", timeout=60)
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 30)
+    assert not errors, errors
+    assert event.status == "succeeded" and event.output == {"shouted": "HELLO FROM CONFLUENT-KAFKA"}, event

@@ -1,8 +1,8 @@
 """Crash tests at CI size: real `legato coordinator` / `legato worker` processes SIGKILLed on a real broker.
 
 The same scenarios run at full size with `legato chaos` (figures in RELIABILITY.md). Every test starts its own
-processes with a fresh topic prefix. Consumers of the checked topics read committed records only, as README's
-"Guarantees" asks of every consumer; the session timeout is 10 s (LEGATO_SESSION_TIMEOUT's default), so a killed
+processes with a fresh topic prefix. Consumers of the checked topics read committed records only, as
+docs/concepts/guarantees.md asks of every consumer; the session timeout is 10 s (LEGATO_SESSION_TIMEOUT's default), so a killed
 member leaves its consumer group within 10 s.
 """
 from __future__ import annotations

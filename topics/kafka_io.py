@@ -1,0 +1,122 @@
+"""Reading and keying Legato's topics with aiokafka: what the contract's client needs, and every other reader.
+
+- :func:`partition_for`, :func:`keyed_partitioner`: the partition of a key, murmur2 as aiokafka and the Java client
+  do by default (every run-keyed record's producer uses them);
+- :func:`reader`, :func:`assign_all`, :func:`assign`, :func:`read_partition`: read topics without a consumer group,
+  committed records only (each process sees everything: tails, the client, the coordinator's changelog,
+  ``legato runs show``);
+- :func:`partitions_of`, :func:`refused`: a topic's partitions, and whether the broker refuses this principal a
+  topic (ACLs).
+
+``partitions_of`` and ``refused`` use aiokafka's private client (pyproject.toml bounds its version); the rest of
+aiokafka's and faust's private API that Legato uses is in ``legato.streams.kafka_io``, which re-exports this module.
+The contract (``legato.topics``) imports nothing from ``legato.streams``.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+_PARTITIONER = DefaultPartitioner()
+_CACHED_KEYS = 65_536
+"""Keys whose partition is remembered: aiokafka's murmur2 is pure Python (7.6 µs a key here), and a coordinator
+hashes the same run_id for every record of a run (its completions, its requests, its events)."""
+_partitions: dict[tuple[bytes, int], int] = {}
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of ``key`` among ``partitions`` (murmur2, like every run-keyed record's producer)."""
+    cached = _partitions.get((key, partitions))
+    if cached is None:
+        everything = list(range(partitions))
+        cached = _PARTITIONER(key, everything, everything)
+        if len(_partitions) >= _CACHED_KEYS:
+            _partitions.clear()  # simpler than an LRU, and a run's records come close together
+        _partitions[(key, partitions)] = cached
+    return cached
+
+
+def keyed_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner (``AIOKafkaProducer(partitioner=...)``) with murmur2 remembered per key: the
+    same partition for every key, as the Java client and every other default producer choose."""
+    if key is None:
+        return _PARTITIONER(key, all_partitions, available)
+    return all_partitions[partition_for(key, len(all_partitions))]
+
+
+def reader(bootstrap: str, *, from_beginning: bool = True, **kafka: Any) -> AIOKafkaConsumer:
+    """A consumer without a group that reads committed records only (``kafka`` adds or overrides settings)."""
+    # auto_offset_reset matches the seek of assign_all: a reset racing the seek must not move the position elsewhere
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                            auto_offset_reset="earliest" if from_beginning else "latest", **{"isolation_level": "read_committed", **kafka})
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str, wait: float = 0.0) -> list[int]:
+    """The partition numbers of ``topic``, asking the broker again for up to ``wait`` seconds while it has none
+    (a topic just created); [] when it still has none."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        metadata = await consumer._client.fetch_all_metadata()  # private: the public lookup uses stale metadata
+        partitions = metadata.partitions_for_topic(topic)
+        if partitions or loop.time() >= deadline:
+            return sorted(partitions or [])
+        await asyncio.sleep(0.1)
+
+
+async def assign_all(consumer: AIOKafkaConsumer, topics: list[str], *, from_beginning: bool, wait: float = 5.0,
+                     missing: Callable[[str], None] | None = None) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` (waiting up to ``wait`` s for each to exist), seek to the beginning or
+    the end, and resolve the positions now, so that nothing produced after this returns is missed.
+
+    A topic without partitions is skipped, or reported to ``missing`` (which may raise)."""
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        partitions = await partitions_of(consumer, topic, wait)
+        if not partitions and missing is not None:
+            missing(topic)
+        tps += [TopicPartition(topic, p) for p in partitions]
+    if tps:
+        await assign(consumer, tps, from_beginning=from_beginning)
+    return tps
+
+
+async def assign(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, from_beginning: bool) -> None:
+    """Assign ``tps``, seek to their beginning or end, and resolve the positions now."""
+    consumer.assign(tps)
+    if from_beginning:
+        await consumer.seek_to_beginning(*tps)
+    else:
+        await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+
+
+async def read_partition(consumer: AIOKafkaConsumer, tp: TopicPartition, on_record: Callable[[Any], None], timeout: float | None = None,
+                         max_records: int = 10_000) -> None:
+    """Read ``tp`` from its beginning to the last stable offset seen now, calling ``on_record`` for each record.
+    ``consumer`` is a started :func:`reader`; TimeoutError after ``timeout`` seconds."""
+    consumer.assign([tp])
+    end = (await consumer.end_offsets([tp]))[tp]
+    await consumer.seek_to_beginning(tp)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while await consumer.position(tp) < end:
+        if deadline is not None and loop.time() > deadline:
+            raise TimeoutError(f"reading {tp.topic}[{tp.partition}] took longer than {timeout}s")
+        for records in (await consumer.getmany(tp, timeout_ms=1000 if deadline is None else 500, max_records=max_records)).values():
+            for record in records:
+                on_record(record)
+
+
+async def refused(consumer: AIOKafkaConsumer, topic: str) -> bool:
+    """True when the broker refuses this principal ``topic`` (a listing of all topics just leaves it out)."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = consumer._client  # private: aiokafka has no public per-topic metadata request
+    response = await client.send(client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation=False))
+    return any(t[1] == topic and t[0] == TopicAuthorizationFailedError.errno for t in response.topics)
