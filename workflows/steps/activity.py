@@ -108,6 +108,7 @@ class ActivityProcessor(Processor):
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind in _DEADLINES and step.status == "running" and step.attempt == timer.attempt:
             error_type, what = _DEADLINES[timer.kind]
+            run.events.append(transitions.AttemptTimedOut(run_id=run.state.run_id, workflow=run.state.workflow, step_id=step.step_id, deadline=what))
             if timer.kind == "activity_timeout":
                 _clear_pending(run, step)  # the worker stops at the request's deadline by itself
             else:
