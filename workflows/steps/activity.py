@@ -79,11 +79,14 @@ class ActivityProcessor(Processor):
         """A worker's handler started on one of this run's requests (``activity.started``), or reported that it is
         alive (``activity.heartbeat``, which also counts as its start when no started record came first)."""
         heartbeat = isinstance(event, ActivityHeartbeat)
-        what = "heartbeat" if heartbeat else "started"
         key = run.state.requests.get(event.request_id)
         step = run.state.steps.get(key) if key is not None else None
         if step is None or event.attempt != step.attempt or step.status != "running":
-            run.ignore(f"stale_{what}", f"request {event.request_id} attempt {event.attempt} is not pending")
+            detail = f"request {event.request_id} attempt {event.attempt} is not pending"
+            if heartbeat:
+                run.ignore("stale_heartbeat", detail)
+            else:
+                run.ignore("stale_started", detail)
             return
         definition: ActivityStep = run.wf.steps[step.step_id]
         first = step.handler_started_ms is None
@@ -102,8 +105,13 @@ class ActivityProcessor(Processor):
         elif not first or not definition.watches_start:
             # a second started record, or a record the step does not watch (it sets none of start_timeout, run_timeout,
             # heartbeat): nothing to change
-            reason = "duplicate_started" if not heartbeat and not first else f"unwatched_{what}"
-            run.ignore(reason, f"request {event.request_id} attempt {event.attempt}")
+            detail = f"request {event.request_id} attempt {event.attempt}"
+            if heartbeat:
+                run.ignore("unwatched_heartbeat", detail)
+            elif first:
+                run.ignore("unwatched_started", detail)
+            else:
+                run.ignore("duplicate_started", detail)
 
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
         if timer.kind in _DEADLINES and step.status == "running" and step.attempt == timer.attempt:
