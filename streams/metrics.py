@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from legato.workflows.machine import PublishRunEvent, RequestActivity
 from legato.workflows.model import ActivityStep, ChoiceStep, CompiledWorkflow
-from legato.workflows.transitions import AttemptTimedOut, DomainEvent, LoopEnded, PathTaken, RunFinished, SignalIgnored, StepFinished, StepWaiting
+from legato.workflows.transitions import AttemptRateLimited, AttemptTimedOut, DomainEvent, LoopEnded, PathTaken, RunFinished, SignalIgnored, StepFinished, StepWaiting
 
 log = logging.getLogger("legato.metrics")
 
@@ -104,6 +104,7 @@ class Metrics:
         self.cost_usd = Counter("legato_cost_usd", "Cost of finished runs in US dollars, by model.", ["workflow", "model"], registry=r)
         # engine health
         self.attempt_timeouts = Counter("legato_activity_timeouts", "Activity attempts that ran out of a deadline, by deadline (timeout, start_timeout, run_timeout, heartbeat).", ["workflow", "step", "deadline"], registry=r)
+        self.rate_limited = Counter("legato_activity_rate_limited", "Activity attempts that failed with error type RateLimited (an API's 429), retried or not.", ["workflow", "step"], registry=r)
         self.events = Counter("legato_coordinator_events", "Events the coordinator processed: trigger, completion, timer.", ["kind"], registry=r)
         self.events_ignored = Counter("legato_events_ignored", "Events dropped as duplicate, stale, replayed or re-keyed, by reason.", ["reason"], registry=r)
         self.dead_letters = Counter("legato_dead_letters", "Messages sent to the dead-letter topic, by source topic and reason.", ["topic", "reason"], registry=r)
@@ -228,6 +229,9 @@ class Metrics:
     def _attempt_timed_out(self, event: AttemptTimedOut) -> None:
         self._at(self.attempt_timeouts, event.workflow, event.step_id, event.deadline).inc()
 
+    def _attempt_rate_limited(self, event: AttemptRateLimited) -> None:
+        self._at(self.rate_limited, event.workflow, event.step_id).inc()
+
     def _path_taken(self, event: PathTaken) -> None:
         self._at(self.choice_paths, event.workflow, event.step_id, event.path).inc()
 
@@ -278,6 +282,7 @@ class Metrics:
             self._at(self.cost_usd, workflow, str(model)).inc(max(0.0, float(usd or 0)))
 
     _COUNTERS: dict[type, str] = {
+        AttemptRateLimited: "_attempt_rate_limited",
         AttemptTimedOut: "_attempt_timed_out",
         LoopEnded: "_loop_ended",
         PathTaken: "_path_taken",

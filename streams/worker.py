@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from legato.handlers.heartbeat import beating
 from legato.handlers.progress import reporting
-from legato.handlers.registry import Activity, ActivityError, Result
+from legato.handlers.registry import Activity, ActivityError, RateLimited, Result
 from legato.streams.dlq import DeadLetters
 from legato.topics.cache import fingerprint
 from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, tail_topic
@@ -50,6 +50,9 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
         if timeout is None or not deadline.expired():  # the handler's own timeout (a client call, say), not the deadline
             return ActivityCompleted(**base, status="failed", error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:2000] or "timed out", retryable=True))
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="ActivityTimeout", message=f"handler ran past its deadline ({timeout:.3f}s)", retryable=True))
+    except RateLimited as exc:
+        after = round(exc.retry_after * 1000) if exc.retry_after is not None else None
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="RateLimited", message=str(exc), retryable=True, retry_after_ms=after))
     except ActivityError as exc:
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type=exc.type, message=str(exc), retryable=exc.retryable))
     except ValidationError as exc:

@@ -444,3 +444,16 @@ steps:
     assert value(metrics, "legato_activity_timeouts_total", workflow="slow", step="a", deadline="run_timeout") == 1
     assert value(metrics, "legato_activity_timeouts_total", workflow="slow", step="a", deadline="timeout") is None
     assert value(metrics, "legato_step_failures_total", workflow="slow", kind="activity", step="a", error_type="ActivityStartTimeout") == 1
+
+
+def test_rate_limited_attempts_are_counted(metrics):
+    run = Run(machine("""
+name: limited
+steps:
+  - {id: a, activity: model_call, retry: {max_attempts: 2, backoff: 1s}}
+"""), metrics)
+    run.start("limited")
+    run.fail("a", T0 + 10, error_type="RateLimited", retryable=True)
+    run.fire("a:retry:1")
+    run.fail("a", run.now + 10, error_type="Boom", retryable=True)
+    assert value(metrics, "legato_activity_rate_limited_total", workflow="limited", step="a") == 1

@@ -37,6 +37,7 @@ class ErrorInfo(_Record):
     type: str
     message: str = ""
     retryable: bool = True
+    retry_after_ms: int | None = Field(default=None, ge=0)  # type ``RateLimited``: the next attempt no sooner than this
 
 
 class ActivityRequested(_Record):

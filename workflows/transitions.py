@@ -89,6 +89,12 @@ class AttemptTimedOut(DomainEvent):
     deadline: str
 
 
+class AttemptRateLimited(DomainEvent):
+    """An activity attempt failed with error type ``RateLimited`` (an API's 429), retried or not."""
+
+    step_id: str
+
+
 class RunFinished(DomainEvent):
     status: str  # succeeded | failed | cancelled
     error_type: str | None = None

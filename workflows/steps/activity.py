@@ -137,15 +137,24 @@ class ActivityProcessor(Processor):
         definition = run.wf.steps[step.step_id]
         step.error = error
         retryable = error.retryable and error.type not in definition.non_retryable
+        if error.type == RATE_LIMITED:
+            run.events.append(transitions.AttemptRateLimited(run_id=run.state.run_id, workflow=run.state.workflow, step_id=step.step_id))
         if retryable and step.attempt < definition.retry.max_attempts:
             transitions.move(run, step, "waiting_retry")
-            delay = definition.retry.delay(step.attempt)
-            if definition.retry.jitter:
-                delay = min(delay * _jitter(keys.request_id(run.state.run_id, step.key, step.attempt)), definition.retry.max_backoff)
+            if error.type == RATE_LIMITED and error.retry_after_ms is not None:
+                delay = error.retry_after_ms / 1000  # what the rate-limited API asked for, not the back-off
+            else:
+                delay = definition.retry.delay(step.attempt)
+                if definition.retry.jitter:
+                    delay = min(delay * _jitter(keys.request_id(run.state.run_id, step.key, step.attempt)), definition.retry.max_backoff)
             run.set_timer(keys.retry_timer(step.key, step.attempt), delay, "retry", target=step.key, attempt=step.attempt)
             return
         run.failed_finally(step, error, final_status)
 
+
+RATE_LIMITED = "RateLimited"
+"""The error type of an attempt refused for a rate limit (``legato.handlers.registry.RateLimited``, or an independent
+worker's error of that type): its ``retry_after_ms`` replaces the retry back-off."""
 
 _DEADLINES = {
     "activity_timeout": ("ActivityTimeout", "timeout"),
