@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from legato.handlers import heartbeat, progress
-from legato.handlers.registry import ActivityError, Result, activity
+from legato.handlers.registry import ActivityError, RateLimited, Result, activity
 
 # Attempts seen per key (the test passes its run_id in the input: handlers never see the request itself).
 _FLAKY_ATTEMPTS: dict[str, int] = {}
@@ -196,3 +196,13 @@ async def e2e_beating(data: dict[str, Any]) -> dict[str, Any]:
         if not data.get("silent"):
             await heartbeat()
     return {"slices": slices}
+
+
+@activity("e2e_rate_limited")
+async def e2e_rate_limited(data: dict[str, Any]) -> dict[str, Any]:
+    """Refused for a rate limit (``retry_after`` seconds) on the first attempt for each ``data['run_id']``."""
+    key = str(data["run_id"])
+    _FLAKY_ATTEMPTS[key] = _FLAKY_ATTEMPTS.get(key, 0) + 1
+    if _FLAKY_ATTEMPTS[key] == 1:
+        raise RateLimited("429 from the model API", retry_after=float(data["retry_after"]))
+    return {"attempts": _FLAKY_ATTEMPTS[key]}

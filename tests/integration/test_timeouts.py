@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from legato.topics.models import ActivityHeartbeat, ActivityStarted
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +70,12 @@ async def test_a_handler_that_hangs_without_heartbeats_fails_by_heartbeat_timeou
     assert beating.status == "succeeded", beating
     beats = await legato.records_of(legato.topics.completions, ActivityHeartbeat, beating.run_id)
     assert 3 <= len(beats) <= 7, f"{len(beats)} heartbeats in 2.5 s, throttled to one per 500 ms"
+
+
+async def test_a_rate_limited_attempt_is_retried_after_the_delay_the_handler_gave(legato):
+    run_id = new_run_id("limited")
+    event = await legato.run("to_rate_limited", {"run_id": run_id}, run_id=run_id, timeout=60)
+    assert event.status == "succeeded" and event.output == {"attempts": 2}, event
+    assert event.duration_ms < 30_000, "the retry waited for the 1 min back-off instead of the 300 ms retry_after"
+    [refused] = [c for c in await legato.records_of(legato.topics.completions, ActivityCompleted, run_id) if c.status == "failed"]
+    assert (refused.error.type, refused.error.retry_after_ms, refused.attempt) == ("RateLimited", 300, 1)
