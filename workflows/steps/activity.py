@@ -162,7 +162,7 @@ _DEADLINES = {
     "activity_run_timeout": ("ActivityRunTimeout", "run_timeout"),
     "activity_heartbeat": ("ActivityHeartbeatTimeout", "heartbeat"),
 }
-"""Timer kind → the error type of an attempt it fails, and the step key that set it."""
+"""Timer kind → the error type of the attempt it fails, and the YAML key of the deadline."""
 
 _EXPLAIN = {
     "activity_timeout": "took longer than its timeout",
