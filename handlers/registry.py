@@ -31,6 +31,18 @@ class ActivityError(Exception):
         self.retryable = retryable
 
 
+class RateLimited(ActivityError):
+    """Raise when the API a handler calls refused for its rate limit (an HTTP 429): the attempt fails with error type
+    ``RateLimited`` and, when ``retry_after`` (seconds, e.g. the response's ``Retry-After``) is given, the step's next
+    attempt comes after that delay instead of its ``retry`` back-off (docs/timeouts.md). It counts as an attempt."""
+
+    def __init__(self, message: str = "rate limited", *, retry_after: float | None = None):
+        super().__init__(message, type="RateLimited", retryable=True)
+        if retry_after is not None and retry_after < 0:
+            raise ValueError(f"retry_after must be >= 0 seconds, got {retry_after!r}")
+        self.retry_after = retry_after
+
+
 @dataclass
 class Activity:
     name: str

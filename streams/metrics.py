@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from legato.workflows.machine import PublishRunEvent, RequestActivity
 from legato.workflows.model import ActivityStep, ChoiceStep, CompiledWorkflow
-from legato.workflows.transitions import DomainEvent, LoopEnded, PathTaken, RunFinished, SignalIgnored, StepFinished, StepWaiting
+from legato.workflows.transitions import AttemptRateLimited, AttemptTimedOut, DomainEvent, LoopEnded, PathTaken, RunFinished, SignalIgnored, StepFinished, StepWaiting
 
 log = logging.getLogger("legato.metrics")
 
@@ -103,8 +103,10 @@ class Metrics:
         self.run_tokens = Histogram("legato_run_tokens", "Tokens of one finished run, by direction (in, out).", ["workflow", "direction"], buckets=TOKENS, registry=r)
         self.cost_usd = Counter("legato_cost_usd", "Cost of finished runs in US dollars, by model (from the run's cost.models; a sub-workflow's cost counts with its top-level run).", ["workflow", "model"], registry=r)
         # engine health
-        self.events = Counter("legato_coordinator_events", "Events the coordinator processed: trigger, completion, timer, child (a sub-workflow finished), cancel (a run.cancel_requested record), redrive (a run.redrive_requested record), fork (a run.fork_requested or run.fork_accepted record).", ["kind"], registry=r)
-        self.events_ignored = Counter("legato_events_ignored", "Events dropped without a state change, by reason: duplicate_trigger, duplicate_completion, stale_attempt, stale_timer, stale_child, unknown_request, duplicate_signal, unknown_run, run_finished, replayed (redelivered after a crash), rekeyed (moved to the run's partition), timer_deferred (a timer read before the completions written ahead of it: decided after them), redrive_refused (a redrive of a run that is not failed, unknown, or would fail the same way again), fork_refused (a fork of an unknown run, or from a step it cannot be forked from).", ["reason"], registry=r)
+        self.attempt_timeouts = Counter("legato_activity_timeouts", "Activity attempts that ran out of a deadline (each counts, retried or not), by deadline: timeout (request to completion), start_timeout (request to the handler starting), run_timeout (handler start to completion), heartbeat (a started handler's silence).", ["workflow", "step", "deadline"], registry=r)
+        self.rate_limited = Counter("legato_activity_rate_limited", "Activity attempts that failed with error type RateLimited (a handler's RateLimited(retry_after=...), an API's 429, or an independent worker's error of that type), retried or not; its retry_after_ms replaces the retry back-off.", ["workflow", "step"], registry=r)
+        self.events = Counter("legato_coordinator_events", "Events the coordinator processed: trigger, completion, started (an activity.started record), heartbeat (an activity.heartbeat record), timer, child (a sub-workflow finished), cancel (a run.cancel_requested record), redrive (a run.redrive_requested record), fork (a run.fork_requested or run.fork_accepted record).", ["kind"], registry=r)
+        self.events_ignored = Counter("legato_events_ignored", "Events dropped without a state change, by reason: duplicate_trigger, duplicate_completion, stale_attempt, stale_timer, stale_child, unknown_request, duplicate_signal, unknown_run, run_finished, replayed (redelivered after a crash), rekeyed (moved to the run's partition), timer_deferred (a timer read before the completions written ahead of it: decided after them), redrive_refused (a redrive of a run that is not failed, unknown, or would fail the same way again), fork_refused (a fork of an unknown run, or from a step it cannot be forked from), stale_started / stale_heartbeat (an activity.started / activity.heartbeat for a request that is not pending), duplicate_started (a second activity.started for the same attempt), unwatched_started / unwatched_heartbeat (for a step that sets none of start_timeout, run_timeout, heartbeat / no heartbeat: nothing to change).", ["reason"], registry=r)
         self.dead_letters = Counter("legato_dead_letters", "Messages sent to the dead-letter topic (<prefix>.dlq), by source topic and reason (bad_trigger, bad_completion, bad_coordinator_record, bad_signal, signal_refused, bad_activity_request, wrong_activity_topic, internal_error, ...: the reason text before its first colon).", ["topic", "reason"], registry=r)
         self.overhead = Histogram("legato_step_overhead_seconds", "Orchestration overhead per step: a completion received by the coordinator to the next activity request produced.", ["workflow"], buckets=OVERHEAD_SECONDS, registry=r)
         self.consumer_lag = Gauge("legato_consumer_lag", "Records of a partition not yet committed by this process's consumer group (end offset - committed offset), refreshed every 5 s; processes of one group report the same value (use max by).", ["group", "topic", "partition"], registry=r)
@@ -224,6 +226,12 @@ class Metrics:
 
     # --- one counter per domain event ---------------------------------------------------------------
 
+    def _attempt_timed_out(self, event: AttemptTimedOut) -> None:
+        self._at(self.attempt_timeouts, event.workflow, event.step_id, event.deadline).inc()
+
+    def _attempt_rate_limited(self, event: AttemptRateLimited) -> None:
+        self._at(self.rate_limited, event.workflow, event.step_id).inc()
+
     def _path_taken(self, event: PathTaken) -> None:
         self._at(self.choice_paths, event.workflow, event.step_id, event.path).inc()
 
@@ -274,6 +282,8 @@ class Metrics:
             self._at(self.cost_usd, workflow, str(model)).inc(max(0.0, float(usd or 0)))
 
     _COUNTERS: dict[type, str] = {
+        AttemptRateLimited: "_attempt_rate_limited",
+        AttemptTimedOut: "_attempt_timed_out",
         LoopEnded: "_loop_ended",
         PathTaken: "_path_taken",
         RunFinished: "_run_finished",

@@ -8,20 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import faust
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from legato.handlers.heartbeat import beating
 from legato.handlers.progress import reporting
-from legato.handlers.registry import Activity, ActivityError, Result
+from legato.handlers.registry import Activity, ActivityError, RateLimited, Result
 from legato.streams.dlq import DeadLetters
 from legato.topics.cache import fingerprint
 from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, tail_topic
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ActivityRequested, Cost, ErrorInfo, ProgressReported
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, Cost, ErrorInfo, ProgressReported
 from legato.topics.names import Topics
 
 log = logging.getLogger("legato.worker")
@@ -49,6 +50,9 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
         if timeout is None or not deadline.expired():  # the handler's own timeout (a client call, say), not the deadline
             return ActivityCompleted(**base, status="failed", error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:2000] or "timed out", retryable=True))
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="ActivityTimeout", message=f"handler ran past its deadline ({timeout:.3f}s)", retryable=True))
+    except RateLimited as exc:
+        after = round(exc.retry_after * 1000) if exc.retry_after is not None else None
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="RateLimited", message=str(exc), retryable=True, retry_after_ms=after))
     except ActivityError as exc:
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type=exc.type, message=str(exc), retryable=exc.retryable))
     except ValidationError as exc:
@@ -94,6 +98,51 @@ class _Progress:
                 await fut
             except Exception as exc:  # a lost chunk must not lose the completion
                 log.warning("a progress chunk of %s was not delivered: %s", self.request.request_id, exc)
+
+
+class _Liveness:
+    """What a running handler tells the coordinator on the completions topic, keyed by run_id: that it started
+    (``activity.started``, when the request asks, ``report_started``) and that it is alive (``activity.heartbeat``, on
+    ``await heartbeat()``, at most one per half the request's ``heartbeat_ms``). Both are sent before the completion:
+    the coordinator decides them first."""
+
+    def __init__(self, send: Callable[[bytes, bytes], Awaitable[Any]], request: ActivityRequested, clock: Callable[[], float] = time.monotonic):
+        self._send = send
+        self.request = request
+        self._clock = clock
+        self._last: float | None = None  # clock() of the last heartbeat sent
+        self.sent: list[Any] = []  # delivery futures, awaited before the completion is sent
+
+    def _base(self) -> dict[str, Any]:
+        r = self.request
+        return {"request_id": r.request_id, "run_id": r.run_id, "step_id": r.step_id, "attempt": r.attempt}
+
+    async def started(self) -> None:
+        if self.request.report_started:
+            await self._emit(ActivityStarted(**self._base(), started_ms=int(time.time() * 1000)))
+
+    async def beat(self) -> None:
+        every = self.request.heartbeat_ms
+        if not every:
+            return
+        now = self._clock()
+        if self._last is not None and now - self._last < every / 2000:
+            return  # throttled: the last one is recent enough
+        self._last = now
+        await self._emit(ActivityHeartbeat(**self._base(), heartbeat_ms=int(time.time() * 1000)))
+
+    async def _emit(self, record: ActivityStarted | ActivityHeartbeat) -> None:
+        try:
+            self.sent.append(await self._send(self.request.run_id.encode(), codec.dumps(record)))
+        except Exception as exc:  # the handler goes on: its completion, or the step's timeout, still ends the attempt
+            log.warning("cannot send %s of %s: %s", record.type, self.request.request_id, exc)
+
+    async def delivered(self) -> None:
+        for fut in self.sent:
+            try:
+                await fut
+            except Exception as exc:  # a lost heartbeat must not lose the completion
+                log.warning("a started or heartbeat record of %s was not delivered: %s", self.request.request_id, exc)
 
 
 class Workers:
@@ -174,8 +223,10 @@ class Workers:
                 self.metrics.activity_started(activity.name)
             self.cancellations.running[request.request_id] = asyncio.current_task()
             progress = _Progress(self.progress, request, activity.name, self.metrics)
+            liveness = _Liveness(self._send_record, request)
             try:
-                with reporting(None if activity.batched else progress):  # a batched call serves many requests
+                await liveness.started()
+                with reporting(None if activity.batched else progress), beating(None if activity.batched else liveness.beat):  # a batched call serves many
                     completion = await execute(activity, request, self.batchers.get(activity.name))
             except asyncio.CancelledError:
                 if request.request_id not in self.cancellations.cancelled:
@@ -188,6 +239,7 @@ class Workers:
                 if self.metrics is not None:
                     self.metrics.activity_finished(activity.name)
             await progress.delivered()
+            await liveness.delivered()
             if key is not None and completion.status == "succeeded":
                 entry = {"output": completion.output, "confidence": completion.confidence, "stored_ms": int(time.time() * 1000)}
                 await self.cache_topic.send(key=key.encode(), value=orjson.dumps(entry))
@@ -207,6 +259,11 @@ class Workers:
         cost a quarter of a millisecond per step in `legato bench latency`."""
         producer = await self.app.maybe_start_producer()
         return await producer.send(self.topics.completions, completion.run_id.encode(), codec.dumps(completion), None, None, None)
+
+    async def _send_record(self, key: bytes, value: bytes) -> Any:
+        """Hand a record for the completions topic to the producer; returns its delivery future."""
+        producer = await self.app.maybe_start_producer()
+        return await producer.send(self.topics.completions, key, value, None, None, None)
 
     def _skip(self, reason: str) -> None:
         log.info("skipped a request: %s", reason)

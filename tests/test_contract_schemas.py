@@ -5,7 +5,7 @@ import jsonschema
 import pytest
 
 from legato.topics import codec
-from legato.topics.models import ActivityCompleted, DefinitionDeployed, ForkedStep, RunEvent, RunForkAccepted, RunForkRequested, RunRedriveRequested
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, DefinitionDeployed, ForkedStep, RunEvent, RunForkAccepted, RunForkRequested, RunRedriveRequested
 from legato.topics.schemas import RECORDS, SCHEMA_DIR, render
 
 
@@ -82,3 +82,30 @@ def test_every_new_coordinator_record_has_a_schema():
     for bad in ({k: v for k, v in raw.items() if k != "sha256"}, {**raw, "forked_from": {"run_id": "src"}}, {**raw, "steps": [{"step_id": "a", "status": "running"}]}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, _schema("fork_accepted.json"))
+
+
+# --- the handler's start and heartbeats on legato.completions --------------------------------------------
+
+
+@pytest.mark.parametrize("name,model,record", [
+    ("started.json", ActivityStarted, {"type": "activity.started", "request_id": "r/a/1", "run_id": "r", "step_id": "a", "attempt": 1, "started_ms": 5}),
+    ("heartbeat.json", ActivityHeartbeat, {"type": "activity.heartbeat", "request_id": "r/a/1", "run_id": "r", "step_id": "a", "attempt": 1,
+                                           "heartbeat_ms": 6}),
+])
+def test_started_and_heartbeat_records_match_their_schemas(name, model, record):
+    schema = _schema(name)
+    jsonschema.validate(record, schema)
+    assert json.loads(codec.dumps(model.model_validate(record))) == record
+    for field in ("type", "request_id", "run_id", "attempt", "started_ms" if "started_ms" in record else "heartbeat_ms"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({k: v for k, v in record.items() if k != field}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**record, "type": "activity.completed"}, schema)
+
+
+def test_requests_carry_what_the_worker_reports():
+    schema = _schema("requests.json")
+    request = {"request_id": "r/a/1", "run_id": "r", "step_id": "a", "activity": "x", "attempt": 1, "report_started": True, "heartbeat_ms": 30000}
+    jsonschema.validate(request, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**request, "heartbeat_ms": 0}, schema)

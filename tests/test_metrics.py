@@ -424,3 +424,43 @@ def test_every_reason_an_event_is_ignored_for_is_in_the_metric_tables():
     listed = set(re.findall(r"[a-z_]+", row))
     missing = sorted(r for r in reasons if r not in listed)
     assert not missing, f"legato_events_ignored_total's help does not list {missing}"
+
+
+def test_activity_attempts_that_run_out_of_a_deadline_are_counted_by_deadline(metrics):
+    from legato.topics.models import ActivityStarted
+
+    run = Run(machine("""
+name: slow
+steps:
+  - id: a
+    activity: work
+    run_timeout: 1s
+    start_timeout: 5s
+    timeout: 1m
+    retry: {max_attempts: 3, backoff: 1s, jitter: false}
+"""), metrics)
+    run.start("slow")
+    run.fire("a:start_timeout:1")
+    run.fire("a:retry:1")
+    r = run.pending("a")
+    run.deliver(ActivityStarted(request_id=r.request_id, run_id="r1", step_id="a", attempt=2, started_ms=run.now + 10), run.now + 10)
+    run.fire("a:run_timeout:2")
+    run.fire("a:retry:2")
+    run.fire("a:start_timeout:3")
+    assert value(metrics, "legato_activity_timeouts_total", workflow="slow", step="a", deadline="start_timeout") == 2
+    assert value(metrics, "legato_activity_timeouts_total", workflow="slow", step="a", deadline="run_timeout") == 1
+    assert value(metrics, "legato_activity_timeouts_total", workflow="slow", step="a", deadline="timeout") is None
+    assert value(metrics, "legato_step_failures_total", workflow="slow", kind="activity", step="a", error_type="ActivityStartTimeout") == 1
+
+
+def test_rate_limited_attempts_are_counted(metrics):
+    run = Run(machine("""
+name: limited
+steps:
+  - {id: a, activity: model_call, retry: {max_attempts: 2, backoff: 1s}}
+"""), metrics)
+    run.start("limited")
+    run.fail("a", T0 + 10, error_type="RateLimited", retryable=True)
+    run.fire("a:retry:1")
+    run.fail("a", run.now + 10, error_type="Boom", retryable=True)
+    assert value(metrics, "legato_activity_rate_limited_total", workflow="limited", step="a") == 1

@@ -41,3 +41,28 @@ def test_a_handlers_own_timeout_is_its_error_not_the_deadline_with_or_without_on
 def test_a_handler_within_its_deadline_succeeds():
     done = asyncio.run(execute(Activity(name="a", fn=_fast), _request(30.0)))
     assert done.status == "succeeded" and done.output == {"ok": True}
+
+
+def test_a_rate_limited_handler_reports_the_delay_it_was_given():
+    from legato.handlers.registry import RateLimited
+
+    async def refused(_):
+        raise RateLimited("429 from the model API", retry_after=2.5)
+
+    async def refused_bare(_):
+        raise RateLimited()
+
+    done = asyncio.run(execute(Activity(name="a", fn=refused), _request(30.0)))
+    assert done.status == "failed" and (done.error.type, done.error.retry_after_ms, done.error.retryable) == ("RateLimited", 2500, True)
+    assert "429" in done.error.message
+    bare = asyncio.run(execute(Activity(name="a", fn=refused_bare), _request(30.0)))
+    assert (bare.error.type, bare.error.retry_after_ms) == ("RateLimited", None)
+
+
+def test_a_negative_retry_after_is_refused_where_it_is_raised():
+    import pytest
+
+    from legato.handlers.registry import RateLimited
+
+    with pytest.raises(ValueError, match="retry_after must be >= 0"):
+        RateLimited(retry_after=-1)

@@ -37,6 +37,7 @@ class ErrorInfo(_Record):
     type: str
     message: str = ""
     retryable: bool = True
+    retry_after_ms: int | None = Field(default=None, ge=0)  # type ``RateLimited``: the next attempt no sooner than this
 
 
 class ActivityRequested(_Record):
@@ -55,6 +56,8 @@ class ActivityRequested(_Record):
     cache_ttl_ms: int | None = None  # answer from the result cache when an identical request succeeded within it
     batch: dict[str, Any] | None = None  # {max_size, max_wait_ms}: the handler may take several requests at once
     rate_limit: float | None = None  # requests per second per worker process
+    report_started: bool | None = None  # the step watches its handler's start: send ``activity.started`` when it starts
+    heartbeat_ms: int | None = Field(default=None, gt=0)  # the step expects ``activity.heartbeat`` at least this often
 
 
 class ActivityCompleted(_Record):
@@ -70,6 +73,40 @@ class ActivityCompleted(_Record):
     cost: Cost | None = None
     error: ErrorInfo | None = None
     cached: bool | None = None  # answered from the result cache
+
+
+def _type_required(schema: dict[str, Any]) -> None:
+    """In the published schema, ``type`` is required: on ``legato.completions`` a record without one is a completion."""
+    schema["required"] = ["type", *schema.get("required", [])]
+
+
+class ActivityStarted(_Record):
+    """On ``legato.completions``, keyed by run_id: a worker's handler started on one request (Legato's workers send it
+    when the request asks, ``report_started``; optional for independent workers). It starts the step's
+    ``run_timeout`` and ``heartbeat`` clocks and stops its ``start_timeout``; it never completes the step."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_type_required)
+
+    type: Literal["activity.started"] = "activity.started"
+    request_id: str
+    run_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    started_ms: int  # epoch ms when the handler started
+
+
+class ActivityHeartbeat(_Record):
+    """On ``legato.completions``, keyed by run_id: a running handler is alive (``await heartbeat()``). Each one re-arms
+    the step's ``heartbeat`` timer; one for a handler not yet known to have started also counts as its start."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_type_required)
+
+    type: Literal["activity.heartbeat"] = "activity.heartbeat"
+    request_id: str
+    run_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    heartbeat_ms: int  # epoch ms when the handler reported it
 
 
 class CachedResult(_Record):

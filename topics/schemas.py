@@ -1,4 +1,5 @@
-"""JSON Schemas of every record on the public topics, and of the records a user may produce to the internal
+"""JSON Schemas of every record on the public topics (``started.json`` and ``heartbeat.json``: the records a worker
+may send to ``legato.completions`` beside its completions, ActivityStarted and ActivityHeartbeat), and of the records a user may produce to the internal
 coordinator topic (``cancel.json``: RunCancelRequested, ``redrive.json``: RunRedriveRequested, ``fork.json``:
 RunForkRequested) and of the fork's seed the coordinator writes there (``fork_accepted.json``: RunForkAccepted),
 generated from the models.
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from legato.topics.models import (
     ActivityCompleted,
+    ActivityHeartbeat,
     ActivityRequested,
+    ActivityStarted,
     CachedResult,
     DeadLetter,
     DefinitionDeployed,
@@ -32,6 +35,8 @@ RECORDS = {
     "triggers": RunRequested,
     "requests": ActivityRequested,
     "completions": ActivityCompleted,
+    "started": ActivityStarted,
+    "heartbeat": ActivityHeartbeat,
     "runs": RunEvent,
     "dlq": DeadLetter,
     "cancel": RunCancelRequested,

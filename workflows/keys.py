@@ -116,10 +116,38 @@ def attempt_timeout(key: str, attempt: int) -> str:
     return f"{key}:timeout:{attempt}"
 
 
+def start_timeout(key: str, attempt: int) -> str:
+    """An activity attempt's ``start_timeout``: armed with its request, cleared when its handler starts."""
+    return f"{key}:start_timeout:{attempt}"
+
+
+def run_timeout(key: str, attempt: int) -> str:
+    """An activity attempt's ``run_timeout``: armed when its handler starts."""
+    return f"{key}:run_timeout:{attempt}"
+
+
+def heartbeat_timer(key: str, attempt: int, beats: int) -> str:
+    """An activity attempt's ``heartbeat`` deadline after ``beats`` heartbeats: each heartbeat arms a timer of its own,
+    so a copy of the one it replaced, fired before it was replaced, is stale and not the new one."""
+    return f"{key}:heartbeat:{attempt}:{beats}"
+
+
+_ATTEMPT_DEADLINES = (":timeout:", ":start_timeout:", ":run_timeout:")
+
+
 def timed_out_request(run_id: str, timer_id: str) -> str | None:
-    """The request id whose deadline ``timer_id`` is, when it is an activity attempt's timeout (else None)."""
-    key, sep, attempt = timer_id.rpartition(":timeout:")
-    return request_id(run_id, key, int(attempt)) if sep and attempt.isdigit() else None
+    """The request id whose deadline ``timer_id`` is, when it is one of an activity attempt's deadlines (its
+    ``timeout``, ``start_timeout``, ``run_timeout`` or ``heartbeat``), else None: a worker's completion of that request
+    in the log before the timer fired answers it (``streams.coordinator.fence``)."""
+    key, sep, rest = timer_id.rpartition(":heartbeat:")
+    if sep:
+        attempt, colon, beats = rest.partition(":")
+        return request_id(run_id, key, int(attempt)) if colon and attempt.isdigit() and beats.isdigit() else None
+    for deadline in _ATTEMPT_DEADLINES:
+        key, sep, attempt = timer_id.rpartition(deadline)
+        if sep:
+            return request_id(run_id, key, int(attempt)) if attempt.isdigit() else None
+    return None
 
 
 def retry_timer(key: str, attempt: int) -> str:

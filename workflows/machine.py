@@ -11,7 +11,9 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Union
 
 from legato.topics.models import (
     ActivityCompleted,
+    ActivityHeartbeat,
     ActivityRequested,
+    ActivityStarted,
     ChildRunFinished,
     ErrorInfo,
     RunAccepted,
@@ -50,7 +52,7 @@ from legato.workflows.steps.subworkflow import SubWorkflowProcessor
 from legato.workflows.steps.wait import WaitProcessor
 from legato.workflows.transitions import DomainEvent, SignalIgnored
 
-Event = Union[RunAccepted, ActivityCompleted, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested, RunForkRequested,
+Event = Union[RunAccepted, ActivityCompleted, ActivityStarted, ActivityHeartbeat, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested, RunForkRequested,
               RunForkAccepted]
 
 __all__ = [
@@ -132,6 +134,8 @@ class Machine:
             return Decision(run.state, run.out, run.events)
         if isinstance(event, ActivityCompleted):
             _activities.completed(run, event)
+        elif isinstance(event, (ActivityStarted, ActivityHeartbeat)):
+            _activities.started(run, event)
         elif isinstance(event, ChildRunFinished):
             _subworkflows.child_run_finished(run, event)
         elif isinstance(event, SignalSent):
@@ -375,7 +379,7 @@ def _signal_ignored(event: Event, workflow: str, reason: str) -> list[DomainEven
 
 
 def _describe(event: Event) -> str:
-    if isinstance(event, ActivityCompleted):
+    if isinstance(event, (ActivityCompleted, ActivityStarted, ActivityHeartbeat)):
         return f"request {event.request_id} attempt {event.attempt}"
     if isinstance(event, TimerFired):
         return f"timer {event.timer_id}"

@@ -116,13 +116,21 @@ class ActivityStep(_Spec):
     id: StepId
     activity: Name
     input: Any = None
-    timeout: Duration | None = None
+    timeout: Duration | None = None  # request to completion, per attempt
+    start_timeout: Duration | None = Field(default=None, gt=0)  # request to the handler starting (activity.started)
+    run_timeout: Duration | None = Field(default=None, gt=0)  # handler start to completion
+    heartbeat: Duration | None = Field(default=None, gt=0)  # longest silence between heartbeats of a started handler
     retry: Retry = Retry()
     on_error: OnError = "fail"
     non_retryable: list[str] = Field(default_factory=list)
     cache: Cache | None = None
     batch: Batch | None = None
     rate_limit: RateLimit | None = None
+
+    @property
+    def watches_start(self) -> bool:
+        """Whether the coordinator needs to hear when a handler starts (``activity.started``)."""
+        return self.start_timeout is not None or self.run_timeout is not None or self.heartbeat is not None
 
 
 class WorkflowStep(_Spec):

@@ -12,7 +12,7 @@ StepStatus = Literal["running", "waiting", "waiting_retry", "succeeded", "failed
 """``waiting``: a ``wait`` step waiting for its signal. ``waiting_retry``: an activity between attempts."""
 FrameStatus = Literal["running", "succeeded", "failed", "cancelled"]
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
-TimerKind = Literal["activity_timeout", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep", "retention"]
+TimerKind = Literal["activity_timeout", "activity_start_timeout", "activity_run_timeout", "activity_heartbeat", "retry", "run_timeout", "loop_timeout", "join_timeout", "wait_timeout", "sleep", "retention"]
 
 TERMINAL: tuple[RunStatus, ...] = ("succeeded", "failed", "cancelled")
 STEP_FINISHED: tuple[StepStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
@@ -109,6 +109,8 @@ class StepState(_State, kw_only=True):
     attempt: int = 0
     request_id: str | None = None
     request: dict[str, Any] | None = None  # the pending ActivityRequested, to resend after a crash
+    handler_started_ms: int | None = None  # when the handler of the current attempt started (activity.started), if known
+    heartbeats: int = 0  # heartbeats decided for the current attempt (names its heartbeat timer)
     output: Any = None
     confidence: float | None = None
     error: ErrorInfo | None = None

@@ -81,6 +81,20 @@ class LoopEnded(DomainEvent):
     iterations: int
 
 
+class AttemptTimedOut(DomainEvent):
+    """An activity attempt ran out of one of its deadlines: ``timeout``, ``start_timeout``, ``run_timeout`` or
+    ``heartbeat`` (whether a retry follows or the step fails, ``StepFinished`` says)."""
+
+    step_id: str
+    deadline: str
+
+
+class AttemptRateLimited(DomainEvent):
+    """An activity attempt failed with error type ``RateLimited`` (an API's 429), retried or not."""
+
+    step_id: str
+
+
 class RunFinished(DomainEvent):
     status: str  # succeeded | failed | cancelled
     error_type: str | None = None

@@ -34,6 +34,10 @@ SCAN_TIMEOUT_S = 5.0
 """How long one look for pending answers may read before the timers it was for wait for the next look."""
 
 
+_NOT_ANSWERS = ("activity.started", "activity.heartbeat")
+"""Types of the completions topic's records that say a handler runs, not how it ended."""
+
+
 class AnswerFence:
     """Looks for answers still on their way to their run's partition (``pending``) and gives each partition's mark."""
 
@@ -101,11 +105,21 @@ class AnswerFence:
                 for record in records:
                     if record.offset >= todo.get(tp, 0) or record.value is None or not any(n in record.value for n in needle):
                         continue
-                    try:
-                        request_id = orjson.loads(record.value).get("request_id")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        continue
+                    request_id = answered(record.value)
                     if request_id in requests and requests[request_id] != tp.partition:
                         found.add(request_id)
         return found
+
+
+def answered(value: bytes) -> str | None:
+    """The request id a completions record answers: a worker's completion's; None for anything else, an
+    ``activity.started`` or ``activity.heartbeat`` record too (a handler that started or is alive has not answered)."""
+    try:
+        record = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or record.get("type") in _NOT_ANSWERS:
+        return None
+    request_id = record.get("request_id")
+    return request_id if isinstance(request_id, str) else None
 

@@ -8,11 +8,14 @@ from legato.streams.dlq import dead_letter
 from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunAccepted, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, ChildRunFinished, RunAccepted, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent, TimerFired
 from legato.topics.names import Topics
 
 Send = tuple[str, bytes | None, bytes, int | None]
 """A record to produce in the batch's transaction: topic, key, value, partition (None: by key)."""
+
+_COMPLETIONS_RECORDS = {"activity.started": ActivityStarted, "activity.heartbeat": ActivityHeartbeat}
+"""The records on the completions topic that carry a ``type``; one without (or with any other) is a completion."""
 
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c5a3e-8d0b-4c1e-9b7a-1e2d3c4b5a69")
 
@@ -42,7 +45,8 @@ class Inbox:
     def decode(self, topic: str, value: bytes | None) -> Any:
         """The event of a completions, signals or coordinator record; raises DecodeError."""
         if topic == self.topics.completions:
-            return codec.decode(ActivityCompleted, value)
+            raw = codec.decode_object(value)
+            return codec.validate(_COMPLETIONS_RECORDS.get(raw.get("type"), ActivityCompleted), raw)  # type: ignore[arg-type]
         if topic == self.topics.signals:
             return codec.decode(SignalSent, value)
         raw = codec.decode_object(value)

@@ -24,7 +24,7 @@ from legato.streams.coordinator.inbox import Inbox, Send
 from legato.streams.coordinator.timers import Timers, now_ms
 from legato.streams.metrics import count_in_flight
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows.lifecycle import retention_ms
 from legato.workflows.machine import EventIgnored, ForgetRun, Machine, StartTimer, outstanding
@@ -74,7 +74,7 @@ hundred steps/s every step was its own transaction: at 340 steps/s the pair burn
 (BENCHMARKS.md, overhead under load). A batch with anything else in it (a terminal event, a request that has to be
 in the transaction, a dead letter) commits at once."""
 
-_EVENT_KINDS = {ActivityCompleted: "completion", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
+_EVENT_KINDS = {ActivityCompleted: "completion", ActivityStarted: "started", ActivityHeartbeat: "heartbeat", TimerFired: "timer", ChildRunFinished: "child", RunCancelRequested: "cancel", SignalSent: "signal",
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
 

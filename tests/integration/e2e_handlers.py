@@ -1,6 +1,6 @@
 """Activity handlers for the end-to-end tests (loaded by the `legato worker` subprocess).
 
-They only use the public handler API (``@activity``, ``Result``, ``ActivityError``, ``progress``).
+They only use the public handler API (``@activity``, ``Result``, ``ActivityError``, ``progress``, ``heartbeat``).
 """
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from legato.handlers import progress
-from legato.handlers.registry import ActivityError, Result, activity
+from legato.handlers import heartbeat, progress
+from legato.handlers.registry import ActivityError, RateLimited, Result, activity
 
 # Attempts seen per key (the test passes its run_id in the input: handlers never see the request itself).
 _FLAKY_ATTEMPTS: dict[str, int] = {}
@@ -176,3 +176,33 @@ async def e2e_probe(data: dict[str, Any]) -> dict[str, Any]:
         "batches": _BATCHES.get(key, []),
         "max_inflight": _MAX_INFLIGHT.get(key, 0),
     }
+
+
+@activity("e2e_single", concurrency=1)
+async def e2e_single(data: dict[str, Any]) -> dict[str, Any]:
+    """One request at a time per worker process: sleep ``seconds`` (a queue forms behind a slow one)."""
+    seconds = float(data.get("seconds", 0))
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
+
+
+@activity("e2e_beating")
+async def e2e_beating(data: dict[str, Any]) -> dict[str, Any]:
+    """Work ``seconds`` in 100 ms slices, with a heartbeat after each unless ``silent``: a silent one hangs as far as
+    the coordinator can tell."""
+    slices = round(float(data.get("seconds", 1)) / 0.1)
+    for _ in range(slices):
+        await asyncio.sleep(0.1)
+        if not data.get("silent"):
+            await heartbeat()
+    return {"slices": slices}
+
+
+@activity("e2e_rate_limited")
+async def e2e_rate_limited(data: dict[str, Any]) -> dict[str, Any]:
+    """Refused for a rate limit (``retry_after`` seconds) on the first attempt for each ``data['run_id']``."""
+    key = str(data["run_id"])
+    _FLAKY_ATTEMPTS[key] = _FLAKY_ATTEMPTS.get(key, 0) + 1
+    if _FLAKY_ATTEMPTS[key] == 1:
+        raise RateLimited("429 from the model API", retry_after=float(data["retry_after"]))
+    return {"attempts": _FLAKY_ATTEMPTS[key]}

@@ -1,4 +1,18 @@
-"""``activity:`` steps: a request to a worker, retried with back-off, bounded by a timeout per attempt."""
+"""``activity:`` steps: a request to a worker, retried with back-off, bounded per attempt by its deadlines.
+
+An attempt has up to four deadlines, each a timer armed in the run's state (docs/timeouts.md):
+
+- ``timeout``: request to completion (``<step>:timeout:<attempt>``), always armed;
+- ``start_timeout``: request to the handler starting (``<step>:start_timeout:<attempt>``), cleared by the worker's
+  ``activity.started`` record (or a heartbeat, or the completion). A worker that never sends one fails it;
+- ``run_timeout``: handler start to completion (``<step>:run_timeout:<attempt>``), armed by ``activity.started``: a
+  worker that never sends one leaves the attempt bounded by ``timeout`` alone;
+- ``heartbeat``: the longest silence of a started handler (``<step>:heartbeat:<attempt>:<beats>``), re-armed under a
+  new id by each ``activity.heartbeat``.
+
+Whichever fires first fails the attempt (``ActivityTimeout``, ``ActivityStartTimeout``, ``ActivityRunTimeout``,
+``ActivityHeartbeatTimeout``, all retryable), and ``retry`` decides what comes next.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from legato.topics.models import ActivityCompleted, ActivityRequested, CachedResult, ErrorInfo, RequestCancelled
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, CachedResult, ErrorInfo, RequestCancelled
 from legato.workflows import keys, transitions
 from legato.workflows.commands import CacheResult, CancelRequest, RequestActivity
 from legato.workflows.model import DEFAULT_ACTIVITY_TIMEOUT, ActivityStep
@@ -61,10 +75,53 @@ class ActivityProcessor(Processor):
             self._attempt_failed(run, step, error, "failed")
         run.check_budget()
 
+    def started(self, run: "Run", event: ActivityStarted | ActivityHeartbeat) -> None:
+        """A worker's handler started on one of this run's requests (``activity.started``), or reported that it is
+        alive (``activity.heartbeat``, which also counts as its start when no started record came first)."""
+        heartbeat = isinstance(event, ActivityHeartbeat)
+        key = run.state.requests.get(event.request_id)
+        step = run.state.steps.get(key) if key is not None else None
+        if step is None or event.attempt != step.attempt or step.status != "running":
+            detail = f"request {event.request_id} attempt {event.attempt} is not pending"
+            if heartbeat:
+                run.ignore("stale_heartbeat", detail)
+            else:
+                run.ignore("stale_started", detail)
+            return
+        definition: ActivityStep = run.wf.steps[step.step_id]
+        first = step.handler_started_ms is None
+        if first and definition.watches_start:
+            step.handler_started_ms = event.heartbeat_ms if heartbeat else event.started_ms
+            run.clear_timer(keys.start_timeout(step.key, step.attempt))
+            if definition.run_timeout is not None:
+                run.set_timer(keys.run_timeout(step.key, step.attempt), definition.run_timeout, "activity_run_timeout", target=step.key, attempt=step.attempt)
+            if definition.heartbeat is not None and not heartbeat:
+                run.set_timer(keys.heartbeat_timer(step.key, step.attempt, 0), definition.heartbeat, "activity_heartbeat", target=step.key, attempt=step.attempt)
+        if heartbeat and definition.heartbeat is not None:
+            run.clear_timer(keys.heartbeat_timer(step.key, step.attempt, step.heartbeats))
+            step.heartbeats += 1
+            run.set_timer(keys.heartbeat_timer(step.key, step.attempt, step.heartbeats), definition.heartbeat, "activity_heartbeat", target=step.key,
+                          attempt=step.attempt)
+        elif not first or not definition.watches_start:
+            # a second started record, or a record the step does not watch (it sets none of start_timeout, run_timeout,
+            # heartbeat): nothing to change
+            detail = f"request {event.request_id} attempt {event.attempt}"
+            if heartbeat:
+                run.ignore("unwatched_heartbeat", detail)
+            elif first:
+                run.ignore("unwatched_started", detail)
+            else:
+                run.ignore("duplicate_started", detail)
+
     def timer(self, run: "Run", step: StepState, timer: Timer) -> None:
-        if timer.kind == "activity_timeout" and step.status == "running" and step.attempt == timer.attempt:
-            _clear_pending(run, step)
-            self._attempt_failed(run, step, ErrorInfo(type="ActivityTimeout", message=f"attempt {step.attempt} took longer than its timeout", retryable=True), "timed_out")
+        if timer.kind in _DEADLINES and step.status == "running" and step.attempt == timer.attempt:
+            error_type, what = _DEADLINES[timer.kind]
+            run.events.append(transitions.AttemptTimedOut(run_id=run.state.run_id, workflow=run.state.workflow, step_id=step.step_id, deadline=what))
+            if timer.kind == "activity_timeout":
+                _clear_pending(run, step)  # the worker stops at the request's deadline by itself
+            else:
+                self.cancel(run, step, f"{what} expired")  # the handler may still be queued or running: its worker stops it
+            self._attempt_failed(run, step, ErrorInfo(type=error_type, message=f"attempt {step.attempt} {_EXPLAIN[timer.kind]}", retryable=True), "timed_out")
         elif timer.kind == "retry" and step.status == "waiting_retry":
             request(run, step, run.wf.steps[step.step_id], step.attempt + 1)
 
@@ -80,14 +137,39 @@ class ActivityProcessor(Processor):
         definition = run.wf.steps[step.step_id]
         step.error = error
         retryable = error.retryable and error.type not in definition.non_retryable
+        if error.type == RATE_LIMITED:
+            run.events.append(transitions.AttemptRateLimited(run_id=run.state.run_id, workflow=run.state.workflow, step_id=step.step_id))
         if retryable and step.attempt < definition.retry.max_attempts:
             transitions.move(run, step, "waiting_retry")
-            delay = definition.retry.delay(step.attempt)
-            if definition.retry.jitter:
-                delay = min(delay * _jitter(keys.request_id(run.state.run_id, step.key, step.attempt)), definition.retry.max_backoff)
+            if error.type == RATE_LIMITED and error.retry_after_ms is not None:
+                delay = error.retry_after_ms / 1000  # what the rate-limited API asked for, not the back-off
+            else:
+                delay = definition.retry.delay(step.attempt)
+                if definition.retry.jitter:
+                    delay = min(delay * _jitter(keys.request_id(run.state.run_id, step.key, step.attempt)), definition.retry.max_backoff)
             run.set_timer(keys.retry_timer(step.key, step.attempt), delay, "retry", target=step.key, attempt=step.attempt)
             return
         run.failed_finally(step, error, final_status)
+
+
+RATE_LIMITED = "RateLimited"
+"""The error type of an attempt refused for a rate limit (``legato.handlers.registry.RateLimited``, or an independent
+worker's error of that type): its ``retry_after_ms`` replaces the retry back-off."""
+
+_DEADLINES = {
+    "activity_timeout": ("ActivityTimeout", "timeout"),
+    "activity_start_timeout": ("ActivityStartTimeout", "start_timeout"),
+    "activity_run_timeout": ("ActivityRunTimeout", "run_timeout"),
+    "activity_heartbeat": ("ActivityHeartbeatTimeout", "heartbeat"),
+}
+"""Timer kind → the error type of the attempt it fails, and the YAML key of the deadline."""
+
+_EXPLAIN = {
+    "activity_timeout": "took longer than its timeout",
+    "activity_start_timeout": "did not start within its start_timeout (no activity.started from a worker)",
+    "activity_run_timeout": "ran longer than its run_timeout after its handler started",
+    "activity_heartbeat": "sent no heartbeat within its heartbeat interval",
+}
 
 
 def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int, variables: dict[str, Any] | None = None) -> None:
@@ -115,15 +197,21 @@ def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int,
         cache_ttl_ms=round(definition.cache.ttl * 1000) if definition.cache else None,
         batch={"max_size": definition.batch.max_size, "max_wait_ms": round(definition.batch.max_wait * 1000)} if definition.batch else None,
         rate_limit=definition.rate_limit.per_second if definition.rate_limit else None,
+        report_started=True if definition.watches_start else None,
+        heartbeat_ms=round(definition.heartbeat * 1000) if definition.heartbeat is not None else None,
     )
     transitions.move(run, step, "running")
     step.attempt = attempt
+    step.handler_started_ms = None
+    step.heartbeats = 0
     step.request_id = req.request_id
     step.request = req.model_dump(mode="json", exclude_none=True)
     run.grow(len(orjson.dumps(step.request)))
     run.state.requests[req.request_id] = step.key
     run.out.append(RequestActivity(request=req))
     run.set_timer(keys.attempt_timeout(step.key, attempt), timeout, "activity_timeout", target=step.key, attempt=attempt)
+    if definition.start_timeout is not None:
+        run.set_timer(keys.start_timeout(step.key, attempt), definition.start_timeout, "activity_start_timeout", target=step.key, attempt=attempt)
 
 
 def _cache(run: "Run", step: StepState, event: ActivityCompleted) -> None:
@@ -141,6 +229,9 @@ def _clear_pending(run: "Run", step: StepState) -> None:
     if step.request_id:
         run.state.requests.pop(step.request_id, None)
     run.clear_timer(keys.attempt_timeout(step.key, step.attempt))
+    run.clear_timer(keys.start_timeout(step.key, step.attempt))
+    run.clear_timer(keys.run_timeout(step.key, step.attempt))
+    run.clear_timer(keys.heartbeat_timer(step.key, step.attempt, step.heartbeats))
     run.clear_timer(keys.retry_timer(step.key, step.attempt))
 
 
