@@ -2,7 +2,7 @@
 
 A step's timeout is a deadline on the worker's answer, but the coordinator learns of both through Kafka, and after
 a crash or under a backlog it can read the timer's record before an answer that was written earlier. Two rules keep
-the answer first (README, Guarantees):
+the answer first (docs/concepts/guarantees.md):
 
 - Before it fires the timeout of a request, the coordinator looks for that request's answer in the other partitions
   of the completions topic, beyond the offsets the coordinator group has decided and committed: an answer produced

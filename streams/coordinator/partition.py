@@ -83,7 +83,7 @@ _FRESH_BYTES = 4 * 1024 * 1024
 step; compressing it at every write and decompressing it at every read cost a quarter of a no-op step's coordinator
 CPU (``python -m legato.tools.bench_decide``), so a state is compressed once it is no longer among the last ones
 written. A budget in bytes, not a count: with 64 states a partition, 6,000 runs in flight compressed and
-decompressed at every step (a third of the coordinator's CPU; BENCHMARKS.md, seventh session), while 100,000 idle
+decompressed at every step (a third of the coordinator's CPU; BENCHMARKS.md, memory), while 100,000 idle
 one-step runs cost each partition at most these 4 MiB more (BENCHMARKS.md, memory)."""
 
 
@@ -484,7 +484,7 @@ class Partitions:
             # run's new state: if that transaction is lost, the completions are read again in their log order,
             # the same request (same request_id and run_started_ms) is decided again and workers drop it, and
             # the worker's answer, later in the same completions partition, is read after it. An input of
-            # another topic gives no such order, so its run's requests stay in the transaction (README, Guarantees).
+            # another topic gives no such order, so its run's requests stay in the transaction (docs/concepts/guarantees.md).
             # Nor may a timer of the run be decided between the early request and its transaction's commit: the
             # fire loop holds back the timers of runs in ``PartitionTask.early_runs``, and a run that had a timer due
             # when a completion changed it (fired, maybe by the partition's previous owner, and not yet read) is

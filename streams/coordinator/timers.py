@@ -88,7 +88,7 @@ async def _fire_due(tasks: Mapping[int, "PartitionTask"], producer: AIOKafkaProd
                 continue  # finished or cleared since it was set
             if run_id in task.early_runs:
                 # the run has requests out ahead of a transaction not yet committed: a timer decided after them could be
-                # read before them by a new owner if that transaction is lost (README, Guarantees)
+                # read before them by a new owner if that transaction is lost (docs/concepts/guarantees.md)
                 task.timers.schedule(run_id, timer_id, now + 20)
                 continue
             due.append((task, run_id, timer_id))
