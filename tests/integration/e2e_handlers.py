@@ -176,3 +176,9 @@ async def e2e_probe(data: dict[str, Any]) -> dict[str, Any]:
         "batches": _BATCHES.get(key, []),
         "max_inflight": _MAX_INFLIGHT.get(key, 0),
     }
+
+
+@activity("e2e_huge")
+async def e2e_huge(data: dict[str, Any]) -> dict[str, Any]:
+    """Return a text of ``bytes`` characters: an output past a Kafka record's limit."""
+    return {"text": "x" * int(data["bytes"])}
