@@ -318,6 +318,13 @@ def cmd_definitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from legato.streams import schedule_cli
+
+    s = _settings(args)
+    return schedule_cli.run(args, s.bootstrap, s.topics, s.partitions)
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from legato.workflows.graph import mermaid
     from legato.workflows.model import DefinitionError, load_workflow
@@ -564,9 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apply", action="store_true", help="create the ACLs through the admin API (needs ALTER on the cluster)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_acl, workflows=[], handlers=[])
+    from legato.streams import schedule_cli
+    schedule_cli.add_parser(sub, {"fn": cmd_schedule, "workflows": [], "handlers": [], "loglevel": None})
 
     args = parser.parse_args(argv)
-    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork"):
+    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork", "schedule"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     try:
         return args.fn(args) or 0

@@ -151,6 +151,10 @@ def test_a_paused_schedule_decides_nothing_and_a_fired_record_of_an_older_defini
     s = spec(every_ms=1000, created_ms=0, paused=True)
     d = due(s, fired(s, 5000), now_ms=9000, running=False)
     assert d.fire == [] and d.last_tick_ms == 5000
+    # once resumed at 9.5 s, the ticks 6..9 s that came while paused are skipped, and 10 s fires
+    resumed = spec(every_ms=1000, created_ms=0, resumed_ms=9500)
+    after = due(resumed, fired(resumed, 5000), now_ms=10_000, running=False)
+    assert after.fire == [10_000] and after.skipped_paused == 4 and after.skipped_late == 0
     recreated = spec(every_ms=1000, created_ms=8000)
     stale = ScheduleFired(name="s", created_ms=0, last_tick_ms=20_000)
     assert due(recreated, stale, now_ms=9000, running=False).fire == [8000, 9000]

@@ -135,6 +135,7 @@ class ScheduleSpec(BaseModel):
     catchup_ms: int = Field(default=int(DEFAULT_CATCHUP_S * 1000), ge=0)
     jitter_ms: int = Field(default=0, ge=0)
     paused: bool = False
+    resumed_ms: int | None = None  # when ``legato schedule resume`` ran: the ticks before it, paused, never fire
     created_ms: int = Field(ge=0)  # an ``every`` schedule ticks at created_ms + k * every_ms; no tick before it
 
     @field_validator("name")
@@ -234,13 +235,14 @@ class Due(BaseModel):
     fire: list[int] = Field(default_factory=list)  # ticks to start a run for, oldest first
     skipped_late: int = 0  # ticks older than catchup: never fired
     skipped_overlap: list[int] = Field(default_factory=list)  # the previous run was still going
+    skipped_paused: int = 0  # ticks that came while the schedule was paused
     buffered_tick_ms: int | None = None  # held until the running run finishes (buffer_one)
     last_tick_ms: int  # every tick up to here is decided
     next_tick_ms: int  # when to look again (jitter not included)
 
     @property
     def changed(self) -> bool:
-        return bool(self.fire or self.skipped_late or self.skipped_overlap)
+        return bool(self.fire or self.skipped_late or self.skipped_overlap or self.skipped_paused)
 
 
 def due(spec: ScheduleSpec, fired: ScheduleFired | None, now_ms: int, running: bool) -> Due:
@@ -251,7 +253,7 @@ def due(spec: ScheduleSpec, fired: ScheduleFired | None, now_ms: int, running: b
     - A tick older than ``catchup`` at ``now`` is skipped as late (counted: a coordinator down longer misses it).
     - overlap ``allow`` fires every tick; ``skip`` fires a tick only when no run is going, else skips it;
       ``buffer_one`` holds one tick while a run is going (later ticks are skipped) and fires it once none is.
-    - A paused schedule decides nothing (its ticks pass; they are caught up on resume within ``catchup``).
+    - A paused schedule decides nothing; once resumed, the ticks that came while it was paused are skipped.
     """
     if fired is not None and fired.created_ms != spec.created_ms:
         fired = None
@@ -259,6 +261,10 @@ def due(spec: ScheduleSpec, fired: ScheduleFired | None, now_ms: int, running: b
     buffered = fired.buffered_tick_ms if fired is not None else None
     if spec.paused:
         return Due(last_tick_ms=last, buffered_tick_ms=buffered, next_tick_ms=next_tick(spec, max(last, now_ms)))
+    paused = 0
+    if spec.resumed_ms is not None and last < spec.resumed_ms - 1:
+        first, end = next_tick(spec, last), next_tick(spec, spec.resumed_ms - 1)
+        paused, last = (_count(spec, first, end) if first < end else 0), spec.resumed_ms - 1
     fire: list[int] = []
     overlapped: list[int] = []
     if buffered is not None and not running:
@@ -281,7 +287,8 @@ def due(spec: ScheduleSpec, fired: ScheduleFired | None, now_ms: int, running: b
         else:
             overlapped.append(t)
         t = next_tick(spec, t)
-    return Due(fire=fire, skipped_late=late, skipped_overlap=overlapped, buffered_tick_ms=buffered, last_tick_ms=last, next_tick_ms=t)
+    return Due(fire=fire, skipped_late=late, skipped_overlap=overlapped, skipped_paused=paused, buffered_tick_ms=buffered, last_tick_ms=last,
+               next_tick_ms=t)
 
 
 _COUNT_LIMIT = 10_000
