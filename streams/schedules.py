@@ -143,7 +143,13 @@ class Schedules:
     async def run(self) -> None:
         """Read the schedules and fire the due ticks of the ones this process owns, until cancelled."""
         kw = security.aiokafka_kwargs()
-        self.table = await read_table(self.bootstrap, self.topics)
+        while True:  # nothing fires before the table is read to its end: an unread schedule.fired would refire ticks
+            try:
+                self.table = await read_table(self.bootstrap, self.topics)
+                break
+            except Exception as exc:
+                log.warning("reading %s failed, trying again: %s", self.topics.schedules, exc)
+                await asyncio.sleep(1.0)
         runs = asyncio.create_task(self._tail_runs(kw), name="legato.schedules.runs")
         specs = asyncio.create_task(self._tail_schedules(kw), name="legato.schedules.table")
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True, linger_ms=0, partitioner=keyed_partitioner, **kw)
@@ -170,18 +176,23 @@ class Schedules:
         for name, spec in list(self.table.specs.items()):
             if not self.owns(self.owner(name)):
                 continue
-            decision = due(spec, self.table.fired.get(name), now_ms, self.running(name, now))
             fired = self.table.fired.get(name)
-            if fired is not None and fired.created_ms == spec.created_ms and fired.last_tick_ms == decision.last_tick_ms \
-                    and fired.buffered_tick_ms == decision.buffered_tick_ms:
+            if fired is not None and fired.created_ms != spec.created_ms:
+                fired = None  # the record of a schedule deleted and created again under this name
+            decision = due(spec, fired, now_ms, self.running(name, now))
+            if not decision.changed and decision.buffered_tick_ms == (fired.buffered_tick_ms if fired is not None else None):
                 continue
-            last_run = fired.last_run_id if fired is not None and fired.created_ms == spec.created_ms else None
-            for tick in decision.fire:
+            last_run = fired.last_run_id if fired is not None else None
+            sent = []
+            for tick in decision.fire:  # sent together, acknowledged before the record: a catch-up is one round trip
                 rid = run_id(name, tick)
                 trigger = RunRequested(workflow=spec.workflow, input=spec.input, run_id=rid, correlation_id=f"schedule:{name}")
-                await producer.send_and_wait(self.topics.triggers, codec.dumps(trigger), key=rid.encode())
-                self.pending[rid] = now
+                sent.append(await producer.send(self.topics.triggers, codec.dumps(trigger), key=rid.encode()))
                 last_run = rid
+            for future in sent:
+                await future
+            for tick in decision.fire:
+                self.pending[run_id(name, tick)] = now
                 if self.metrics is not None:
                     self.metrics.schedule_fired(name, now_ms - tick)
             record = ScheduleFired(name=name, created_ms=spec.created_ms, last_tick_ms=decision.last_tick_ms, last_run_id=last_run,

@@ -201,3 +201,12 @@ def test_jitter_delays_a_tick_by_a_fixed_amount_below_the_bound_and_keeps_its_ru
 def test_run_ids_are_derived_from_the_name_and_the_tick():
     assert run_id("report", ms("2026-12-07T08:00:00")) == "sched-report-20261207T080000.000Z"
     assert run_id("report", 1) != run_id("report", 2) and run_id("a", 1) != run_id("b", 1)
+
+
+def test_nothing_due_is_no_change_so_the_firing_coordinator_writes_nothing():
+    # given a weekday 9:00 cron created on a Saturday, looked at before its first tick, with or without a record
+    s = spec(cron="0 9 * * MON-FRI", created_ms=ms("2026-03-07T10:00:00"))
+    for record in (None, fired(s, ms("2026-03-07T10:00:00") - 1)):
+        d = due(s, record, now_ms=ms("2026-03-08T12:00:00"), running=False)
+        # then nothing is decided, and the next look is Monday 9:00
+        assert not d.changed and d.fire == [] and d.next_tick_ms == ms("2026-03-09T09:00:00")
