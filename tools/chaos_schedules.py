@@ -47,7 +47,7 @@ async def scenario_schedules(bootstrap: str, kills: int = 5, seed: int = 1, extr
         spec = (await read_table(bootstrap, env.topics)).specs[SCHEDULE]
         kill_log = []
         for k in range(kills):
-            await asyncio.sleep(rng.uniform(4.0, 9.0))
+            await asyncio.sleep(rng.uniform(8.0, 16.0))  # a restarted coordinator gets its partitions before the next kill
             at = coordinator.kill()
             down = rng.uniform(1.0, 5.0)
             await asyncio.sleep(down)

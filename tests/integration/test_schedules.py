@@ -34,6 +34,13 @@ steps:
   - id: nap
     sleep: 200ms
 """
+SLOW_WORKFLOW = """\
+name: sched_slow
+timeout: 30s
+steps:
+  - id: nap
+    sleep: 2500ms
+"""
 READY_S = 180.0
 
 
@@ -43,6 +50,7 @@ async def schedule_system(kafka_bootstrap, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("legato-schedules")
     (workdir / "workflows").mkdir()
     (workdir / "workflows" / "sched_tick.yaml").write_text(WORKFLOW, encoding="utf-8")
+    (workdir / "workflows" / "sched_slow.yaml").write_text(SLOW_WORKFLOW, encoding="utf-8")
     env = {**os.environ, "LEGATO_BOOTSTRAP": kafka_bootstrap, "LEGATO_TOPIC_PREFIX": prefix, "LEGATO_WORKFLOWS": str(workdir / "workflows"),
            "LEGATO_LOGLEVEL": "info", "LEGATO_SESSION_TIMEOUT": "6", "PYTHONUNBUFFERED": "1"}
     env.pop("LEGATO_HANDLERS", None)
@@ -142,6 +150,30 @@ async def test_every_tick_runs_once_across_a_coordinator_sigkill(schedule_system
 
 
 def rid_ms(rid: str) -> int:
-    """The tick of a run_id ``sched-tick-20261207T080000.437Z``."""
-    stamp = rid[len("sched-tick-"):]
+    """The tick of a run_id ``sched-<name>-20261207T080000.437Z``."""
+    stamp = rid[-len("20261207T080000.437Z"):]
     return calendar.timegm(time.strptime(stamp[:15], "%Y%m%dT%H%M%S")) * 1000 + int(stamp[16:19])
+
+
+async def test_overlap_skip_starts_no_run_while_the_previous_one_is_going(schedule_system):
+    harness = schedule_system
+    if not any(s.proc.poll() is None for s in harness.services):
+        harness.services.append(_start("coordinator-3", ["coordinator"], harness.env, harness.workdir))
+    # runs take 2.5 s, ticks come every second: with skip, at most one run at a time and most ticks skipped
+    made = cli(harness, "create", "slow", "--workflow", "sched_slow", "--every", "1s", "--overlap", "skip")
+    assert made.returncode == 0, made.stderr
+    await wait_for_runs(harness, "slow", 4, READY_S)
+    assert cli(harness, "pause", "slow").returncode == 0
+    await asyncio.sleep(3)
+    runs = await wait_for_runs(harness, "slow", len(await schedule_runs(harness, "slow")), 60)
+    spans = []
+    for rid, events in runs.items():
+        started = [e for e in events if e.type == "run.started"]
+        ended = [e for e in events if e.type in TERMINAL_TYPES]
+        assert len(started) == 1 and len(ended) == 1 and ended[0].status == "succeeded", (rid, events)
+        spans.append((rid_ms(rid), started[0].started_at, ended[0].finished_at))
+    spans.sort()
+    for (_, _, finished), (tick, started, _) in zip(spans, spans[1:]):
+        assert started >= finished, f"the run of tick {iso(tick)} started at {started}, before the previous one finished at {finished}"
+    gaps = [b[0] - a[0] for a, b in zip(spans, spans[1:])]
+    assert all(g >= 3000 for g in gaps), f"ticks fired while a 2.5 s run was going: {gaps}"
