@@ -7,12 +7,12 @@ topics are PREFIXED patterns, everything else is LITERAL.
 
 | role | may |
 |---|---|
-| ``coordinator`` | read triggers, completions, signals, definitions, the cache, its own topic and its changelog; write requests, completions (cache hits), run events, cancellations, the cache, the DLQ, completion topics and its changelog, in transactions under ``<prefix>-coordinator-*`` |
+| ``coordinator`` | read triggers, completions, signals, definitions, the cache, its own topic and its changelog, schedules and run events; write triggers (schedule ticks), schedules, requests, completions (cache hits), run events, cancellations, the cache, the DLQ, completion topics and its changelog, in transactions under ``<prefix>-coordinator-*`` |
 | ``worker`` | read the requests of its activities, cancellations and the cache; write completions, progress, the cache and the DLQ |
 | ``trigger`` | write triggers; read the completion topics of its workflows |
 | ``signal`` | write signals |
-| ``operator`` | cancel, redrive and fork (records on the coordinator topic), deploy (write definitions), read run events, the run table and the DLQ |
-| ``console`` | read what the console shows: run events, the run table, progress, definitions, signals, the DLQ |
+| ``operator`` | cancel, redrive and fork (records on the coordinator topic), deploy (write definitions), schedules (write schedules and triggers), read run events, the run table, schedules and the DLQ |
+| ``console`` | read what the console shows: run events, the run table, progress, definitions, signals, schedules, the DLQ |
 | ``observer`` | read run events and completion topics |
 """
 from __future__ import annotations
@@ -72,10 +72,11 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
         out.update(Acl("topic", pattern, n, op, principal) for n in names)
 
     if role == "coordinator":
-        topic("READ", t.triggers, t.coordinator, t.completions, t.signals, t.definitions, t.changelog, t.cache)
+        topic("READ", t.triggers, t.coordinator, t.completions, t.signals, t.definitions, t.changelog, t.cache, t.schedules, t.runs)
         # completions: a cache hit is answered with a cached completion (and a misplaced one is re-keyed there);
         # cache: the results of cache steps, whichever worker answered them
-        topic("WRITE", t.runs, t.coordinator, t.completions, t.cancellations, t.dlq, t.changelog, t.cache, *completion)
+        topic("WRITE", t.runs, t.coordinator, t.completions, t.cancellations, t.dlq, t.changelog, t.cache, t.schedules, t.triggers, *completion)
+        # schedules: it reads them, fires their ticks as triggers and records the last tick fired
         topic("WRITE", t.requests(""), pattern="prefixed")
         # it creates the contract's topics at start when they are missing (streams/admin.py), and lists them
         topic("CREATE", t.changelog, *completion)
@@ -101,12 +102,13 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
         topic("WRITE", t.signals)
     elif role == "operator":
         topic("WRITE", t.coordinator, t.definitions)  # cancel, redrive and fork are coordinator-topic records
-        topic("READ", t.runs, t.changelog, t.dlq, t.definitions, *completion)
+        topic("WRITE", t.schedules, t.triggers)  # legato schedule create/pause/resume/delete, trigger and backfill
+        topic("READ", t.runs, t.changelog, t.dlq, t.definitions, t.schedules, *completion)
         out.add(Acl("transactional-id", "literal", t.deployer, "WRITE", principal))  # legato deploy
     elif role == "console":
         # what the console's run index reads (streams/console/feed.py): the run-keyed topics and every request topic
         topic("READ", t.runs, t.triggers, t.changelog, t.coordinator, t.completions, t.cancellations, t.progress, t.definitions, t.signals,
-              t.dlq, *completion)
+              t.dlq, t.schedules, *completion)
         topic("READ", t.requests(""), pattern="prefixed")
     elif role == "observer":
         topic("READ", t.runs, *completion)

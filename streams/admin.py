@@ -20,8 +20,8 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
 
     ``extra`` names further topics to create (workflows' completion topics).
     """
-    compact = {topics.cache, topics.definitions, *(compacted or [])}
-    names = [topics.triggers, topics.dlq, topics.cache, topics.definitions, *topics.run_keyed(sorted(activities)), *(extra or []), *(compacted or [])]
+    compact = {topics.cache, topics.definitions, topics.schedules, *(compacted or [])}
+    names = [topics.triggers, topics.dlq, topics.cache, topics.definitions, topics.schedules, *topics.run_keyed(sorted(activities)), *(extra or []), *(compacted or [])]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin", **security.aiokafka_kwargs())
     await admin.start()
     try:

@@ -318,6 +318,13 @@ def cmd_definitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from legato.streams import schedule_cli
+
+    s = _settings(args)
+    return schedule_cli.run(args, s.bootstrap, s.topics, s.partitions)
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from legato.workflows.graph import mermaid
     from legato.workflows.model import DefinitionError, load_workflow
@@ -514,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("chaos", help="kill real processes on a real broker; figures appended to RELIABILITY.md")
-    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries"])
+    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules"])
     p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits; deploy: v1 runs, at most 1000)")
     p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
     p.add_argument("--kills", type=int, default=5)
@@ -575,12 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of a workflow file (for editors; topics/schemas/workflow.json)")
     p.add_argument("what", choices=["workflow"])
     p.set_defaults(fn=cmd_schema)
+    from legato.streams import schedule_cli
+    schedule_cli.add_parser(sub, {"fn": cmd_schedule, "workflows": [], "handlers": [], "loglevel": None})
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork"):
+    if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork", "schedule"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here
     try:
         return args.fn(args) or 0

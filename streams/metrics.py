@@ -116,6 +116,10 @@ class Metrics:
         self.activity_errors = Counter("legato_activity_errors", "Failed activity executions by error type (ActivityTimeout, InputValidationError, a handler's ActivityError.type, ...).", ["activity", "error_type"], registry=r)
         self.progress_chunks = Counter("legato_progress_chunks", "Progress chunks handlers reported with await progress(chunk), each sent to <prefix>.progress.", ["activity"], registry=r)
         self.activities_in_flight = Gauge("legato_activities_in_flight", "Activity handlers running in this worker process right now.", ["activity"], registry=r)
+        # schedules (coordinators; docs/schedules.md)
+        self.schedule_ticks_fired = Counter("legato_schedule_ticks_fired", "Schedule ticks that started a run.", ["schedule"], registry=r)
+        self.schedule_ticks_skipped = Counter("legato_schedule_ticks_skipped", "Schedule ticks that started no run, by reason: late (older than catchup), overlap (the previous run was still going), paused.", ["schedule", "reason"], registry=r)
+        self.schedule_tick_lateness = Histogram("legato_schedule_tick_lateness_seconds", "How late a fired tick started its run: fired − tick time (jitter included).", ["schedule"], buckets=OVERHEAD_SECONDS + (5, 10, 30, 60, 300, 900, 3600), registry=r)
         self._server: Any = None
 
     # --- serving ----------------------------------------------------------------------------------
@@ -138,6 +142,13 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return child
+
+    def schedule_fired(self, schedule: str, late_ms: int) -> None:
+        self._at(self.schedule_ticks_fired, schedule).inc()
+        self._at(self.schedule_tick_lateness, schedule).observe(max(0, late_ms) / 1000)
+
+    def schedule_skipped(self, schedule: str, reason: str, n: int) -> None:
+        self._at(self.schedule_ticks_skipped, schedule, reason).inc(n)
 
     def ignored(self, reason: str) -> None:
         self._at(self.events_ignored, reason).inc()

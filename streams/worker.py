@@ -24,11 +24,27 @@ from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, Cost, ErrorInfo, ProgressReported
 from legato.topics.names import Topics
+from legato.workflows.context import DEFAULT_MAX_STATE_BYTES
 
 log = logging.getLogger("legato.worker")
 
-async def execute(activity: Activity, request: ActivityRequested, batcher: Batcher | None = None) -> ActivityCompleted:
-    """Run one request through its handler; every outcome becomes a completion, never an exception."""
+RECORD_FRAMING_BYTES = 1024
+"""What a completion's record adds to its value on the wire (key, headers, batch framing), kept free under the
+producer's ``max_request_size``."""
+
+
+def max_completion_bytes(producer_max_request_size: int) -> int:
+    """The largest encoded completion this worker sends: under its producer's record limit (faust's
+    ``producer_max_request_size``, 1,000,000 bytes by default; the broker's ``message.max.bytes`` is 1 MiB) less the
+    record's framing, and never past a run document's own limit (1 MiB less 8 KiB), which the output must fit in."""
+    return min(producer_max_request_size - RECORD_FRAMING_BYTES, DEFAULT_MAX_STATE_BYTES)
+
+
+async def execute(activity: Activity, request: ActivityRequested, batcher: Batcher | None = None,
+                  max_bytes: int = max_completion_bytes(1_000_000)) -> ActivityCompleted:
+    """Run one request through its handler; every outcome becomes a completion, never an exception. An output whose
+    completion would be larger than ``max_bytes`` fails the step at once (``OutputTooLarge``, not retryable): such a
+    record cannot be produced, and waiting for it would end as an ``ActivityTimeout`` that names no cause."""
     timeout = None
     if request.deadline is not None:
         timeout = max(0.0, request.deadline / 1000 - time.time())
@@ -65,10 +81,15 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
     if isinstance(result, BaseModel):
         result = result.model_dump(mode="json")
     try:
-        orjson.dumps(result)
+        output_bytes = len(orjson.dumps(result))
         completion = ActivityCompleted(**base, status="succeeded", output=result, confidence=confidence, cost=Cost.model_validate(cost) if cost else None)
     except (TypeError, ValidationError) as exc:
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="OutputNotSerializable", message=f"handler output cannot be sent: {exc}"[:2000], retryable=False))
+    size = len(codec.dumps(completion)) if output_bytes > max_bytes - 4096 else 0  # most outputs are small: encoded once
+    if size > max_bytes:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(
+            type="OutputTooLarge", retryable=False,
+            message=f"handler output of {output_bytes:,} bytes (a completion record of {size:,} bytes) exceeds the limit of {max_bytes:,} bytes per record"))
     return completion
 
 
@@ -162,6 +183,7 @@ class Workers:
         self.dlq = dlq
         self.metrics = metrics
         self.seen = BoundedSet()
+        self.max_bytes = max_completion_bytes(app.conf.producer_max_request_size)
         self.progress = app.topic(topics.progress, key_serializer="raw", value_serializer="raw")
         for name, activity in sorted(activities.items()):
             topic = app.topic(topics.requests(name), partitions=partitions, key_serializer="raw", value_serializer="raw")
@@ -227,7 +249,7 @@ class Workers:
             try:
                 await liveness.started()
                 with reporting(None if activity.batched else progress), beating(None if activity.batched else liveness.beat):  # a batched call serves many
-                    completion = await execute(activity, request, self.batchers.get(activity.name))
+                    completion = await execute(activity, request, self.batchers.get(activity.name), self.max_bytes)
             except asyncio.CancelledError:
                 if request.request_id not in self.cancellations.cancelled:
                     stopping = True

@@ -52,6 +52,9 @@ def test_coordinator_transactions_and_group_follow_one_prefix():
     assert {"legato.runs", "legato.cancellations", "legato.dlq", "legato.coordinator", T.changelog, "app.done"} <= topics_with("coordinator", "WRITE", completion_topics=["app.done"])
     assert {"legato.triggers", "legato.completions", "legato.signals", "legato.coordinator", T.changelog} <= topics_with("coordinator", "READ")
     assert "legato.signals" not in topics_with("coordinator", "WRITE")
+    # schedules (docs/schedules.md): it reads them and the runs they started, fires ticks as triggers, records them
+    assert {"legato.schedules", "legato.triggers"} <= topics_with("coordinator", "WRITE")
+    assert {"legato.schedules", "legato.runs"} <= topics_with("coordinator", "READ")
     # the result cache: read whole, entries written for every worker, hits answered as cached completions
     assert {"legato.cache", "legato.completions"} <= topics_with("coordinator", "WRITE") & topics_with("coordinator", "READ")
 
@@ -61,9 +64,9 @@ def test_coordinator_transactions_and_group_follow_one_prefix():
     ("signal", {"legato.signals"}, set()),
     ("observer", set(), {"legato.runs", "app.done"}),
     ("console", set(), {"legato.runs", "legato.triggers", T.changelog, "legato.coordinator", "legato.completions", "legato.cancellations", "legato.requests.",
-                        "legato.progress", "legato.definitions", "legato.signals", "legato.dlq", "app.done"}),
-    ("operator", {"legato.coordinator", "legato.definitions"},
-     {"legato.runs", T.changelog, "legato.dlq", "legato.definitions", "app.done"}),
+                        "legato.progress", "legato.definitions", "legato.signals", "legato.dlq", "legato.schedules", "app.done"}),
+    ("operator", {"legato.coordinator", "legato.definitions", "legato.schedules", "legato.triggers"},
+     {"legato.runs", T.changelog, "legato.dlq", "legato.definitions", "legato.schedules", "app.done"}),
 ])
 def test_client_roles(role, writes, reads):
     assert topics_with(role, "WRITE", completion_topics=["app.done"]) == writes

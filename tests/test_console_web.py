@@ -190,3 +190,30 @@ async def test_deployed_definitions_without_runs_are_listed():
         assert "flowchart TD" in html and T.definitions in html
     finally:
         await c.close()
+
+
+async def test_schedules_page_lists_schedules_with_last_and_next_ticks_and_their_runs():
+    from legato.streams.schedules import fired_key
+    from legato.workflows.schedule import ScheduleFired, ScheduleSpec, run_id
+
+    index = index_with_runs()
+    tick = 1_800_000_000_000
+    rid = run_id("nightly", tick)
+    index.apply_all([(T.runs, 0, 0, rid.encode(), run_event(rid, "run.completed", "succeeded", correlation_id="schedule:nightly"), 1)])
+    console = Console(Settings(), index)
+    spec = ScheduleSpec(name="nightly", workflow="wf", cron="0 2 * * *", timezone="Europe/Paris", overlap="skip", created_ms=tick - 86_400_000)
+    console.schedules.on_record(b"nightly", orjson.dumps(spec.model_dump()))
+    console.schedules.on_record(fired_key("nightly"), orjson.dumps(ScheduleFired(name="nightly", created_ms=spec.created_ms, last_tick_ms=tick,
+                                                                                 last_run_id=rid).model_dump()))
+    evil = ScheduleSpec(name="evil", workflow=XSS[:50], every_ms=60_000, created_ms=tick, paused=True)
+    console.schedules.on_record(b"evil", orjson.dumps(evil.model_dump()))
+    c = await client_for(console)
+    try:
+        html = await (await c.get("/schedules")).text()
+        assert "nightly" in html and "cron 0 2 * * *" in html and "Europe/Paris" in html and "skip" in html
+        assert "2027-01-15T08:00:00.000Z" in html  # the last tick
+        assert f'href="/run?id={rid}"' in html and "succeeded" in html
+        assert "paused" in html and "<script>window.pwned" not in html
+        assert 'href="/schedules"' in html
+    finally:
+        await c.close()

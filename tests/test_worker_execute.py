@@ -5,7 +5,8 @@ import asyncio
 import time
 
 from legato.handlers.registry import Activity
-from legato.streams.worker import execute
+from legato.streams.worker import execute, max_completion_bytes
+from legato.topics import codec
 from legato.topics.models import ActivityRequested
 
 
@@ -66,3 +67,34 @@ def test_a_negative_retry_after_is_refused_where_it_is_raised():
 
     with pytest.raises(ValueError, match="retry_after must be >= 0"):
         RateLimited(retry_after=-1)
+
+
+def test_an_output_too_large_for_a_record_fails_at_once_naming_its_size_and_the_limit():
+    # given a handler that returns 20 MB
+    async def _huge(_):
+        return {"text": "x" * 20_000_000}
+
+    # when it runs with plenty of time before its deadline
+    started = time.perf_counter()
+    done = asyncio.run(execute(Activity(name="a", fn=_huge), _request(30)))
+    # then its step fails at once, not retryable, with the size and the limit in the message
+    assert time.perf_counter() - started < 5
+    assert done.status == "failed" and done.output is None
+    assert done.error.type == "OutputTooLarge" and done.error.retryable is False
+    assert "20,000,011 bytes" in done.error.message and f"{max_completion_bytes(1_000_000):,} bytes" in done.error.message
+
+
+def test_an_output_just_under_the_limit_is_sent_and_one_just_over_is_refused():
+    limit = max_completion_bytes(1_000_000)
+    assert limit == 1_000_000 - 1024  # faust's producer limit is the smaller one, under the run document's 1 MiB - 8 KiB
+
+    def _of(n: int):
+        async def _handler(_):
+            return "y" * n
+        return Activity(name="a", fn=_handler)
+
+    overhead = len(codec.dumps(asyncio.run(execute(_of(0), _request(30)))))
+    fits = asyncio.run(execute(_of(limit - overhead), _request(30)))
+    assert fits.status == "succeeded" and len(codec.dumps(fits)) == limit
+    over = asyncio.run(execute(_of(limit - overhead + 1), _request(30)))
+    assert over.status == "failed" and over.error.type == "OutputTooLarge"

@@ -14,6 +14,9 @@ data dir, drives them only through Kafka, and judges the result only from the to
 - ``deploy``: v2 of a workflow is deployed (``legato deploy``) while N v1 runs are in flight, and the coordinator is
   SIGKILLed: every v1 run ends as v1 (only v1's steps requested), every later trigger runs v2
 - ``fuzz``: generated bad messages on triggers and completions, interleaved with valid runs
+- ``retries``: step timeouts and retries under coordinator kills, answered by an independent worker (``chaos_retries``)
+- ``schedules``: a schedule ticking every second while the coordinator is SIGKILLed and restarted: every tick runs
+  exactly once (``chaos_schedules``)
 
 Results are printed and appended to RELIABILITY.md (command, date, machine). The integration tests in
 ``tests/integration/test_reliability.py`` and ``test_fuzz.py`` run the same code at CI size.
@@ -46,7 +49,7 @@ from legato.streams import kafka_io
 from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries")
+SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules")
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
 HANDLERS_MODULE = "chaos_handlers"
@@ -1335,6 +1338,9 @@ def verdict(r: dict[str, Any]) -> bool:
             and r["kills"] >= 1 and all(k["v1_in_flight"] > 0 for k in r["kill_log"])
     if r["scenario"] == "broker":
         ok = ok and r["same_pids"] and r["processes_alive"]
+    if r["scenario"] == "schedules":
+        ok = ok and r["ticks_missed"] == 0 and r["ticks_duplicated"] == 0 and r["ticks_expected"] > 0 and r["processes_alive"] \
+            and r["duplicate_executions"] == 0
     return ok
 
 
@@ -1365,6 +1371,10 @@ async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kil
             from legato.tools.chaos_retries import scenario_retries
 
             r = await scenario_retries(settings.bootstrap, runs, kills, extra_env=extra, timeout=timeout)
+        elif name == "schedules":
+            from legato.tools.chaos_schedules import scenario_schedules
+
+            r = await scenario_schedules(settings.bootstrap, kills, extra_env=extra, timeout=timeout)
         else:
             r = await scenario_fuzz(settings.bootstrap, bad, valid, extra_env=extra, timeout=timeout)
         r.setdefault("elapsed_s", round(time.monotonic() - t0, 1))

@@ -73,6 +73,12 @@ class Topics:
         return f"{self.prefix}.definitions"
 
     @property
+    def schedules(self) -> str:
+        """Compacted: schedules (``schedule.defined`` keyed ``<name>``) and what their coordinator fired last
+        (``schedule.fired`` keyed ``<name>`` NUL ``fired``)."""
+        return f"{self.prefix}.schedules"
+
+    @property
     def deployer(self) -> str:
         """The transactional id every ``legato deploy`` uses: deployers fence each other, so a name@version is
         checked and published by one at a time."""

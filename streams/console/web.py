@@ -33,6 +33,9 @@ from legato.streams import security
 from legato.streams.config import Settings
 from legato.streams.console.feed import Feed
 from legato.streams.console.index import STATUSES, RunFilter, RunIndex, open_index
+from legato.streams.schedule_cli import view as schedule_view
+from legato.streams.schedules import ScheduleTable
+from legato.streams.worker_support import tail_topic
 from legato.topics import codec
 from legato.topics.client import LegatoClient
 from legato.topics.models import SignalSent
@@ -219,6 +222,8 @@ class Console:
         self.producer: AIOKafkaProducer | None = None
         self.changes = 0  # bumped whenever the index changed: the pages poll it
         self._local: dict[tuple[str, int], str] | None = None
+        self.schedules = ScheduleTable()  # followed from <prefix>.schedules while the console runs
+        self._schedules_tail: asyncio.Task | None = None
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -229,6 +234,7 @@ class Console:
             web.get("/run", self.run_page),
             web.get("/workflows", self.workflows_page),
             web.get("/workflow", self.workflow_page),
+            web.get("/schedules", self.schedules_page),
             web.post("/run/cancel", self.cancel),
             web.post("/run/signal", self.signal),
             web.post("/run/redrive", self.redrive),
@@ -326,6 +332,15 @@ class Console:
                 counts[status or "unknown"] = counts.get(status or "unknown", 0) + n
         return self._html("workflow.html", name=name, version=v, counts=counts, statuses=STATUSES, graph=self._graph(name, v, {}))
 
+    async def schedules_page(self, request: web.Request) -> web.Response:
+        now_ms = int(time.time() * 1000)
+        rows = []
+        for name in sorted(self.schedules.specs):
+            row = schedule_view(self.schedules.specs[name], self.schedules, now_ms, upcoming=3)
+            row["runs"] = self.index.list_runs(RunFilter(q=f"schedule:{name}"), limit=5)
+            rows.append(row)
+        return self._html("schedules.html", rows=rows, topic=self.settings.topics.schedules)
+
     def _graph(self, workflow: str | None, version: int | None, state: dict[str, Any]) -> dict[str, str] | None:
         """The workflow's flowchart from the definitions topic, else from the local workflow directories."""
         source = self.index.definition(workflow, version) if workflow else None
@@ -416,6 +431,8 @@ class Console:
     # --- life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._schedules_tail = asyncio.create_task(tail_topic(self.settings.bootstrap, self.settings.topics.schedules, self.schedules.on_record,
+                                                              from_beginning=True), name="legato.console.schedules")
         if not self.read_only:
             kafka = security.aiokafka_kwargs()
             self.client = LegatoClient(self.settings.bootstrap, self.settings.prefix, **kafka)
@@ -424,6 +441,9 @@ class Console:
             await self.producer.start()
 
     async def stop(self) -> None:
+        if self._schedules_tail is not None:
+            self._schedules_tail.cancel()
+            await asyncio.gather(self._schedules_tail, return_exceptions=True)
         if self.producer is not None:
             await self.producer.stop()
         if self.client is not None:

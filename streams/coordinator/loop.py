@@ -20,6 +20,7 @@ from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_CO
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.timers import fire_timers
 from legato.streams.kafka_io import keyed_partitioner
+from legato.streams.schedules import Schedules
 from legato.topics.names import Topics
 from legato.streams.admin import ensure_topics
 from legato.streams.definitions import DefinitionTable
@@ -117,9 +118,13 @@ class Coordinator:
         timers = asyncio.create_task(fire_timers(self.tasks, timer_producer, self.topics.coordinator, fence.look), name="legato.fire_timers")
         gauge = asyncio.create_task(self._report_in_flight(), name="legato.runs_in_flight") if self.metrics is not None else None
         trim = asyncio.create_task(_trim_heap(), name="legato.trim_heap")
+        # the schedules whose name hashes to a partition this process owns are fired here (streams/schedules.py)
+        schedules = Schedules(self.settings.bootstrap, self.topics, self.partition_count, self.tasks.__contains__, self.metrics)
+        firing = asyncio.create_task(schedules.run(), name="legato.schedules")
         try:
             await self._consume()
         finally:
+            firing.cancel()
             timers.cancel()
             trim.cancel()
             if gauge is not None:
@@ -127,7 +132,7 @@ class Coordinator:
             loops = [t.loop for t in self.tasks.values() if t.loop is not None]
             for loop in loops:
                 loop.cancel()  # a batch being committed is aborted: whoever owns the partition next reads it again
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(firing, *loops, return_exceptions=True)
             await self._consumer.stop()  # revokes and leaves the group
             await self.rebalance.stop()
             await fence.stop()

@@ -206,3 +206,9 @@ async def e2e_rate_limited(data: dict[str, Any]) -> dict[str, Any]:
     if _FLAKY_ATTEMPTS[key] == 1:
         raise RateLimited("429 from the model API", retry_after=float(data["retry_after"]))
     return {"attempts": _FLAKY_ATTEMPTS[key]}
+
+
+@activity("e2e_huge")
+async def e2e_huge(data: dict[str, Any]) -> dict[str, Any]:
+    """Return a text of ``bytes`` characters: an output past a Kafka record's limit."""
+    return {"text": "x" * int(data["bytes"])}

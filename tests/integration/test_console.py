@@ -232,3 +232,35 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             assert all(u.startswith(console) for u in requests), [u for u in requests if not u.startswith(console)]
         finally:
             await browser.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
+async def test_schedules_page_in_a_real_browser(legato, console, tmp_path):
+    from playwright.async_api import async_playwright
+
+    name = f"page-{uuid.uuid4().hex[:6]}"
+    code, out, err = await cli("schedule", "create", name, "--workflow", "e2e_noop", "--every", "2s", "--input", '{"from": "page"}', env=legato.env)
+    assert code == 0, err
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1400, "height": 900})
+                await page.goto(console)
+                await page.click('nav a[href="/schedules"]')
+
+                async def row_with_a_run():
+                    await page.goto(console + "schedules")
+                    text = await page.locator("#schedules tbody").inner_text()
+                    return name in text and f"sched-{name}-" in text and "succeeded" in text
+                await _until(row_with_a_run, timeout=90, what="a schedule row with a finished run")
+                row = await page.locator("#schedules tbody tr", has_text=name).inner_text()
+                assert "every 2s" in row and "active" in row and "e2e_noop" in row
+                await page.screenshot(path=str((Path(SCREENSHOTS) if SCREENSHOTS else tmp_path) / "console-schedules.png"), full_page=True)
+                await page.locator(f'#schedules a[href^="/run?id=sched-{name}-"]').first.click()
+                await page.locator("#run-status", has_text="succeeded").wait_for(timeout=30_000)
+            finally:
+                await browser.close()
+    finally:
+        code, _, err = await cli("schedule", "delete", name, env=legato.env)
+        assert code == 0, err
