@@ -286,7 +286,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     async def go() -> int:
         kafka = security.aiokafka_kwargs()
         activities, completion_topics = topics_needed(candidates)
-        await ensure_topics(s.bootstrap, s.topics, activities, s.partitions, completion_topics)
+        await ensure_topics(s.bootstrap, s.topics, activities, s.partitions, completion_topics, replication=s.replication)
         plan = await deploy(candidates, s.bootstrap, s.topics, kafka=kafka)
         for o in plan.outcomes:
             c = o.candidate

@@ -399,7 +399,7 @@ def answered_in_time(failed: set[str], requests: list[Rec], completions: list[Re
 async def producer(bootstrap: str, **kafka: Any):
     from aiokafka import AIOKafkaProducer
 
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=8 * 1024 * 1024, **kafka)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=8 * 1024 * 1024, **kafka)
     await p.start()
     return p
 
