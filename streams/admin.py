@@ -97,7 +97,7 @@ def check_topics(described: list[dict], run_keyed: list[str], partitions: int, f
         replicas = min((len(p.get("replicas", [])) for p in parts), default=factor)
         if replicas < factor <= brokers:
             raise TopicMismatch(
-                f"topic {name} has replication factor {replicas} but LEGATO_REPLICATION_FACTOR is {factor} and the cluster "
+                f"topic {name} has replication factor {replicas} but Legato replicates on {factor} brokers (LEGATO_REPLICATION_FACTOR) and the cluster "
                 f"has {brokers} brokers: losing one broker can lose runs. Add replicas with kafka-reassign-partitions.sh "
                 f"(a reassignment listing {factor} brokers per partition of {name}), or set LEGATO_REPLICATION_FACTOR={replicas} "
                 "to accept it (docs/deploy.md, topics)")
