@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("chaos", help="kill real processes on a real broker; figures appended to RELIABILITY.md")
-    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries"])
+    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "cluster"])
     p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits; deploy: v1 runs, at most 1000)")
     p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
     p.add_argument("--kills", type=int, default=5)

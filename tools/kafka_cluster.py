@@ -265,8 +265,10 @@ class LocalCluster:
         return f"Kafka cluster stopped ({len(running)} brokers" + (f"; killed {killed} after {STOP_TIMEOUT_S:.0f}s)" if killed else ")")
 
     def cleanup(self) -> None:
-        """Stop every node and delete the cluster's directory."""
-        self.stop()
+        """SIGKILL every node (its data goes anyway) and delete the cluster's directory."""
+        for n in self.nodes:
+            if self.pid(n) is not None:
+                self.kill(n)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tail(self, node: int, lines: int = 30) -> str:
