@@ -81,7 +81,9 @@ def _log_file(bootstrap: str) -> Path:
 
 
 def _pom_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "ops" / "kafka" / "pom.xml"
+    """The Maven pom of the broker's jars: package data of ``legato.tools`` (in the checkout, a link to
+    ``ops/kafka/pom.xml``), so an installed wheel fetches the same jars."""
+    return Path(__file__).parent / "kafka_pom.xml"
 
 
 # --------------------------------------------------------------------------- bootstrap parsing
