@@ -65,12 +65,13 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin", **security.aiokafka_kwargs())
     await admin.start()
     try:
-        brokers = len((await admin.describe_cluster()).get("brokers", []))
+        deadline = time.monotonic() + CREATE_RETRY_S
+        brokers = len((await _retrying(admin.describe_cluster, deadline)).get("brokers", []))
         factor, min_insync = replication.resolve(brokers)
-        existing = set(await admin.list_topics())
+        existing = set(await _retrying(admin.list_topics, deadline))
         present = [n for n in names if n in existing]
         if present:
-            check_topics(await admin.describe_topics(present), run_keyed, partitions, factor, brokers)
+            check_topics(await _retrying(lambda: admin.describe_topics(present), deadline), run_keyed, partitions, factor, brokers)
         missing = [n for n in names if n not in existing]
         if missing:
             configs = {"min.insync.replicas": str(min_insync)}
@@ -103,6 +104,28 @@ def check_topics(described: list[dict], run_keyed: list[str], partitions: int, f
                 "to accept it (docs/deploy.md, topics)")
 
 
+def _retriable(exc: BaseException) -> bool:
+    """An error of a cluster that is electing, or of a broker that is down while others are not."""
+    if isinstance(exc, KafkaError):
+        return exc.retriable or isinstance(exc, NotControllerError)
+    return isinstance(exc, (asyncio.TimeoutError, OSError))
+
+
+async def _retrying(call, deadline: float):
+    """``await call()``, again after retriable errors until ``deadline`` (a metadata request sent to a broker that was
+    just killed fails until the cluster's metadata drops it)."""
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not _retriable(exc) or time.monotonic() >= deadline:
+                raise
+            log.info("%s: %s; trying again", type(exc).__name__, exc)
+        await asyncio.sleep(delay)
+        delay = min(2.0, delay * 2)
+
+
 async def _create(admin: AIOKafkaAdminClient, new: list[NewTopic]) -> None:
     """Create ``new``, retrying the errors of a cluster that is still electing or registering brokers for up to
     ``CREATE_RETRY_S``; a topic another process created first counts as created."""
@@ -122,7 +145,7 @@ async def _create(admin: AIOKafkaAdminClient, new: list[NewTopic]) -> None:
                         raise error
                     failed[name] = error
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
-            if isinstance(exc, KafkaError) and not exc.retriable and not isinstance(exc, NotControllerError):
+            if not _retriable(exc):
                 raise
             failed = {n: exc for n in pending}
         if not failed:
