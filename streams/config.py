@@ -46,7 +46,7 @@ class Settings:
     metrics_port: int | None = None
     loglevel: str = "warning"
     store: str = "memory"  # the run table's local store: memory, or rocksdb (on disk, through rocksdict)
-    session_timeout: float = 10.0  # seconds before a killed process's partitions move to another member
+    session_timeout: float = 6.0  # seconds before a killed process's partitions move: the lowest a stock broker accepts (docs/deploy.md)
     linger_ms: float = 0.0  # workers' producer linger: 0 favours per-step latency, a few ms throughput
     commit_interval: float = 0.5  # workers: seconds between offset commits
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
@@ -81,7 +81,7 @@ class Settings:
             metrics_port=int(port) if port else None,
             loglevel=env.get("LEGATO_LOGLEVEL", "warning"),
             store=env.get("LEGATO_STORE", "memory"),
-            session_timeout=float(env.get("LEGATO_SESSION_TIMEOUT", "10")),
+            session_timeout=float(env.get("LEGATO_SESSION_TIMEOUT", "6")),
             linger_ms=float(env.get("LEGATO_LINGER_MS", "0")),
             commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
             console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),

@@ -1400,7 +1400,7 @@ def main(settings: Settings, scenario: str = "all", runs: int = 2000, kills: int
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM still stops every process we started
     scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
     results = asyncio.run(run_scenarios(settings, scenarios, runs, kills, bad, valid, rate, session_timeout, timeout, waits))
-    mode = f"transactional coordinator, consumers read_committed, session timeout {session_timeout or 10:g} s"
+    mode = f"transactional coordinator, consumers read_committed, session timeout {session_timeout or Settings().session_timeout:g} s"
     text = render(results, command or "legato chaos " + " ".join(sys.argv[2:]), mode)
     print(text)
     if output is not None:

@@ -51,7 +51,12 @@ def test_a_wheel_installed_outside_the_checkout_runs_a_users_own_workflow(tmp_pa
     home = tmp_path_factory.mktemp("quickstart")
     assert ROOT not in home.parents
     wheels = home / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)], timeout=600)
+    built_here = not (ROOT / "build").exists()
+    try:
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)], timeout=600)
+    finally:
+        if built_here:  # setuptools builds in the checkout's build/: leave the checkout as it was
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     [wheel] = wheels.glob("legato-*.whl")
     env_dir = home / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
