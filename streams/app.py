@@ -94,6 +94,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         broker_heartbeat_interval=settings.session_timeout / 4,
     )
     kafka_io.faust_read_committed()
+    kafka_io.faust_idempotent_producer()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
     workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap)
     if metrics is not None:

@@ -35,3 +35,16 @@ def test_a_key_s_partition_is_remembered_and_the_memory_stays_bounded() -> None:
     last = (str(kafka_io._CACHED_KEYS + 9).encode(), 8)
     assert last in kafka_io._partitions  # remembered: murmur2 is not computed again for this key
     assert 0 < len(kafka_io._partitions) <= kafka_io._CACHED_KEYS
+
+
+async def test_the_workers_faust_producer_is_idempotent_with_acks_all():
+    """A completion written by a leader that died before acknowledging it is not written twice by the retry."""
+    import faust
+
+    from legato.streams import kafka_io
+
+    kafka_io.faust_idempotent_producer()
+    app = faust.App("legato-test-idempotent", broker="kafka://127.0.0.1:1", producer_acks=-1)
+    producer = app.producer._new_producer()
+    assert producer._txn_manager is not None  # aiokafka keeps a transaction manager for idempotent producers only
+    assert producer._txn_manager.transactional_id is None  # idempotent, not transactional
