@@ -88,23 +88,45 @@ async def _disruptions(cluster: LocalCluster, env: Env, scene: Scene, runs: int,
     ours = [env.topics.changelog, env.topics.completions]
     expected = {f"cl-{i}": mix_expected(i) for i in range(runs)}
     ids = list(expected)
-    start = time.monotonic()
     t0 = time.time()
     events: list[dict[str, Any]] = []
+    # Each disruption waits for the triggers to reach its gate, and the triggers wait at the gate for the
+    # disruption: runs are in flight at every disruption, and triggers go on during each outage.
+    count = sum({"leader": 1, "rolling": cluster.size, "coordinator": 1}.get(p, 0) for p in phases)
+    gates = [runs * (k + 1) // (count + 1) for k in range(count)]
+    reached = [asyncio.Event() for _ in gates]
+    done = [asyncio.Event() for _ in gates]
+    triggered = 0
 
     async def produce_all() -> None:
+        nonlocal triggered
+        base, since = time.monotonic(), 0
         for i, rid in enumerate(ids):
-            delay = start + i / rate - time.monotonic()
+            if i in gates:
+                k = gates.index(i)
+                reached[k].set()
+                await done[k].wait()
+                base, since = time.monotonic(), i
+            delay = base + (i - since) / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             await trigger(prod, env, "chaos_mix", {"n": i}, rid)
+            triggered = i + 1
         await prod.flush()
 
     def note(what: str, t: float) -> dict[str, Any]:
-        event = {"event": what, "at_s": round(t - t0, 1), "finished_before": watch.done(ids)}
+        finished = watch.done(ids)
+        event = {"event": what, "at_s": round(t - t0, 1), "finished_before": finished, "in_flight": triggered - finished}
         events.append(event)
-        say(f"  {what} at +{t - t0:.1f}s ({event['finished_before']}/{runs} finished)")
+        say(f"  {what} at +{t - t0:.1f}s ({finished}/{runs} finished, {triggered - finished} in flight)")
         return event
+
+    gate = iter(range(count))
+
+    async def at_gate() -> int:
+        k = next(gate)
+        await reached[k].wait()
+        return k
 
     async def back(node: int) -> None:
         await asyncio.to_thread(cluster.restart, node)
@@ -112,24 +134,29 @@ async def _disruptions(cluster: LocalCluster, env: Env, scene: Scene, runs: int,
         note(f"broker {node} back, partitions in sync", time.time())
 
     async def chaos() -> None:
-        await _progress(watch, ids, 20, 120)
         for phase in phases:
             if phase == "leader":
+                k = await at_gate()
                 node = await _most_leading(cluster, ours)
                 note(f"SIGKILL broker {node} (leads the most changelog + completions partitions)", cluster.kill(node))
+                done[k].set()
                 if heal:
                     await _progress(watch, ids, 50, 180)
                     await back(node)
             elif phase == "rolling":
                 for node in cluster.nodes:
+                    k = await at_gate()
                     t = time.time()
-                    await asyncio.to_thread(cluster.stop_node, node)
+                    stopping = asyncio.create_task(asyncio.to_thread(cluster.stop_node, node))
+                    done[k].set()
+                    await stopping
                     note(f"rolling restart: broker {node} stopped", t)
                     await back(node)
-                    await _progress(watch, ids, 20, 180)
             elif phase == "coordinator":
+                k = await at_gate()
                 node = await _most_leading(cluster, ours)
                 note(f"SIGKILL broker {node}", cluster.kill(node))
+                done[k].set()
                 await asyncio.sleep(1.0)
                 note("SIGKILL coordinator (broker down)", coord.kill())
                 coord.start()
