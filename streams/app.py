@@ -14,7 +14,7 @@ import faust
 
 from legato.handlers.registry import Activity, load_handler_modules
 from legato.streams import kafka_io, security
-from legato.streams.admin import ensure_topics
+from legato.streams.admin import TopicMismatch, ensure_topics
 from legato.streams.config import Settings
 from legato.streams.coordinator import Coordinator
 from legato.streams.definitions import DeployRefused, deploy_files, read_catalog
@@ -58,7 +58,11 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     needed = sorted({a for wf in used for a in wf.activities} | set(activities))
     completion_topics = sorted({wf.definition.completion_topic for wf in used if wf.definition.completion_topic})
     changelog = [settings.topics.changelog] if coordinator else []
-    asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics, compacted=changelog))
+    try:
+        factor = asyncio.run(ensure_topics(settings.bootstrap, settings.topics, needed, settings.partitions, completion_topics,
+                                           compacted=changelog, replication=settings.replication))
+    except TopicMismatch as exc:
+        raise SystemExit(f"legato {role}: {exc}") from None
     metrics = Metrics() if settings.metrics_port else None
     coord = Coordinator(settings, metrics) if coordinator else None
     if not (worker and activities):
@@ -73,7 +77,8 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         store="rocksdb://" if settings.store == "rocksdb" else "memory://",  # rocksdb:// uses rocksdict when installed
         datadir=str(datadir),
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=factor,  # faust's own topics (its leader topic) like Legato's
+        producer_acks=-1,  # acks=all: a completion is acknowledged once every in-sync replica has it
         topic_allow_declare=True,
         key_serializer="raw",
         value_serializer="raw",
@@ -89,6 +94,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
         broker_heartbeat_interval=settings.session_timeout / 4,
     )
     kafka_io.faust_read_committed()
+    kafka_io.faust_idempotent_producer()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
     workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap)
     if metrics is not None:
@@ -107,7 +113,10 @@ async def _deployed(settings: Settings) -> Catalog:
     other content stops the start, naming it), then read every deployed definition: files and Kafka never disagree
     silently. The catalog read here gives the topics to create; the coordinator itself follows the table."""
     kafka = security.aiokafka_kwargs()
-    await ensure_topics(settings.bootstrap, settings.topics, [], settings.partitions)
+    try:
+        await ensure_topics(settings.bootstrap, settings.topics, [], settings.partitions, replication=settings.replication)
+    except TopicMismatch as exc:
+        raise SystemExit(f"legato: {exc}") from None
     if settings.workflow_dirs:
         try:
             await deploy_files(settings.workflow_dirs, settings.bootstrap, settings.topics, kafka=kafka)

@@ -286,7 +286,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     async def go() -> int:
         kafka = security.aiokafka_kwargs()
         activities, completion_topics = topics_needed(candidates)
-        await ensure_topics(s.bootstrap, s.topics, activities, s.partitions, completion_topics)
+        await ensure_topics(s.bootstrap, s.topics, activities, s.partitions, completion_topics, replication=s.replication)
         plan = await deploy(candidates, s.bootstrap, s.topics, kafka=kafka)
         for o in plan.outcomes:
             c = o.candidate
@@ -339,15 +339,31 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from legato.tools import kafka_local
+    from legato.tools import kafka_cluster, kafka_local
 
     bootstrap = Settings.from_env().bootstrap
+    if args.brokers < 1:
+        print(f"legato kafka: --brokers must be at least 1, not {args.brokers}", file=sys.stderr)
+        return 2
+    cluster = kafka_cluster.local_cluster(bootstrap, args.brokers if args.action == "start" and args.brokers > 1 else None)
     if args.action == "start":
-        print(kafka_local.start(bootstrap))
+        if args.brokers > 1:
+            if not kafka_local.is_local(bootstrap):
+                print(f"legato kafka: refusing to start a cluster for non-local bootstrap {bootstrap!r}", file=sys.stderr)
+                return 2
+            print(cluster.start())
+        else:
+            print(kafka_local.start(bootstrap))
     elif args.action == "stop":
-        print(kafka_local.stop(bootstrap))
+        if cluster is not None and cluster.running():
+            print(cluster.stop())
+        else:
+            print(kafka_local.stop(bootstrap))
     else:
-        alive, message = kafka_local.status(bootstrap)
+        if cluster is not None and cluster.running():
+            alive, message = cluster.status()
+        else:
+            alive, message = kafka_local.status(bootstrap)
         print(message)
         return 0 if alive else 1
     return 0
@@ -521,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("chaos", help="kill real processes on a real broker; figures appended to RELIABILITY.md")
-    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules"])
+    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules", "cluster"])
     p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits; deploy: v1 runs, at most 1000)")
     p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
     p.add_argument("--kills", type=int, default=5)
@@ -568,8 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("graph", help="print a Mermaid flowchart of a workflow")
     p.add_argument("file")
     p.set_defaults(fn=cmd_graph)
-    p = sub.add_parser("kafka", help="manage the local Apache Kafka broker")
+    p = sub.add_parser("kafka", help="manage the local Apache Kafka broker (or a local cluster: --brokers 3)")
     p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--brokers", type=int, default=1, help="start: a KRaft cluster of N brokers (each also a controller) on "
+                   "the bootstrap's port and every second one after it (9092, 9094, 9096; controllers on the next port)")
     p.set_defaults(fn=cmd_kafka)
     p = sub.add_parser("acl", help="print (and --apply) the Kafka ACLs of a role (docs/security.md)")
     p.add_argument("role", choices=["coordinator", "worker", "trigger", "signal", "operator", "console", "observer"])

@@ -8,10 +8,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
+
+from legato.streams.admin import Replication
 
 from legato.topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
 from legato.workflows.durations import parse_duration
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S
+
+
+def _positive(env: Mapping[str, str], name: str) -> int | None:
+    """An optional whole number ≥ 1 from the environment; a clear error otherwise."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: expected a whole number of at least 1")
+    return value
 
 
 def _cache_dir() -> Path:
@@ -29,7 +46,7 @@ class Settings:
     metrics_port: int | None = None
     loglevel: str = "warning"
     store: str = "memory"  # the run table's local store: memory, or rocksdb (on disk, through rocksdict)
-    session_timeout: float = 10.0  # seconds before a killed process's partitions move to another member
+    session_timeout: float = 6.0  # seconds before a killed process's partitions move: the lowest a stock broker accepts (docs/deploy.md)
     linger_ms: float = 0.0  # workers' producer linger: 0 favours per-step latency, a few ms throughput
     commit_interval: float = 0.5  # workers: seconds between offset commits
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
@@ -37,10 +54,16 @@ class Settings:
     trace_file: Path | None = None  # the coordinator appends one JSON line per committed batch here (`legato bench latency`)
     early_requests: bool = True  # requests caused only by completions are sent ahead of the transaction (docs/concepts/guarantees.md)
     state_commit_ms: float = 50.0  # coordinator: how long a transaction of nothing but run states waits for more (partition.STATE_COMMIT_S)
+    replication_factor: int | None = None  # of the topics Legato creates; None: 3, or the number of brokers when fewer
+    min_insync_replicas: int | None = None  # their min.insync.replicas; None: the factor - 1, at least 1
 
     @property
     def topics(self) -> Topics:
         return Topics(self.prefix)
+
+    @property
+    def replication(self) -> Replication:
+        return Replication(self.replication_factor, self.min_insync_replicas)
 
     @classmethod
     def from_env(cls, workflows: list[str] | None = None, handlers: list[str] | None = None) -> "Settings":
@@ -58,12 +81,14 @@ class Settings:
             metrics_port=int(port) if port else None,
             loglevel=env.get("LEGATO_LOGLEVEL", "warning"),
             store=env.get("LEGATO_STORE", "memory"),
-            session_timeout=float(env.get("LEGATO_SESSION_TIMEOUT", "10")),
+            session_timeout=float(env.get("LEGATO_SESSION_TIMEOUT", "6")),
             linger_ms=float(env.get("LEGATO_LINGER_MS", "0")),
             commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
             console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),
             trace_file=Path(env["LEGATO_TRACE_FILE"]) if env.get("LEGATO_TRACE_FILE") else None,
             early_requests=env.get("LEGATO_EARLY_REQUESTS", "1") not in ("0", "false", "no", "off"),
             state_commit_ms=float(env.get("LEGATO_STATE_COMMIT_MS", "50")),
+            replication_factor=_positive(env, "LEGATO_REPLICATION_FACTOR"),
+            min_insync_replicas=_positive(env, "LEGATO_MIN_INSYNC_REPLICAS"),
             retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

@@ -71,6 +71,25 @@ def faust_read_committed() -> None:
     AIOKafkaConsumerThread._legato_read_committed = True  # type: ignore[attr-defined]
 
 
+def faust_idempotent_producer() -> None:
+    """Workers' producer is idempotent (``acks=all``, ``enable_idempotence``): when a partition leader dies after
+    writing a completion but before acknowledging it, the producer's retry is dropped by the broker instead of
+    writing the completion twice (``legato chaos cluster`` counted such duplicates). faust turns idempotence on
+    only in its exactly_once mode, which Legato does not use, so this patches the producer faust creates (private
+    in faust). Idempotent."""
+    from faust.transport.drivers.aiokafka import Producer
+
+    if getattr(Producer, "_legato_idempotent", False):
+        return
+    extra = Producer._settings_extra
+
+    def idempotent(self: Any) -> Any:
+        return {**extra(self), "acks": "all", "enable_idempotence": True}
+
+    Producer._settings_extra = idempotent  # type: ignore[method-assign]
+    Producer._legato_idempotent = True  # type: ignore[attr-defined]
+
+
 def transaction_retry_backoff(seconds: float) -> None:
     """How long aiokafka waits before it asks again to add a partition to a new transaction that the broker refused
     with CONCURRENT_TRANSACTIONS (the previous transaction's commit markers are still being written: a millisecond or

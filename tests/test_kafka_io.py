@@ -65,3 +65,16 @@ def test_partitions_match_the_java_client_s_murmur2_reference_values() -> None:
             assert kafka_io.partition_for(raw, partitions) == expected, (key, partitions)
             everything = list(range(partitions))
             assert kafka_io.keyed_partitioner(raw, everything, everything) == expected, (key, partitions)
+
+
+async def test_the_workers_faust_producer_is_idempotent_with_acks_all():
+    """A completion written by a leader that died before acknowledging it is not written twice by the retry."""
+    import faust
+
+    from legato.streams import kafka_io
+
+    kafka_io.faust_idempotent_producer()
+    app = faust.App("legato-test-idempotent", broker="kafka://127.0.0.1:1", producer_acks=-1)
+    producer = app.producer._new_producer()
+    assert producer._txn_manager is not None  # aiokafka keeps a transaction manager for idempotent producers only
+    assert producer._txn_manager.transactional_id is None  # idempotent, not transactional

@@ -124,3 +124,23 @@ async def test_produce_consume_roundtrip(kafka_bootstrap):
         await admin.delete_topics([topic])
     finally:
         await admin.close()
+
+
+def test_a_local_cluster_s_nodes_form_one_quorum_on_every_second_port(tmp_path):
+    from legato.tools.kafka_cluster import LocalCluster
+
+    cluster = LocalCluster(9092, tmp_path, 3)
+    assert cluster.bootstrap == "127.0.0.1:9092,127.0.0.1:9094,127.0.0.1:9096"
+    for node, port in ((1, 9092), (2, 9094), (3, 9096)):
+        props = _props(cluster.properties(node))
+        assert props["node.id"] == str(node)
+        assert props["process.roles"] == "broker,controller"
+        assert props["controller.quorum.voters"] == "1@127.0.0.1:9093,2@127.0.0.1:9095,3@127.0.0.1:9097"
+        assert props["listeners"] == f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{port + 1}"
+        assert props["log.dirs"] == str(tmp_path / f"node-{node}" / "data")
+        assert props["offsets.topic.replication.factor"] == props["transaction.state.log.replication.factor"] == "3"
+        assert props["transaction.state.log.min.isr"] == props["min.insync.replicas"] == "2"
+
+
+def test_local_brokers_allow_session_timeouts_below_kafka_s_six_second_floor(tmp_path):
+    assert int(_props(kafka_local.server_properties("localhost:9092", tmp_path))["group.min.session.timeout.ms"]) <= 1000

@@ -23,7 +23,7 @@ def test_defaults_match_the_readme():
     from legato.streams.coordinator.partition import STATE_COMMIT_S
 
     s = Settings()
-    assert (s.session_timeout, s.linger_ms, s.commit_interval) == (10.0, 0.0, 0.5)
+    assert (s.session_timeout, s.linger_ms, s.commit_interval) == (6.0, 0.0, 0.5)  # docs/operations/deploy.md: `6`
     assert s.state_commit_ms == Settings.from_env().state_commit_ms == STATE_COMMIT_S * 1000 == 50.0  # docs/operations/deploy.md: `50`
     assert s.early_requests is True
 

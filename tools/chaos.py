@@ -17,6 +17,8 @@ data dir, drives them only through Kafka, and judges the result only from the to
 - ``retries``: step timeouts and retries under coordinator kills, answered by an independent worker (``chaos_retries``)
 - ``schedules``: a schedule ticking every second while the coordinator is SIGKILLed and restarted: every tick runs
   exactly once (``chaos_schedules``)
+- ``cluster``: a private 3-broker cluster (replication 3, min ISR 2): the leader broker SIGKILLed, a rolling restart,
+  and a coordinator SIGKILL while a broker is down (``chaos_cluster``)
 
 Results are printed and appended to RELIABILITY.md (command, date, machine). The integration tests in
 ``tests/integration/test_reliability.py`` and ``test_fuzz.py`` run the same code at CI size.
@@ -49,7 +51,7 @@ from legato.streams import kafka_io
 from legato.streams.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules")
+SCENARIOS = ("coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules", "cluster")
 TERMINAL = ("run.completed", "run.failed", "run.cancelled")
 
 HANDLERS_MODULE = "chaos_handlers"
@@ -402,7 +404,7 @@ def answered_in_time(failed: set[str], requests: list[Rec], completions: list[Re
 async def producer(bootstrap: str, **kafka: Any):
     from aiokafka import AIOKafkaProducer
 
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=8 * 1024 * 1024, **kafka)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=8 * 1024 * 1024, **kafka)
     await p.start()
     return p
 
@@ -1301,6 +1303,13 @@ KEYS = ["runs", "kills", "completed", "lost", "wrong_output", "failed_answered_i
         "distinct_requests", "reissued_requests", "executions", "duplicate_executions", "takeover_s", "recovery_s", "elapsed_s"]
 
 
+CLUSTER_INTRO = ("`legato chaos cluster` runs Legato's topics on a private local 3-broker KRaft cluster (replication factor 3, "
+                 "`min.insync.replicas` 2, every producer `acks=all`) and, with runs in flight, SIGKILLs the broker that leads the most "
+                 "changelog and completions partitions, then restarts the three brokers one by one, then SIGKILLs the coordinator "
+                 "while a broker is down. `stall_s`: the longest time a partition of the runs topic went without a record after a "
+                 "disruption.")
+
+
 def render(results: list[dict[str, Any]], command: str, mode: str) -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### `{command}` — {now}", "", f"Machine: {machine()}, broker on the same cores (shared with other test runs)  ",
@@ -1323,7 +1332,7 @@ def verdict(r: dict[str, Any]) -> bool:
         and r.get("duplicate_terminal_events", 0) == 0 and r.get("failed_answered_in_time", 0) == 0
     if r["scenario"] == "retries":
         ok = ok and r["failed"] == 0
-    if r["scenario"] in ("coordinator", "takeover"):
+    if r["scenario"] in ("coordinator", "takeover", "cluster"):
         ok = ok and r["duplicate_executions"] == 0
     if r["scenario"] == "fuzz":
         ok = ok and r["dlq_records"] >= r["expected_dlq"] and r["dlq_without_reason"] == 0 and r["processes_alive"] \
@@ -1341,6 +1350,8 @@ def verdict(r: dict[str, Any]) -> bool:
     if r["scenario"] == "schedules":
         ok = ok and r["ticks_missed"] == 0 and r["ticks_duplicated"] == 0 and r["ticks_expected"] > 0 and r["processes_alive"] \
             and r["duplicate_executions"] == 0
+    if r["scenario"] == "cluster":
+        ok = ok and r["processes_alive"] and r["kills"] >= 1
     return ok
 
 
@@ -1375,6 +1386,10 @@ async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kil
             from legato.tools.chaos_schedules import scenario_schedules
 
             r = await scenario_schedules(settings.bootstrap, kills, extra_env=extra, timeout=timeout)
+        elif name == "cluster":
+            from legato.tools.chaos_cluster import scenario_cluster
+
+            r = await scenario_cluster(runs, min(rate, 15.0), extra_env=extra, timeout=timeout)
         else:
             r = await scenario_fuzz(settings.bootstrap, bad, valid, extra_env=extra, timeout=timeout)
         r.setdefault("elapsed_s", round(time.monotonic() - t0, 1))
@@ -1394,10 +1409,12 @@ def main(settings: Settings, scenario: str = "all", runs: int = 2000, kills: int
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM still stops every process we started
     scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
     results = asyncio.run(run_scenarios(settings, scenarios, runs, kills, bad, valid, rate, session_timeout, timeout, waits))
-    mode = f"transactional coordinator, consumers read_committed, session timeout {session_timeout or 10:g} s"
+    mode = f"transactional coordinator, consumers read_committed, session timeout {session_timeout or Settings().session_timeout:g} s"
     text = render(results, command or "legato chaos " + " ".join(sys.argv[2:]), mode)
     print(text)
     if output is not None:
+        if scenario == "cluster" and Path(output).is_file() and "\n## cluster\n" not in Path(output).read_text(encoding="utf-8"):
+            text = "## cluster\n\n" + CLUSTER_INTRO + "\n\n" + text
         with open(output, "a", encoding="utf-8") as f:
             f.write(text)
     return 0 if all(r["ok"] for r in results) else 1

@@ -81,7 +81,9 @@ def _log_file(bootstrap: str) -> Path:
 
 
 def _pom_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "ops" / "kafka" / "pom.xml"
+    """The Maven pom of the broker's jars: package data of ``legato.tools`` (in the checkout, a link to
+    ``ops/kafka/pom.xml``), so an installed wheel fetches the same jars."""
+    return Path(__file__).parent / "kafka_pom.xml"
 
 
 # --------------------------------------------------------------------------- bootstrap parsing
@@ -271,6 +273,8 @@ def server_properties(bootstrap: str = DEFAULT_BOOTSTRAP, data_dir: Path | None 
         # Tests and demos create consumer groups constantly; the default 3 s delay
         # would add 3 s to every group join.
         "group.initial.rebalance.delay.ms": "0",
+        # Kafka's default floor of 6 s would refuse a LEGATO_SESSION_TIMEOUT below it (docs/deploy.md, takeover time).
+        "group.min.session.timeout.ms": "500",
         # Keep the dev broker's disk use small.
         "log.retention.hours": "24",
         "log.segment.bytes": str(64 * 1024 * 1024),

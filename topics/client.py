@@ -33,7 +33,7 @@ class LegatoClient:
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> "LegatoClient":
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0, partitioner=kafka_io.keyed_partitioner, **self._kafka)
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, partitioner=kafka_io.keyed_partitioner, **self._kafka)
         await self._producer.start()
         return self
 

@@ -437,7 +437,7 @@ class Console:
             kafka = security.aiokafka_kwargs()
             self.client = LegatoClient(self.settings.bootstrap, self.settings.prefix, **kafka)
             await self.client.__aenter__()
-            self.producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=0, **kafka)
+            self.producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, acks="all", linger_ms=0, **kafka)
             await self.producer.start()
 
     async def stop(self) -> None:

@@ -93,7 +93,7 @@ class Coordinator:
         await self.cache.start()
         self.definitions.on_change(self._on_catalog)
         self._on_catalog(self.definitions.catalog)
-        timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, linger_ms=0, partitioner=keyed_partitioner, **kw)
+        timer_producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, enable_idempotence=True, acks="all", linger_ms=0, partitioner=keyed_partitioner, **kw)
         await timer_producer.start()
         if getattr(self.settings, "early_requests", False):
             self.partitions.early = timer_producer  # idempotent, not transactional: requests ahead of their transaction
@@ -151,7 +151,8 @@ class Coordinator:
             self.metrics.declare(new)
         activities = sorted({a for wf in new for a in wf.activities})
         completions = sorted({wf.definition.completion_topic for wf in new if wf.definition.completion_topic})
-        task = asyncio.create_task(ensure_topics(self.settings.bootstrap, self.topics, activities, self.partition_count, completions))
+        task = asyncio.create_task(ensure_topics(self.settings.bootstrap, self.topics, activities, self.partition_count, completions,
+                                                 replication=self.settings.replication))
         self._background.add(task)
         task.add_done_callback(self._topics_created)
 

@@ -130,6 +130,7 @@ class Rebalance(ConsumerRebalanceListener):
         producer = AIOKafkaProducer(
             bootstrap_servers=c.settings.bootstrap,
             transactional_id=f"{c.group}-{p}",
+            acks="all",  # implied by the transaction; stated because a replicated changelog relies on it
             transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             linger_ms=0,
             partitioner=keyed_partitioner,

@@ -2,7 +2,7 @@
 
 The same scenarios run at full size with `legato chaos` (figures in RELIABILITY.md). Every test starts its own
 processes with a fresh topic prefix. Consumers of the checked topics read committed records only, as
-docs/concepts/guarantees.md asks of every consumer; the session timeout is 10 s (LEGATO_SESSION_TIMEOUT's default), so a killed
+docs/concepts/guarantees.md asks of every consumer; the session timeout is 10 s (LEGATO_SESSION_TIMEOUT), so a killed
 member leaves its consumer group within 10 s.
 """
 from __future__ import annotations
