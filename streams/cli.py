@@ -253,7 +253,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     return chaos_main(_settings(args), args.scenario, runs=args.runs, kills=args.kills, bad=args.bad, valid=args.valid, rate=args.rate,
                       session_timeout=args.session_timeout,
-                      output=None if args.output == "-" else Path(args.output), command="legato chaos " + " ".join(sys.argv[2:]), timeout=args.timeout,
+                      output=None if args.output in (None, "-") else Path(args.output), command="legato chaos " + " ".join(sys.argv[2:]), timeout=args.timeout,
                       waits=args.waits)
 
 
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="append the results to this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
-    p = sub.add_parser("chaos", help="kill real processes on a real broker; figures appended to RELIABILITY.md")
+    p = sub.add_parser("chaos", help="kill real processes on a real broker; the report is printed (and appended to --output)")
     p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules", "cluster"])
     p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits; deploy: v1 runs, at most 1000)")
     p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=40.0, help="triggers per second")
     p.add_argument("--session-timeout", type=float, default=None)
     p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--output", default="RELIABILITY.md", help="'-' for none")
+    p.add_argument("--output", default=None, help="also append the report to this markdown file ('-' or none: print only)")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_chaos, workflows=[], handlers=[])
     p = sub.add_parser("runs", help="list and show runs (read from the run topics into a local index)")

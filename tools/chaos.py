@@ -20,7 +20,7 @@ data dir, drives them only through Kafka, and judges the result only from the to
 - ``cluster``: a private 3-broker cluster (replication 3, min ISR 2): the leader broker SIGKILLed, a rolling restart,
   and a coordinator SIGKILL while a broker is down (``chaos_cluster``)
 
-Results are printed and appended to RELIABILITY.md (command, date, machine). The integration tests in
+Results are printed, and appended to the file given with ``--output`` (command, date, machine). The integration tests in
 ``tests/integration/test_reliability.py`` and ``test_fuzz.py`` run the same code at CI size.
 """
 from __future__ import annotations
@@ -1303,13 +1303,6 @@ KEYS = ["runs", "kills", "completed", "lost", "wrong_output", "failed_answered_i
         "distinct_requests", "reissued_requests", "executions", "duplicate_executions", "takeover_s", "recovery_s", "elapsed_s"]
 
 
-CLUSTER_INTRO = ("`legato chaos cluster` runs Legato's topics on a private local 3-broker KRaft cluster (replication factor 3, "
-                 "`min.insync.replicas` 2, every producer `acks=all`) and, with runs in flight, SIGKILLs the broker that leads the most "
-                 "changelog and completions partitions, then restarts the three brokers one by one, then SIGKILLs the coordinator "
-                 "while a broker is down. `stall_s`: the longest time a partition of the runs topic went without a record after a "
-                 "disruption.")
-
-
 def render(results: list[dict[str, Any]], command: str, mode: str) -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### `{command}` — {now}", "", f"Machine: {machine()}, broker on the same cores (shared with other test runs)  ",
@@ -1400,7 +1393,7 @@ async def run_scenarios(settings: Settings, scenarios: list[str], runs: int, kil
 
 
 def main(settings: Settings, scenario: str = "all", runs: int = 2000, kills: int = 5, bad: int = 10_000, valid: int = 500,
-         rate: float = 40.0, session_timeout: float | None = None, output: Path | None = REPO_ROOT / "RELIABILITY.md",
+         rate: float = 40.0, session_timeout: float | None = None, output: Path | None = None,
          command: str | None = None, timeout: float = 900.0, waits: int | None = None) -> int:
     """Run one scenario or all of them, print the figures, append them to ``output``; exit 1 when a goal is missed."""
     import logging
@@ -1413,8 +1406,6 @@ def main(settings: Settings, scenario: str = "all", runs: int = 2000, kills: int
     text = render(results, command or "legato chaos " + " ".join(sys.argv[2:]), mode)
     print(text)
     if output is not None:
-        if scenario == "cluster" and Path(output).is_file() and "\n## cluster\n" not in Path(output).read_text(encoding="utf-8"):
-            text = "## cluster\n\n" + CLUSTER_INTRO + "\n\n" + text
         with open(output, "a", encoding="utf-8") as f:
             f.write(text)
     return 0 if all(r["ok"] for r in results) else 1
