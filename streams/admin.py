@@ -25,6 +25,10 @@ CREATE_RETRY_S = 60.0
 and registers its brokers (NOT_CONTROLLER, broker not available, too few brokers for the replication factor)."""
 
 _TOPIC_ALREADY_EXISTS = 36
+_TOPIC_AUTHORIZATION_FAILED = 29
+"""A principal without CREATE (a worker under ACLs) does not see the topics it may not describe either, so they look
+missing to it: they are the operator's or the coordinator's to create, and using one that is truly missing fails
+with its own error later."""
 _RETRIABLE_CREATE = {7, 8, 19, 38, 41}
 """RequestTimedOut, BrokerNotAvailable, NotEnoughReplicas, InvalidReplicationFactor (brokers still registering),
 NotController."""
@@ -138,6 +142,9 @@ async def _create(admin: AIOKafkaAdminClient, new: list[NewTopic]) -> None:
             response = await admin.create_topics(list(pending.values()))
             for entry in response.topic_errors:
                 name, code = entry[0], entry[1]
+                if code == _TOPIC_AUTHORIZATION_FAILED:
+                    log.info("not authorized to create topic %s: left to a principal that may", name)
+                    continue
                 if code and code != _TOPIC_ALREADY_EXISTS:
                     message = entry[2] if len(entry) > 2 and entry[2] else ""
                     error = for_code(code)(f"creating topic {name}: {message}".rstrip(": "))

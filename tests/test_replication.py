@@ -59,3 +59,29 @@ def test_on_a_cluster_without_the_brokers_for_the_factor_a_lower_replication_is_
 
 def test_a_topic_replicated_more_than_the_setting_is_fine():
     check_topics([_topic("x.runs", 8, 3)], ["x.runs"], 8, 2, 3)
+
+
+class _Admin:
+    """Answers create_topics with one error code per topic (the admin client is not under test: the handling is)."""
+
+    def __init__(self, codes):
+        self.codes, self.calls = codes, 0
+
+    async def create_topics(self, new):
+        self.calls += 1
+        return type("Response", (), {"topic_errors": [(t.name, self.codes.get(t.name, 0), "") for t in new]})()
+
+
+def test_a_topic_the_principal_may_not_create_is_left_to_one_that_may_and_other_errors_still_stop_the_start():
+    import asyncio
+
+    import pytest
+    from aiokafka.admin import NewTopic
+
+    from legato.streams.admin import _create
+
+    admin = _Admin({"p.runs": 29})  # TOPIC_AUTHORIZATION_FAILED: a worker under ACLs
+    asyncio.run(_create(admin, [NewTopic("p.runs", 8, 1), NewTopic("p.requests.a", 8, 1)]))
+    assert admin.calls == 1
+    with pytest.raises(Exception, match="creating topic p.bad"):
+        asyncio.run(_create(_Admin({"p.bad": 37}), [NewTopic("p.bad", 8, 1)]))  # INVALID_PARTITIONS
