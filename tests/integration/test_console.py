@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from legato.topics.models import SignalSent
+from tests.conftest import skip_or_fail
 from tests.integration.conftest import REPO_ROOT, legato_executable
 from tests.integration.test_cli import cli
 
@@ -125,8 +126,9 @@ def console(legato, tmp_path_factory):
     err.close()
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
 async def test_console_in_a_real_browser(legato, console, tmp_path):
+    if not Path(CHROMIUM).exists():
+        skip_or_fail("needs Debian's chromium (scripts/test.sh installs it)")
     from playwright.async_api import async_playwright
 
     tag = uuid.uuid4().hex[:8]
