@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the test suite (integration tests start the local Kafka broker on
 # 127.0.0.1:19092 unless LEGATO_BOOTSTRAP points elsewhere). Extra args go to pytest.
+# With CI set (.ci/run sets CI=1), a test whose tool is missing (Chromium, kcat, the Kafka jars) fails instead of
+# skipping; on a developer's machine it skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "ci: installing ${missing[*]}"
     # They are only needed by some tests; let the suite run (and report) without them.
     if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"; }; then
-        echo "ci: WARNING: could not install ${missing[*]}; tests that need them will be skipped" >&2
+        echo "ci: WARNING: could not install ${missing[*]}; tests that need them will fail under CI (CI set), skip otherwise" >&2
     fi
 fi
 

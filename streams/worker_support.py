@@ -106,24 +106,29 @@ class ResultCache:
 
 
 class TokenBucket:
-    """At most ``rate`` starts per second on average, bursts up to one second's worth."""
+    """At most ``rate`` starts per second on average, bursts up to one second's worth.
 
-    def __init__(self, rate: float):
+    ``clock`` (seconds) and ``sleep`` are the event loop's by default; tests pass a virtual clock and a sleep that
+    advances it."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep):
         self.rate = rate
         self.tokens = max(1.0, rate)
-        self.updated = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self.updated = clock()
         self._lock = asyncio.Lock()
 
     async def take(self) -> None:
         async with self._lock:  # FIFO: waiting requests start in arrival order
             while True:
-                now = time.monotonic()
+                now = self._clock()
                 self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.updated) * self.rate)
                 self.updated = now
                 if self.tokens >= 1:
                     self.tokens -= 1
                     return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
+                await self._sleep((1 - self.tokens) / self.rate)
 
 
 class RateLimits:
@@ -133,14 +138,16 @@ class RateLimits:
     activity (one per model, say) are limited separately, each to its own rate. (One bucket per activity, replaced
     whenever the rate changed, refilled the burst at every change: mixed traffic was not limited at all.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self._buckets: dict[tuple[str, float], TokenBucket] = {}
+        self._clock = clock
+        self._sleep = sleep
 
     async def take(self, activity: str, rate: float) -> None:
         """Wait until a request of ``activity`` that carries ``rate`` may start."""
         bucket = self._buckets.get((activity, rate))
         if bucket is None:
-            bucket = self._buckets[(activity, rate)] = TokenBucket(rate)
+            bucket = self._buckets[(activity, rate)] = TokenBucket(rate, self._clock, self._sleep)
         await bucket.take()
 
 

@@ -128,9 +128,22 @@ def test_step_tree_and_gantt():
 
 
 def test_graph_marks_the_steps_taken():
-    source = "name: g\nsteps:\n  - id: a\n    activity: x\n  - id: b\n    activity: y\n"
-    text = marked_graph(source, {"steps": {"a": {"step_id": "a", "status": "succeeded"}, "b": {"step_id": "b", "status": "failed"}}})
-    assert text.startswith("flowchart TD") and "class s_a done" in text and "class s_b fail" in text
+    source = ("name: g\nsteps:\n  - id: a\n    activity: x\n  - id: b\n    activity: y\n  - id: c\n    activity: z\n"
+              "  - id: d\n    activity: w\n  - id: e\n    activity: v\n")
+    steps = {"a": {"step_id": "a", "status": "succeeded"}, "b": {"step_id": "b", "status": "failed"},
+             "c": {"step_id": "c", "status": "waiting"}, "e": {"step_id": "e", "status": "skipped"},
+             # a step that ran twice (a map item, a loop iteration) shows its worst outcome, in either order
+             "d#1": {"step_id": "d", "status": "failed"}, "d#2": {"step_id": "d", "status": "succeeded"}}
+    text = marked_graph(source, {"steps": steps})
+    assert text.startswith("flowchart TD")
+    assert text.splitlines()[-3:] == ["    class s_c,wf_start path_ran", "    class s_a path_succeeded", "    class s_b,s_d path_failed"]
+    assert "s_e path" not in text and "wf_end path" not in text
+    for name in ("path_ran", "path_succeeded", "path_failed"):
+        assert f"classDef {name} " in text
+    # the run's own outcome marks End; nothing taken leaves the graph unmarked
+    done = marked_graph(source, {"steps": {"a": {"step_id": "a", "status": "succeeded"}}}, run_status="succeeded")
+    assert "    class s_a,wf_end path_succeeded" in done.splitlines()
+    assert "    class " not in marked_graph(source, {}).split("classDef path_failed")[1]
 
 
 def test_filter_from_query_ignores_what_does_not_parse():

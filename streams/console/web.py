@@ -1,8 +1,8 @@
 """``legato console``: server-rendered pages over the run index, and actions that are records on the CLI's topics.
 
-aiohttp serves Jinja2 templates with autoescaping on (every run value is escaped), one small script and one
-stylesheet from ``static/`` (nothing is fetched from elsewhere; a Content-Security-Policy forbids it and any
-inline script). The index is fed by a ``Feed`` task in the same event loop.
+aiohttp serves Jinja2 templates with autoescaping on (every run value is escaped), one small script, one
+stylesheet and the vendored Mermaid renderer (``static/vendor/``) from ``static/`` (nothing is fetched from
+elsewhere; a Content-Security-Policy forbids it and any inline script). The index is fed by a ``Feed`` task in the same event loop.
 
 Security: bound to loopback by default; any other address needs ``LEGATO_CONSOLE_TOKEN`` and then every request
 must carry it (``?token=`` once, then a cookie). Actions are POSTs with a per-process CSRF token; ``--read-only``
@@ -131,19 +131,48 @@ def gantt_bars(rows: list[dict[str, Any]], run_start: int | None, run_end: int |
     return bars
 
 
-def marked_graph(source: str, state: dict[str, Any]) -> str:
-    """The workflow's Mermaid flowchart with the steps this run went through classed done/fail."""
-    from legato.workflows.graph import _node_id, mermaid
+PATH_CLASSES = (
+    ("path_ran", "stroke:#2563eb,stroke-width:3px"),
+    ("path_succeeded", "fill:#bbf7d0,stroke:#15803d,stroke-width:3px,color:#052e16"),
+    ("path_failed", "fill:#fecaca,stroke:#b91c1c,stroke-width:3px,color:#450a0a"),
+)
+"""The classes ``marked_graph`` adds to the steps a run went through: started (running, waiting, cancelled),
+succeeded, failed (or timed out). They are apart from the definition's own ``done``/``fail`` classes, which mark
+what an end or fail step is, not whether the run reached it."""
+
+_PATH_OF_STATUS = {"succeeded": "path_succeeded", "failed": "path_failed", "timed_out": "path_failed",
+                   "running": "path_ran", "waiting": "path_ran", "waiting_retry": "path_ran", "cancelled": "path_ran"}
+_PATH_RANK = {"path_ran": 0, "path_succeeded": 1, "path_failed": 2}
+
+
+def marked_graph(source: str, state: dict[str, Any], run_status: str | None = None) -> str:
+    """The workflow's Mermaid flowchart with the path this run took highlighted.
+
+    Each step the run started gets one of ``PATH_CLASSES``; a step that ran more than once (map items, loop
+    iterations) shows its worst outcome (failed over succeeded over started). Start is marked once any step
+    started, End once the run succeeded. Skipped steps are not on the path.
+    """
+    from legato.workflows.graph import END_ID, START_ID, _node_id, mermaid
     from legato.workflows.model import compile_workflow
 
     text = mermaid(compile_workflow(yaml.safe_load(source)))
-    marks = {}
+    marks: dict[str, str] = {}
     for step in (state.get("steps") or {}).values():
         if isinstance(step, dict) and step.get("step_id"):
-            status = step.get("status")
-            marks[step["step_id"]] = "fail" if status in ("failed", "timed_out") else "done" if status == "succeeded" else marks.get(step["step_id"], "")
-    lines = [f"    class {_node_id('s', sid)} {cls}" for sid, cls in sorted(marks.items()) if cls]
-    return text + ("\n" + "\n".join(lines) if lines else "")
+            cls = _PATH_OF_STATUS.get(step.get("status"))
+            node = _node_id("s", step["step_id"])
+            if cls and _PATH_RANK[cls] >= _PATH_RANK.get(marks.get(node, ""), -1):
+                marks[node] = cls
+    if marks:
+        marks[START_ID] = "path_ran"
+    if run_status == "succeeded":
+        marks[END_ID] = "path_succeeded"
+    lines = [f"    classDef {name} {style}" for name, style in PATH_CLASSES]
+    for name, _ in PATH_CLASSES:
+        nodes = sorted(node for node, cls in marks.items() if cls == name)
+        if nodes:
+            lines.append(f"    class {','.join(nodes)} {name}")
+    return text + "\n" + "\n".join(lines)
 
 
 def progress_by_request(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -302,7 +331,7 @@ class Console:
             "run": run, "state": state, "summary": summary, "events": events, "steps": rows,
             "bars": gantt_bars(rows, run["started_ms"], run["finished_ms"], now_ms),
             "waiting": [r for r in rows if r.get("status") == "waiting"],
-            "progress": progress_by_request(events), "graph": self._graph(run["workflow"], run["version"], state),
+            "progress": progress_by_request(events), "graph": self._graph(run["workflow"], run["version"], state, run["status"]),
             "output": state.get("output", summary.get("output")), "error": state.get("error") or summary.get("error"),
             "cost": state.get("cost") or summary.get("cost"), "path": state.get("path") or summary.get("path") or [],
             "finished": run["status"] in ("succeeded", "failed", "cancelled"),
@@ -341,7 +370,7 @@ class Console:
             rows.append(row)
         return self._html("schedules.html", rows=rows, topic=self.settings.topics.schedules)
 
-    def _graph(self, workflow: str | None, version: int | None, state: dict[str, Any]) -> dict[str, str] | None:
+    def _graph(self, workflow: str | None, version: int | None, state: dict[str, Any], run_status: str | None = None) -> dict[str, str] | None:
         """The workflow's flowchart from the definitions topic, else from the local workflow directories."""
         source = self.index.definition(workflow, version) if workflow else None
         origin = self.settings.topics.definitions
@@ -350,7 +379,7 @@ class Console:
         if source is None:
             return None
         try:
-            return {"text": marked_graph(source, state), "origin": origin}
+            return {"text": marked_graph(source, state, run_status), "origin": origin}
         except Exception as exc:  # a definition this version cannot compile: say so instead of failing the page
             return {"text": f"cannot draw the graph: {exc}", "origin": origin}
 

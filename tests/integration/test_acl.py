@@ -30,6 +30,7 @@ from legato.topics.client import LegatoClient
 from legato.topics.models import SignalSent
 from legato.topics.names import Topics
 from tests.integration.conftest import REPO_ROOT, _start, legato_executable
+from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ def cli(args: list[str], user: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def acl_broker(tmp_path_factory):
     if not kafka_local.jars_present():
-        pytest.skip("Kafka jars not fetched (scripts/setup.sh fetches them)")
+        skip_or_fail("Kafka jars not fetched (scripts/setup.sh fetches them)")
     broker = AclBroker(port=PORT, workdir=tmp_path_factory.mktemp("acl-broker"), sasl_users=USERS)
     broker.start()
     try:

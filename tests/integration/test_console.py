@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from legato.topics.models import SignalSent
+from tests.conftest import skip_or_fail
 from tests.integration.conftest import REPO_ROOT, legato_executable
 from tests.integration.test_cli import cli
 
@@ -125,8 +126,9 @@ def console(legato, tmp_path_factory):
     err.close()
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
 async def test_console_in_a_real_browser(legato, console, tmp_path):
+    if not Path(CHROMIUM).exists():
+        skip_or_fail("needs Debian's chromium (scripts/test.sh installs it)")
     from playwright.async_api import async_playwright
 
     tag = uuid.uuid4().hex[:8]
@@ -173,8 +175,18 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             assert await page.locator(".gantt-bar").count() == 3
             history = await page.locator("#history").inner_text()
             assert f"{legato.topics.completions}/" in history and "run.completed" in history
-            assert "class s_third done" in await page.locator("#graph").inner_text()
+            # the workflow graph, drawn by the vendored Mermaid, with the path the run took highlighted
+            await page.locator("#graph-drawn svg g.node").first.wait_for(timeout=30_000)
+            for step in ("first", "second", "third"):
+                node = page.locator(f'#graph-drawn svg g.node[id*="-s_{step}-"]')
+                assert await node.count() == 1, step
+                assert "path_succeeded" in (await node.get_attribute("class")).split(), step
+            assert "path_succeeded" in (await page.locator('#graph-drawn svg g.node[id*="-wf_end-"]').get_attribute("class")).split()
+            await page.locator("#graph-drawn").screenshot(path=str(shots / "console-graph.png"))
             await page.screenshot(path=str(shots / "console-run.png"), full_page=True)
+            await page.goto(console + "workflow?name=e2e_sequential&version=1")  # the definition alone: nothing marked
+            await page.locator('#graph-drawn svg g.node[id*="-s_third-"]').wait_for(timeout=30_000)
+            assert await page.locator("#graph-drawn svg g.node.path_succeeded").count() == 0
 
             # escaping: the input and output are shown as text and nothing ran
             await page.goto(console + f"run?id=evil-{tag}")
@@ -223,6 +235,10 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
                 if await page.locator("#redrive").count():
                     break
                 await asyncio.sleep(1)
+            doomed = page.locator('#graph-drawn svg g.node[id*="-s_doomed-"]')
+            await doomed.wait_for(timeout=30_000)
+            assert "path_failed" in (await doomed.get_attribute("class")).split()
+            assert "path_succeeded" not in (await page.locator('#graph-drawn svg g.node[id*="-wf_end-"]').get_attribute("class")).split()
             await page.click("#redrive")
             await page.wait_for_url("**done=redrive**")
             records = await legato.read_topic(legato.topics.coordinator)

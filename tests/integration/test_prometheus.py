@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,22 @@ async def wait_until(check, timeout: float, what: str) -> None:
     raise AssertionError(f"{what} not within {timeout}s (last error: {last!r})")
 
 
+def last_scrapes(base: str) -> list[float]:
+    """Each active target's last scrape, in epoch seconds (Prometheus gives RFC 3339 with nanoseconds)."""
+    out = []
+    for target in http_json(f"{base}/api/v1/targets")["data"]["activeTargets"]:
+        stamp = re.sub(r"(\.\d{6})\d+", r"\1", target["lastScrape"]).replace("Z", "+00:00")
+        out.append(datetime.fromisoformat(stamp).timestamp())
+    return out
+
+
+async def scraped_twice(obs: "Observed", what: str) -> None:
+    """Until Prometheus has scraped both targets twice since now: what the processes count now is in two samples."""
+    for _ in range(2):
+        since = time.time()
+        await wait_until(lambda: (lambda s: len(s) == 2 and min(s) > since)(last_scrapes(obs.prometheus)), 30, f"two scrapes after {what}")
+
+
 def targets_up(base: str) -> bool:
     active = http_json(f"{base}/api/v1/targets")["data"]["activeTargets"]
     return len(active) == 2 and all(t["health"] == "up" for t in active)
@@ -255,8 +272,10 @@ async def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
             pass  # test_both_processes_are_scraped says so, with the logs; the changelog test still runs
         for n in range(ROUNDS):
             await workload_round(obs, client, producer, n)
-            await asyncio.sleep(2.5)  # a few scrapes between rounds: counters visibly increase
-        await asyncio.sleep(7)  # the lag reporters' 5 s tick, then a scrape
+            await scraped_twice(obs, f"round {n}")  # between rounds: counters visibly increase from one scrape to the next
+        lag = [f'legato_consumer_lag{{group="{prefix}-{role}"}}' for role in ("coordinator", "worker")]
+        await wait_until(lambda: all(has_data(obs.query(q)) for q in lag), 30, "the lag reporters' gauges of both groups scraped")
+        await scraped_twice(obs, "the end")
         yield obs
     finally:
         await producer.stop()

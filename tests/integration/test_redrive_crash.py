@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from legato.tools.chaos import DATA, HANDLERS_MODULE, Env, Scene, Tail, trigger, wait_ready
 from tests.integration.conftest import WORKFLOWS_DIR
@@ -44,6 +45,36 @@ async def _until(what: str, check, timeout: float = TIMEOUT_S, env: Env | None =
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not seen within {timeout}s" + (f"\n{env.logs()}" if env else ""))
         await asyncio.sleep(0.05)
+
+
+async def _read_to_end(bootstrap: str, topics: list[str], timeout: float = 30.0) -> list[dict]:
+    """The committed JSON objects of ``topics``, from the beginning to the end offsets seen when reading starts."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed",
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(await _partitions(consumer, t))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while not all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+            assert time.monotonic() < deadline, f"could not read {topics} to their end within {timeout}s"
+            for msgs in (await consumer.getmany(timeout_ms=200)).values():
+                out += [v for v in (orjson.loads(m.value) for m in msgs if m.value) if isinstance(v, dict)]
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()  # as tests/integration/conftest.py's read_topic does
+        partitions = consumer.partitions_for_topic(topic)
+    assert partitions, f"topic {topic} has no partitions"
+    return partitions
 
 
 async def test_a_redrive_survives_coordinator_sigkills(kafka_bootstrap: str, tmp_path: Path):
@@ -78,7 +109,16 @@ async def test_a_redrive_survives_coordinator_sigkills(kafka_bootstrap: str, tmp
             coordinator.kill()  # while the redriven step is in flight (it sleeps 3 s in the worker)
             coordinator.start()
             await _until("run.completed", lambda: any(e["type"] == "run.completed" for e in events()), env=env)
-            await asyncio.sleep(3.0)  # anything produced twice would show up by now
+            # Read again, to the end of each partition: everything committed up to run.completed (a duplicate from
+            # a killed coordinator included) is there, whatever the tails have caught up with so far.
+            runs = await _read_to_end(kafka_bootstrap, [env.topics.runs])
+            request_records = await _read_to_end(kafka_bootstrap, [env.topics.requests(a) for a in ACTIVITIES])
+
+            def events() -> list[dict]:
+                return [e for e in runs if e.get("run_id") == run_id]
+
+            def requested() -> list[str]:
+                return [v["request_id"] for v in request_records if v.get("run_id") == run_id]
 
             assert [(e["type"], e.get("redrives")) for e in events()] == [
                 ("run.started", None), ("run.failed", None), ("run.redriven", 1), ("run.completed", 1)], events()

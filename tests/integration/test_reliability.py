@@ -11,6 +11,7 @@ import pytest
 
 from legato.tools import kafka_local
 from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_deploy, scenario_takeover, scenario_timers, scenario_waits, scenario_worker
+from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,7 @@ async def test_survivor_takes_over_partitions_of_killed_coordinator(kafka_bootst
 
 async def test_broker_restart_processes_reconnect(tmp_path):
     if not kafka_local.jars_present():
-        pytest.skip("Kafka jars not fetched")
+        skip_or_fail("Kafka jars not fetched (scripts/setup.sh fetches them)")
     r = await scenario_broker(None, runs=40, down_s=5.0, extra_env=FAST_GROUP, timeout=180, workdir=tmp_path)
     no_loss(r)
     assert r["same_pids"] and r["processes_alive"], r  # nobody restarted them

@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from legato.streams import security
 from legato.tools import kafka_local
 from legato.tools.chaos import PrivateBroker
+from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ USERS = {"alice": "alice-" + uuid.uuid4().hex[:12]}
 @pytest.fixture(scope="module")
 def sasl_broker(tmp_path_factory):
     if not kafka_local.jars_present():
-        pytest.skip("Kafka jars not fetched (scripts/setup.sh fetches them)")
+        skip_or_fail("Kafka jars not fetched (scripts/setup.sh fetches them)")
     broker = PrivateBroker(workdir=tmp_path_factory.mktemp("sasl-broker"), sasl_users=USERS)
     broker.start()
     try:

@@ -4,12 +4,13 @@ unknown run changes nothing.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
+import orjson
 import pytest
 
+from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 
@@ -43,11 +44,27 @@ async def started(legato, run_id: str) -> None:
     await legato.read_topic(legato.topics.runs, until=seen, timeout=60)
 
 
+async def waiting(legato, run_id: str, step_id: str) -> None:
+    """Until the run's state in the coordinator's changelog has ``step_id`` waiting (for its signal)."""
+    key = run_id.encode()
+
+    def seen(records: list) -> bool:
+        last = None
+        for r in records:
+            if r.key == key:
+                last = r.value
+        if last is None:
+            return False
+        steps = (orjson.loads(last) or {}).get("steps") or {}
+        return any(isinstance(s, dict) and s.get("step_id") == step_id and s.get("status") == "waiting" for s in steps.values())
+
+    await legato.read_topic(legato.topics.changelog, until=seen, timeout=60)
+
+
 async def test_a_waiting_run_completes_on_a_signal_produced_by_kcat(legato, kcat):
     run_id = new_run_id("approve")
     await legato.client.trigger("sig_approval", {}, run_id=run_id)
-    await started(legato, run_id)
-    await asyncio.sleep(0.5)  # it is waiting now
+    await waiting(legato, run_id, "approval")
     signal = {"run_id": run_id, "signal": "approval", "data": {"approved": True, "by": "kcat"}}
     # keyed by run_id, with librdkafka's default partitioner: the coordinator moves it to the run's partition
     await kcat_run(kcat, "-P", "-b", legato.bootstrap, "-t", legato.topics.signals, "-k", run_id, stdin=json.dumps(signal).encode() + b"\n")
@@ -69,13 +86,17 @@ async def test_a_signal_before_the_wait_starts_is_kept_and_delivered(legato):
 
 async def test_a_signal_for_an_unknown_run_changes_nothing(legato):
     run_id = new_run_id("nobody")
+    partitions = len(await legato.producer.partitions_for(legato.topics.signals))
+    probe = new_run_id("after")
+    while partition_for(probe.encode(), partitions) != partition_for(run_id.encode(), partitions):
+        probe = new_run_id("after")
     await legato.client.signal(run_id, "approval", {"x": 1})
-    probe = new_run_id("after")  # a run signalled after it: once it has finished, the coordinator is past both
+    # A run on the same partition, signalled after it: the coordinator reads a partition's signals in order, so once
+    # the probe has finished, the unknown run's signal was decided first and whatever it wrote is committed.
     await legato.client.trigger("sig_approval", {}, run_id=probe)
     await started(legato, probe)
     await legato.client.signal(probe, "approval", "go")
     assert (await legato.wait_for({probe}, timeout=60))[probe].status == "succeeded"
-    await asyncio.sleep(2)
     assert not values_of(await legato.read_topic(legato.topics.runs), run_id)
     letters = [codec.decode_object(r.value) for r in await legato.read_topic(legato.topics.dlq)]
     assert not [d for d in letters if run_id in d["payload"]]

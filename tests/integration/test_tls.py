@@ -24,6 +24,7 @@ from legato.tools import kafka_local
 from legato.tools.chaos import PrivateBroker
 from legato.topics.client import LegatoClient
 from tests.integration.conftest import REPO_ROOT, Service, _start, legato_executable
+from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,7 @@ def tls_env(certs: dict, port: int = TLS_PORT, client_cert: bool = False) -> dic
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict:
     if not kafka_local.jars_present():
-        pytest.skip("Kafka jars not fetched (scripts/setup.sh fetches them)")
+        skip_or_fail("Kafka jars not fetched (scripts/setup.sh fetches them)")
     base = tmp_path_factory.mktemp("pki")
     certs = kafka_local.make_certificates(base / "ours", clients=("legato",), key_password=KEY_PASSWORD)
     certs["other-ca"] = kafka_local.make_certificates(base / "theirs")["ca"]
