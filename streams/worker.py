@@ -114,11 +114,7 @@ class _Progress:
 
     async def delivered(self) -> None:
         """Wait until every chunk is on the broker, so that a reader sees them before the step's completion."""
-        for fut in self.sent:
-            try:
-                await fut
-            except Exception as exc:  # a lost chunk must not lose the completion
-                log.warning("a progress chunk of %s was not delivered: %s", self.request.request_id, exc)
+        await _delivered(self.sent, "a progress chunk", self.request.request_id)
 
 
 class _Liveness:
@@ -159,11 +155,16 @@ class _Liveness:
             log.warning("cannot send %s of %s: %s", record.type, self.request.request_id, exc)
 
     async def delivered(self) -> None:
-        for fut in self.sent:
-            try:
-                await fut
-            except Exception as exc:  # a lost heartbeat must not lose the completion
-                log.warning("a started or heartbeat record of %s was not delivered: %s", self.request.request_id, exc)
+        await _delivered(self.sent, "a started or heartbeat record", self.request.request_id)
+
+
+async def _delivered(futures: list[Any], what: str, request_id: str) -> None:
+    """Await the deliveries of records a handler sent before its completion; a lost one must not lose the completion."""
+    for fut in futures:
+        try:
+            await fut
+        except Exception as exc:
+            log.warning("%s of %s was not delivered: %s", what, request_id, exc)
 
 
 class Workers:

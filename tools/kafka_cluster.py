@@ -319,15 +319,7 @@ class LocalCluster:
 
     async def leaders(self, topics: list[str] | None = None) -> dict[tuple[str, int], int]:
         """The leader (node id, -1 when none) of every partition of ``topics`` (default: every topic)."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._live_bootstrap(), request_timeout_ms=5000)
-        await admin.start()
-        try:
-            described = await admin.describe_topics(topics)
-        finally:
-            await admin.close()
-        return {(t["topic"], p["partition"]): p["leader"] for t in described for p in t.get("partitions", [])}
+        return {(t["topic"], p["partition"]): p["leader"] for t in await self._describe(topics) for p in t.get("partitions", [])}
 
     async def leader(self, topic: str, partition: int) -> int:
         """The node leading ``topic``'s ``partition`` (-1 while none does)."""
@@ -335,15 +327,17 @@ class LocalCluster:
 
     async def in_sync(self, topics: list[str]) -> dict[tuple[str, int], list[int]]:
         """The in-sync replicas of every partition of ``topics``."""
+        return {(t["topic"], p["partition"]): sorted(p["isr"]) for t in await self._describe(topics) for p in t.get("partitions", [])}
+
+    async def _describe(self, topics: list[str] | None) -> list[dict]:
         from aiokafka.admin import AIOKafkaAdminClient
 
         admin = AIOKafkaAdminClient(bootstrap_servers=self._live_bootstrap(), request_timeout_ms=5000)
         await admin.start()
         try:
-            described = await admin.describe_topics(topics)
+            return await admin.describe_topics(topics)
         finally:
             await admin.close()
-        return {(t["topic"], p["partition"]): sorted(p["isr"]) for t in described for p in t.get("partitions", [])}
 
     async def wait_in_sync(self, topics: list[str], replicas: int, timeout: float = 120.0) -> None:
         """Wait until every partition of ``topics`` has ``replicas`` in-sync replicas (after a broker came back)."""
