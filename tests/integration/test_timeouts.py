@@ -21,11 +21,21 @@ def new_run_id(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:12]}"
 
 
+async def block_the_slot(legato) -> str:
+    """Trigger a 3 s request of ``e2e_single`` and wait until its handler holds the single slot (its worker's
+    ``activity.started``: ``to_blocker`` sets a ``start_timeout``, so the worker reports it); its run_id."""
+    blocker = await legato.trigger("to_blocker", {"seconds": BLOCK_S}, run_id=new_run_id("blocker"))
+    for _ in range(300):
+        if await legato.records_of(legato.topics.completions, ActivityStarted, blocker):
+            return blocker
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the blocker {blocker} did not start within 30 s")
+
+
 async def burst_behind_a_slow_request(legato, workflow: str) -> Counter:
     """Trigger a 3 s request of ``e2e_single``, then ``BURST`` runs of ``workflow`` whose handlers take 10 ms; the
     outcome of each run of the burst (``succeeded`` or its error type)."""
-    blocker = await legato.trigger("to_blocker", {"seconds": BLOCK_S}, run_id=new_run_id("blocker"))
-    await asyncio.sleep(0.5)  # its handler has the single slot
+    blocker = await block_the_slot(legato)
     run_ids = {await legato.trigger(workflow, {"seconds": 0.01}, run_id=new_run_id(workflow)) for _ in range(BURST)}
     events = await legato.wait_for(run_ids | {blocker}, timeout=180)
     assert events[blocker].status == "succeeded", events[blocker]
@@ -51,8 +61,7 @@ async def test_the_worker_sends_activity_started_before_the_completion(legato):
 
 
 async def test_a_request_that_no_handler_starts_in_time_fails_by_start_timeout(legato):
-    blocker = await legato.trigger("to_blocker", {"seconds": BLOCK_S}, run_id=new_run_id("blocker"))
-    await asyncio.sleep(0.5)
+    blocker = await block_the_slot(legato)
     event = await legato.run("to_start_timeout", {"seconds": 0.01}, run_id=new_run_id("start"), timeout=60)
     assert event.status == "failed" and event.error.type == "ActivityStartTimeout", event
     assert event.duration_ms < BLOCK_S * 1000, "the run waited for the handler instead of its 1 s start_timeout"
