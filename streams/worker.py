@@ -24,7 +24,7 @@ from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, Cost, ErrorInfo, ProgressReported
 from legato.topics.names import Topics
-from legato.workflows.context import DEFAULT_MAX_STATE_BYTES
+from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES
 
 log = logging.getLogger("legato.worker")
 

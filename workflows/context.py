@@ -1,41 +1,36 @@
-"""One decision in progress: the run's frames, timers, end, budget and size, shared by the step processors.
+"""One decision in progress: the run's frames, steps and end, shared by the step processors.
 
 A ``Run`` changes its own copy of the state, collects the commands for the shell and the domain events for
-metrics, and leaves every step-kind decision to the processor of that kind (``legato.workflows.steps``).
+metrics, and leaves every step-kind decision to the processor of that kind (``legato.workflows.steps``). Its timers
+(``run_timers``), state size (``run_size``) and budget (``run_budget``) are parts of their own, and the records a
+run's end sends are built in ``run_events``.
 """
 from __future__ import annotations
 
 from collections import deque
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 
-from legato.topics.models import ChildRunFinished, ErrorInfo, RunCancelRequested, RunEvent
+from legato.topics.models import ErrorInfo, RunCancelRequested, RunEvent
 from legato.workflows import keys, transitions
-from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent, StartTimer
+from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, retention_ms
 from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
-from legato.workflows.state import STEP_FINISHED, Frame, RunState, StepState, StepStatus, Timer, TimerKind
+from legato.workflows.run_budget import RunBudget
+from legato.workflows.run_events import child_finished, iso, parent_waits, terminal_event
+from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES, RunSize
+from legato.workflows.run_timers import RunTimers
+from legato.workflows.state import STEP_FINISHED, Frame, RunState, StepState, StepStatus
 from legato.workflows.steps import processor
 from legato.workflows.steps.base import finish_with_frame
 from legato.workflows.transitions import DomainEvent
 
-DEFAULT_MAX_STATE_BYTES = 1024 * 1024 - 8 * 1024
-"""A run's stored state (its JSON without defaults) may not grow past this; an output that would make it is refused
-(catchable by on_error). 8 KiB under the 1 MiB a Kafka record may hold (the producer's ``max_request_size``, the
-broker's ``message.max.bytes``), for the changelog record's key and framing: a state the broker refused would stop
-its partition (RELIABILITY.md, Size limits)."""
-
 ACTIVE: tuple[StepStatus, ...] = ("running", "waiting", "waiting_retry")
 
 
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Run:
+class Run(RunTimers, RunSize, RunBudget):
     """One decision in progress: mutates its own copy of the state and collects commands and domain events."""
 
     def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
@@ -217,30 +212,6 @@ class Run:
     def fallback_running(self, step: StepState) -> bool:
         return keys.fallback_frame(step.key) in step.children
 
-    # --- timers ---------------------------------------------------------------------------------
-
-    def on_timer(self, timer_id: str) -> None:
-        timer = self.state.timers.pop(timer_id, None)
-        if timer is None:
-            self.ignore("stale_timer", f"timer {timer_id} is not pending")
-            return
-        if timer.kind == "run_timeout":
-            self.finish_run(False, None, ErrorInfo(type="RunTimeout", message="the run exceeded its timeout", retryable=False))
-            return
-        step = self.state.steps.get(timer.target or "")
-        if step is not None:
-            processor(step.kind).timer(self, step, timer)
-
-    def set_timer(self, timer_id: str, seconds: float, kind: TimerKind, target: str | None = None, attempt: int | None = None) -> None:
-        self.set_timer_at(timer_id, self.now + round(seconds * 1000), kind, target, attempt)
-
-    def set_timer_at(self, timer_id: str, due_ms: int, kind: TimerKind, target: str | None = None, attempt: int | None = None) -> None:
-        self.state.timers[timer_id] = Timer(due_ms=due_ms, kind=kind, target=target, attempt=attempt)
-        self.out.append(StartTimer(run_id=self.state.run_id, timer_id=timer_id, due_ms=due_ms))
-
-    def clear_timer(self, timer_id: str) -> None:
-        self.state.timers.pop(timer_id, None)
-
     # --- run ------------------------------------------------------------------------------------
 
     def finish_run(self, ok: bool, output: Any, error: ErrorInfo | None, explicit_output: bool = False, confidence: float | None = None) -> None:
@@ -340,27 +311,6 @@ class Run:
             )
         )
 
-    def check_budget(self) -> None:
-        budget = self.wf.definition.budget if self.wf else None
-        if budget is None or self.state.finished or self.state.budget_exhausted:
-            return
-        cost = self.state.cost
-        tokens = cost.get("tokens_in", 0) + cost.get("tokens_out", 0)
-        over = (budget.usd is not None and cost.get("usd", 0) > budget.usd) or (budget.tokens is not None and tokens > budget.tokens)
-        if not over:
-            return
-        self.state.budget_exhausted = True
-        if self.wf.definition.on_budget == "fail":
-            self.finish_run(False, None, ErrorInfo(type="budget_exceeded", message=f"spent usd {cost.get('usd', 0)} and {tokens} tokens; budget {budget.model_dump(exclude_none=True)}", retryable=False))
-
-    def add_cost(self, step: StepState, cost: dict[str, Any], models: dict[str, Any] | None = None) -> None:
-        step.cost = _sum_cost(step.cost or {}, cost, models)
-        self.state.cost = _sum_cost(self.state.cost, cost, models)
-
-    def add_copied_cost(self, cost: dict[str, Any]) -> None:
-        """The cost of a step copied into a forked run (already summed: ``models`` by model)."""
-        self.state.cost = _sum_cost(self.state.cost, {k: v for k, v in cost.items() if k != "models"}, cost.get("models"))
-
     # --- helpers --------------------------------------------------------------------------------
 
     def variables(self, frame: Frame) -> dict[str, Any]:
@@ -372,124 +322,6 @@ class Run:
             raise ExpressionError(f"{self.wf.expr(key).source!r} gave {type(value).__name__}, not a bool")
         return value
 
-    # What the running estimate adds for a new step or frame beyond the values it holds (its key, status, stamps,
-    # timers, path entry and view row); values (inputs, items, outputs) are counted by their own JSON size.
-    STEP_BYTES = 600
-
-    def grow(self, nbytes: int) -> None:
-        """Add ``nbytes`` to the running upper estimate of the state's JSON size (``RunState.size_hint``)."""
-        self.state.size_hint += nbytes
-
-    def _measure(self) -> int:
-        size = len(self.state.encoded())  # the stored document's size
-        self.state.size_hint = self.state.size_measured = size
-        return size
-
-    def _near_limit(self, estimate: int) -> bool:
-        """Whether ``estimate`` could be over the limit: it grew past half the headroom the last exact measurement
-        left. Measuring the whole state costs as much as storing it; re-measuring on a fixed share of the limit made
-        every event of a state past half the limit (a 10,000-item map) measure the whole document, O(N) each."""
-        measured = self.state.size_measured
-        return estimate > measured + (self.max_state_bytes - measured) // 2
-
-    def too_big(self, output: Any) -> str | None:
-        size = len(orjson.dumps(output))
-        # An accepted output is held three times: the step's output, the CEL view and its frame's last output
-        # (a next step whose input copies it adds more: its request counts it, and enforce_size catches the rest).
-        projected = self.state.size_hint + 3 * size
-        if self._near_limit(projected):
-            projected = self._measure() + 3 * size
-            if projected > self.max_state_bytes:
-                return f"an output of {size} bytes would grow the run's state to about {projected} bytes, over the limit of {self.max_state_bytes}"
-        self.state.size_hint = projected
-        return None
-
-    def enforce_size(self) -> None:
-        """The last guard: a state that still grew past the limit (an input a map copies into every item) sheds its
-        outputs, so the document stays storable, and fails the run. A run that already finished (its output is one
-        more copy of its last step's) cannot fail any more: its terminal event, output included, is on its way, so
-        only the copies go, and the run's output too if it alone is too large."""
-        if not self._near_limit(self.state.size_hint):
-            return
-        size = self._measure()
-        if size <= self.max_state_bytes:
-            return
-        self._shed()
-        if not self.state.finished:
-            self.finish_run(False, None, ErrorInfo(type="ContextTooLarge", message=f"the run's state grew to {size} bytes, over the limit of {self.max_state_bytes}", retryable=False))
-        elif self._measure() > self.max_state_bytes:
-            self.state.output = None
-            self._measure()
-
-    def _shed(self) -> None:
-        """Drop every output, result, item list, pending request and scope the state holds (the run's own output stays)."""
-        for step in self.state.steps.values():
-            step.output, step.results, step.items, step.request = None, {}, None, None
-        for frame in self.state.frames.values():
-            frame.last_output, frame.scope = None, {}  # a scope holds its map item or loop's previous output
-        for entry in self.state.view.values():
-            entry["output"] = None
-        for pending in self.state.signals:
-            pending.data = None
-
     def ignore(self, reason: str, detail: str) -> None:
         self.changed = False
         self.out.append(EventIgnored(run_id=self.state.run_id, reason=reason, detail=detail))
-
-
-def terminal_event(state: RunState) -> RunEvent:
-    ok = state.status == "succeeded"
-    status = state.status if state.status in ("succeeded", "cancelled") else "failed"
-    finished = state.finished_ms or state.started_ms
-    return RunEvent(
-        type={"succeeded": "run.completed", "cancelled": "run.cancelled"}.get(status, "run.failed"),
-        run_id=state.run_id,
-        workflow=state.workflow,
-        status=status,
-        output=state.output if ok else None,
-        error=None if ok else state.error,
-        started_at=iso(state.started_ms),
-        finished_at=iso(finished),
-        duration_ms=finished - state.started_ms,
-        correlation_id=state.correlation_id,
-        path=list(state.path),
-        cost=dict(state.cost) or None,
-        stopped_by="budget" if ok and state.budget_exhausted else None,
-        confidence=state.confidence if ok else None,
-        version=state.version or None,
-        redrives=state.redrives or None,
-        forked_from=state.forked_from,
-    )
-
-
-def parent_waits(state: RunState) -> bool:
-    """A finished child run tells its parent, unless the parent cancelled it (the parent has moved on)."""
-    return bool(state.parent) and not (state.status == "cancelled" and state.cancelled_by == state.parent.get("run_id"))
-
-
-def child_finished(state: RunState) -> ChildRunFinished:
-    parent = state.parent or {}
-    return ChildRunFinished(
-        run_id=parent["run_id"],
-        step_key=parent["step_key"],
-        child_run_id=state.run_id,
-        status="succeeded" if state.status == "succeeded" else "failed",
-        output=state.output,
-        error=state.error,
-        cost=dict(state.cost) or None,
-    )
-
-
-def _sum_cost(total: dict[str, Any], cost: dict[str, Any], models: dict[str, Any] | None = None) -> dict[str, Any]:
-    result = dict(total)
-    for field in ("usd", "tokens_in", "tokens_out"):
-        if field in cost:
-            result[field] = round(result.get(field, 0) + cost[field], 9) if field == "usd" else result.get(field, 0) + cost[field]
-    merged = dict(result.get("models", {}))
-    if "model" in cost:
-        merged[cost["model"]] = round(merged.get(cost["model"], 0) + cost.get("usd", 0), 9)
-    for model, usd in (models or {}).items():
-        merged[model] = round(merged.get(model, 0) + usd, 9)
-    if merged:
-        result["models"] = merged
-    return result

@@ -42,8 +42,10 @@ from legato.workflows.commands import (
     StartForkedRun,
     StartTimer,
 )
-from legato.workflows.context import DEFAULT_MAX_STATE_BYTES, Run, child_finished, iso, parent_waits, terminal_event
+from legato.workflows.context import Run
 from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, step_kind
+from legato.workflows.run_events import child_finished, iso, parent_waits, terminal_event
+from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES
 from legato.workflows.state import SCHEMA_VERSION, Frame, RunState, StepState
 from legato.workflows.steps import processor
 from legato.workflows.steps.activity import ActivityProcessor, _jitter
