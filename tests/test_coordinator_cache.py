@@ -12,7 +12,9 @@ from aiokafka import TopicPartition
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.effects import carry_out
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import PartitionTask, Partitions, RunTable
+from legato.streams.coordinator.partition import Partitions
+from legato.streams.coordinator.table import RunTable
+from legato.streams.coordinator.task import PartitionTask
 from legato.streams.metrics import Metrics
 from legato.topics import codec
 from legato.topics.cache import fingerprint
@@ -187,7 +189,7 @@ def test_a_batch_answers_a_hit_and_stores_a_miss_answered_by_a_plain_worker():
     assert answer.cached is True and answer.output == "from cache"
     sends = _batch(partitions, task, [(TOPICS.completions, codec.dumps(answer))])
     assert not [s for s in sends if s[0] == TOPICS.cache], "a cached answer is not stored again"
-    state = partitions._load("r1", task.store.get(b"r1"))
+    state = partitions.states.load("r1", task.store.get(b"r1"))
     assert state.status == "succeeded" and state.steps["classify"].cached is True and state.output == "from cache"
 
     # a miss: the request goes out; a worker that knows nothing of the cache answers; the batch stores the result

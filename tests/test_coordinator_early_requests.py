@@ -9,7 +9,9 @@ from types import SimpleNamespace
 from aiokafka import TopicPartition
 
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import PartitionTask, Partitions, RunTable
+from legato.streams.coordinator.partition import Partitions
+from legato.streams.coordinator.table import RunTable
+from legato.streams.coordinator.task import PartitionTask
 from legato.streams.worker import _delivery
 from legato.topics import codec
 from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted, TimerFired

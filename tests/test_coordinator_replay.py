@@ -21,8 +21,11 @@ from hypothesis import strategies as st
 
 from legato.streams.coordinator import partition as partition_module
 from legato.streams.coordinator import timers as timers_module
+from legato.streams.coordinator.batch import Batch
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import Batch, Partitions, PartitionTask, RunTable
+from legato.streams.coordinator.partition import Partitions
+from legato.streams.coordinator.table import RunTable
+from legato.streams.coordinator.task import PartitionTask
 from legato.topics import codec
 from legato.topics.models import ActivityCompleted, ActivityRequested, RunAccepted
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics

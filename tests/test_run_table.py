@@ -7,12 +7,12 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from legato.streams.coordinator import partition
-from legato.streams.coordinator.partition import RunTable
+from legato.streams.coordinator import table as table_module
+from legato.streams.coordinator.table import RunTable
 
 
 def test_states_past_the_budget_are_compressed_oldest_first_and_read_back_as_written(monkeypatch) -> None:
-    monkeypatch.setattr(partition, "_FRESH_BYTES", 10_000)
+    monkeypatch.setattr(table_module, "_FRESH_BYTES", 10_000)
     table = RunTable(None)
     states = {f"run-{i}".encode(): (b'{"i":%d,"pad":"' % i) + os.urandom(500).hex().encode() + b'"}' for i in range(100)}
     for key, value in states.items():
@@ -30,7 +30,7 @@ def test_states_past_the_budget_are_compressed_oldest_first_and_read_back_as_wri
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.one_of(st.none(), st.binary(min_size=1, max_size=3000))), max_size=60))
 def test_any_sequence_of_writes_and_deletes_reads_like_a_dict(ops) -> None:
-    partition._FRESH_BYTES, budget = 4000, partition._FRESH_BYTES
+    table_module._FRESH_BYTES, budget = 4000, table_module._FRESH_BYTES
     try:
         table, model = RunTable(None), {}
         for key, value in ops:
@@ -44,4 +44,4 @@ def test_any_sequence_of_writes_and_deletes_reads_like_a_dict(ops) -> None:
         assert {k: table.get(k) for k in (b"a", b"b", b"c", b"d")} == {k: model.get(k) for k in (b"a", b"b", b"c", b"d")}
         assert sorted(table.values()) == sorted(model.values())
     finally:
-        partition._FRESH_BYTES = budget
+        table_module._FRESH_BYTES = budget

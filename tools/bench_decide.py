@@ -33,7 +33,9 @@ from aiokafka import TopicPartition
 from legato.streams.config import DEFAULT_PARTITIONS
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import PartitionTask, Partitions, RunTable
+from legato.streams.coordinator.partition import Partitions
+from legato.streams.coordinator.table import RunTable
+from legato.streams.coordinator.task import PartitionTask
 from legato.streams.kafka_io import partition_for
 from legato.streams.metrics import Metrics
 from legato.tools.bench import ACTIVITY, FANOUT_YAML, _sequential_yaml

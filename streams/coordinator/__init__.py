@@ -18,7 +18,11 @@ coordinator uses aiokafka directly. The activity workers stay on faust.
 Modules, one concern each:
 
 - ``loop``: :class:`Coordinator`, the consume loop that hands each partition's records to its task;
-- ``partition``: one partition's task: load its run table, decide a batch, store, send and commit in one transaction;
+- ``partition``: one partition's decisions: decide a batch, store, send and commit it in one transaction;
+- ``task``, ``table``: a partition's task and its run table (memory or RocksDB), loaded from the changelog;
+- ``batch``: what one transaction holds, and the changelog record of where the inputs resume;
+- ``states``: the run states decoded last, reused while the table holds the same bytes;
+- ``trace``: ``LEGATO_TRACE_FILE``, the moments of each batch's hops for ``legato bench latency``;
 - ``rebalance``: partitions assigned and revoked (tasks parked, reused, opened, reloaded);
 - ``timers``: due timers become ``timer.fired`` records;
 - ``effects``: the machine's commands become records;

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from legato.streams import kafka_io
 
 if TYPE_CHECKING:
-    from legato.streams.coordinator.partition import PartitionTask
+    from legato.streams.coordinator.task import PartitionTask
 
 SCAN_TIMEOUT_S = 5.0
 """How long one look for pending answers may read before the timers it was for wait for the next look."""

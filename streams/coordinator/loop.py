@@ -16,9 +16,11 @@ from legato.streams import kafka_io, security
 from legato.streams.coordinator.fence import AnswerFence
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.inbox import Inbox
-from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_COMMIT_S, PartitionTask, Partitions, Trace
+from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_COMMIT_S, Partitions
 from legato.streams.coordinator.rebalance import Rebalance
+from legato.streams.coordinator.task import PartitionTask
 from legato.streams.coordinator.timers import fire_timers
+from legato.streams.coordinator.trace import Trace
 from legato.streams.kafka_io import keyed_partitioner
 from legato.streams.schedules import Schedules
 from legato.topics.names import Topics

@@ -1,45 +1,36 @@
-"""One input partition's task: its run table, and each batch decided, stored, sent and committed in ONE transaction.
+"""One input partition's decisions: each batch decided, stored, sent and committed in ONE transaction.
 
 A batch's transaction holds the records the decisions caused, the new state of every run they touched (the
-changelog), any dead letters and the input offsets: all of it becomes visible, or none of it.
+changelog), any dead letters and the input offsets: all of it becomes visible, or none of it. The partition's task
+and run table (``task``, ``table``), the batch itself (``batch``), the decoded states (``states``) and benchmark
+tracing (``trace``) are modules of their own.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-import zlib
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from legato.streams import kafka_io, security
+from legato.streams.coordinator.batch import Batch, encode_offsets
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.effects import carry_out
-from legato.streams.coordinator.inbox import Inbox, Send
-from legato.streams.coordinator.timers import Timers, now_ms
-from legato.streams.metrics import count_in_flight
+from legato.streams.coordinator.inbox import Inbox
+from legato.streams.coordinator.states import DecodedStates
+from legato.streams.coordinator.task import PartitionTask, restore
+from legato.streams.coordinator.timers import now_ms
+from legato.streams.coordinator.trace import Trace
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows.lifecycle import retention_ms
-from legato.workflows.machine import EventIgnored, ForgetRun, Machine, StartTimer, outstanding
+from legato.workflows.machine import EventIgnored, ForgetRun, Machine, outstanding
 from legato.workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
 
-
-def orjson_request_id(value: bytes) -> str:
-    import orjson
-
-    return orjson.loads(value).get("request_id", "")
-
-_DECODED_STATES = 1_000
-"""Decoded run states kept between events (keyed by the exact bytes in the table, so never stale)."""
 
 GROUP_OFFSETS_EVERY_S = 1.0
 """Where the input topics resume is stored with the run states, in the changelog record ``CHANGELOG_OFFSETS_KEY`` of
@@ -78,164 +69,6 @@ _EVENT_KINDS = {ActivityCompleted: "completion", ActivityStarted: "started", Act
                 RunRedriveRequested: "redrive", RunForkRequested: "fork", RunForkAccepted: "fork"}
 
 
-_FRESH_BYTES = 4 * 1024 * 1024
-"""Bytes of states a memory table keeps uncompressed: the most recently written. A run in flight is written at every
-step; compressing it at every write and decompressing it at every read cost a quarter of a no-op step's coordinator
-CPU (``python -m legato.tools.bench_decide``), so a state is compressed once it is no longer among the last ones
-written. A budget in bytes, not a count: with 64 states a partition, 6,000 runs in flight compressed and
-decompressed at every step (a third of the coordinator's CPU; BENCHMARKS.md, memory), while 100,000 idle
-one-step runs cost each partition at most these 4 MiB more (BENCHMARKS.md, memory)."""
-
-
-class RunTable:
-    """One partition's run table: run_id bytes → state bytes, in memory or on disk (rocksdict)."""
-
-    def __init__(self, path: Path | None):
-        self._path = path
-        self._fresh: OrderedDict[bytes, bytes] = OrderedDict()  # in memory: the last states written, uncompressed
-        self._fresh_bytes = 0
-        if path is None:
-            self._data: Any = {}
-        else:
-            from rocksdict import Rdict
-
-            path.parent.mkdir(parents=True, exist_ok=True)  # before destroy: rocksdb cannot lock in a missing dir
-            Rdict.destroy(str(path))  # rebuilt from the changelog, which is the truth
-            self._data = Rdict(str(path))
-
-    # In memory, each state but the last ``_FRESH_BYTES`` written is kept zlib-compressed (level 1): a one-step
-    # run's 667 JSON bytes take 301, for 11 µs per write and 4 µs per read of a state not in the decoded cache
-    # (BENCHMARKS.md, memory). A key is in ``_fresh`` or in ``_data``, never in both. RocksDB compresses its own
-    # blocks.
-
-    def get(self, key: bytes) -> bytes | None:
-        if self._path is not None:
-            return self._data.get(key)
-        value = self._fresh.get(key)
-        if value is not None:
-            return value
-        value = self._data.get(key)
-        return zlib.decompress(value) if value is not None else None
-
-    def put(self, key: bytes, value: bytes) -> None:
-        if self._path is not None:
-            self._data[key] = value
-            return
-        self._data.pop(key, None)
-        before = self._fresh.pop(key, None)
-        if before is not None:
-            self._fresh_bytes -= len(before)
-        self._fresh[key] = value
-        self._fresh_bytes += len(value)
-        while self._fresh_bytes > _FRESH_BYTES and len(self._fresh) > 1:
-            old, raw = self._fresh.popitem(last=False)
-            self._fresh_bytes -= len(raw)
-            self._data[old] = zlib.compress(raw, 1)
-
-    def delete(self, key: bytes) -> None:
-        if self._path is not None:
-            self._data.delete(key)
-            return
-        before = self._fresh.pop(key, None)
-        if before is not None:
-            self._fresh_bytes -= len(before)
-        self._data.pop(key, None)
-
-    def values(self) -> Iterable[bytes]:
-        if self._path is None:
-            return itertools.chain(list(self._fresh.values()), (zlib.decompress(v) for v in self._data.values()))
-        return self._data.values()
-
-    def count(self) -> int:
-        return len(self._data) + len(self._fresh) if self._path is None else sum(1 for _ in self._data.keys())
-
-    def close(self) -> None:
-        if self._path is not None:
-            self._data.close()
-
-
-class PartitionTask:
-    """Input partition ``p``: its run table, its transactional producer, where each input topic resumes."""
-
-    def __init__(self, partition: int, producer: AIOKafkaProducer, store: RunTable):
-        self.partition = partition
-        self.producer = producer
-        self.store = store
-        self.next_offset: dict[TopicPartition, int] = {}
-        self.running = 0
-        self.stored = 0  # runs in the table (running and retained)
-        self.timers = Timers()  # fired only while the task is active (not while it is parked in a rebalance)
-        self.inbox: list[tuple[TopicPartition, list[Any], float]] = []  # polled, not yet decided
-        self.queued = 0
-        self.wake = asyncio.Event()
-        self.busy = asyncio.Lock()  # held while a batch is decided and committed
-        self.loop: asyncio.Task | None = None
-        self.paused = False
-        self.restored_offsets: dict[TopicPartition, int] = {}  # from the changelog's offsets record
-        self.group_offsets_at = 0.0  # monotonic time the group's offsets were last committed
-        self.group_offsets_behind = False  # a batch committed since then without them
-        self.commit_began = 0.0  # monotonic time its last transaction began
-        self.early_runs: Counter[str] = Counter()  # runs with requests sent ahead of a transaction not yet committed (per batch)
-
-
-@dataclass
-class Batch:
-    """What one turn of a partition's task decided, committed in one transaction."""
-
-    sends: list[Send] = field(default_factory=list)
-    requested: list[Send] = field(default_factory=list)  # activity requests decided, sent early or in the transaction
-    early: list[Send] = field(default_factory=list)  # requests sent ahead of the transaction (``Partitions.early``)
-    mixed: set[str] = field(default_factory=set)  # runs an input other than a worker's completion changed, or a completion while a timer was due
-    unsettled: set[str] = field(default_factory=set)  # ``mixed`` of the batch still committing when this one was decided
-    early_futures: list[Any] = field(default_factory=list)  # deliveries of the early requests handed to the producer
-    early_runs: set[str] = field(default_factory=set)  # the runs of ``early`` (counted in ``PartitionTask.early_runs`` until committed)
-    received: float = float("inf")  # perf_counter when its first record was polled
-    size: int = 0  # records decided into it
-    changed: dict[str, RunState | None] = field(default_factory=dict)  # runs this batch changed (None: forgotten)
-    written: dict[bytes, bytes | None] = field(default_factory=dict)  # run key → the state bytes it stores (None: a tombstone)
-    running: int = 0  # runs started minus runs finished
-    stored: int = 0  # runs started minus runs forgotten
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    group_offsets: bool = False  # the consumer group's offsets are committed in this transaction too
-    timers: list[StartTimer] = field(default_factory=list)
-    overheads: list[tuple[str, str, float]] = field(default_factory=list)  # (workflow, run_id, perf_counter when polled) of each completion that requested the next activity
-    stamps: dict[str, float] = field(default_factory=dict)  # hop → wall-clock seconds (only when tracing)
-    requests: list[str] = field(default_factory=list)  # request ids produced (only when tracing)
-    per: dict[str, dict[str, float]] = field(default_factory=dict)  # request id → its own hops (only when tracing)
-
-
-def _encode_offsets(offsets: dict[TopicPartition, int]) -> bytes:
-    import orjson
-
-    return orjson.dumps({f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
-
-
-def _decode_offsets(value: bytes | None) -> dict[TopicPartition, int]:
-    import orjson
-
-    out = {}
-    for name, offset in (orjson.loads(value) if value else {}).items():
-        topic, _, partition = name.rpartition(":")
-        out[TopicPartition(topic, int(partition))] = int(offset)
-    return out
-
-
-class Trace:
-    """``LEGATO_TRACE_FILE``: one JSON line per committed batch with the wall-clock moments of its hops (polled,
-    decided, records handed to the producer, offsets added, records acknowledged, committed), the ids of the
-    requests it produced and, per request, the moments of its own record (polled, deciding, decided, handed to the
-    early producer: a batch decided while the one before commits, or waiting for more, holds records polled at
-    different moments); ``legato bench latency`` joins them with the records' own timestamps."""
-
-    def __init__(self, path: Path):
-        self._fh = open(path, "ab", buffering=0)
-
-    def write(self, partition: int, batch: "Batch", polled: float) -> None:
-        import orjson
-
-        self._fh.write(orjson.dumps({"p": partition, "polled": polled, **batch.stamps, "requests": batch.requests, "per": batch.per}) + b"\n")
-
-
 class Poisoned(Exception):
     """The state machine raised on a record: a bug. The batch is dropped and read again, without that record."""
 
@@ -260,32 +93,14 @@ class Partitions:
         self.group = group
         self.inbox = inbox
         self.metrics = metrics
-        self._states: OrderedDict[str, tuple[bytes, RunState]] = OrderedDict()
+        self.states = DecodedStates()
         self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
 
     # --- loading -------------------------------------------------------------------------------
 
     async def restore(self, task: PartitionTask, bootstrap: str) -> int:
         """Read changelog partition ``p`` to its last stable offset; re-arm the timers of the runs in it."""
-        def put(record: Any) -> None:
-            if record.key == CHANGELOG_OFFSETS_KEY:
-                task.restored_offsets = _decode_offsets(record.value)
-            elif record.value is None:  # a forgotten run: skipping the tombstone would bring it back
-                task.store.delete(record.key)
-            else:
-                task.store.put(record.key, record.value)
-
-        reader = kafka_io.reader(bootstrap, max_partition_fetch_bytes=8 * 1024 * 1024, **security.aiokafka_kwargs())
-        try:
-            await reader.start()
-            await kafka_io.read_partition(reader, TopicPartition(self.topics.changelog, task.partition), put)
-        finally:
-            await reader.stop()
-        loaded = task.store.count()
-        task.timers.rearm(task.store.values(), self._retention_due)
-        task.running = count_in_flight(task.store.values())
-        task.stored = loaded
-        return loaded
+        return await restore(task, bootstrap, self.topics.changelog, self._retention_due)
 
     def _retention_due(self, state: RunState) -> int:
         """When a run that finished before runs had a retention timer is forgotten."""
@@ -294,7 +109,7 @@ class Partitions:
 
     def forget(self) -> None:
         """Drop the decoded states (a partition was closed: its table is gone)."""
-        self._states.clear()
+        self.states.clear()
 
     # --- one batch, one transaction ------------------------------------------------------------
 
@@ -407,10 +222,7 @@ class Partitions:
                 task.early_runs[run_id] += 1
         batch.early_futures += [await self.early.send(topic, value, key=key, partition=partition) for topic, key, value, partition in sent]
         if self.trace is not None and sent:
-            now = time.time()
-            batch.stamps.setdefault("early", now)
-            for _, _, value, _ in sent:
-                batch.per.setdefault(orjson_request_id(value), {})["early"] = now
+            self.trace.sent_early(batch, sent)
         if self.metrics is not None and sent and batch.overheads:
             # the completion's next request is on its way now, whenever the transaction commits
             # (each from when its own completion was polled: a batch that waits for more holds records polled later)
@@ -424,9 +236,7 @@ class Partitions:
     def _committed(self, task: PartitionTask, batch: "Batch") -> None:
         """What a batch's commit makes true: where the inputs resume, the runs counted, the timers armed."""
         if self.trace is not None:
-            batch.stamps["committed"] = time.time()
-            batch.requests = [orjson_request_id(v) for t, _, v, _ in batch.early + batch.sends if t.startswith(self.topics.requests(""))]
-            self.trace.write(task.partition, batch, time.time() - (time.perf_counter() - batch.received))
+            self.trace.committed(task.partition, batch, self.topics.requests(""))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
         for run_id in batch.early_runs:
@@ -471,9 +281,7 @@ class Partitions:
                     before, deciding = len(batch.requested), time.time()
                 self._handle(task, msg, batch, received)
                 if tracing and len(batch.requested) > before:
-                    decided = time.time()
-                    for send in batch.requested[before:]:
-                        batch.per[orjson_request_id(send[2])] = {"polled": polled, "deciding": deciding, "decided": decided}
+                    self.trace.requests_decided(batch, batch.requested[before:], polled, deciding)
                 batch.offsets[tp] = msg.offset + 1
                 batch.size += 1
         if not batch.offsets:
@@ -516,14 +324,14 @@ class Partitions:
             if state is None:
                 task.store.delete(key)
                 batch.written[key] = None
-                self._states.pop(run_id, None)
+                self.states.drop(run_id)
                 continue
             stored = state.encoded()
             task.store.put(key, stored)
             batch.written[key] = stored
-            self._remember(run_id, stored, state)
+            self.states.remember(run_id, stored, state)
         # nothing more is decided into a sealed batch: its states live on as bytes (and the last ones decoded, in
-        # ``_states``), not as objects for as long as its transaction takes (in a burst, eight partitions' batches
+        # ``states``), not as objects for as long as its transaction takes (in a burst, eight partitions' batches
         # held 32,000 decoded states at once; BENCHMARKS.md, memory)
         batch.changed = {}
 
@@ -545,7 +353,7 @@ class Partitions:
     async def _commit(self, task: PartitionTask, batch: Batch) -> None:
         producer = task.producer
         # where the inputs resume, as of this batch: the batch before it has committed by now
-        batch.written[CHANGELOG_OFFSETS_KEY] = _encode_offsets({**task.next_offset, **batch.offsets})
+        batch.written[CHANGELOG_OFFSETS_KEY] = encode_offsets({**task.next_offset, **batch.offsets})
         stamps = batch.stamps if self.trace is not None else None
         task.commit_began = time.monotonic()
         await producer.begin_transaction()
@@ -608,7 +416,7 @@ class Partitions:
         if record.run_id in batch.changed:  # None: forgotten earlier in this batch
             state = batch.changed[record.run_id]
         else:
-            state = self._load(record.run_id, task.store.get(record.run_id.encode()))
+            state = self.states.load(record.run_id, task.store.get(record.run_id.encode()))
         position = f"{msg.topic}:{msg.partition}"
         if state is not None and state.cursor.get(position, -1) >= msg.offset:
             # The state already holds this event (offsets reset by hand, or read again after an unclean
@@ -626,7 +434,7 @@ class Partitions:
         was_running = state is not None and state.status == "running"
         # The decision changes the decoded object in place (a deep copy costs more than the decision), so it
         # leaves the cache until the batch has stored its bytes.
-        self._states.pop(record.run_id, None)
+        self.states.drop(record.run_id)
         try:
             new_state, commands, events = self.machine.decide_events(state, record, now, in_place=True)
             carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason), self.cache,
@@ -658,26 +466,6 @@ class Partitions:
         batch.sends.append(self.inbox.dead_letter(msg, reason))
         if self.metrics is not None:
             self.metrics.dead_letter(msg.topic, reason)
-
-    # --- decoded states ------------------------------------------------------------------------
-
-    def _load(self, run_id: str, raw: bytes | None) -> RunState | None:
-        """The run's state, reusing the object decoded last time while the table still holds those bytes."""
-        if raw is None:
-            return None
-        cached = self._states.get(run_id)
-        if cached is not None and cached[0] == raw:
-            self._states.move_to_end(run_id)
-            return cached[1]
-        state = RunState.model_validate_json(raw)
-        self._remember(run_id, raw, state)
-        return state
-
-    def _remember(self, run_id: str, raw: bytes, state: RunState) -> None:
-        self._states[run_id] = (raw, state)
-        self._states.move_to_end(run_id)
-        if len(self._states) > _DECODED_STATES:
-            self._states.popitem(last=False)
 
     def _count_ignored(self, reason: str) -> None:
         if self.metrics is not None:

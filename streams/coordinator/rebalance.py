@@ -14,7 +14,8 @@ from aiokafka.abc import ConsumerRebalanceListener
 
 from legato.streams import security
 from legato.streams.kafka_io import group_membership, keyed_partitioner, transaction_retry_backoff
-from legato.streams.coordinator.partition import PartitionTask, RunTable
+from legato.streams.coordinator.table import RunTable
+from legato.streams.coordinator.task import PartitionTask
 
 if TYPE_CHECKING:
     from legato.streams.coordinator.loop import Coordinator

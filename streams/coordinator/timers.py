@@ -18,7 +18,7 @@ from legato.workflows import keys
 from legato.workflows.state import TERMINAL, RunState
 
 if TYPE_CHECKING:
-    from legato.streams.coordinator.partition import PartitionTask
+    from legato.streams.coordinator.task import PartitionTask
 
 log = logging.getLogger("legato.coordinator")
 
