@@ -64,7 +64,7 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
     """
     compact = {topics.cache, topics.definitions, topics.schedules, *(compacted or [])}
     run_keyed = [*topics.run_keyed(sorted(activities)), *(t for t in (compacted or []) if t == topics.changelog)]
-    names = list(dict.fromkeys([topics.triggers, topics.dlq, topics.cache, topics.definitions, topics.schedules, *topics.run_keyed(sorted(activities)),
+    names = list(dict.fromkeys([topics.triggers, topics.dlq, topics.cache, topics.definitions, topics.schedules, topics.limits, *topics.run_keyed(sorted(activities)),
                                 *(extra or []), *(compacted or [])]))
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin", **security.aiokafka_kwargs())
     await admin.start()

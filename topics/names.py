@@ -84,6 +84,11 @@ class Topics:
         checked and published by one at a time."""
         return f"{self.prefix}-deployer"
 
+    @property
+    def limits(self) -> str:
+        """Acquisitions and releases of cluster-wide limits (``topics.limits``), keyed ``<limit>/<key>``."""
+        return f"{self.prefix}.limits"
+
     def requests(self, activity: str) -> str:
         return f"{self.prefix}.requests.{activity}"
 
