@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("chaos", help="kill real processes on a real broker; the report is printed (and appended to --output)")
-    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules", "cluster"])
+    p.add_argument("scenario", nargs="?", default="all",
+                   help="a scenario, 'all' (every one in turn) or 'list' (print their names)")
     p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits; deploy: v1 runs, at most 1000)")
     p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
     p.add_argument("--kills", type=int, default=5)
