@@ -98,7 +98,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_redrive(args: argparse.Namespace) -> int:
     from legato.topics.client import LegatoClient
-    from legato.tools.runs_show import load_run
+    from legato.streams.runs import load_run
     from legato.streams.definitions import read_catalog
     from legato.workflows.lifecycle import redrive_refusal
     from legato.workflows.machine import Machine, redrive_target
@@ -173,7 +173,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
 async def _fork_refusal(s: Settings, run_id: str, from_step: str) -> str | None:
     """Why the coordinator would refuse to fork ``run_id`` from ``from_step`` (the same guard, on what is stored now)."""
     from legato.streams.definitions import read_catalog
-    from legato.tools.runs_show import load_run
+    from legato.streams.runs import load_run
     from legato.topics.models import RunForkRequested
     from legato.workflows.lifecycle import fork_seed
 
@@ -410,7 +410,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     import orjson
 
     from legato.streams.console.index import RunFilter
-    from legato.tools.runs_show import render_list
+    from legato.streams.runs import render_list
     from legato.workflows.durations import parse_duration
 
     s = _settings(args)
@@ -437,7 +437,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_runs_show(args: argparse.Namespace) -> int:
     import orjson
 
-    from legato.tools.runs_show import render_gantt, render_history, render_run, state_of
+    from legato.streams.runs import render_gantt, render_history, render_run, state_of
 
     s = _settings(args)
     index = _fresh_index(s, "runs show")

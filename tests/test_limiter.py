@@ -1,0 +1,174 @@
+"""The pure limiter: rates within budget + burst over any window, concurrency never exceeded, pauses, priorities
+with ageing (no starvation), duplicates and releases of unknown ids harmless, the state's JSON round trip."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from legato.topics.limits import LimitAcquire, LimitRelease, LimitSpec
+from legato.workflows.limiter import AGEING_MS, KeyState, bound, burst, decide, due_ms, idle
+
+T0 = 1_800_000_000_000
+
+
+def acquire(i: int | str, spec: LimitSpec, priority: int = 3, cost: int = 0, key: str = "") -> LimitAcquire:
+    return LimitAcquire(id=f"r{i}/a/1", limit="llm", key=key, run_id=f"r{i}", priority=priority, cost=cost, spec=spec)
+
+
+def release(i: int | str, cost: int | None = None, pause_ms: int | None = None) -> LimitRelease:
+    return LimitRelease(id=f"r{i}/a/1", limit="llm", cost=cost, pause_ms=pause_ms)
+
+
+def test_a_rate_admits_one_interval_apart_after_its_burst():
+    spec = LimitSpec(requests_per_minute=600)  # one per 100 ms, burst 2
+    state, grants = None, []
+    for i in range(10):
+        state, g = decide(state, acquire(i, spec), T0)
+        grants += g
+    assert len(grants) == 1 + burst(600)  # the first, plus the burst
+    now = T0
+    while state.waiting:
+        due = due_ms(state, now)
+        assert due is not None and due > now
+        now = due
+        state, g = decide(state, None, now)
+        grants += g
+    assert len(grants) == 10
+    assert [g.granted_ms for g in grants][3:] == sorted(g.granted_ms for g in grants[3:])
+    gaps = [b.granted_ms - a.granted_ms for a, b in zip(grants[3:], grants[4:])]
+    assert all(gap >= 99 for gap in gaps), gaps
+
+
+def test_concurrency_waits_for_a_release_and_due_says_so():
+    spec = LimitSpec(concurrency=2)
+    state = None
+    for i in range(3):
+        state, g = decide(state, acquire(i, spec), T0)
+    assert set(state.holders) == {"r0/a/1", "r1/a/1"}
+    assert due_ms(state, T0) is None  # only a release lets the third in
+    state, g = decide(state, release(0), T0 + 5)
+    assert [x.id for x in g] == ["r2/a/1"] and g[0].waited_ms == 5
+
+
+def test_a_repeated_acquisition_and_an_unknown_release_change_nothing():
+    spec = LimitSpec(concurrency=1)
+    state, g1 = decide(None, acquire(1, spec), T0)
+    state, g2 = decide(state, acquire(1, spec), T0 + 1)  # sent again after a coordinator's crash
+    state, g3 = decide(state, release("x"), T0 + 2)
+    assert len(g1) == 1 and g2 == [] and g3 == [] and list(state.holders) == ["r1/a/1"] and not state.waiting
+
+
+def test_releasing_a_waiter_takes_it_out_of_the_queue():
+    spec = LimitSpec(concurrency=1)
+    state, _ = decide(None, acquire(1, spec), T0)
+    state, _ = decide(state, acquire(2, spec), T0)
+    state, g = decide(state, release(2), T0 + 1)  # its step timed out while it waited
+    state, g = decide(state, release(1), T0 + 2)
+    assert g == [] and idle(state)
+
+
+def test_a_429_pauses_the_whole_key_and_is_counted():
+    spec = LimitSpec(concurrency=5)
+    state, _ = decide(None, acquire(1, spec), T0)
+    state, g = decide(state, release(1, pause_ms=2000), T0 + 10)
+    state, g = decide(state, acquire(2, spec), T0 + 20)
+    assert g == [] and state.pauses == 1 and due_ms(state, T0 + 20) == T0 + 2010
+    state, g = decide(state, None, T0 + 2010)
+    assert [x.id for x in g] == ["r2/a/1"]
+
+
+def test_tokens_are_charged_up_front_and_corrected_on_release():
+    spec = LimitSpec(tokens_per_minute=6000)  # 100 tokens/s, burst 20 tokens
+    state, g = decide(None, acquire(1, spec, cost=100), T0)
+    assert len(g) == 1
+    state, g = decide(state, acquire(2, spec, cost=100), T0)
+    assert g == [] and due_ms(state, T0) == T0 + 800 + 1  # 1 s for 100 tokens, less the burst's 0.2 s
+    state, _ = decide(state, release(1, cost=400), T0 + 10)  # it used four times its estimate
+    assert due_ms(state, T0 + 10) == T0 + 3800 + 1
+
+
+def test_higher_priority_goes_first_and_the_oldest_among_equals():
+    spec = LimitSpec(concurrency=1)
+    state, _ = decide(None, acquire("h", spec), T0)
+    for i, p in [(1, 1), (2, 5), (3, 3), (4, 5)]:
+        state, _ = decide(state, acquire(i, spec, priority=p), T0 + i)
+    order = []
+    held = "h"
+    for t in range(5, 9):
+        state, g = decide(state, release(held), T0 + t)
+        held = g[0].run_id[1:]
+        order.append(g[0].run_id)
+    assert order == ["r2", "r4", "r3", "r1"]
+
+
+def test_the_lowest_priority_does_not_starve_under_a_stream_of_the_highest():
+    spec = LimitSpec(concurrency=1)
+    state, _ = decide(None, acquire("first", spec), T0)
+    state, _ = decide(state, acquire("low", spec, priority=1), T0)
+    held, now, n = "first", T0, 0
+    while True:  # every second a new priority 5 arrives and the holder finishes
+        now += 1000
+        n += 1
+        state, _ = decide(state, acquire(f"high{n}", spec, priority=5), now)
+        state, g = decide(state, release(held), now)
+        held = g[0].run_id[1:]
+        if held == "low":
+            break
+    assert now - T0 <= 5 * AGEING_MS + 1000
+
+
+def test_the_state_round_trips_through_its_json():
+    spec = LimitSpec(requests_per_minute=60, concurrency=1)
+    state, _ = decide(None, acquire(1, spec, cost=3), T0)
+    state, _ = decide(state, acquire(2, spec, priority=5), T0)
+    again = KeyState.decoded(state.encoded())
+    assert again == state
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["acquire", "release", "tick", "pause"]), st.integers(0, 40), st.integers(1, 5), st.integers(0, 1500)),
+    min_size=1, max_size=300,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, rpm=st.sampled_from([60, 300, 600, 3000]), concurrency=st.one_of(st.none(), st.integers(1, 6)))
+def test_no_window_exceeds_budget_plus_burst_and_concurrency_holds(ops, rpm, concurrency):
+    spec = LimitSpec(requests_per_minute=rpm, concurrency=concurrency)
+    state: KeyState | None = None
+    now = T0
+    granted: list[int] = []
+    held: set[str] = set()
+    for kind, who, priority, dt in ops:
+        now += dt
+        if kind == "acquire":
+            record = acquire(who, spec, priority=priority)
+        elif kind == "release":
+            record = release(who)
+        elif kind == "pause":
+            record = release(who, pause_ms=dt)
+        else:
+            record = None
+        if state is not None and record is None:
+            due = due_ms(state, now)
+            if due is not None and due > now:  # the shell ticks when a key is due: jump there
+                now = due
+        state, grants = decide(state, record, now)
+        if isinstance(record, LimitRelease):
+            held.discard(record.id)
+        for g in grants:
+            assert g.id not in held
+            held.add(g.id)
+            granted.append(g.granted_ms)
+        if concurrency is not None:
+            assert len(held) <= concurrency
+        assert set(state.holders if state is not None else ()) == held
+    most = bound(spec)
+    for i, start in enumerate(granted):
+        inside = sum(1 for t in granted[i:] if t < start + 10_000)
+        assert inside <= most, (inside, most)
+
+
+def test_the_bound_is_within_five_percent_of_a_budget_of_sixty_or_more_per_ten_seconds():
+    spec = LimitSpec(requests_per_minute=360)
+    assert bound(spec) <= 60 * 1.05
