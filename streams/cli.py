@@ -222,7 +222,8 @@ def _client(s: Any) -> Any:
 
     kafka = security.aiokafka_kwargs()
     store = store_from_url(s.payload_store, s.bootstrap, s.topics.payloads, **kafka)
-    return LegatoClient(s.bootstrap, s.prefix, payload_inline_max=s.payload_inline_max, payload_store=store, **kafka)
+    inline_max = s.payload_inline_max if store is not None else sys.maxsize  # none: every value inline
+    return LegatoClient(s.bootstrap, s.prefix, payload_inline_max=inline_max, payload_store=store, **kafka)
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:

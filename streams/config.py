@@ -59,7 +59,7 @@ class Settings:
     replication_factor: int | None = None  # of the topics Legato creates; None: 3, or the number of brokers when fewer
     min_insync_replicas: int | None = None  # their min.insync.replicas; None: the factor - 1, at least 1
     payload_inline_max: int = DEFAULT_INLINE_MAX  # bytes of a value's JSON above which it travels by reference (docs/payloads.md)
-    payload_store: str = "kafka"  # where those values live: kafka (<prefix>.payloads) or file:///path
+    payload_store: str = "kafka"  # where those values live: kafka (<prefix>.payloads), file:///path, or none
 
     @property
     def topics(self) -> Topics:
@@ -69,10 +69,11 @@ class Settings:
     def replication(self) -> Replication:
         return Replication(self.replication_factor, self.min_insync_replicas)
 
-    def payloads(self, metrics: object = None) -> Payloads:
-        """The payload store of this process (claim checks), counting bytes into ``metrics`` when given."""
+    def payloads(self, metrics: object = None) -> Payloads | None:
+        """The payload store of this process (claim checks), counting bytes into ``metrics`` when given; None with
+        ``LEGATO_PAYLOAD_STORE=none``."""
         store = store_from_url(self.payload_store, self.bootstrap, self.topics.payloads, **security.aiokafka_kwargs())
-        return Payloads(store, self.payload_inline_max, getattr(metrics, "payload_bytes", None))
+        return Payloads(store, self.payload_inline_max, getattr(metrics, "payload_bytes", None)) if store is not None else None
 
     @classmethod
     def from_env(cls, workflows: list[str] | None = None, handlers: list[str] | None = None) -> "Settings":

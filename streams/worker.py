@@ -48,9 +48,9 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
 
     With ``payloads``, references in the request's input are resolved before the handler sees it, and an output over
     the inline limit is stored and sent as a reference (claim checks); a payload that cannot be read or stored fails
-    the attempt (retryable). An output whose completion would still be larger than ``max_bytes`` (no payload store)
-    fails the step at once (``OutputTooLarge``, not retryable): such a record cannot be produced, and waiting for it
-    would end as an ``ActivityTimeout`` that names no cause."""
+    the attempt (retryable). An output over the store's limit, or whose completion would still be larger than
+    ``max_bytes`` (no payload store), fails the step at once (``OutputTooLarge``, not retryable, naming the size): such
+    a record cannot be produced, and waiting for it would end as an ``ActivityTimeout`` that names no cause."""
     timeout = None
     if request.deadline is not None:
         timeout = max(0.0, request.deadline / 1000 - time.time())
@@ -91,6 +91,10 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
         result = result.model_dump(mode="json")
     try:
         output_bytes = len(orjson.dumps(result))
+        if payloads is not None and output_bytes > payloads.max_bytes:
+            return ActivityCompleted(**base, status="failed", error=ErrorInfo(
+                type="OutputTooLarge", retryable=False,
+                message=f"handler output of {output_bytes:,} bytes exceeds the payload store's limit of {payloads.max_bytes:,} bytes"))
         if payloads is not None and output_bytes > payloads.inline_max:
             result = await payloads.put(request.run_id, result)
         completion = ActivityCompleted(**base, status="succeeded", output=result, confidence=confidence, cost=Cost.model_validate(cost) if cost else None)

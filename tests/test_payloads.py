@@ -125,6 +125,7 @@ def test_store_from_url():
     assert isinstance(store_from_url("kafka", "b:1", "legato.payloads"), KafkaPayloadStore)
     file_store = store_from_url("file:///tmp/legato%20payloads", "b:1", "legato.payloads")
     assert isinstance(file_store, FilePayloadStore) and str(file_store.root) == "/tmp/legato payloads"
+    assert store_from_url("none", "b:1", "legato.payloads") is None
     with pytest.raises(ValueError, match="LEGATO_PAYLOAD_STORE"):
         store_from_url("s3://bucket", "b:1", "legato.payloads")
 
@@ -166,3 +167,26 @@ def test_a_missing_input_payload_fails_the_attempt_retryably(tmp_path):
     request = ActivityRequested(request_id="r/a/1", run_id="r", step_id="a", activity="a", attempt=1, input=[ref])
     completion = _run(execute(Activity("a", handler), request, payloads=_payloads(tmp_path)))
     assert completion.status == "failed" and completion.error.type == "PayloadError" and completion.error.retryable, completion
+
+
+def test_an_output_over_the_store_limit_fails_the_step_at_once_naming_its_size(tmp_path):
+    from legato.handlers.registry import Activity
+    from legato.streams.worker import execute
+    from legato.topics.models import ActivityRequested
+
+    payloads = Payloads(FilePayloadStore(tmp_path / "store"), inline_max=100, max_bytes=10_000)
+
+    async def handler(data):
+        return "x" * data
+
+    async def go(n):
+        await payloads.start()
+        request = ActivityRequested(request_id="r/a/1", run_id="r", step_id="a", activity="a", attempt=1, input=n)
+        return await execute(Activity("a", handler), request, payloads=payloads)
+
+    over = _run(go(20_000))
+    assert over.status == "failed" and over.error.type == "OutputTooLarge" and over.error.retryable is False, over
+    assert "20,002 bytes" in over.error.message and "limit of 10,000 bytes" in over.error.message, over.error.message
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())  # nothing stored
+    under = _run(go(9_000))
+    assert under.status == "succeeded" and is_ref(under.output), under

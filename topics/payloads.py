@@ -138,10 +138,12 @@ class Payloads:
 
     ``count`` is told the bytes stored and fetched (Prometheus counters in ``legato.streams.metrics``)."""
 
-    def __init__(self, store: PayloadStore, inline_max: int = DEFAULT_INLINE_MAX, count: Counter | None = None):
+    def __init__(self, store: PayloadStore, inline_max: int = DEFAULT_INLINE_MAX, count: Counter | None = None,
+                 max_bytes: int = MAX_PAYLOAD_BYTES):
         self.store = store
         self.inline_max = inline_max
         self.count = count
+        self.max_bytes = max_bytes
 
     async def start(self) -> None:
         await self.store.start()
@@ -152,8 +154,8 @@ class Payloads:
     async def put(self, scope: str, value: Any, data: bytes | None = None) -> dict[str, Any]:
         """Store ``value`` (whatever its size) and return its reference, as it travels."""
         data = encoded(value) if data is None else data
-        if len(data) > MAX_PAYLOAD_BYTES:
-            raise PayloadError(f"a payload of {len(data):,} bytes is over the limit of {MAX_PAYLOAD_BYTES:,}")
+        if len(data) > self.max_bytes:
+            raise PayloadError(f"a payload of {len(data):,} bytes is over the limit of {self.max_bytes:,}")
         pid = payload_id(scope, data)
         location = await self.store.put(pid, data)
         if self.count is not None:
@@ -364,14 +366,17 @@ class KafkaPayloadStore:
             await fut
 
 
-def store_from_url(url: str | None, bootstrap: str, topic: str, **kafka: Any) -> PayloadStore:
-    """The store ``LEGATO_PAYLOAD_STORE`` names: ``kafka`` (or empty: the topic) or ``file:///path``."""
+def store_from_url(url: str | None, bootstrap: str, topic: str, **kafka: Any) -> PayloadStore | None:
+    """The store ``LEGATO_PAYLOAD_STORE`` names: ``kafka`` (or empty: the topic), ``file:///path``, or ``none`` (no
+    claim checks: a value past a record's limit fails where it is produced)."""
+    if url == "none":
+        return None
     if not url or url == "kafka":
         return KafkaPayloadStore(bootstrap, topic, **kafka)
     parsed = urlparse(url)
     if parsed.scheme == "file" and parsed.path:
         return FilePayloadStore(unquote(parsed.path))
-    raise ValueError(f"LEGATO_PAYLOAD_STORE={url!r}: expected kafka or file:///path")
+    raise ValueError(f"LEGATO_PAYLOAD_STORE={url!r}: expected kafka, file:///path or none")
 
 
 # --- for workers of their own (confluent-kafka) --------------------------------------------------
