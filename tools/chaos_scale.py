@@ -1,9 +1,10 @@
 """``legato chaos scale``: coordinators and workers scaled out and back in while runs are in flight.
 
-One ``legato coordinator`` and one ``legato worker`` serve ``chaos_mix`` runs triggered at a steady rate; each role
-is then scaled 1 -> 3 -> 1, one process at a time (``STEPS``): a new process is started, or the newest one is stopped
-with SIGTERM as a deployment stops it. Each step waits until the role's consumer group is stable with the new member
-count before the next one; the triggers pause at each step until it has begun, so runs are in flight at every step.
+One ``legato coordinator`` and one ``legato worker`` serve ``chaos_mix`` runs triggered at a steady rate; after a
+steady stretch (``WARMUP_S``) each role is scaled 1 -> 3 -> 1, one process at a time (``STEPS``): a new process is
+started, or the newest one is stopped with SIGTERM as a deployment stops it. Each step waits until the role's
+consumer group is stable with the new member count, and 2 s more, before the next one. The triggers go on at the same
+rate until the last step is over (at least ``runs`` of them), so runs are in flight at every step.
 
 Judged like every scenario (``harness.judge``: lost, duplicate terminal events, duplicate executions). Per step:
 
@@ -32,6 +33,7 @@ STEPS: tuple[tuple[str, int], ...] = (
 )
 """(role, +1 start one / -1 stop the newest): each role 1 -> 3 -> 1."""
 SETTLE_EXTRA_S = 2.0
+WARMUP_S = 5.0
 
 
 def max_gap(records: list[Rec], start: float, end: float) -> float | None:
@@ -80,7 +82,7 @@ def duplicates_by_step(requests: list[Rec], completions: list[Rec], windows: dic
 async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, steps: tuple[tuple[str, int], ...] = STEPS,
                          extra_env: dict[str, str] | None = None, timeout: float = 900.0, say: Callable[[str], None] = print,
                          workdir: Path | None = None, partitions: int = 8) -> dict[str, Any]:
-    """``runs`` chaos_mix runs triggered at ``rate``/s while coordinators and workers are scaled through ``steps``."""
+    """chaos_mix runs triggered at ``rate``/s (at least ``runs``) while coordinators and workers are scaled through ``steps``."""
     env = Env(bootstrap, workdir, partitions=partitions, extra_env={"CHAOS_DELAY": "0.02", **(extra_env or {})})
     async with Scene(env, [env.topics.completions, env.topics.requests("chaos_echo")]) as scene:
         procs: dict[str, list[Proc]] = {"coordinator": [env.process("coordinator", "coordinator-1")], "worker": [env.process("worker", "worker-1")]}
@@ -88,41 +90,33 @@ async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, s
         ready = await wait_ready(env, prod, watch, [p for ps in procs.values() for p in ps], timeout=180.0)
         say(f"  processes ready after {ready:.1f}s (prefix {env.prefix}, logs {env.workdir})")
         groups = {"coordinator": env.topics.coordinator_group, "worker": f"{env.prefix}-worker"}
-        expected = {f"sc-{i}": mix_expected(i) for i in range(runs)}
-        ids = list(expected)
-        gates = [runs * (k + 1) // (len(steps) + 1) for k in range(len(steps))]
-        reached = [asyncio.Event() for _ in gates]
-        begun = [asyncio.Event() for _ in gates]
+        ids: list[str] = []
         log: list[dict[str, Any]] = []
-        triggered = 0
+        scaled = asyncio.Event()
         t_first_trigger = time.time()
 
         async def produce_all() -> None:
-            nonlocal triggered
-            base, since = time.monotonic(), 0
-            for i, rid in enumerate(ids):
-                if i in gates:
-                    k = gates.index(i)
-                    reached[k].set()
-                    await begun[k].wait()
-                    base, since = time.monotonic(), i
-                delay = base + (i - since) / rate - time.monotonic()
+            # at least ``runs``, and on until the last step has settled (and its stall window passed): runs are in
+            # flight at every step however long the groups take to settle
+            start, i = time.monotonic(), 0
+            while i < runs or not scaled.is_set():
+                delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                rid = f"sc-{i}"
                 await trigger(prod, env, "chaos_mix", {"n": i}, rid)
-                triggered = i + 1
+                ids.append(rid)
+                i += 1
             await prod.flush()
 
         async def scale() -> None:
-            for k, (role, delta) in enumerate(steps):
-                await reached[k].wait()
-                finished = watch.done(ids)
-                t = time.time()
+            await asyncio.sleep(WARMUP_S)  # the steady stretch ``baseline_gap_s`` is measured on
+            for role, delta in steps:
+                finished, t = watch.done(ids), time.time()
+                in_flight = len(ids) - finished
                 if delta > 0:
                     procs[role].append(env.process(role, f"{role}-{len(procs[role]) + 1}"))
-                    begun[k].set()
                 else:
-                    begun[k].set()
                     await asyncio.to_thread(procs[role].pop().stop)
                 want = len(procs[role])
                 # a stopped member leaves at once: wait for the group to be stable with exactly ``want`` members
@@ -131,11 +125,14 @@ async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, s
                     await asyncio.sleep(0.5)
                 settled = time.time()
                 step = {"step": f"{role} {want - delta} -> {want}", "role": role, "at": t, "at_s": round(t - t_first_trigger, 1),
-                        "settled_s": round(settled - t, 1), "settled": settled, "finished_before": finished, "in_flight": triggered - finished}
+                        "settled_s": round(settled - t, 1), "settled": settled, "finished_before": finished, "in_flight": in_flight}
                 log.append(step)
-                say(f"  {step['step']} at +{step['at_s']}s ({triggered - finished} runs in flight), group stable after {step['settled_s']}s")
+                say(f"  {step['step']} at +{step['at_s']}s ({in_flight} runs in flight), group stable after {step['settled_s']}s")
+                await asyncio.sleep(SETTLE_EXTRA_S)  # the step's stall window, before the next step disturbs it
+            scaled.set()
 
         await asyncio.gather(produce_all(), scale())
+        expected = {rid: mix_expected(int(rid[3:])) for rid in ids}
         finished = await watch.wait(set(ids), timeout, progress=say)
         await asyncio.sleep(5.0)  # late duplicates
         tails = scene.other.records if scene.other is not None else []
