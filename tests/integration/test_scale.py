@@ -2,8 +2,9 @@
 
 Each role goes 1 -> 2 -> 1 (a process started, then stopped with SIGTERM) while runs are triggered at a steady rate
 (at least ``RUNS``, and on until the last step is over), so runs are in flight at every step: no run is lost or ends
-twice, and a request runs twice only when it was in flight while a worker group rebalanced, at most
-once per run in flight then for each of its branches (``chaos_mix`` has at most two requests out at once).
+twice, and a request runs twice only when it was in flight at a step (a worker's unanswered requests move with its
+partitions; a coordinator taking a partition over re-issues the requests it has no completion for yet), at most once
+per run in flight then for each of its branches (``chaos_mix`` has at most two requests out at once).
 """
 from __future__ import annotations
 
@@ -25,5 +26,4 @@ async def test_scaling_coordinators_and_workers_out_and_in_loses_and_duplicates_
     assert r["processes_alive"], r
     assert len(r["steps"]) == len(STEPS) and all(s["in_flight"] > 0 for s in r["steps"]), r["steps"]
     assert r["duplicates_unexplained"] == 0, r["unexplained_examples"]
-    worker_in_flight = sum(s["in_flight"] for s in r["steps"] if s["step"].startswith("worker"))
-    assert r["duplicate_executions"] <= 2 * worker_in_flight, r
+    assert r["duplicate_executions"] <= 2 * sum(s["in_flight"] for s in r["steps"]), r
