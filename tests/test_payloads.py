@@ -43,10 +43,29 @@ def test_small_values_stay_inline_and_large_ones_become_references(tmp_path):
         return ref, await payloads.resolve({"a": [ref], "b": 1})
 
     ref, resolved = _run(go())
-    data = orjson.dumps({"text": "y" * 500})
-    assert ref == {"$ref": f"legato-payload:run-1/{hashlib.sha256(data).hexdigest()}", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert resolved == {"a": [{"text": "y" * 500}], "b": 1}
-    assert counted == [("stored", len(data)), ("fetched", len(data))]
+    text = orjson.dumps("y" * 500)
+    text_ref = {"$ref": f"legato-payload:run-1/{hashlib.sha256(text).hexdigest()}", "size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    # the large field is stored on its own; what is left (its reference) is still over 100 bytes: stored too
+    outer = orjson.dumps({"text": text_ref})
+    assert ref == {"$ref": f"legato-payload:run-1/{hashlib.sha256(outer).hexdigest()}", "size": len(outer), "sha256": hashlib.sha256(outer).hexdigest()}
+    assert resolved == {"a": [{"text": "y" * 500}], "b": 1}  # references inside fetched values are resolved too
+    assert counted == [("stored", len(text)), ("stored", len(outer)), ("fetched", len(outer)), ("fetched", len(text))]
+
+
+def test_large_fields_are_stored_on_their_own_and_small_ones_stay_inline(tmp_path):
+    payloads = _payloads(tmp_path, inline_max=700)
+
+    async def go():
+        await payloads.start()
+        value = {"text": "t" * 1000, "lang": "en", "parts": ["p" * 800, "q"], "many": ["m" * 30] * 30}
+        out = await payloads.externalize("r", value)
+        return value, out, await payloads.resolve(out)
+
+    value, out, resolved = _run(go())
+    assert is_ref(out["text"]) and out["lang"] == "en"
+    assert is_ref(out["parts"][0]) and out["parts"][1] == "q"
+    assert is_ref(out["many"]) and out["many"]["size"] == len(orjson.dumps(value["many"]))  # small items: stored whole
+    assert resolved == value
 
 
 def test_reference_matches_its_published_schema(tmp_path):
@@ -150,8 +169,8 @@ def test_a_worker_resolves_inputs_and_stores_a_large_output_by_reference(tmp_pat
 
     completion, output = _run(go())
     assert seen == [{"doc": "abc" * 100}]
-    assert completion.status == "succeeded" and is_ref(completion.output), completion
-    assert completion.output["$ref"].startswith("legato-payload:r/")
+    assert completion.status == "succeeded" and is_ref(completion.output["text"]), completion
+    assert completion.output["text"]["$ref"].startswith("legato-payload:r/")
     assert output == {"text": "ABC" * 1000}
 
 
@@ -189,4 +208,4 @@ def test_an_output_over_the_store_limit_fails_the_step_at_once_naming_its_size(t
     assert "20,002 bytes" in over.error.message and "limit of 10,000 bytes" in over.error.message, over.error.message
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())  # nothing stored
     under = _run(go(9_000))
-    assert under.status == "succeeded" and is_ref(under.output), under
+    assert under.status == "succeeded" and is_ref(under.output), under  # a string: stored whole

@@ -31,9 +31,9 @@ from typing import Any, Callable, Protocol
 from urllib.parse import quote, unquote, urlparse
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
-REF_PREFIX = "legato-payload:"
+from legato.topics.payload_refs import REF_PREFIX, PayloadRef, is_ref, may_hold_refs, refs_in, substitute  # noqa: F401 (re-exported)
+
 DEFAULT_INLINE_MAX = 262_144
 """Bytes of a value's JSON above which it is stored by reference (``LEGATO_PAYLOAD_INLINE_MAX``)."""
 CHUNK_BYTES = 900_000
@@ -44,58 +44,6 @@ MAX_PAYLOAD_BYTES = 2 * 1024**3
 
 class PayloadError(RuntimeError):
     """A payload that cannot be stored or read: missing (deleted by retention?), corrupted, or a bad reference."""
-
-
-class PayloadRef(BaseModel):
-    """A reference to a stored payload, as it travels in place of the value."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True,
-                              json_schema_extra={"description": "A value stored by reference (a claim check): fetch it from the payload store by its id."})
-
-    ref: str = Field(alias="$ref", pattern=r"^legato-payload:.+", description="legato-payload:<payload id>")
-    size: int = Field(ge=0, description="bytes of the value's JSON")
-    sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$", description="sha256 of the value's JSON, checked on read")
-    chunks: int | None = Field(default=None, ge=1, description="Kafka store: records the JSON is cut into")
-    partition: int | None = Field(default=None, ge=0, description="Kafka store: the partition of every chunk")
-    offset: int | None = Field(default=None, ge=0, description="Kafka store: the offset of the first chunk")
-
-    @property
-    def id(self) -> str:
-        return self.ref[len(REF_PREFIX):]
-
-    def wire(self) -> dict[str, Any]:
-        """The reference as it travels (the JSON object in place of the value)."""
-        return self.model_dump(by_alias=True, exclude_none=True)
-
-
-def is_ref(value: Any) -> bool:
-    """True when ``value`` is a payload reference (a dict whose ``$ref`` starts ``legato-payload:``)."""
-    return isinstance(value, dict) and isinstance(value.get("$ref"), str) and value["$ref"].startswith(REF_PREFIX)
-
-
-def refs_in(value: Any) -> list[PayloadRef]:
-    """Every payload reference inside ``value`` (depth first, each once)."""
-    found: dict[str, PayloadRef] = {}
-    _walk(value, found)
-    return list(found.values())
-
-
-def _walk(value: Any, found: dict[str, PayloadRef]) -> None:
-    if isinstance(value, dict):
-        if is_ref(value):
-            ref = PayloadRef.model_validate(value)
-            found.setdefault(ref.id, ref)
-            return
-        for v in value.values():
-            _walk(v, found)
-    elif isinstance(value, list):
-        for v in value:
-            _walk(v, found)
-
-
-def may_hold_refs(data: bytes) -> bool:
-    """A quick test on a record's bytes: False means no reference is inside."""
-    return REF_PREFIX.encode() in data
 
 
 def encoded(value: Any) -> bytes:
@@ -163,13 +111,23 @@ class Payloads:
         return PayloadRef.model_validate({"$ref": REF_PREFIX + pid, "size": len(data), "sha256": pid.rsplit("/", 1)[1], **location}).wire()
 
     async def externalize(self, scope: str, value: Any) -> Any:
-        """``value`` itself when its JSON is at most ``inline_max`` bytes, else a reference to it, stored."""
+        """``value`` itself when its JSON is at most ``inline_max`` bytes, else with its large parts stored: each
+        field or item over the limit becomes a reference (recursively), and the rest is stored as a whole only when it
+        is still over the limit. ``{"text": <20 MB>, "lang": "en"}`` travels as ``{"text": <reference>, "lang": "en"}``,
+        so an expression reads ``lang`` without a fetch and ``text`` goes on to the next step as its reference."""
         if value is None or isinstance(value, (bool, int, float)):
             return value
         data = encoded(value)
         if len(data) <= self.inline_max:
             return value
-        return await self.put(scope, value, data)
+        if isinstance(value, dict) and not is_ref(value):
+            parts: Any = {k: await self.externalize(scope, v) for k, v in value.items()}
+        elif isinstance(value, list):
+            parts = [await self.externalize(scope, v) for v in value]
+        else:
+            return await self.put(scope, value, data)
+        split = encoded(parts)
+        return parts if len(split) <= self.inline_max else await self.put(scope, parts, split)
 
     async def fetch(self, ref: PayloadRef | dict[str, Any]) -> Any:
         """The value ``ref`` points at (its sha256 checked)."""
@@ -180,34 +138,17 @@ class Payloads:
         return decode_payload(ref, data)
 
     async def resolve(self, value: Any) -> Any:
-        """``value`` with every reference inside replaced by its value (a value that holds none is returned as is)."""
-        refs = refs_in(value)
-        if not refs:
-            return value
-        values = {ref.id: await self.fetch(ref) for ref in refs}
-        return substitute(value, values)
+        """``value`` with every reference inside replaced by its value, also those inside fetched values (a value that
+        holds none is returned as is)."""
+        while True:
+            refs = refs_in(value)
+            if not refs:
+                return value
+            values = {ref.id: await self.fetch(ref) for ref in refs}
+            value = substitute(value, values)
 
     async def delete(self, ref: PayloadRef | dict[str, Any]) -> None:
         await self.store.delete(ref if isinstance(ref, PayloadRef) else PayloadRef.model_validate(ref))
-
-
-def substitute(value: Any, values: dict[str, Any] | Callable[[PayloadRef], Any]) -> Any:
-    """``value`` with each reference replaced by ``values[id]`` (or ``values(ref)``); containers without references
-    are returned as they are, not copied."""
-    if isinstance(value, dict):
-        if is_ref(value):
-            ref = PayloadRef.model_validate(value)
-            return values(ref) if callable(values) else values[ref.id]
-        out, changed = {}, False
-        for k, v in value.items():
-            nv = substitute(v, values)
-            changed = changed or nv is not v
-            out[k] = nv
-        return out if changed else value
-    if isinstance(value, list):
-        items = [substitute(v, values) for v in value]
-        return items if any(a is not b for a, b in zip(items, value)) else value
-    return value
 
 
 # --- the file store ------------------------------------------------------------------------------
