@@ -34,7 +34,7 @@ from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
-NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention")
+NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show")
 
 
 @dataclass
@@ -584,6 +584,10 @@ def _run(b: "Bench", names: list[str], runs: int, output: Path | None, sizes: li
         from legato.tools.bench_retention import bench_retention
 
         reports.append(bench_retention(b, memory_runs))
+    if "runs-show" in names:
+        from legato.tools.bench_runs_show import bench_runs_show
+
+        reports.append(bench_runs_show(b, memory_runs))
     text = _render(reports)
     print(text)
     if output is not None:
