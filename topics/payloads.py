@@ -63,6 +63,11 @@ def decode_payload(ref: PayloadRef, data: bytes) -> Any:
     return orjson.loads(data)
 
 
+def _ref_bytes(scope: str) -> int:
+    """An upper bound of a reference's JSON for a payload of ``scope`` (size, sha256, chunks, partition, offset)."""
+    return 260 + len(scope.encode())
+
+
 class PayloadStore(Protocol):
     """Where payloads live. ``put`` returns the location fields a reference carries (may be empty)."""
 
@@ -112,22 +117,44 @@ class Payloads:
 
     async def externalize(self, scope: str, value: Any) -> Any:
         """``value`` itself when its JSON is at most ``inline_max`` bytes, else with its large parts stored: each
-        field or item over the limit becomes a reference (recursively), and the rest is stored as a whole only when it
-        is still over the limit. ``{"text": <20 MB>, "lang": "en"}`` travels as ``{"text": <reference>, "lang": "en"}``,
-        so an expression reads ``lang`` without a fetch and ``text`` goes on to the next step as its reference."""
+        field or item over the limit becomes a reference (recursively); when what is left is still over the limit (many
+        small parts), the whole value is stored instead, so a stored value never holds references of its own.
+        ``{"text": <20 MB>, "lang": "en"}`` travels as ``{"text": <reference>, "lang": "en"}``: an expression reads
+        ``lang`` without a fetch and ``text`` goes on to the next step as its reference."""
         if value is None or isinstance(value, (bool, int, float)):
             return value
         data = encoded(value)
         if len(data) <= self.inline_max:
             return value
-        if isinstance(value, dict) and not is_ref(value):
-            parts: Any = {k: await self.externalize(scope, v) for k, v in value.items()}
-        elif isinstance(value, list):
-            parts = [await self.externalize(scope, v) for v in value]
-        else:
+        return await self._store(scope, value, data)
+
+    async def _store(self, scope: str, value: Any, data: bytes) -> Any:
+        """``value`` (over the limit) split into references when ``_split_size`` says it then fits, else stored whole."""
+        if self._split_size(scope, value, data) is None:
             return await self.put(scope, value, data)
-        split = encoded(parts)
-        return parts if len(split) <= self.inline_max else await self.put(scope, parts, split)
+        if isinstance(value, dict):
+            return {k: await self._store(scope, v, encoded(v)) if self._over(v) else v for k, v in value.items()}
+        return [await self._store(scope, v, encoded(v)) if self._over(v) else v for v in value]
+
+    def _split_size(self, scope: str, value: Any, data: bytes) -> int | None:
+        """The bytes of ``value``'s JSON once its parts over the limit are references (or split in turn), when that
+        fits under the limit; None when it does not (the value is stored whole: nothing of it stored on its own)."""
+        if isinstance(value, dict) and not is_ref(value):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            return None
+        size, split = len(data), False
+        for child in children:
+            if self._over(child):
+                child_data = encoded(child)
+                size += (self._split_size(scope, child, child_data) or _ref_bytes(scope)) - len(child_data)
+                split = True
+        return size if split and size <= self.inline_max else None
+
+    def _over(self, value: Any) -> bool:
+        return not (value is None or isinstance(value, (bool, int, float))) and len(encoded(value)) > self.inline_max
 
     async def fetch(self, ref: PayloadRef | dict[str, Any]) -> Any:
         """The value ``ref`` points at (its sha256 checked)."""

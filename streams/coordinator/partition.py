@@ -26,6 +26,7 @@ from legato.streams.coordinator.trace import Trace
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
+from legato.workflows import keys
 from legato.workflows.claims import PayloadsMissing
 from legato.workflows.lifecycle import retention_ms
 from legato.workflows.machine import EventIgnored, ForgetRun, Machine, outstanding
@@ -51,6 +52,12 @@ the partitions' batches in flight hold at once (like the consume loop's queue, `
 CLOCK_SKEW_MS = 250
 """How far apart two coordinators' clocks may be: a timer due this much later than this process's clock may already
 have been fired by the partition's previous owner, so a completion of its run sends no request early (``_apply``)."""
+
+
+def _retention_timer(value: bytes | None) -> bool:
+    """Whether a record is a run's retention timer: it forgets the run and reads no value (its payloads are not
+    fetched to be deleted)."""
+    return bool(value) and b'"timer.fired"' in value and f'"{keys.RUN_RETENTION}'.encode() in value
 
 
 def _timer_due(state: RunState, by_ms: int) -> bool:
@@ -278,7 +285,7 @@ class Partitions:
         for _, records, _ in parts:
             for msg in records:
                 refs += self.payloads.refs_of(msg.value)
-                if msg.key is not None:
+                if msg.key is not None and not _retention_timer(msg.value):
                     refs += self.payloads.refs_of(task.store.get(msg.key))
         if refs:
             await self.payloads.prefetch(refs)
@@ -478,6 +485,8 @@ class Partitions:
         elif state is not None and any(isinstance(c, ForgetRun) for c in commands):
             batch.changed[record.run_id] = None
             batch.stored -= 1
+            if self.payloads is not None:
+                batch.sends += self.payloads.forget(state.run_id, state.encoded())  # its payloads go with it
             if self.metrics is not None:
                 self.metrics.run_forgotten(state.workflow)
         if self.metrics is not None:

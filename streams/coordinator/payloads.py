@@ -8,6 +8,7 @@ change (a payload's id holds its sha256), so the cache needs no invalidation.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from typing import Iterable
@@ -15,7 +16,7 @@ from typing import Iterable
 import orjson
 
 from legato.topics.payload_refs import PayloadRef, canonical_digest, may_hold_refs, refs_in
-from legato.topics.payloads import PayloadError, Payloads
+from legato.topics.payloads import KafkaPayloadStore, PayloadError, Payloads, chunk_key
 from legato.workflows.claims import Fetched, Unreadable
 
 log = logging.getLogger("legato.coordinator")
@@ -33,6 +34,7 @@ class PayloadValues:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Fetched | Unreadable] = OrderedDict()
         self._bytes = 0
+        self._deleting: set[asyncio.Future] = set()
 
     def lookup(self, payload_id: str) -> Fetched | Unreadable | None:
         """The machine's lookup: the value of a fetched payload, why it cannot be read, or None (not fetched)."""
@@ -83,3 +85,25 @@ class PayloadValues:
             entry = self._entries.pop(payload_id)
             if isinstance(entry, Fetched):
                 self._bytes -= entry.size
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def forget(self, run_id: str, stored: bytes) -> list[tuple[str, bytes, None, int]]:
+        """A run's retention ended: the tombstones of the Kafka-stored payloads it owns (ids ``<run_id>/…``), to send in
+        the transaction that forgets the run; payloads of another store are deleted now (a crash before the run's
+        tombstone is committed leaves it to be forgotten again, its payloads already gone)."""
+        owned = [ref for ref in self.refs_of(stored) if ref.id.startswith(run_id + "/")]
+        for ref in owned:
+            entry = self._entries.pop(ref.id, None)
+            if isinstance(entry, Fetched):
+                self._bytes -= entry.size
+        store = self.payloads.store
+        if isinstance(store, KafkaPayloadStore):
+            return [(store.topic, chunk_key(ref.id, n), None, ref.partition) for ref in owned if ref.partition is not None
+                    for n in range(ref.chunks or 1)]
+        for ref in owned:
+            task = asyncio.ensure_future(self.payloads.delete(ref))
+            self._deleting.add(task)
+            task.add_done_callback(self._deleting.discard)
+        return []
+

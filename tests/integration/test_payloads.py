@@ -100,3 +100,36 @@ async def test_a_large_trigger_input_and_large_signal_data_travel_by_reference(l
     [sent] = [orjson.loads(r.value) for r in signals if r.key == run_id.encode()]
     assert is_ref(sent["data"]["note"]) and sent["data"]["who"] == "ada"
     assert [r.id for r in refs_in(sent)] and len(orjson.dumps(sent)) < 2000
+
+
+async def _live_bytes(legato, run_id: str) -> tuple[int, int]:
+    """Of the payload records keyed ``<run_id>/…``: the bytes of the latest value per key (what compaction keeps;
+    a tombstone keeps none), and the bytes of every record still in the log."""
+    records = await legato.read_topic(legato.topics.payloads)
+    latest: dict[bytes, int] = {}
+    on_log = 0
+    for r in records:
+        if r.key is not None and r.key.startswith(f"{run_id}/".encode()):
+            latest[r.key] = len(r.value or b"")
+            on_log += len(r.value or b"")
+    return sum(latest.values()), on_log
+
+
+async def test_a_runs_retention_deletes_its_payloads(legato):
+    """Forgetting a run writes a tombstone for every chunk of its payloads, in the transaction that forgets it: what
+    compaction keeps of them is 0 bytes (the log cleaner removes the chunks once their segment rolls, within
+    ``segment.ms``, 1 h on Legato's compacted topics, plus the cleaner's pass)."""
+    event = await legato.run("e2e_payload_retention", {"bytes": 3_000_000}, timeout=60)
+    assert event.status == "succeeded" and is_ref(event.output["text"]), event
+    run_id = event.run_id
+    live, on_log = await _live_bytes(legato, run_id)
+    assert live == on_log == 3_000_002, (live, on_log)
+    started = time.monotonic()
+    while (await _live_bytes(legato, run_id))[0] > 0:  # forgotten 2 s after it ended: the tombstones come with it
+        assert time.monotonic() - started < 60, f"the payload is still live 60 s after the run ended\n{legato.logs()}"
+        await asyncio.sleep(1)
+    records = await legato.read_topic(legato.topics.payloads)
+    tombstones = [r for r in records if r.key is not None and r.key.startswith(f"{run_id}/".encode()) and r.value is None]
+    assert len(tombstones) == event.output["text"]["chunks"], tombstones
+    print(f"\nretention: {on_log:,} payload bytes of the run live before its retention, 0 after "
+          f"({len(tombstones)} tombstones, {time.monotonic() - started:.1f} s after the run ended)")
