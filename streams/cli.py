@@ -244,7 +244,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with _client(s) as client:
             if not args.wait:
-                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version)
+                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version, priority=args.priority)
                 print(run_id)
                 return 0
             result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr),
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="show progress (completions and progress chunks, live) and print the terminal run event")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
+    p.add_argument("--priority", type=int, choices=range(1, 6), metavar="1-5", default=None,
+                   help="for the limits its steps wait for: 5 goes first, 1 last (default 3)")
     p.set_defaults(fn=cmd_trigger, workflows=[], handlers=[])
     p = sub.add_parser("cancel", help="cancel a run (its pending requests and child runs too)")
     p.add_argument("run_id")
@@ -544,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_fork, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
-    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show"])
+    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show", "replication"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
     p.add_argument("--sizes", default="10,100,1000,10000", help="fan-out sizes")
     p.add_argument("--memory-runs", type=int, default=100_000, help="runs of the memory and retention benchmarks; changelog records of runs-show")

@@ -53,13 +53,14 @@ class LegatoClient:
         return await self.payloads.resolve(value)
 
     async def trigger(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, correlation_id: str | None = None,
-                      version: int | None = None) -> str:
+                      version: int | None = None, priority: int | None = None) -> str:
         """Publish a trigger and return its run_id (a new uuid4 unless given; it is the idempotency key). The run is
-        pinned to ``version`` of the workflow, or to its highest version deployed when the coordinator decides it."""
+        pinned to ``version`` of the workflow, or to its highest version deployed when the coordinator decides it.
+        ``priority`` (1–5, default 3) orders its waits for saturated limits (docs/limits.md)."""
         assert self._producer is not None, "use `async with LegatoClient(...)`"
         run_id = run_id or str(uuid.uuid4())
         input = await self.payloads.externalize(run_id, input or {})  # a reference is an object too: the run sees the value
-        record = RunRequested(workflow=workflow, input=input, run_id=run_id, correlation_id=correlation_id, version=version)
+        record = RunRequested(workflow=workflow, input=input, run_id=run_id, correlation_id=correlation_id, version=version, priority=priority)
         await self._producer.send_and_wait(self.topics.triggers, codec.dumps(record), key=run_id.encode())
         return run_id
 

@@ -24,6 +24,7 @@ class RunRequested(_Record):
     correlation_id: str | None = Field(default=None, max_length=200)
     parent: dict[str, Any] | None = None  # set for sub-workflow runs: {run_id, step_key}
     version: int | None = Field(default=None, ge=1)  # the definition's version to run; None: the highest deployed
+    priority: int | None = Field(default=None, ge=1, le=5)  # 1 (lowest) to 5 for the limits its steps wait for; None: 3
 
 
 class Cost(_Record):
@@ -183,6 +184,8 @@ class RunAccepted(_Record):
     correlation_id: str | None = None
     parent: dict[str, Any] | None = None
     version: int | None = Field(default=None, ge=1)  # None: the highest deployed when this record is decided
+    priority: int | None = Field(default=None, ge=1, le=5)
+    triggered_ms: int | None = None  # the trigger record's timestamp: runs of a concurrency key start in this order
 
 
 class ChildRunFinished(_Record):

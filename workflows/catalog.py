@@ -9,7 +9,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from legato.workflows.model import CompiledWorkflow
+from legato.workflows.model import CompiledWorkflow, Limit
 
 
 def source_sha256(source: str) -> str:
@@ -67,6 +67,15 @@ class Catalog:
     def resolve(self, name: str, version: int | None = None) -> Definition | None:
         """``version`` of ``name``, or its highest version when None."""
         return self.latest(name) if version is None else self.get(name, version)
+
+    def limit(self, name: str) -> "Limit | None":
+        """The deployed limit ``name``: from the highest version of the first document (by name) that declares it.
+        A workflow's own ``limits:`` come before these (``Machine.limit``)."""
+        for doc in sorted(self._latest):
+            found = self._by_key[(doc, self._latest[doc])].workflow.definition.limits.get(name)
+            if found is not None:
+                return found
+        return None
 
     def names(self) -> list[str]:
         return sorted(self._latest)

@@ -5,6 +5,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict
 
+from legato.topics.limits import LimitAcquire, LimitRelease
 from legato.topics.models import ActivityRequested, CachedResult, ChildRunFinished, RequestCancelled, RunAccepted, RunCancelRequested, RunEvent, RunForkAccepted, SignalSent
 
 
@@ -14,6 +15,19 @@ class _Command(BaseModel):
 
 class RequestActivity(_Command):
     request: ActivityRequested
+
+
+class AcquireLimit(_Command):
+    """Ask the limiter for a place in a limit's budget (sent to ``<prefix>.limits``, keyed by limit and key); its
+    grant comes back as a ``LimitGranted`` event."""
+
+    acquire: LimitAcquire
+
+
+class ReleaseLimit(_Command):
+    """Give an acquisition back (its request completed, timed out or was cancelled, or its grant was not wanted)."""
+
+    release: LimitRelease
 
 
 class CacheResult(_Command):
@@ -89,4 +103,4 @@ class SignalRefused(_Command):
     reason: str
 
 
-Command = Union[RequestActivity, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, EventIgnored, SignalRefused]
+Command = Union[RequestActivity, AcquireLimit, ReleaseLimit, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, EventIgnored, SignalRefused]

@@ -8,17 +8,17 @@ run's end sends are built in ``run_events``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from legato.topics.models import ErrorInfo, RunCancelRequested, RunEvent
-from legato.workflows import keys, transitions
+from legato.workflows import keys, run_limits, transitions
 from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent
 from legato.workflows.claims import Claims
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, retention_ms
-from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, step_kind
+from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, Limit, step_kind
 from legato.workflows.run_budget import RunBudget
 from legato.workflows.run_events import child_finished, iso, parent_waits, terminal_event
 from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES, RunSize
@@ -35,8 +35,10 @@ class Run(RunTimers, RunSize, RunBudget):
     """One decision in progress: mutates its own copy of the state and collects commands and domain events."""
 
     def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
-                 default_retention_s: float = DEFAULT_RETENTION_S, claims: Claims | None = None):
+                 default_retention_s: float = DEFAULT_RETENTION_S, limits: Callable[[str], Limit | None] | None = None,
+                 claims: Claims | None = None):
         self.state = state
+        self._limits = limits  # deployed limits by name (``Catalog.limit``)
         self.claims = claims  # what expressions see of values stored by reference (legato.workflows.claims)
         self.wf = wf
         self.now = now_ms
@@ -248,6 +250,7 @@ class Run(RunTimers, RunSize, RunBudget):
             # compound steps stay as they were, their frames are closed below
             if step.status in ACTIVE and processor(step.kind).cancel(self, step, reason):
                 transitions.move(self, step, "cancelled")
+        run_limits.release(self, state)
         state.requests.clear()
         state.timers.clear()
         # a durable timer like every other, so a finished run is forgotten even across restarts
@@ -323,6 +326,13 @@ class Run(RunTimers, RunSize, RunBudget):
         if not isinstance(value, bool):
             raise ExpressionError(f"{self.wf.expr(key).source!r} gave {type(value).__name__}, not a bool")
         return value
+
+    def limit(self, name: str) -> Limit | None:
+        """The limit ``name``: the workflow's own ``limits:`` first, then the deployed ones."""
+        own = self.wf.definition.limits.get(name) if self.wf is not None else None
+        if own is not None or self._limits is None:
+            return own
+        return self._limits(name)
 
     def ignore(self, reason: str, detail: str) -> None:
         self.changed = False

@@ -24,7 +24,8 @@ from legato.topics.models import (
     SignalSent,
     TimerFired,
 )
-from legato.workflows import keys
+from legato.topics.limits import LimitGranted
+from legato.workflows import keys, run_limits
 from legato.workflows.catalog import Catalog, Definition
 from legato.workflows.claims import Claims, Lookup
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, fork_seed, redrive_refusal
@@ -44,7 +45,7 @@ from legato.workflows.commands import (
     StartTimer,
 )
 from legato.workflows.context import Run
-from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, step_kind
+from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, Limit, step_kind
 from legato.workflows.run_events import child_finished, iso, parent_waits, terminal_event
 from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES
 from legato.workflows.state import SCHEMA_VERSION, Frame, RunState, StepState
@@ -55,7 +56,7 @@ from legato.workflows.steps.subworkflow import SubWorkflowProcessor
 from legato.workflows.steps.wait import WaitProcessor
 from legato.workflows.transitions import DomainEvent, SignalIgnored
 
-Event = Union[RunAccepted, ActivityCompleted, ActivityStarted, ActivityHeartbeat, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested, RunForkRequested,
+Event = Union[RunAccepted, LimitGranted, ActivityCompleted, ActivityStarted, ActivityHeartbeat, TimerFired, ChildRunFinished, RunCancelRequested, SignalSent, RunRedriveRequested, RunForkRequested,
               RunForkAccepted]
 
 __all__ = [
@@ -101,6 +102,10 @@ class Machine:
             return None
         return definition
 
+    def limit(self, name: str) -> Limit | None:
+        """A deployed limit (a workflow's own ``limits:`` come first: ``Run.limit``)."""
+        return self.definitions().limit(name)
+
     def decide(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> tuple[RunState | None, list[Command]]:
         """Apply ``event`` to a copy of ``state``; return the new state and the commands to carry out.
 
@@ -124,6 +129,10 @@ class Machine:
             if state is not None:
                 return Decision(state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger", detail=f"fork of {event.forked_from}")], [])
             return self._start_forked(event, now_ms)
+        if isinstance(event, LimitGranted) and (state is None or state.finished):
+            out: list[Command] = []
+            run_limits.unwanted(out, event, event.run_id)
+            return Decision(state, out, [])
         if state is None:
             return Decision(None, [EventIgnored(run_id=event.run_id, reason="unknown_run", detail=_describe(event))], _signal_ignored(event, "", "unknown_run"))
         if state.finished and isinstance(event, TimerFired) and _retention_over(state, event.timer_id):
@@ -132,14 +141,16 @@ class Machine:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
         definition = self.pinned(state)
         wf = definition.workflow if definition is not None else None
-        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s, self.claims)
+        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
         if isinstance(event, RunCancelRequested):
             run.cancel_run(event)
             return Decision(run.state, run.out, run.events)
         if wf is None:  # removed, or other text deployed under its name@version, while the run was in flight
             run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
             return Decision(run.state, run.out, run.events)
-        if isinstance(event, ActivityCompleted):
+        if isinstance(event, LimitGranted):
+            run_limits.granted(run, event)
+        elif isinstance(event, ActivityCompleted):
             _activities.completed(run, event)
         elif isinstance(event, (ActivityStarted, ActivityHeartbeat)):
             _activities.started(run, event)
@@ -172,10 +183,14 @@ class Machine:
             parent=event.parent,
             started_ms=now_ms,
             depth=int((event.parent or {}).get("depth", 0)),
+            priority=event.priority,
         )
-        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.claims)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=_unknown(catalog, event), retryable=False))
+            return Decision(run.state, run.out, run.events)
+        if wf.definition.limits_only:
+            run.finish_run(False, None, ErrorInfo(type="NotRunnable", message=f"{event.workflow!r} only declares limits: it has no steps to run", retryable=False))
             return Decision(run.state, run.out, run.events)
         if state.depth > MAX_WORKFLOW_DEPTH:
             run.finish_run(False, None, ErrorInfo(type="DepthExceeded", message=f"sub-workflows nest deeper than {MAX_WORKFLOW_DEPTH}", retryable=False))
@@ -184,7 +199,8 @@ class Machine:
         if wf.definition.timeout is not None:
             run.set_timer(keys.RUN_TIMEOUT, wf.definition.timeout, "run_timeout")
         run.state.frames["root"] = Frame(id="root", ref="root")
-        run.advance("root")
+        if not run_limits.acquire_for_run(run, event.triggered_ms):  # a run beyond its concurrency key's limit starts when granted
+            run.advance("root")
         run.drain()
         run.enforce_size()
         return Decision(run.state, run.out, run.events)
@@ -198,7 +214,7 @@ class Machine:
         step = redrive_target(state, definition)
         if isinstance(step, str):
             return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=step)], [])
-        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s, self.claims)
+        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
         run.redrive()
         run.drain()
         run.stop_for_budget()
@@ -222,7 +238,7 @@ class Machine:
         state = RunState(schema_version=SCHEMA_VERSION, run_id=seed.run_id, workflow=seed.workflow, version=seed.version, sha256=seed.sha256,
                          input=seed.input, correlation_id=seed.correlation_id, started_ms=now_ms, forked_from=dict(seed.forked_from))
         wf = definition.workflow if definition is not None and definition.sha256 == seed.sha256 else None
-        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.claims)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
             return Decision(run.state, run.out, run.events)
@@ -354,6 +370,7 @@ def outstanding(state: RunState, completion_topic: str | None = None) -> list[Co
             out.append(StartChildRun(accepted=RunAccepted.model_validate(step.request)))
         elif _abandoned_child(step):
             out.append(CancelChildRun(cancel=RunCancelRequested(run_id=step.child_run, reason="the parent no longer waits for it", requested_by=state.run_id)))
+    out.extend(run_limits.outstanding_acquisitions(state))
     for timer_id, timer in state.timers.items():
         out.append(StartTimer(run_id=state.run_id, timer_id=timer_id, due_ms=timer.due_ms))
     if state.finished:

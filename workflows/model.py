@@ -112,6 +112,28 @@ class RateLimit(_Spec):
     per_second: float = Field(gt=0)
 
 
+class Limit(_Spec):
+    """A budget shared by every coordinator and worker process (docs/limits.md): at least one of the three."""
+
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> "Limit":
+        if self.requests_per_minute is None and self.tokens_per_minute is None and self.concurrency is None:
+            raise ValueError("a limit sets at least one of requests_per_minute, tokens_per_minute, concurrency")
+        return self
+
+
+class RunConcurrency(_Spec):
+    """``concurrency: {key: "${ input.customer_id }", limit: 1}``: runs of one key beyond ``limit`` wait, in the order
+    they came, until one finishes."""
+
+    key: str = Field(min_length=1)
+    limit: int = Field(ge=1, le=10_000)
+
+
 class ActivityStep(_Spec):
     id: StepId
     activity: Name
@@ -126,6 +148,15 @@ class ActivityStep(_Spec):
     cache: Cache | None = None
     batch: Batch | None = None
     rate_limit: RateLimit | None = None
+    limit: Name | None = None  # a cluster-wide limit (``limits:``) the request waits for before it is sent
+    limit_key: str | None = None  # CEL template: one budget per value (e.g. "${ input.tenant }")
+    approx_tokens: int | str | None = None  # the tokens charged up front (a number or a CEL template), corrected by the completion's cost
+
+    @model_validator(mode="after")
+    def _limit_given(self) -> "ActivityStep":
+        if self.limit is None and (self.limit_key is not None or self.approx_tokens is not None):
+            raise ValueError("`limit_key` and `approx_tokens` need a `limit`")
+        return self
 
     @property
     def watches_start(self) -> bool:
@@ -351,7 +382,15 @@ class Budget(_Spec):
     tokens: int | None = Field(default=None, gt=0)
 
 
+def _steps_or_limits_schema(schema: dict[str, Any]) -> None:
+    """In the published schema too: steps (one at least), or limits alone."""
+    schema["anyOf"] = [{"required": ["steps"], "properties": {"steps": {"minItems": 1}}},
+                       {"required": ["limits"], "properties": {"limits": {"minProperties": 1}, "steps": {"maxItems": 0}}}]
+
+
 class Workflow(_Spec):
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_steps_or_limits_schema)
+
     name: Name
     version: int = Field(default=1, ge=1)
     description: str | None = None
@@ -361,7 +400,22 @@ class Workflow(_Spec):
     completion_topic: Name | None = None
     budget: Budget | None = None
     on_budget: Literal["fail", "finish"] = "fail"
-    steps: list[Step] = Field(min_length=1)
+    limits: dict[Name, Limit] = Field(default_factory=dict)  # budgets shared by all processes (docs/limits.md)
+    concurrency: RunConcurrency | None = None
+    steps: list[Step] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _steps_or_limits(self) -> "Workflow":
+        if not self.steps and not self.limits:
+            raise ValueError("a workflow needs `steps` (a document of `limits` alone may have none)")
+        if not self.steps and (self.concurrency is not None or self.output is not None):
+            raise ValueError("a document of `limits` alone has no `concurrency` or `output`")
+        return self
+
+    @property
+    def limits_only(self) -> bool:
+        """A document that only declares limits (deployed like a definition; it cannot be triggered)."""
+        return not self.steps
 
 
 for _model in (Fallback, ActivityStep, Branch, ParallelSpec, MapSpec, Case, ChoiceSpec, LoopSpec, Workflow):
@@ -388,6 +442,7 @@ class CompiledWorkflow:
     templates: dict[str, Template] = field(default_factory=dict)
     activities: set[str] = field(default_factory=set)
     children: set[str] = field(default_factory=set)  # workflows started by `workflow:` steps
+    limited: set[str] = field(default_factory=set)  # limits its steps name (their own ``limits:`` or deployed ones)
 
     @property
     def name(self) -> str:
@@ -405,6 +460,8 @@ def compile_workflow(doc: Any, file: str = "<string>") -> CompiledWorkflow:
     """Validate and compile a parsed YAML document; raise DefinitionError on the first problem."""
     if not isinstance(doc, dict):
         raise DefinitionError(file, "", f"a workflow is a mapping, got {type(doc).__name__}")
+    if not doc.get("limits") and not doc.get("steps"):
+        raise DefinitionError(file, "steps", "should have at least 1 item (a document of `limits` alone may have none)")
     try:
         wf = Workflow.model_validate(doc)
     except ValidationError as exc:
@@ -485,6 +542,8 @@ class _Compiler:
         self._sequence("root", wf.steps, "steps", loop_depth=0)
         if wf.output is not None:
             self._expression("output", wf.output, "output")
+        if wf.concurrency is not None:
+            self._template("run:concurrency", wf.concurrency.key, "concurrency.key")
         for path, key, expr in self.refs:
             unknown = expr.step_refs() - set(self.out.steps)
             if unknown:
@@ -502,6 +561,15 @@ class _Compiler:
         self.out.expressions[key] = expr
         self.refs.append((path, key, expr))
 
+    def _template(self, key: str, source: Any, path: str) -> None:
+        try:
+            template = compile_template(source)
+        except ExpressionError as exc:
+            self._fail(path, str(exc))
+        self.out.templates[key] = template
+        for expr in template.expressions():
+            self.refs.append((path, key, expr))
+
     def _sequence(self, ref: str, steps: list[Any], path: str, loop_depth: int) -> None:
         self.out.sequences[ref] = tuple(steps)
         for i, step in enumerate(steps):
@@ -518,6 +586,12 @@ class _Compiler:
         if isinstance(step, (ActivityStep, WorkflowStep)):
             if isinstance(step, ActivityStep):
                 self.out.activities.add(step.activity)
+                if step.limit is not None:
+                    self.out.limited.add(step.limit)
+                    if step.limit_key is not None:
+                        self._template(f"{sid}:limit_key", step.limit_key, f"{path}.limit_key")
+                    if isinstance(step.approx_tokens, str):
+                        self._template(f"{sid}:approx_tokens", step.approx_tokens, f"{path}.approx_tokens")
             else:
                 self.out.children.add(step.workflow)
             try:

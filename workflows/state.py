@@ -135,6 +135,7 @@ class StepState(_State, kw_only=True):
     unchanged: int = 0  # a loop's iterations in a row whose output did not change (no_progress)
     cost: dict[str, Any] | None = None
     signal: str | None = None  # the signal a wait step waits for
+    limit_hold: dict[str, Any] | None = None  # the attempt's acquisition of a limit: {id, limit, key, cost, waiting, since_ms}
 
 
 class Frame(_State, kw_only=True):
@@ -202,6 +203,8 @@ class RunState(_State, kw_only=True):
     size_measured: int = 0  # the last exact measurement of this document's JSON size (Run._near_limit)
     signals: list[PendingSignal] = msgspec.field(default_factory=list)  # received, not yet taken by a wait (oldest first)
     signal_ids: list[str] = msgspec.field(default_factory=list)  # signal_ids seen (to drop repeats), oldest first
+    priority: int | None = None  # the trigger's (1–5; None: 3), for the limits its steps wait for
+    limit_hold: dict[str, Any] | None = None  # the run's acquisition of its concurrency key (like StepState.limit_hold)
 
     def __post_init__(self) -> None:
         """Read a stored state of an older schema version as the current one (msgspec calls this after decoding too)."""

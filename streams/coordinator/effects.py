@@ -9,7 +9,9 @@ from typing import Any, Callable
 from legato.streams.coordinator.cache import ResultTable, entry_record
 from legato.streams.coordinator.inbox import Send
 from legato.topics import codec
+from legato.topics.limits import limit_key
 from legato.topics.names import Topics
+from legato.workflows.commands import AcquireLimit, ReleaseLimit
 from legato.workflows.machine import (
     CacheResult,
     CancelChildRun,
@@ -46,6 +48,12 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
                 sends.append((topics.completions, req.run_id.encode(), codec.dumps(hit), None))
             else:
                 (sends if requests is None else requests).append((topics.requests(req.activity), req.run_id.encode(), codec.dumps(req), None))
+        elif isinstance(command, AcquireLimit):
+            a = command.acquire
+            sends.append((topics.limits, limit_key(a.limit, a.key).encode(), codec.dumps(a), None))
+        elif isinstance(command, ReleaseLimit):
+            r = command.release
+            sends.append((topics.limits, limit_key(r.limit, r.key).encode(), codec.dumps(r), None))
         elif isinstance(command, CacheResult):
             sends.append(entry_record(command, topics))
         elif isinstance(command, StartTimer):

@@ -9,6 +9,7 @@ from legato.streams.kafka_io import partition_for
 from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, ChildRunFinished, RunAccepted, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent, TimerFired
+from legato.topics.limits import LimitGranted
 from legato.topics.names import Topics
 
 Send = tuple[str, bytes | None, bytes, int | None]
@@ -27,6 +28,7 @@ _COORDINATOR_RECORDS = {
     "run.redrive_requested": RunRedriveRequested,
     "run.fork_requested": RunForkRequested,
     "run.fork_accepted": RunForkAccepted,
+    "limit.granted": LimitGranted,
 }
 
 
@@ -67,7 +69,7 @@ class Inbox:
         trigger = codec.decode(RunRequested, msg.value)
         run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
         accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent,
-                               version=trigger.version)
+                               version=trigger.version, priority=trigger.priority, triggered_ms=msg.timestamp if msg.timestamp > 0 else None)
         if trigger.run_id and msg.partition == partition_for(run_id.encode(), self.partitions):
             return accepted
         return (self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None)

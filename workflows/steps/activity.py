@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, CachedResult, ErrorInfo, RequestCancelled
-from legato.workflows import keys, transitions
+from legato.workflows import keys, run_limits, transitions
 from legato.workflows.commands import CacheResult, CancelRequest, RequestActivity
 from legato.workflows.model import DEFAULT_ACTIVITY_TIMEOUT, ActivityStep
 from legato.workflows.state import StepState, StepStatus, Timer
@@ -57,7 +57,7 @@ class ActivityProcessor(Processor):
         if event.attempt != step.attempt or step.status != "running":
             run.ignore("stale_attempt", f"request {event.request_id} attempt {event.attempt}, step at {step.attempt} ({step.status})")
             return
-        _clear_pending(run, step)
+        _clear_pending(run, step, *_used(event))
         if event.cost is not None:
             run.add_cost(step, event.cost.model_dump(exclude_none=True))
         step.confidence = event.confidence
@@ -126,6 +126,10 @@ class ActivityProcessor(Processor):
             request(run, step, run.wf.steps[step.step_id], step.attempt + 1)
 
     def cancel(self, run: "Run", step: StepState, reason: str) -> bool:
+        waiting = step.limit_hold is not None and step.limit_hold["waiting"]  # its request was never sent
+        if waiting:
+            _clear_pending(run, step)
+            return True
         pending = step.request_id is not None and step.request_id in run.state.requests
         if pending:
             activity = run.wf.steps[step.step_id].activity if run.wf else ""
@@ -207,8 +211,16 @@ def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int,
     step.request_id = req.request_id
     step.request = req.model_dump(mode="json", exclude_none=True)
     run.grow(len(orjson.dumps(step.request)))
-    run.state.requests[req.request_id] = step.key
-    run.out.append(RequestActivity(request=req))
+    if definition.limit is not None:  # held back until the limiter grants it (run_limits)
+        refused = run_limits.acquire_for_step(run, step, definition, req, variables)
+        if refused is not None:
+            step.request = None
+            run.failed_finally(step, refused, "failed")
+            return
+    else:
+        run.state.requests[req.request_id] = step.key
+        run.out.append(RequestActivity(request=req))
+    # the deadlines run from here: the time waiting for a limit counts toward timeout and start_timeout
     run.set_timer(keys.attempt_timeout(step.key, attempt), timeout, "activity_timeout", target=step.key, attempt=attempt)
     if definition.start_timeout is not None:
         run.set_timer(keys.start_timeout(step.key, attempt), definition.start_timeout, "activity_start_timeout", target=step.key, attempt=attempt)
@@ -225,7 +237,17 @@ def _cache(run: "Run", step: StepState, event: ActivityCompleted) -> None:
     run.out.append(CacheResult(activity=request["activity"], input=request.get("input"), result=result))
 
 
-def _clear_pending(run: "Run", step: StepState) -> None:
+def _used(event: ActivityCompleted) -> tuple[int | None, int | None]:
+    """The tokens a completion reports (what its limit is charged) and the pause a 429 asks for."""
+    cost = event.cost
+    tokens = None if cost is None or (cost.tokens_in is None and cost.tokens_out is None) else (cost.tokens_in or 0) + (cost.tokens_out or 0)
+    error = event.error
+    pause = error.retry_after_ms if error is not None and error.type == RATE_LIMITED else None
+    return tokens, pause
+
+
+def _clear_pending(run: "Run", step: StepState, tokens: int | None = None, pause_ms: int | None = None) -> None:
+    run_limits.release(run, step, tokens, pause_ms)
     if step.request_id:
         run.state.requests.pop(step.request_id, None)
     run.clear_timer(keys.attempt_timeout(step.key, step.attempt))
