@@ -208,3 +208,24 @@ def test_an_output_over_the_store_limit_fails_the_step_at_once_naming_its_size(t
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())  # nothing stored
     under = _run(go(9_000))
     assert under.status == "succeeded" and is_ref(under.output), under  # a string: stored whole
+
+
+def test_runs_show_prints_sizes_and_fetch_prints_a_value(tmp_path, capsys):
+    from legato.streams.cli import _fetch_value
+    from legato.streams.config import Settings
+    from legato.streams.runs import render_table, value_size
+    from legato.workflows.state import RunState, StepState
+
+    settings = Settings(payload_store=f"file://{tmp_path / 'store'}", payload_inline_max=100)
+    payloads = settings.payloads()
+    ref = _run(payloads.put("r1", {"text": "w" * 5000}))
+    state = RunState(run_id="r1", workflow="wf", version=1, input={"q": 1}, started_ms=0, status="succeeded", output={"doc": ref},
+                     steps={"big": StepState(key="big", step_id="big", kind="activity", frame="root", status="succeeded", output={"doc": ref}, started_ms=0)})
+    assert value_size({"doc": ref}) == f"{ref['size'] / 1000:.1f} kB by ref" and value_size({"a": 1}) == "7 B" and value_size(None) == "-"
+    text = render_table(state)
+    assert "5.0 kB by ref" in text.splitlines()[4] and "output    (5.0 kB by ref)" in text
+    run = {"run_id": "r1", "state": state.model_dump(mode="json")}
+    assert _fetch_value(settings, run, "big") == 0
+    assert orjson.loads(capsys.readouterr().out) == {"doc": {"text": "w" * 5000}}
+    assert _fetch_value(settings, run, "input") == 0 and orjson.loads(capsys.readouterr().out) == {"q": 1}
+    assert _fetch_value(settings, run, "nope") == 1 and "no step 'nope'" in capsys.readouterr().err
