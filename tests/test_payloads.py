@@ -229,3 +229,23 @@ def test_runs_show_prints_sizes_and_fetch_prints_a_value(tmp_path, capsys):
     assert orjson.loads(capsys.readouterr().out) == {"doc": {"text": "w" * 5000}}
     assert _fetch_value(settings, run, "input") == 0 and orjson.loads(capsys.readouterr().out) == {"q": 1}
     assert _fetch_value(settings, run, "nope") == 1 and "no step 'nope'" in capsys.readouterr().err
+
+
+def test_the_kafka_store_starts_its_clients_once_for_concurrent_first_calls(monkeypatch):
+    """A coordinator's partitions fetch their first payloads at once: each call must find started clients (the
+    second call used to see the producer set and a consumer still None, and its partition's task died)."""
+    store = KafkaPayloadStore("b:1", "legato.payloads")
+    started = []
+
+    async def start_clients():
+        started.append(1)
+        await asyncio.sleep(0.01)
+        store._producer, store._consumer = object(), object()
+
+    monkeypatch.setattr(store, "_start_clients", start_clients)
+
+    async def go():
+        await asyncio.gather(*(store.start() for _ in range(5)))
+        return store._consumer
+
+    assert _run(go()) is not None and started == [1]

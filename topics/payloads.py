@@ -251,19 +251,28 @@ class KafkaPayloadStore:
         self._consumer: Any = None
         self._partitions: int | None = None
         self._read = asyncio.Lock()
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
+        async with self._starting:  # concurrent first calls (a coordinator's partitions) start the clients once
+            if self._consumer is None:
+                await self._start_clients()
+
+    async def _start_clients(self) -> None:
         from aiokafka import AIOKafkaProducer
 
         from legato.topics import kafka_io
 
-        if self._producer is not None:
-            return
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-                                          max_request_size=self.chunk_bytes + 64 * 1024, **self.kafka)
-        await self._producer.start()
-        self._consumer = kafka_io.reader(self.bootstrap, max_partition_fetch_bytes=2 * self.chunk_bytes, fetch_max_bytes=8 * self.chunk_bytes, **self.kafka)
-        await self._consumer.start()
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+                                    max_request_size=self.chunk_bytes + 64 * 1024, **self.kafka)
+        await producer.start()
+        consumer = kafka_io.reader(self.bootstrap, max_partition_fetch_bytes=2 * self.chunk_bytes, fetch_max_bytes=8 * self.chunk_bytes, **self.kafka)
+        try:
+            await consumer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer, self._consumer = producer, consumer
 
     async def stop(self) -> None:
         for client in (self._producer, self._consumer):

@@ -142,6 +142,9 @@ class Partitions:
         except PayloadsMissing as exc:  # evicted by a larger batch since it was fetched: read the partition again
             log.warning("partition %d: %s", task.partition, exc)
             return "PayloadsMissing"
+        except Exception as exc:  # the payload store failed (the broker away): nothing decided yet, read them again
+            log.warning("partition %d: fetching payloads: %s: %s", task.partition, type(exc).__name__, exc, exc_info=True)
+            return type(exc).__name__
         chain = 0
         while batch is not None:
             chain += 1
