@@ -107,7 +107,6 @@ def _coordinator(consumer: FakeConsumer, partitions: FakePartitions | None = Non
     c.rebalance = FakeRebalance()
     c.settings = SimpleNamespace(store="memory")
     c.partition_count = 4
-    c._limiting = None  # the limiter's task (Coordinator.serve): not started here
     return c
 
 
