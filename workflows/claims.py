@@ -54,10 +54,13 @@ class PayloadUnreadable(ValueError):
 
 
 class Claims:
-    """Resolves the references an expression reads and turns its result back into references."""
+    """Resolves the references an expression reads and turns its result back into references, for one decision: it
+    remembers the containers it found without references (a 10,000-item ``input`` read by every item of a map is
+    walked once per decision, not once per expression)."""
 
     def __init__(self, lookup: Lookup):
         self.lookup = lookup
+        self._plain: dict[int, Any] = {}  # id → the container itself (kept alive, so its id stays its own)
 
     def resolve(self, variables: dict[str, Any], steps_read: set[str] | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """``variables`` with the references they hold replaced by values (in ``steps``, only the entries of the
@@ -69,8 +72,13 @@ class Claims:
             if name == "steps" and steps_read is not None and isinstance(value, dict):
                 read = {k: self._values(v, seen, missing) for k, v in value.items() if k in steps_read}
                 out[name] = {**value, **read} if read else value
+            elif isinstance(value, (dict, list)) and id(value) in self._plain:
+                out[name] = value  # read before in this decision: no reference in it (``input`` does not change)
             else:
+                before = len(missing)
                 out[name] = self._values(value, seen, missing)
+                if out[name] is value and len(missing) == before and isinstance(value, (dict, list)):
+                    self._plain[id(value)] = value
         if missing:
             raise PayloadsMissing(list(missing.values()))
         return out, seen

@@ -93,7 +93,11 @@ class Machine:
         self.definitions: Callable[[], Catalog] = definitions
         self.max_state_bytes = max_state_bytes
         self.default_retention_s = default_retention_s
-        self.claims = Claims(payloads) if payloads is not None else None
+        self.payloads = payloads
+
+    def _claims(self) -> Claims | None:
+        """What one decision's expressions see of payload references (a fresh memo per decision)."""
+        return Claims(self.payloads) if self.payloads is not None else None
 
     def pinned(self, state: RunState) -> Definition | None:
         """The definition ``state`` is pinned to, or None when it is no longer deployed as it was."""
@@ -141,7 +145,7 @@ class Machine:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
         definition = self.pinned(state)
         wf = definition.workflow if definition is not None else None
-        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
+        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         if isinstance(event, RunCancelRequested):
             run.cancel_run(event)
             return Decision(run.state, run.out, run.events)
@@ -185,7 +189,7 @@ class Machine:
             depth=int((event.parent or {}).get("depth", 0)),
             priority=event.priority,
         )
-        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=_unknown(catalog, event), retryable=False))
             return Decision(run.state, run.out, run.events)
@@ -214,7 +218,7 @@ class Machine:
         step = redrive_target(state, definition)
         if isinstance(step, str):
             return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=step)], [])
-        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
+        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         run.redrive()
         run.drain()
         run.stop_for_budget()
@@ -238,7 +242,7 @@ class Machine:
         state = RunState(schema_version=SCHEMA_VERSION, run_id=seed.run_id, workflow=seed.workflow, version=seed.version, sha256=seed.sha256,
                          input=seed.input, correlation_id=seed.correlation_id, started_ms=now_ms, forked_from=dict(seed.forked_from))
         wf = definition.workflow if definition is not None and definition.sha256 == seed.sha256 else None
-        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self.claims)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
             return Decision(run.state, run.out, run.events)
