@@ -102,13 +102,33 @@ async def test_a_large_trigger_input_and_large_signal_data_travel_by_reference(l
     assert [r.id for r in refs_in(sent)] and len(orjson.dumps(sent)) < 2000
 
 
-async def _live_bytes(legato, run_id: str) -> tuple[int, int]:
+async def _payload_records(legato, ref: dict) -> list:
+    """The records of the payloads topic from a reference's first chunk on, on its partition only (the topic holds
+    the other tests' 120 MB)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tp = TopicPartition(legato.topics.payloads, ref["partition"])
+    consumer = AIOKafkaConsumer(bootstrap_servers=legato.bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        consumer.seek(tp, ref["offset"])
+        records = []
+        while await consumer.position(tp) < end:
+            for batch in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                records += batch
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _live_bytes(legato, run_id: str, ref: dict) -> tuple[int, int]:
     """Of the payload records keyed ``<run_id>/…``: the bytes of the latest value per key (what compaction keeps;
     a tombstone keeps none), and the bytes of every record still in the log."""
-    records = await legato.read_topic(legato.topics.payloads)
     latest: dict[bytes, int] = {}
     on_log = 0
-    for r in records:
+    for r in await _payload_records(legato, ref):
         if r.key is not None and r.key.startswith(f"{run_id}/".encode()):
             latest[r.key] = len(r.value or b"")
             on_log += len(r.value or b"")
@@ -121,14 +141,14 @@ async def test_a_runs_retention_deletes_its_payloads(legato):
     ``segment.ms``, 1 h on Legato's compacted topics, plus the cleaner's pass)."""
     event = await legato.run("e2e_payload_retention", {"bytes": 3_000_000}, timeout=60)
     assert event.status == "succeeded" and is_ref(event.output["text"]), event
-    run_id = event.run_id
-    live, on_log = await _live_bytes(legato, run_id)
+    run_id, ref = event.run_id, event.output["text"]
+    live, on_log = await _live_bytes(legato, run_id, ref)
     assert live == on_log == 3_000_002, (live, on_log)
     started = time.monotonic()
-    while (await _live_bytes(legato, run_id))[0] > 0:  # forgotten 2 s after it ended: the tombstones come with it
+    while (await _live_bytes(legato, run_id, ref))[0] > 0:  # forgotten 2 s after it ended: the tombstones come with it
         assert time.monotonic() - started < 60, f"the payload is still live 60 s after the run ended\n{legato.logs()}"
         await asyncio.sleep(1)
-    records = await legato.read_topic(legato.topics.payloads)
+    records = await _payload_records(legato, ref)
     tombstones = [r for r in records if r.key is not None and r.key.startswith(f"{run_id}/".encode()) and r.value is None]
     assert len(tombstones) == event.output["text"]["chunks"], tombstones
     print(f"\nretention: {on_log:,} payload bytes of the run live before its retention, 0 after "
