@@ -20,7 +20,7 @@ data dir, drives them only through Kafka, and judges the result only from the to
 - ``cluster``: a private 3-broker cluster (replication 3, min ISR 2): the leader broker SIGKILLed, a rolling restart,
   and a coordinator SIGKILL while a broker is down (``chaos_cluster``)
 - ``scale``: coordinators and workers each scaled 1 -> 3 -> 1 (start / SIGTERM) while runs are in flight; duplicate
-  executions only of requests in flight at a worker rebalance (``chaos_scale``)
+  executions only of requests in flight at a rebalance (``chaos_scale``)
 
 The scenarios live in ``tools/chaos_<name>.py`` and use the harness in ``tools/harness.py``; ``SCENARIOS`` below is the
 registry (one line per scenario). Results are printed, and appended to the file given with ``--output`` (command, date,
