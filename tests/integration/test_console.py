@@ -250,8 +250,9 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             await browser.close()
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
 async def test_schedules_page_in_a_real_browser(legato, console, tmp_path):
+    if not Path(CHROMIUM).exists():
+        skip_or_fail("needs Debian's chromium (scripts/test.sh installs it)")
     from playwright.async_api import async_playwright
 
     name = f"page-{uuid.uuid4().hex[:6]}"
