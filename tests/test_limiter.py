@@ -36,7 +36,7 @@ def test_a_rate_admits_one_interval_apart_after_its_burst():
     assert len(grants) == 10
     assert [g.granted_ms for g in grants][3:] == sorted(g.granted_ms for g in grants[3:])
     gaps = [b.granted_ms - a.granted_ms for a, b in zip(grants[3:], grants[4:])]
-    assert all(gap >= 99 for gap in gaps), gaps
+    assert all(gap >= 105 for gap in gaps), gaps  # 100 ms paced at 92 %
 
 
 def test_concurrency_waits_for_a_release_and_due_says_so():

@@ -6,7 +6,7 @@ from legato.streams.limiter import Shard, _expired
 from legato.topics.limits import LimitAcquire, LimitRelease, LimitSpec
 
 T0 = 1_800_000_000_000
-RATE = LimitSpec(requests_per_minute=60)  # one a second, no burst at this rate
+RATE = LimitSpec(requests_per_minute=60)  # one every 1 / 0.92 s (PACE), no burst at this rate
 
 
 def acquire(i: int, spec: LimitSpec = RATE) -> LimitAcquire:
@@ -18,7 +18,7 @@ def test_a_turn_grants_what_fits_and_marks_the_key_for_the_transaction():
     shard.apply("llm/acme", acquire(1), T0)
     shard.apply("llm/acme", acquire(2), T0)
     assert [g.run_id for g in shard.grants] == ["r1"] and shard.dirty == {"llm/acme"}
-    assert shard.next_due_ms(T0) == T0 + 1000 + 1
+    assert shard.next_due_ms(T0) == T0 + 1086 + 1
 
 
 def test_a_tick_grants_the_waiter_its_rate_admits_once_time_has_passed():
@@ -28,7 +28,7 @@ def test_a_tick_grants_the_waiter_its_rate_admits_once_time_has_passed():
     shard.grants, shard.dirty = [], set()
     shard.tick(T0 + 500)
     assert shard.grants == [] and shard.dirty == set()  # nothing due: no transaction
-    shard.tick(T0 + 1001)
+    shard.tick(T0 + 1087)
     assert [g.run_id for g in shard.grants] == ["r2"]
 
 
