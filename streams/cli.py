@@ -97,7 +97,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_redrive(args: argparse.Namespace) -> int:
     from legato.topics.client import LegatoClient
-    from legato.tools.runs_show import load_run
+    from legato.streams.runs import load_run
     from legato.streams.definitions import read_catalog
     from legato.workflows.lifecycle import redrive_refusal
     from legato.workflows.machine import Machine, redrive_target
@@ -172,7 +172,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
 async def _fork_refusal(s: Settings, run_id: str, from_step: str) -> str | None:
     """Why the coordinator would refuse to fork ``run_id`` from ``from_step`` (the same guard, on what is stored now)."""
     from legato.streams.definitions import read_catalog
-    from legato.tools.runs_show import load_run
+    from legato.streams.runs import load_run
     from legato.topics.models import RunForkRequested
     from legato.workflows.lifecycle import fork_seed
 
@@ -394,7 +394,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     import orjson
 
     from legato.streams.console.index import RunFilter
-    from legato.tools.runs_show import render_list
+    from legato.streams.runs import render_list
     from legato.workflows.durations import parse_duration
 
     s = _settings(args)
@@ -421,7 +421,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_runs_show(args: argparse.Namespace) -> int:
     import orjson
 
-    from legato.tools.runs_show import render_gantt, render_history, render_run, state_of
+    from legato.streams.runs import render_gantt, render_history, render_run, state_of
 
     s = _settings(args)
     index = _fresh_index(s, "runs show")
@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_bench, workflows=[], handlers=[])
     p = sub.add_parser("chaos", help="kill real processes on a real broker; the report is printed (and appended to --output)")
-    p.add_argument("scenario", nargs="?", default="all", choices=["all", "coordinator", "worker", "takeover", "broker", "timers", "waits", "deploy", "fuzz", "retries", "schedules", "cluster"])
+    p.add_argument("scenario", nargs="?", default="all",
+                   help="a scenario, 'all' (every one in turn) or 'list' (print their names)")
     p.add_argument("--runs", type=int, default=2000, help="runs of a scenario (waits: N waiting + N sleeping, N = min(runs, 1000) unless --waits; deploy: v1 runs, at most 1000)")
     p.add_argument("--waits", type=int, default=None, help="waits: N runs waiting on a signal and N sleeping (default: --runs, at most 1000)")
     p.add_argument("--kills", type=int, default=5)

@@ -19,6 +19,7 @@ from legato.handlers.progress import reporting
 from legato.handlers.registry import Activity, ActivityError, RateLimited, Result
 from legato.streams.dlq import DeadLetters
 from legato.topics.cache import fingerprint
+from legato.streams.worker_offsets import Delivery, RequestOffsets
 from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, tail_topic
 from legato.topics import codec
 from legato.topics.codec import DecodeError
@@ -184,6 +185,11 @@ class Workers:
         self.dlq = dlq
         self.metrics = metrics
         self.seen = BoundedSet()
+        self.running: dict[str, asyncio.Future] = {}  # delivery key -> True once answered, False if left unanswered
+        self.offsets = RequestOffsets()
+        app.task(self._commit_every)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_before_shutdown.connect(self._on_shutdown)
         self.max_bytes = max_completion_bytes(app.conf.producer_max_request_size)
         self.progress = app.topic(topics.progress, key_serializer="raw", value_serializer="raw")
         for name, activity in sorted(activities.items()):
@@ -196,17 +202,19 @@ class Workers:
 
         async def work(stream: faust.StreamT) -> None:
             async for event in stream.noack().events():
+                delivery = self.offsets.received(event.message.tp, event.message.offset)  # in flight while it waits for a slot
                 await slots.acquire()
-                task = asyncio.ensure_future(self._handle(activity, event, slots))
+                task = asyncio.ensure_future(self._handle(activity, event, delivery, slots))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
         work.__name__ = f"work_{activity.name}"
         return work
 
-    async def _handle(self, activity: Activity, event: Any, slots: asyncio.Semaphore) -> None:
+    async def _handle(self, activity: Activity, event: Any, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         msg = event.message
         stopping = False
+        done: asyncio.Future | None = None
         try:
             try:
                 request = codec.decode(ActivityRequested, msg.value)
@@ -216,18 +224,23 @@ class Workers:
             if request.activity != activity.name:
                 await self.dlq.send(msg, f"request for activity {request.activity!r} on the topic of {activity.name!r}")
                 return
-            if not self.seen.add(_delivery(request)):
+            key = _delivery(request)
+            if not self.seen.add(key):
+                original = self.running.get(key)
+                if original is not None and not await asyncio.shield(original):
+                    stopping = True  # its first copy was left unanswered by a stop: so is this one
                 self._skip("duplicate_request")
                 return
+            done = self.running[key] = asyncio.get_running_loop().create_future()
             if request.deadline is not None and request.deadline < time.time() * 1000:
                 self._skip("expired_request")  # the coordinator has stopped waiting: don't spend a model call
                 return
             if request.request_id in self.cancellations.cancelled:
                 self._skip("cancelled_request")
                 return
-            key = fingerprint(activity.name, request.input) if request.cache_ttl_ms else None
-            if key is not None:
-                hit = self.cache.get(key, request.cache_ttl_ms, int(time.time() * 1000))
+            cache_key = fingerprint(activity.name, request.input) if request.cache_ttl_ms else None
+            if cache_key is not None:
+                hit = self.cache.get(cache_key, request.cache_ttl_ms, int(time.time() * 1000))
                 if hit is not None:
                     completion = ActivityCompleted(request_id=request.request_id, run_id=request.run_id, step_id=request.step_id, attempt=request.attempt,
                                                    status="succeeded", output=hit.get("output"), confidence=hit.get("confidence"), cached=True)
@@ -263,18 +276,52 @@ class Workers:
                     self.metrics.activity_finished(activity.name)
             await progress.delivered()
             await liveness.delivered()
-            if key is not None and completion.status == "succeeded":
+            if cache_key is not None and completion.status == "succeeded":
                 entry = {"output": completion.output, "confidence": completion.confidence, "stored_ms": int(time.time() * 1000)}
-                await self.cache_topic.send(key=key.encode(), value=orjson.dumps(entry))
+                await self.cache_topic.send(key=cache_key.encode(), value=orjson.dumps(entry))
             if self.metrics is not None:
                 self.metrics.activity_done(activity.name, completion.status, time.time() - started, completion.error.type if completion.error else "")
             await (await self._send_completion(completion))  # delivered before the offset may be committed
         except Exception:
             log.exception("worker failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
         finally:
+            if done is not None:
+                self.running.pop(key, None)
+                done.set_result(not stopping)
             if not stopping:
-                event.ack()
+                self.offsets.answered(delivery)
             slots.release()
+
+    async def commit_answered(self, tps: set | None = None) -> None:
+        """Commit each assigned request partition (of ``tps``, default all) up to its oldest request not yet
+        answered (streams/worker_offsets.py says why not faust's acknowledgements)."""
+        consumer = self.app.consumer
+        assigned = consumer.assignment()
+        offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assigned and (tps is None or tp in tps)}
+        if offsets and await consumer._commit(offsets):
+            self.offsets.committed(offsets)
+
+    async def _commit_every(self) -> None:
+        interval = self.app.conf.broker_commit_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.commit_answered()
+
+    async def _on_revoked(self, sender: Any, revoked: set, **kwargs: Any) -> None:
+        """Partitions move to another worker: commit what this one answered first, so the next owner starts after
+        it (only requests still in flight here run again there)."""
+        try:
+            await self.commit_answered(revoked)
+        except Exception:
+            log.exception("could not commit the answered requests of revoked partitions")
+        self.offsets.revoked(revoked)
+
+    async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
+        """Stopping (SIGTERM): commit what was answered before leaving the group."""
+        try:
+            await self.commit_answered()
+        except Exception:
+            log.exception("could not commit the answered requests at shutdown")
 
     async def _send_completion(self, completion: ActivityCompleted) -> Any:
         """Hand ``completion`` to the producer; returns its delivery future. Straight to faust's producer: the

@@ -64,3 +64,46 @@ def test_importing_the_client_loads_no_runtime_module():
     code = "import sys, legato.topics.client; print(sorted(m for m in sys.modules if m.startswith(('legato.streams', 'legato.tools'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     assert out == "[]", out
+
+
+DEV_COMMANDS = {("streams/cli.py", "cmd_dev"), ("streams/cli.py", "cmd_demo"), ("streams/cli.py", "cmd_bench"),
+                ("streams/cli.py", "cmd_chaos"), ("streams/cli.py", "cmd_kafka")}
+"""The only places of the runtime that may import ``legato.tools``: dev commands (local broker, demo, bench, chaos),
+each importing it inside its own function, so that ``legato coordinator`` / ``worker`` / ``runs`` never load a tool."""
+
+
+def _tool_imports(path: Path) -> list[tuple[str | None, int, str]]:
+    """(enclosing top-level function or None, line, module) of each import of legato.tools in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+
+    def visit(node: ast.AST, owner: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if owner is None and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else owner
+            if isinstance(child, ast.Import):
+                found.extend((owner, child.lineno, a.name) for a in child.names if a.name.startswith("legato.tools"))
+            elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("legato.tools"):
+                found.append((owner, child.lineno, child.module))
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def test_the_runtime_imports_no_tool_except_the_lazy_dev_commands():
+    offenders, used = [], set()
+    for path in sorted([*(ROOT / "streams").rglob("*.py"), *(ROOT / "topics").rglob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        for owner, line, module in _tool_imports(path):
+            if (rel, owner) in DEV_COMMANDS:
+                used.add((rel, owner))
+            else:
+                offenders.append(f"{rel}:{line} imports {module}" + (f" in {owner}" if owner else " at module level"))
+    assert not offenders, offenders
+    assert used == DEV_COMMANDS  # the list names no command that no longer needs it
+
+
+def test_the_tool_import_check_sees_module_level_and_nested_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from legato.tools import demo\n\ndef cmd_x():\n    if True:\n        import legato.tools.chaos\n", encoding="utf-8")
+    assert _tool_imports(sample) == [(None, 1, "legato.tools"), ("cmd_x", 5, "legato.tools.chaos")]

@@ -167,7 +167,7 @@ async def test_workflows_pages_count_runs_and_draw_the_local_definition(tmp_path
 
 
 def test_runs_cli_rendering():
-    from legato.tools.runs_show import render_history, render_list, render_run
+    from legato.streams.runs import render_history, render_list, render_run
 
     index = index_with_runs()
     text = render_list(index.list_runs(), index.counts())

@@ -1,4 +1,4 @@
-"""legato.tools.runs_show: rendering states produced by the Machine, and reading a changelog-shaped topic on a real broker."""
+"""legato.streams.runs: rendering states produced by the Machine, and reading a changelog-shaped topic on a real broker."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from legato.streams.metrics import Metrics
-from legato.tools.runs_show import load_run, render_gantt, render_table
+from legato.streams.runs import load_run, render_gantt, render_table
 from legato.topics.names import Topics
 from tests.test_metrics import T0, TRIAGE, FRAGILE, Run, drive_triage, machine
 

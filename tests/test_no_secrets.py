@@ -59,7 +59,7 @@ def test_bad_settings_are_refused_without_echoing_the_password():
 async def test_secret_absent_from_logs_metrics_and_topics(kafka_bootstrap):
     """A coordinator and a worker run with the secret in their environment (at loglevel info, with metrics on):
     neither their output, nor /metrics, nor any record on runs/completions/requests/dlq contains it."""
-    from legato.tools.chaos import Env, Tail, free_port, producer, trigger, wait_ready, RunWatch, mix_expected
+    from legato.tools.harness import Env, RunWatch, Tail, free_port, mix_expected, producer, trigger, wait_ready
 
     env = Env(kafka_bootstrap, loglevel="info",
               extra_env={"LEGATO_SASL_PASSWORD": SECRET, "LEGATO_SASL_USERNAME": "svc", "LEGATO_SSL_KEY_PASSWORD": SECRET + "-key"})

@@ -37,7 +37,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from legato.streams import kafka_io, security
 from legato.tools import kafka_local
 from legato.tools.bench import ACTIVITY, Bench, Coordinators, MeasuringWorker, Report, Row, _done, _progress
-from legato.tools.chaos import free_port, metric_sum, scrape
+from legato.tools.harness import free_port, metric_sum, scrape
 
 WORKFLOW = "bench_retained"
 CLEANUP_KEYS = ("cleanup.policy", "segment.bytes", "segment.ms", "min.cleanable.dirty.ratio", "delete.retention.ms", "min.compaction.lag.ms")

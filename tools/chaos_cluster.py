@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from legato.tools.chaos import Env, RunWatch, Scene, mix_expected, trigger, wait_ready
+from legato.tools.harness import Env, RunWatch, Scene, mix_expected, trigger, wait_ready
 from legato.tools.kafka_cluster import LocalCluster, free_base_port
 
 PHASES = ("leader", "rolling", "coordinator")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import orjson
 
-from legato.tools.chaos import ANSWERED_ELSEWHERE, DATA, Env, Proc, Scene, answered_in_time, free_port, judge, scrape, wait_ready
+from legato.tools.harness import ANSWERED_ELSEWHERE, DATA, Env, Proc, Scene, answered_in_time, free_port, judge, scrape, wait_ready
 
 WORKFLOW = "chaos_retry"
 ACTIVITIES = [a for a in ANSWERED_ELSEWHERE if a.startswith("retry_")]

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from legato.tools.chaos import Env, Scene, legato_executable, wait_ready
+from legato.tools.harness import Env, Scene, legato_executable, wait_ready
 
 SCHEDULE = "tick"
 EVERY_S = 1

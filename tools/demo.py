@@ -142,7 +142,7 @@ async def play_reviewer(settings: Settings, client: LegatoClient) -> str | None:
 async def wait_until_waiting(settings: Settings, run_id: str, signal_name: str, timeout: float = 60.0) -> str | None:
     """The key of the run's step that waits for ``signal_name``, read from the coordinator's changelog (as
     `legato runs show` does) once it waits; None when it has not within ``timeout`` s or the run ended."""
-    from legato.tools.runs_show import load_run
+    from legato.streams.runs import load_run
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -533,7 +533,7 @@ def ensure_broker(bootstrap: str, fresh: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------- secured test brokers
-# Helpers for private test brokers (tools/chaos.py's PrivateBroker and the security tests): certificates made with
+# Helpers for private test brokers (tools/harness.py's PrivateBroker and the security tests): certificates made with
 # openssl, and the server.properties lines of an SSL listener and of the StandardAuthorizer.
 
 

@@ -20,6 +20,20 @@ from typing import Any, Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+CHECKED_VERSIONS = {"aiokafka": ((0, 11), (0, 15)), "faust-streaming": ((0, 15, 2), (0, 16))}
+"""Per package, the range [lowest, above-highest) of versions whose private API below was checked (pyproject.toml
+bounds the install the same way; tests/test_private_api.py fails when the installed version leaves the range)."""
+
+PRIVATE_API = [
+    # (package, class, attribute, where Legato uses it and why no public API serves)
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_client", "topics/kafka_io.py, streams/console/feed.py: a fresh metadata request per topic"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_subscription", "streams/kafka_io.py: the partitions assigned during a rebalance"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_coordinator", "streams/kafka_io.py: committed offsets of a group's partitions"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_isolation_level", "streams/kafka_io.py: read_committed on faust's consumer"),
+    ("faust-streaming", "faust.transport.drivers.aiokafka.Consumer", "_commit", "streams/worker.py: commit chosen offsets"),
+]
+"""Every private attribute of aiokafka and faust that Legato uses."""
+
 _PARTITIONER = DefaultPartitioner()
 _CACHED_KEYS = 65_536
 """Keys whose partition is remembered: aiokafka's murmur2 is pure Python (7.6 µs a key here), and a coordinator

@@ -23,7 +23,7 @@ from aiokafka.errors import (GroupAuthorizationFailedError, KafkaError, TopicAut
 
 from legato.streams import security
 from legato.tools import kafka_local
-from legato.tools.chaos import PrivateBroker
+from legato.tools.harness import PrivateBroker
 from legato.topics import codec
 from legato.streams.kafka_io import refused as _refused
 from legato.topics.client import LegatoClient

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from legato.streams.kafka_io import partition_for
-from legato.tools.chaos import Env, Scene, Tail, answered_in_time, trigger, wait_ready
+from legato.tools.harness import Env, Scene, Tail, answered_in_time, trigger, wait_ready
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ steps:
 
 
 async def _read_all(bootstrap: str, topic: str, want: int, timeout: float = 60.0) -> list[dict]:
-    from legato.tools.chaos import Tail  # reads committed records, as the contract asks
+    from legato.tools.harness import Tail  # reads committed records, as the contract asks
 
     tail = await Tail(bootstrap, [topic]).start()
     try:

@@ -15,7 +15,8 @@ import pytest
 
 import asyncio
 
-from legato.tools.chaos import Env, RunWatch, Tail, blowups, generate_bad, producer, scenario_fuzz, wait_ready
+from legato.tools.chaos_fuzz import blowups, generate_bad, scenario_fuzz
+from legato.tools.harness import Env, RunWatch, Tail, producer, wait_ready
 
 pytestmark = pytest.mark.integration
 

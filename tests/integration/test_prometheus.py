@@ -33,7 +33,7 @@ import pytest_asyncio
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from legato.tools.runs_show import load_run, render_gantt, render_table
+from legato.streams.runs import load_run, render_gantt, render_table
 from tests.integration.conftest import EXAMPLES_DIR, REPO_ROOT, Service, _start
 from legato.topics.client import LegatoClient
 

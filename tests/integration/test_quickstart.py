@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from legato.tools import kafka_local
-from legato.tools.chaos import free_port, free_port_pair
+from legato.tools.harness import free_port, free_port_pair
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """A redrive survives coordinator SIGKILLs, on the real broker (issue 11, §4).
 
-Its own ``legato coordinator`` and ``legato worker`` processes (``legato.tools.chaos``: a fresh topic prefix and data
+Its own ``legato coordinator`` and ``legato worker`` processes (``legato.tools.harness``: a fresh topic prefix and data
 dirs), so killing the coordinator disturbs no other test. A run fails inside the parallel of its step 2 of 3 (one
 branch's handler fails the first call of each run: the "fixed worker" then succeeds); ``run.redrive_requested`` is
 produced and the coordinator is SIGKILLed right after; a fresh one takes over and resumes the run; it is SIGKILLed
@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from legato.tools.chaos import DATA, HANDLERS_MODULE, Env, Scene, Tail, trigger, wait_ready
+from legato.tools.harness import DATA, Env, HANDLERS_MODULE, Scene, Tail, trigger, wait_ready
 from tests.integration.conftest import WORKFLOWS_DIR
 
 pytestmark = pytest.mark.integration

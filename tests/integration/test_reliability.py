@@ -10,7 +10,10 @@ from __future__ import annotations
 import pytest
 
 from legato.tools import kafka_local
-from legato.tools.chaos import scenario_broker, scenario_coordinator, scenario_deploy, scenario_takeover, scenario_timers, scenario_waits, scenario_worker
+from legato.tools.chaos_broker import scenario_broker
+from legato.tools.chaos_deploy import scenario_deploy
+from legato.tools.chaos_kills import scenario_coordinator, scenario_takeover, scenario_worker
+from legato.tools.chaos_waits import scenario_timers, scenario_waits
 from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError
 
 from legato.streams import security
 from legato.tools import kafka_local
-from legato.tools.chaos import PrivateBroker
+from legato.tools.harness import PrivateBroker
 from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration

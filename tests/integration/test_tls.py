@@ -2,7 +2,7 @@
 with the LEGATO_SSL_* settings only; a client that trusts another CA, or brings no certificate where one is
 required, is refused with an error naming the setting to fix; no secret reaches a log.
 
-The broker (tools/chaos.py's PrivateBroker with tools/kafka_local.py's ``ssl_properties``) listens with TLS on
+The broker (tools/harness.py's PrivateBroker with tools/kafka_local.py's ``ssl_properties``) listens with TLS on
 19494 and with required client certificates (mTLS) on 19498; its controller is on 19495. Certificates are made here
 with openssl, in the test's temporary directory.
 """
@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from legato.streams import security
 from legato.tools import kafka_local
-from legato.tools.chaos import PrivateBroker
+from legato.tools.harness import PrivateBroker
 from legato.topics.client import LegatoClient
 from tests.integration.conftest import REPO_ROOT, Service, _start, legato_executable
 from tests.conftest import skip_or_fail

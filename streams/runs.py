@@ -1,4 +1,5 @@
-"""``legato runs show RUN_ID``: a run's state from the coordinator's changelog, as a table or a Mermaid gantt."""
+"""A run read back from the coordinator's changelog, as a table or a Mermaid gantt: ``legato runs show``, ``runs list``,
+``redrive --wait`` and ``fork --wait`` read runs through here."""
 from __future__ import annotations
 
 import json
