@@ -209,6 +209,17 @@ def cmd_signal(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _priority(text: str) -> int:
+    """``--priority``: an integer from 1 (lowest) to 5."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 1 (lowest) to 5")
+    return value
+
+
 def cmd_trigger(args: argparse.Namespace) -> int:
     import orjson
 
@@ -227,11 +238,11 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
             if not args.wait:
-                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version)
+                run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version, priority=args.priority)
                 print(run_id)
                 return 0
             result = await client.run(args.workflow, payload, run_id=args.run_id, timeout=args.timeout, progress=lambda line: print(line, file=sys.stderr),
-                                      version=args.version)
+                                      version=args.version, priority=args.priority)
             print(result.model_dump_json(exclude_none=True))
             return 0 if result.status == "succeeded" else 1
 
@@ -433,6 +444,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
             print(f"legato runs show: no run {args.run_id!r} in the topics of prefix {s.prefix!r}", file=sys.stderr)
             return 1
         events = index.events(args.run_id)
+        definition = index.definition(run["workflow"], run["version"]) if run["workflow"] else None
     finally:
         index.close()
     if args.json:
@@ -444,7 +456,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
             return 1
         print(render_gantt(state), end="")
     else:
-        print(render_run(run))
+        print(render_run(run, definition))
         print()
         print(render_history(events))
     return 0
@@ -492,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="{}", help="JSON object")
     p.add_argument("--run-id", default=None)
     p.add_argument("--version", type=int, default=None, help="run this version of the workflow (default: the highest deployed)")
+    p.add_argument("--priority", type=_priority, default=None, metavar="1-5",
+                   help="1 (lowest) to 5: steps waiting for a saturated limit go in priority order, ageing one level per 10 s (default 3)")
     p.add_argument("--wait", action="store_true", help="show progress (completions and progress chunks, live) and print the terminal run event")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     p.add_argument("--loglevel", default=None)
