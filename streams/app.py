@@ -96,7 +96,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     kafka_io.faust_read_committed()
     kafka_io.faust_idempotent_producer()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
-    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap)
+    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap, settings.payloads(metrics))
     if metrics is not None:
         groups = [app.conf.id] + ([coord.group] if coord is not None else [])
         async def serve_metrics() -> None:

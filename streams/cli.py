@@ -6,6 +6,7 @@ import logging
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 
@@ -196,13 +197,13 @@ def cmd_signal(args: argparse.Namespace) -> int:
     data = None
     if args.data is not None:
         try:
-            data = orjson.loads(args.data)
-        except orjson.JSONDecodeError as exc:
+            data = orjson.loads(_json_argument(args.data))
+        except (orjson.JSONDecodeError, OSError) as exc:
             print(f"legato signal: --data is not valid JSON: {exc}", file=sys.stderr)
             return 2
 
     async def go() -> int:
-        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+        async with _client(s) as client:
             await client.signal(args.run_id, args.signal, data, args.id)
         return 0
 
@@ -220,6 +221,22 @@ def _priority(text: str) -> int:
     return value
 
 
+def _json_argument(text: str) -> str | bytes:
+    """A JSON argument, or with ``@PATH`` the file's content (a large input does not fit on a command line)."""
+    return Path(text[1:]).read_bytes() if text.startswith("@") else text
+
+
+def _client(s: Any) -> Any:
+    """A LegatoClient with this process's settings: security, and the payload store for large inputs."""
+    from legato.topics.client import LegatoClient
+    from legato.topics.payloads import store_from_url
+
+    kafka = security.aiokafka_kwargs()
+    store = store_from_url(s.payload_store, s.bootstrap, s.topics.payloads, **kafka)
+    inline_max = s.payload_inline_max if store is not None else sys.maxsize  # none: every value inline
+    return LegatoClient(s.bootstrap, s.prefix, payload_inline_max=inline_max, payload_store=store, **kafka)
+
+
 def cmd_trigger(args: argparse.Namespace) -> int:
     import orjson
 
@@ -227,8 +244,8 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     try:
-        payload = orjson.loads(args.input)
-    except orjson.JSONDecodeError as exc:
+        payload = orjson.loads(_json_argument(args.input))
+    except (orjson.JSONDecodeError, OSError) as exc:
         print(f"legato trigger: --input is not valid JSON: {exc}", file=sys.stderr)
         return 2
     if not isinstance(payload, dict):
@@ -236,7 +253,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         return 2
 
     async def go() -> int:
-        async with LegatoClient(s.bootstrap, s.prefix, **security.aiokafka_kwargs()) as client:
+        async with _client(s) as client:
             if not args.wait:
                 run_id = await client.trigger(args.workflow, payload, run_id=args.run_id, version=args.version, priority=args.priority)
                 print(run_id)
@@ -501,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_worker)
     p = sub.add_parser("trigger", help="start a run")
     p.add_argument("workflow")
-    p.add_argument("--input", default="{}", help="JSON object")
+    p.add_argument("--input", default="{}", help="JSON object, or @FILE; over LEGATO_PAYLOAD_INLINE_MAX it is sent by reference")
     p.add_argument("--run-id", default=None)
     p.add_argument("--version", type=int, default=None, help="run this version of the workflow (default: the highest deployed)")
     p.add_argument("--priority", type=_priority, default=None, metavar="1-5",
@@ -520,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("signal", help="send a signal to a run (it completes the run's oldest wait step on that name)")
     p.add_argument("run_id")
     p.add_argument("signal")
-    p.add_argument("--data", default=None, help="JSON value: the output of the wait step")
+    p.add_argument("--data", default=None, help="JSON value, or @FILE: the output of the wait step (over LEGATO_PAYLOAD_INLINE_MAX: by reference)")
     p.add_argument("--id", default=None, help="signal_id: a repeated id for the same run is ignored")
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_signal, workflows=[], handlers=[])

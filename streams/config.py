@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from legato.streams import security
 from legato.streams.admin import Replication
 
+from legato.topics.payloads import DEFAULT_INLINE_MAX, Payloads, store_from_url
 from legato.topics.names import DEFAULT_PARTITIONS, DEFAULT_PREFIX, Topics
 from legato.workflows.durations import parse_duration
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S
@@ -56,6 +58,8 @@ class Settings:
     state_commit_ms: float = 50.0  # coordinator: how long a transaction of nothing but run states waits for more (partition.STATE_COMMIT_S)
     replication_factor: int | None = None  # of the topics Legato creates; None: 3, or the number of brokers when fewer
     min_insync_replicas: int | None = None  # their min.insync.replicas; None: the factor - 1, at least 1
+    payload_inline_max: int = DEFAULT_INLINE_MAX  # bytes of a value's JSON above which it travels by reference (docs/payloads.md)
+    payload_store: str = "kafka"  # where those values live: kafka (<prefix>.payloads), file:///path, or none
 
     @property
     def topics(self) -> Topics:
@@ -64,6 +68,12 @@ class Settings:
     @property
     def replication(self) -> Replication:
         return Replication(self.replication_factor, self.min_insync_replicas)
+
+    def payloads(self, metrics: object = None) -> Payloads | None:
+        """The payload store of this process (claim checks), counting bytes into ``metrics`` when given; None with
+        ``LEGATO_PAYLOAD_STORE=none``."""
+        store = store_from_url(self.payload_store, self.bootstrap, self.topics.payloads, **security.aiokafka_kwargs())
+        return Payloads(store, self.payload_inline_max, getattr(metrics, "payload_bytes", None)) if store is not None else None
 
     @classmethod
     def from_env(cls, workflows: list[str] | None = None, handlers: list[str] | None = None) -> "Settings":
@@ -90,5 +100,7 @@ class Settings:
             state_commit_ms=float(env.get("LEGATO_STATE_COMMIT_MS", "50")),
             replication_factor=_positive(env, "LEGATO_REPLICATION_FACTOR"),
             min_insync_replicas=_positive(env, "LEGATO_MIN_INSYNC_REPLICAS"),
+            payload_inline_max=int(env.get("LEGATO_PAYLOAD_INLINE_MAX", DEFAULT_INLINE_MAX)),
+            payload_store=env.get("LEGATO_PAYLOAD_STORE", "kafka"),
             retention_s=parse_duration(env["LEGATO_RETENTION"]) if env.get("LEGATO_RETENTION") else DEFAULT_RETENTION_S,
         )

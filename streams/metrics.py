@@ -136,6 +136,7 @@ class Metrics:
         # activities (workers)
         self.activity_wait_time = Histogram("legato_activity_wait_seconds", "Queue time: the request produced by the coordinator (requested_ms) to the worker's handler start.", ["activity"], buckets=ACTIVITY_SECONDS, registry=r)
         self.activity_execution = Histogram("legato_activity_execution_seconds", "Handler execution time, by status (succeeded, failed).", ["activity", "status"], buckets=ACTIVITY_SECONDS, registry=r)
+        self.payload_bytes_total = Counter("legato_payload_bytes", "Bytes of values stored by reference (claim checks, docs/payloads.md) in the payload store (stored) and read back from it (fetched), by this process.", ["direction"], registry=r)
         self.activity_errors = Counter("legato_activity_errors", "Failed activity executions by error type (ActivityTimeout, InputValidationError, a handler's ActivityError.type, ...).", ["activity", "error_type"], registry=r)
         self.progress_chunks = Counter("legato_progress_chunks", "Progress chunks handlers reported with await progress(chunk), each sent to <prefix>.progress.", ["activity"], registry=r)
         self.activities_in_flight = Gauge("legato_activities_in_flight", "Activity handlers running in this worker process right now.", ["activity"], registry=r)
@@ -195,6 +196,9 @@ class Metrics:
         self._at(self.activity_execution, activity, status).observe(max(0.0, seconds))
         if status != "succeeded":
             self._at(self.activity_errors, activity, error_type or "unknown").inc()
+
+    def payload_bytes(self, direction: str, n: int) -> None:
+        self._at(self.payload_bytes_total, direction).inc(n)
 
     def progress_chunk(self, activity: str) -> None:
         self._at(self.progress_chunks, activity).inc()

@@ -25,6 +25,7 @@ from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, Cost, ErrorInfo, ProgressReported
 from legato.topics.names import Topics
+from legato.topics.payloads import PayloadError, Payloads
 from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES
 
 log = logging.getLogger("legato.worker")
@@ -42,10 +43,14 @@ def max_completion_bytes(producer_max_request_size: int) -> int:
 
 
 async def execute(activity: Activity, request: ActivityRequested, batcher: Batcher | None = None,
-                  max_bytes: int = max_completion_bytes(1_000_000)) -> ActivityCompleted:
-    """Run one request through its handler; every outcome becomes a completion, never an exception. An output whose
-    completion would be larger than ``max_bytes`` fails the step at once (``OutputTooLarge``, not retryable): such a
-    record cannot be produced, and waiting for it would end as an ``ActivityTimeout`` that names no cause."""
+                  max_bytes: int = max_completion_bytes(1_000_000), payloads: Payloads | None = None) -> ActivityCompleted:
+    """Run one request through its handler; every outcome becomes a completion, never an exception.
+
+    With ``payloads``, references in the request's input are resolved before the handler sees it, and an output over
+    the inline limit is stored and sent as a reference (claim checks); a payload that cannot be read or stored fails
+    the attempt (retryable). An output over the store's limit, or whose completion would still be larger than
+    ``max_bytes`` (no payload store), fails the step at once (``OutputTooLarge``, not retryable, naming the size): such
+    a record cannot be produced, and waiting for it would end as an ``ActivityTimeout`` that names no cause."""
     timeout = None
     if request.deadline is not None:
         timeout = max(0.0, request.deadline / 1000 - time.time())
@@ -53,11 +58,14 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
     settings = batch_settings(request)
     deadline = asyncio.timeout(timeout)  # unlike wait_for, no task of its own: a loop turn less at each end of the call
     try:
-        if batcher is not None and settings is not None:
-            call = batcher.submit(request.input, *settings)
-        else:
-            call = activity([request.input] if activity.batched else request.input)
+        data = request.input
         async with deadline:
+            if payloads is not None:
+                data = await payloads.resolve(data)
+            if batcher is not None and settings is not None:
+                call = batcher.submit(data, *settings)
+            else:
+                call = activity([data] if activity.batched else data)
             result = await call
         if activity.batched and (batcher is None or settings is None):
             if not isinstance(result, list) or len(result) != 1:
@@ -83,7 +91,15 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
         result = result.model_dump(mode="json")
     try:
         output_bytes = len(orjson.dumps(result))
+        if payloads is not None and output_bytes > payloads.max_bytes:
+            return ActivityCompleted(**base, status="failed", error=ErrorInfo(
+                type="OutputTooLarge", retryable=False,
+                message=f"handler output of {output_bytes:,} bytes exceeds the payload store's limit of {payloads.max_bytes:,} bytes"))
+        if payloads is not None and output_bytes > payloads.inline_max:
+            result = await payloads.put(request.run_id, result)
         completion = ActivityCompleted(**base, status="succeeded", output=result, confidence=confidence, cost=Cost.model_validate(cost) if cost else None)
+    except PayloadError as exc:
+        return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="PayloadError", message=str(exc)[:2000], retryable=True))
     except (TypeError, ValidationError) as exc:
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="OutputNotSerializable", message=f"handler output cannot be sent: {exc}"[:2000], retryable=False))
     size = len(codec.dumps(completion)) if output_bytes > max_bytes - 4096 else 0  # most outputs are small: encoded once
@@ -97,8 +113,9 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
 class _Progress:
     """The progress chunks of one request: numbered from 0 and sent to ``legato.progress`` as they are reported."""
 
-    def __init__(self, topic: Any, request: ActivityRequested, activity: str, metrics: Any = None):
+    def __init__(self, topic: Any, request: ActivityRequested, activity: str, metrics: Any = None, payloads: Payloads | None = None):
         self.topic = topic
+        self.payloads = payloads
         self.request = request
         self.activity = activity
         self.metrics = metrics
@@ -107,6 +124,8 @@ class _Progress:
 
     async def __call__(self, chunk: Any) -> None:
         r = self.request
+        if self.payloads is not None:
+            chunk = await self.payloads.externalize(r.run_id, chunk)
         value = codec.dumps(ProgressReported(run_id=r.run_id, step_id=r.step_id, request_id=r.request_id, seq=self.seq, chunk=chunk))
         self.seq += 1
         self.sent.append(await self.topic.send(key=r.run_id.encode(), value=value))
@@ -171,8 +190,10 @@ async def _delivered(futures: list[Any], what: str, request_id: str) -> None:
 class Workers:
     """Registers one agent per activity on a faust app."""
 
-    def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None, bootstrap: str = "localhost:9092"):
+    def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None, bootstrap: str = "localhost:9092",
+                 payloads: Payloads | None = None):
         self.app = app
+        self.payloads = payloads  # claim checks: inputs resolved, large outputs and progress chunks stored by reference
         self.bootstrap = bootstrap
         self.cancellations = Cancellations()
         self.cache = ResultCache()
@@ -258,12 +279,12 @@ class Workers:
             if self.metrics is not None:
                 self.metrics.activity_started(activity.name)
             self.cancellations.running[request.request_id] = asyncio.current_task()
-            progress = _Progress(self.progress, request, activity.name, self.metrics)
+            progress = _Progress(self.progress, request, activity.name, self.metrics, self.payloads)
             liveness = _Liveness(self._send_record, request)
             try:
                 await liveness.started()
                 with reporting(None if activity.batched else progress), beating(None if activity.batched else liveness.beat):  # a batched call serves many
-                    completion = await execute(activity, request, self.batchers.get(activity.name), self.max_bytes)
+                    completion = await execute(activity, request, self.batchers.get(activity.name), self.max_bytes, self.payloads)
             except asyncio.CancelledError:
                 if request.request_id not in self.cancellations.cancelled:
                     stopping = True

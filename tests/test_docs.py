@@ -214,3 +214,18 @@ def test_the_session_check_can_fail():
     assert not _ALLOWED_SESSION.search("measured in the seventh session")
     assert _ALLOWED_SESSION.search("a survivor after the 10 s session timeout")
     assert _ALLOWED_SESSION.search("Integration tests share one broker per test session")
+
+
+def test_benchmarks_and_reliability_hold_the_latest_figures_not_a_diary():
+    """Each holds the latest figure per benchmark or scenario; the history lives in git."""
+    for name in ("BENCHMARKS.md", "RELIABILITY.md"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert len(text.encode()) < 45_000, f"{name} is {len(text.encode())} bytes: keep the latest figures, history goes to git"
+        assert "## Appendix" not in text, f"{name}: earlier measurements belong to the git history"
+
+
+def test_every_chaos_scenario_has_its_latest_result_in_reliability():
+    from legato.tools.chaos import SCENARIOS
+    text = (ROOT / "RELIABILITY.md").read_text(encoding="utf-8")
+    missing = [name for name in SCENARIOS if f"### {name}\n" not in text]
+    assert not missing, f"RELIABILITY.md has no section for the chaos scenarios {missing}"

@@ -19,6 +19,7 @@ from legato.topics import codec
 from legato.topics.codec import DecodeError
 from legato.topics.models import ProgressReported, RunCancelRequested, RunEvent, RunForkRequested, RunRedriveRequested, RunRequested, SignalSent
 from legato.topics.names import DEFAULT_PREFIX, Topics
+from legato.topics.payloads import DEFAULT_INLINE_MAX, KafkaPayloadStore, Payloads, PayloadStore
 
 TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
 
@@ -26,11 +27,15 @@ TERMINAL_TYPES = ("run.completed", "run.failed", "run.cancelled")
 class LegatoClient:
     """``async with LegatoClient(bootstrap) as c: event = await c.run("wf", {...})``."""
 
-    def __init__(self, bootstrap: str = "localhost:9092", prefix: str = DEFAULT_PREFIX, **kafka: object):
+    def __init__(self, bootstrap: str = "localhost:9092", prefix: str = DEFAULT_PREFIX, *, payload_inline_max: int = DEFAULT_INLINE_MAX,
+                 payload_store: PayloadStore | None = None, **kafka: object):
+        """``payload_inline_max``, ``payload_store``: an input or signal data whose JSON is larger is stored there (by
+        default on ``<prefix>.payloads``) and sent as a reference (docs/payloads.md)."""
         self.bootstrap = bootstrap
         self.topics = Topics(prefix)
         self._kafka = kafka
         self._producer: AIOKafkaProducer | None = None
+        self.payloads = Payloads(payload_store or KafkaPayloadStore(bootstrap, self.topics.payloads, **kafka), payload_inline_max)
 
     async def __aenter__(self) -> "LegatoClient":
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, partitioner=kafka_io.keyed_partitioner, **self._kafka)
@@ -40,6 +45,12 @@ class LegatoClient:
     async def __aexit__(self, *exc: object) -> None:
         if self._producer is not None:
             await self._producer.stop()
+        await self.payloads.stop()
+
+    async def fetch(self, value: Any) -> Any:
+        """``value`` (a run's output, a step's output, a progress chunk) with every payload reference in it replaced by
+        the value it points at (sha256 checked)."""
+        return await self.payloads.resolve(value)
 
     async def trigger(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, correlation_id: str | None = None,
                       version: int | None = None, priority: int | None = None) -> str:
@@ -51,7 +62,8 @@ class LegatoClient:
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 5):
             raise ValueError(f"priority {priority!r}: expected an integer from 1 (lowest) to 5")
         run_id = run_id or str(uuid.uuid4())
-        record = RunRequested(workflow=workflow, input=input or {}, run_id=run_id, correlation_id=correlation_id, version=version, priority=priority)
+        input = await self.payloads.externalize(run_id, input or {})  # a reference is an object too: the run sees the value
+        record = RunRequested(workflow=workflow, input=input, run_id=run_id, correlation_id=correlation_id, version=version, priority=priority)
         await self._producer.send_and_wait(self.topics.triggers, codec.dumps(record), key=run_id.encode())
         return run_id
 
@@ -66,7 +78,7 @@ class LegatoClient:
         """Send ``signal`` (with ``data``, any JSON value) to a run: it completes the run's oldest ``wait`` step on
         that name, or is kept until one starts. A repeated ``signal_id`` for the same run is ignored."""
         assert self._producer is not None, "use `async with LegatoClient(...)`"
-        record = SignalSent(run_id=run_id, signal=signal, data=data, signal_id=signal_id)
+        record = SignalSent(run_id=run_id, signal=signal, data=await self.payloads.externalize(run_id, data), signal_id=signal_id)
         await self._producer.send_and_wait(self.topics.signals, codec.dumps(record), key=run_id.encode())
 
     async def stream(self, run_id: str, *, from_beginning: bool = True, timeout: float | None = None) -> AsyncIterator[ProgressReported | RunEvent]:

@@ -79,6 +79,12 @@ class Topics:
         return f"{self.prefix}.schedules"
 
     @property
+    def payloads(self) -> str:
+        """Compacted: values stored by reference (claim checks), in chunks keyed ``<payload id>/<n>``
+        (``legato.topics.payloads``)."""
+        return f"{self.prefix}.payloads"
+
+    @property
     def deployer(self) -> str:
         """The transactional id every ``legato deploy`` uses: deployers fence each other, so a name@version is
         checked and published by one at a time."""

@@ -1,8 +1,8 @@
 """JSON Schemas of every record on the public topics (``started.json`` and ``heartbeat.json``: the records a worker
 may send to ``legato.completions`` beside its completions, ActivityStarted and ActivityHeartbeat), and of the records a user may produce to the internal
 coordinator topic (``cancel.json``: RunCancelRequested, ``redrive.json``: RunRedriveRequested, ``fork.json``:
-RunForkRequested) and of the fork's seed the coordinator writes there (``fork_accepted.json``: RunForkAccepted),
-generated from the models.
+RunForkRequested) and of the fork's seed the coordinator writes there (``fork_accepted.json``: RunForkAccepted), and of a payload reference (``payload_ref.json``: a value stored
+by reference, ``legato.topics.payloads``), generated from the models.
 
 ``python -m legato.topics.schemas`` rewrites topics/schemas/*.json; a test fails when they are stale.
 """
@@ -28,6 +28,7 @@ from legato.topics.models import (
     RunRequested,
     SignalSent,
 )
+from legato.topics.payloads import PayloadRef
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
@@ -47,6 +48,7 @@ RECORDS = {
     "fork": RunForkRequested,
     "fork_accepted": RunForkAccepted,
     "cache": CachedResult,
+    "payload_ref": PayloadRef,
 }
 
 

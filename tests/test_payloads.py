@@ -1,0 +1,192 @@
+"""Claim checks without a broker: the reference form and its schema, the file store, storing and resolving."""
+import asyncio
+import hashlib
+import json
+
+import jsonschema
+import orjson
+import pytest
+
+from legato.topics.payloads import (
+    FilePayloadStore,
+    KafkaPayloadStore,
+    PayloadError,
+    PayloadRef,
+    Payloads,
+    chunks_of,
+    is_ref,
+    refs_in,
+    store_from_url,
+    substitute,
+)
+from legato.topics.schemas import SCHEMA_DIR
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _payloads(tmp_path, inline_max=100, counted=None):
+    return Payloads(FilePayloadStore(tmp_path / "store"), inline_max, (lambda d, n: counted.append((d, n))) if counted is not None else None)
+
+
+def test_small_values_stay_inline_and_large_ones_become_references(tmp_path):
+    counted = []
+    payloads = _payloads(tmp_path, inline_max=100, counted=counted)
+
+    async def go():
+        await payloads.start()
+        small = {"text": "x" * 50}
+        assert await payloads.externalize("run-1", small) is small
+        big = {"text": "y" * 500}
+        ref = await payloads.externalize("run-1", big)
+        return ref, await payloads.resolve({"a": [ref], "b": 1})
+
+    ref, resolved = _run(go())
+    data = orjson.dumps({"text": "y" * 500})
+    assert ref == {"$ref": f"legato-payload:run-1/{hashlib.sha256(data).hexdigest()}", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert resolved == {"a": [{"text": "y" * 500}], "b": 1}
+    assert counted == [("stored", len(data)), ("fetched", len(data))]
+
+
+def test_reference_matches_its_published_schema(tmp_path):
+    schema = json.loads((SCHEMA_DIR / "payload_ref.json").read_text())
+    payloads = _payloads(tmp_path, inline_max=0)
+    ref = _run(payloads.put("r", ["v"] * 10))
+    jsonschema.validate(ref, schema)
+    kafka_ref = {**ref, "chunks": 3, "partition": 2, "offset": 40}
+    jsonschema.validate(kafka_ref, schema)
+    for bad in ({**ref, "$ref": "s3://x"}, {**ref, "sha256": "abc"}, {k: v for k, v in ref.items() if k != "size"}, {**kafka_ref, "chunks": 0}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert PayloadRef.model_validate(kafka_ref).wire() == kafka_ref
+
+
+def test_a_corrupted_or_missing_payload_is_an_error_not_a_value(tmp_path):
+    store = FilePayloadStore(tmp_path / "store")
+    payloads = Payloads(store, 10)
+
+    async def go():
+        await payloads.start()
+        ref = await payloads.put("run-2", {"k": "v" * 100})
+        path = store._path(PayloadRef.model_validate(ref).id)
+        path.write_bytes(path.read_bytes().replace(b"v", b"w", 1))
+        with pytest.raises(PayloadError, match="sha256"):
+            await payloads.fetch(ref)
+        path.write_bytes(b"{}")
+        with pytest.raises(PayloadError, match="bytes"):
+            await payloads.fetch(ref)
+        await payloads.delete(ref)
+        await payloads.delete(ref)  # deleting twice is fine (retention may run again after a crash)
+        with pytest.raises(PayloadError, match="not found"):
+            await payloads.fetch(ref)
+
+    _run(go())
+
+
+def test_the_same_value_of_one_run_is_one_payload_and_runs_do_not_share(tmp_path):
+    store = FilePayloadStore(tmp_path / "store")
+    payloads = Payloads(store, 10)
+
+    async def go():
+        await payloads.start()
+        a = await payloads.put("run/with/slashes", "z" * 100)
+        b = await payloads.put("run/with/slashes", "z" * 100)
+        c = await payloads.put("other", "z" * 100)
+        return a, b, c
+
+    a, b, c = _run(go())
+    assert a == b and a != c
+    assert store.ids() == sorted([PayloadRef.model_validate(a).id, PayloadRef.model_validate(c).id])
+
+
+def test_refs_in_and_substitute_walk_nested_values():
+    r1 = {"$ref": "legato-payload:x/" + "a" * 64, "size": 3, "sha256": "a" * 64}
+    r2 = {"$ref": "legato-payload:y/" + "b" * 64, "size": 4, "sha256": "b" * 64}
+    value = {"list": [r1, {"inner": r2}, r1], "n": 1, "not": {"$ref": "#/definitions/x"}}
+    assert [r.id for r in refs_in(value)] == ["x/" + "a" * 64, "y/" + "b" * 64]
+    assert is_ref(r1) and not is_ref(value["not"]) and not is_ref("legato-payload:x")
+    out = substitute(value, {"x/" + "a" * 64: "A", "y/" + "b" * 64: [2]})
+    assert out == {"list": ["A", {"inner": [2]}, "A"], "n": 1, "not": {"$ref": "#/definitions/x"}}
+    untouched = {"a": [1, {"b": 2}]}
+    assert substitute(untouched, {}) is untouched
+
+
+def test_chunks_cut_under_the_record_limit_and_join_back():
+    data = bytes(range(256)) * 10_000
+    pieces = chunks_of(data, 900_000)
+    assert [len(p) for p in pieces] == [900_000, 900_000, 760_000]
+    assert b"".join(pieces) == data
+    assert chunks_of(b"", 10) == [b""]
+
+
+def test_store_from_url():
+    assert isinstance(store_from_url(None, "b:1", "legato.payloads"), KafkaPayloadStore)
+    assert isinstance(store_from_url("kafka", "b:1", "legato.payloads"), KafkaPayloadStore)
+    file_store = store_from_url("file:///tmp/legato%20payloads", "b:1", "legato.payloads")
+    assert isinstance(file_store, FilePayloadStore) and str(file_store.root) == "/tmp/legato payloads"
+    assert store_from_url("none", "b:1", "legato.payloads") is None
+    with pytest.raises(ValueError, match="LEGATO_PAYLOAD_STORE"):
+        store_from_url("s3://bucket", "b:1", "legato.payloads")
+
+
+def test_a_worker_resolves_inputs_and_stores_a_large_output_by_reference(tmp_path):
+    from legato.handlers.registry import Activity
+    from legato.streams.worker import execute
+    from legato.topics.models import ActivityRequested
+
+    payloads = _payloads(tmp_path, inline_max=1000)
+    seen = []
+
+    async def handler(data):
+        seen.append(data)
+        return {"text": data["doc"].upper() * 10}
+
+    async def go():
+        ref = await payloads.put("r", "abc" * 100)
+        request = ActivityRequested(request_id="r/a/1", run_id="r", step_id="a", activity="a", attempt=1, input={"doc": ref})
+        completion = await execute(Activity("a", handler), request, payloads=payloads)
+        return completion, await payloads.resolve(completion.output)
+
+    completion, output = _run(go())
+    assert seen == [{"doc": "abc" * 100}]
+    assert completion.status == "succeeded" and is_ref(completion.output), completion
+    assert completion.output["$ref"].startswith("legato-payload:r/")
+    assert output == {"text": "ABC" * 1000}
+
+
+def test_a_missing_input_payload_fails_the_attempt_retryably(tmp_path):
+    from legato.handlers.registry import Activity
+    from legato.streams.worker import execute
+    from legato.topics.models import ActivityRequested
+
+    async def handler(data):
+        raise AssertionError("never called")
+
+    ref = {"$ref": "legato-payload:r/" + "0" * 64, "size": 5, "sha256": "0" * 64}
+    request = ActivityRequested(request_id="r/a/1", run_id="r", step_id="a", activity="a", attempt=1, input=[ref])
+    completion = _run(execute(Activity("a", handler), request, payloads=_payloads(tmp_path)))
+    assert completion.status == "failed" and completion.error.type == "PayloadError" and completion.error.retryable, completion
+
+
+def test_an_output_over_the_store_limit_fails_the_step_at_once_naming_its_size(tmp_path):
+    from legato.handlers.registry import Activity
+    from legato.streams.worker import execute
+    from legato.topics.models import ActivityRequested
+
+    payloads = Payloads(FilePayloadStore(tmp_path / "store"), inline_max=100, max_bytes=10_000)
+
+    async def handler(data):
+        return "x" * data
+
+    async def go(n):
+        await payloads.start()
+        request = ActivityRequested(request_id="r/a/1", run_id="r", step_id="a", activity="a", attempt=1, input=n)
+        return await execute(Activity("a", handler), request, payloads=payloads)
+
+    over = _run(go(20_000))
+    assert over.status == "failed" and over.error.type == "OutputTooLarge" and over.error.retryable is False, over
+    assert "20,002 bytes" in over.error.message and "limit of 10,000 bytes" in over.error.message, over.error.message
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())  # nothing stored
+    under = _run(go(9_000))
+    assert under.status == "succeeded" and is_ref(under.output), under
