@@ -137,11 +137,13 @@ async def apply(bootstrap: str, acls: list[Acl], **kafka: Any) -> None:
     per request (the request builder takes one)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
+    from legato.streams import kafka_io
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-acl", **kafka)
     await admin.start()
     try:
         for acl in acls:
-            response = await admin._send_request(_request(acl))
+            response = await kafka_io.admin_request(admin, _request(acl))
             for code, message in [(r[0], r[1]) for r in response.creation_responses]:
                 if code:
                     from aiokafka.errors import for_code

@@ -62,9 +62,11 @@ async def ensure_topics(bootstrap: str, topics: Topics, activities: list[str], p
     ``compacted`` included) with another partition count, or any of them replicated less than the factor on a
     cluster with the brokers for it, raises :class:`TopicMismatch`.
     """
-    compact = {topics.cache, topics.definitions, topics.schedules, topics.payloads, *(compacted or [])}
-    run_keyed = [*topics.run_keyed(sorted(activities)), *(t for t in (compacted or []) if t == topics.changelog)]
-    names = list(dict.fromkeys([topics.triggers, topics.dlq, topics.cache, topics.definitions, topics.schedules, topics.limits, topics.payloads, *topics.run_keyed(sorted(activities)),
+    compact = {topics.cache, topics.definitions, topics.schedules, topics.payloads, topics.limits_changelog, *(compacted or [])}
+    # the limiter's changelog partition p belongs to limits partition p: they share the count too
+    run_keyed = [*topics.run_keyed(sorted(activities)), *(t for t in (compacted or []) if t == topics.changelog), topics.limits, topics.limits_changelog]
+    names = list(dict.fromkeys([topics.triggers, topics.dlq, topics.cache, topics.definitions, topics.schedules, topics.payloads, topics.limits,
+                                topics.limits_changelog, *topics.run_keyed(sorted(activities)),
                                 *(extra or []), *(compacted or [])]))
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="legato-admin", **security.aiokafka_kwargs())
     await admin.start()

@@ -3,9 +3,16 @@ partitioner the contract's client needs, re-exported here), the only modules tha
 private API (pyproject.toml bounds both versions; a new version is checked here first).
 
 - re-exported from ``legato.topics.kafka_io``: :func:`reader`, :func:`assign_all`, :func:`assign`,
-  :func:`read_partition`, :func:`partitions_of`, :func:`refused`, :func:`partition_for`, :func:`keyed_partitioner`;
+  :func:`read_partition`, :func:`read_range`, :func:`offsets_of`, :func:`fresh_metadata`, :func:`partitions_of`,
+  :func:`refused`, :func:`partition_for`, :func:`keyed_partitioner`;
 - :func:`group_membership`: a group consumer's member id and generation (aiokafka keeps them private);
-- :func:`faust_read_committed`: faust's workers read committed records only.
+- :func:`fetched_position`, :func:`committed_offsets`: a consumer's position and its group's offsets without round trips;
+- :func:`faust_commit`: a faust consumer commits offsets chosen by the worker;
+- :func:`admin_request`: a request the admin client has no method for (CreateAcls);
+- :func:`faust_read_committed`, :func:`faust_idempotent_producer`, :func:`transaction_retry_backoff`: settings faust
+  and aiokafka do not expose.
+
+Every private name used is listed in ``legato.topics.kafka_io.PRIVATE_API`` (tests/test_private_api.py).
 """
 from __future__ import annotations
 
@@ -18,10 +25,13 @@ from legato.topics.kafka_io import (  # noqa: F401  (re-exported: the contract's
     _partitions,
     assign,
     assign_all,
+    fresh_metadata,
     keyed_partitioner,
+    offsets_of,
     partition_for,
     partitions_of,
     read_partition,
+    read_range,
     reader,
     refused,
 )
@@ -49,6 +59,19 @@ async def committed_offsets(consumer: AIOKafkaConsumer, tps: list[TopicPartition
     one is left out. aiokafka's public ``committed`` asks one partition at a time."""
     found = await consumer._coordinator.fetch_committed_offsets(list(tps))  # private
     return {tp: meta.offset for tp, meta in found.items() if meta.offset >= 0}
+
+
+async def faust_commit(consumer: Any, offsets: dict[TopicPartition, int]) -> bool:
+    """Commit ``offsets`` (the next offset to read, per partition) on a faust consumer (``app.consumer``); True when
+    committed. Private in faust: its public commit takes the offsets of acknowledged messages, not offsets one
+    chooses (streams/worker_offsets.py says why workers choose)."""
+    return await consumer._commit(offsets)
+
+
+async def admin_request(admin: Any, request: Any) -> Any:
+    """Send ``request`` (an aiokafka protocol request) through a started ``AIOKafkaAdminClient`` and return the
+    response. Private in aiokafka: the admin client has no method for some requests (CreateAcls)."""
+    return await admin._send_request(request)
 
 
 def faust_read_committed() -> None:

@@ -2,10 +2,11 @@
 ``redrive --wait`` and ``fork --wait`` read runs through here."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable, Iterator
 
 import yaml
 
@@ -20,33 +21,70 @@ RUN_LIMIT_PREFIX = "run:"  # a workflow's run concurrency is the limit run:<work
 _KEY_NAME = re.compile(r"^\s*\$\{\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*\}\s*$")
 
 
+FIRST_WINDOW = 2_000
+"""Records in the first window read back from the end of a changelog partition; each further window is twice the
+one before, so a run written long ago costs a few reads, and an unknown run one read of the whole partition."""
+
+
+def windows(start: int, end: int, first: int = FIRST_WINDOW) -> Iterator[tuple[int, int]]:
+    """The offset windows ``[lo, hi)`` from ``end`` back to ``start``, newest first, each twice the size of the one
+    before: together they cover ``[start, end)`` once."""
+    hi, size = end, first
+    while hi > start:
+        lo = max(start, hi - size)
+        yield lo, hi
+        hi, size = lo, size * 2
+
+
+async def last_of_key(read: Callable[[int, int, Callable[[Any], None]], Awaitable[None]], start: int, end: int, key: bytes,
+                      first: int = FIRST_WINDOW) -> Any | None:
+    """The last record of ``key`` among the offsets ``[start, end)``, or None when the key has none.
+
+    ``read(lo, hi, on_record)`` calls ``on_record`` for each record from ``lo`` (it may go on past ``hi``: those
+    records belong to a newer window, already read). Windows are read newest first, and the first that holds the key
+    holds its last record, so reading stops there.
+    """
+    for lo, hi in windows(start, end, first):
+        last = None
+
+        def keep(record: Any, hi: int = hi) -> None:
+            nonlocal last
+            if record.key == key and record.offset < hi:
+                last = record
+
+        await read(lo, hi, keep)
+        if last is not None:
+            return last
+    return None
+
+
 async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30.0) -> RunState | None:
     """The last state of ``run_id`` in the changelog, or None when the run is unknown (or was deleted).
 
-    Reads only the key's partition (murmur2 like aiokafka's default partitioner), from the beginning to the
-    end offset seen when reading starts.
+    Reads only the key's partition (murmur2 like aiokafka's default partitioner), back from the end offset seen
+    when reading starts, in windows (:func:`last_of_key`), until the window holding the run's last record.
     """
     topic = Topics(prefix).changelog
     key = run_id.encode()
-    found, last = False, None
-
-    def keep(record: Any) -> None:
-        nonlocal found, last
-        if record.key == key:
-            found, last = True, record.value
-
     consumer = kafka_io.reader(bootstrap, **security.aiokafka_kwargs())
     try:
         await consumer.start()
         partitions = await kafka_io.partitions_of(consumer, topic)
         if not partitions:
             return None
-        await kafka_io.read_partition(consumer, TopicPartition(topic, kafka_io.partition_for(key, len(partitions))), keep, timeout=timeout)
+        tp = TopicPartition(topic, kafka_io.partition_for(key, len(partitions)))
+        start, end = await kafka_io.offsets_of(consumer, tp)
+        deadline = asyncio.get_running_loop().time() + timeout
+
+        async def read(lo: int, hi: int, on_record: Callable[[Any], None]) -> None:
+            await kafka_io.read_range(consumer, tp, lo, hi, on_record, deadline=deadline)
+
+        record = await last_of_key(read, start, end, key, first=FIRST_WINDOW)
     finally:
         await consumer.stop()
-    if not found or last is None:  # never written, or a tombstone
+    if record is None or record.value is None:  # never written, or a tombstone
         return None
-    return RunState.model_validate_json(last)
+    return RunState.model_validate_json(record.value)
 
 
 # --- waiting for a limit -------------------------------------------------------------------------------

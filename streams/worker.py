@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from legato.handlers.heartbeat import beating
 from legato.handlers.progress import reporting
 from legato.handlers.registry import Activity, ActivityError, RateLimited, Result
+from legato.streams import kafka_io
 from legato.streams.dlq import DeadLetters
 from legato.topics.cache import fingerprint
 from legato.streams.worker_offsets import Delivery, RequestOffsets
@@ -319,7 +320,7 @@ class Workers:
         consumer = self.app.consumer
         assigned = consumer.assignment()
         offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assigned and (tps is None or tp in tps)}
-        if offsets and await consumer._commit(offsets):
+        if offsets and await kafka_io.faust_commit(consumer, offsets):
             self.offsets.committed(offsets)
 
     async def _commit_every(self) -> None:

@@ -172,3 +172,20 @@ def test_no_window_exceeds_budget_plus_burst_and_concurrency_holds(ops, rpm, con
 def test_the_bound_is_within_five_percent_of_a_budget_of_sixty_or_more_per_ten_seconds():
     spec = LimitSpec(requests_per_minute=360)
     assert bound(spec) <= 60 * 1.05
+
+
+def test_equals_are_granted_in_the_order_their_runs_asked_not_the_order_their_acquisitions_arrived():
+    spec = LimitSpec(concurrency=1)
+    state, _ = decide(None, acquire("h", spec), T0)
+    late = LimitAcquire(id="r1/a/1", limit="llm", run_id="r1", spec=spec, requested_ms=T0 + 20)
+    early = LimitAcquire(id="r2/a/1", limit="llm", run_id="r2", spec=spec, requested_ms=T0 + 10)
+    state, _ = decide(state, late, T0 + 30)  # from one coordinator partition
+    state, _ = decide(state, early, T0 + 40)  # from another, committed later
+    state, g = decide(state, release("h"), T0 + 50)
+    assert [x.run_id for x in g] == ["r2"]
+    assert g[0].waited_ms == 40  # counted from its run's request
+
+
+def test_a_requested_time_ahead_of_the_limiters_clock_counts_from_arrival():
+    state, _ = decide(None, LimitAcquire(id="r1/a/1", limit="llm", run_id="r1", spec=LimitSpec(concurrency=1), requested_ms=T0 + 60_000), T0)
+    assert state.holders["r1/a/1"].granted_ms == T0

@@ -116,6 +116,16 @@ def test_a_run_waits_for_its_concurrency_key_and_releases_it_when_it_ends():
     assert [r.id for r in releases(out)] == ["run:r1"] and h.status == "succeeded"
 
 
+def test_a_keyed_run_waits_from_its_trigger_so_runs_of_a_key_start_in_trigger_order():
+    h = Harness(machine_from(RUNS))
+    out = h.start("keyed", {"customer": "c7"}, now=T0 + 400, triggered_ms=T0 + 100)  # its partition decided it late
+    [a] = acquires(out)
+    assert a.requested_ms == T0 + 100 and h.state.limit_hold["since_ms"] == T0 + 100
+    later = Harness(machine_from(RUNS))
+    [b] = acquires(later.start("keyed", {"customer": "c7"}, now=T0 + 300, triggered_ms=T0 + 900))  # a clock ahead
+    assert b.requested_ms == T0 + 300
+
+
 def test_an_unknown_limit_fails_the_step():
     h = Harness(machine_from("""
 name: u

@@ -39,3 +39,25 @@ def test_the_check_notices_a_missing_attribute() -> None:
 
     assert not _has(AIOKafkaConsumer, "_no_such_attribute")
     assert _has(AIOKafkaConsumer, "_client")
+
+
+_MODULES = ("topics/kafka_io.py", "streams/kafka_io.py")
+
+
+def test_no_other_module_reaches_for_the_private_api() -> None:
+    """Outside the two kafka_io modules, no code (comments and docstrings aside) uses a private name of PRIVATE_API on
+    an object other than its own (``self._client`` of Legato's own class is Legato's)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    private = {attribute for _, _, attribute, _ in PRIVATE_API if attribute.startswith("_")}
+    found = []
+    for path in sorted(root.glob("*/**/*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith((".venv", "tests/", "build/")) or rel in _MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in private and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{rel}:{node.lineno} .{node.attr}")
+    assert not found, f"private aiokafka/faust API outside {_MODULES}: {found}"

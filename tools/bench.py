@@ -34,7 +34,8 @@ from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
-NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention")
+NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show")
+"""What ``legato bench all`` runs; ``replication`` starts its own 3-broker cluster and runs only when named."""
 
 
 @dataclass
@@ -90,11 +91,11 @@ steps:
 """
 
 
-async def _assigned_pipe(bootstrap: str, topic: str, group: str) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
-    """A started consumer of ``topic`` (its own group, positioned at the end) and a linger-0 producer."""
+async def _assigned_pipe(bootstrap: str, topic: str, group: str, acks: int | str = 1) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """A started consumer of ``topic`` (its own group, positioned at the end) and a linger-0 producer (``acks``)."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{group}-{uuid.uuid4()}",
                                 auto_offset_reset="latest", fetch_max_wait_ms=50, max_poll_records=2000, isolation_level="read_committed", **security.aiokafka_kwargs())
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, **security.aiokafka_kwargs())
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=acks, **security.aiokafka_kwargs())
     await consumer.start()
     await producer.start()
     while not consumer.assignment():
@@ -107,8 +108,8 @@ async def _assigned_pipe(bootstrap: str, topic: str, group: str) -> tuple[AIOKaf
 class MeasuringWorker:
     """Answers every request at once; records completion-produced → next-request-received per run."""
 
-    def __init__(self, bootstrap: str, topics: Topics):
-        self.bootstrap, self.topics = bootstrap, topics
+    def __init__(self, bootstrap: str, topics: Topics, acks: int | str = 1):
+        self.bootstrap, self.topics, self.acks = bootstrap, topics, acks
         self.sent_at: dict[str, float] = {}
         self.gaps: list[tuple[float, float]] = []  # (when, gap seconds)
         self.received = 0
@@ -122,7 +123,7 @@ class MeasuringWorker:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        consumer, producer = await _assigned_pipe(self.bootstrap, self.topics.requests(ACTIVITY), "bench-worker")
+        consumer, producer = await _assigned_pipe(self.bootstrap, self.topics.requests(ACTIVITY), "bench-worker", self.acks)
         try:
             self.ready.set()
             while not self.stop.is_set():
@@ -151,9 +152,9 @@ class MeasuringWorker:
             await producer.stop()
 
 
-async def raw_pipe(bootstrap: str, topics: Topics, steps: int, stop: asyncio.Event, ready: asyncio.Event) -> None:
+async def raw_pipe(bootstrap: str, topics: Topics, steps: int, stop: asyncio.Event, ready: asyncio.Event, acks: int | str = 1) -> None:
     """The baseline: read each completion and produce the next request, with no state and no decisions."""
-    consumer, producer = await _assigned_pipe(bootstrap, topics.completions, "rawpipe")
+    consumer, producer = await _assigned_pipe(bootstrap, topics.completions, "rawpipe", acks)
     try:
         ready.set()
         while not stop.is_set():
@@ -181,13 +182,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _replication_env(settings: Settings) -> dict[str, str]:
+    """The replication settings of ``settings`` as the environment of Legato's processes (when set)."""
+    env = {}
+    if settings.replication_factor is not None:
+        env["LEGATO_REPLICATION_FACTOR"] = str(settings.replication_factor)
+    if settings.min_insync_replicas is not None:
+        env["LEGATO_MIN_INSYNC_REPLICAS"] = str(settings.min_insync_replicas)
+    return env
+
+
 class Coordinators:
     """Coordinator subprocesses on a benchmark's own topics, killed at the end."""
 
     def __init__(self, settings: Settings, prefix: str, workdir: Path, extra_env: dict[str, str] | None = None):
         self.settings, self.prefix, self.workdir = settings, prefix, workdir
         self.env = {**os.environ, "LEGATO_BOOTSTRAP": settings.bootstrap, "LEGATO_TOPIC_PREFIX": prefix,
-                    "LEGATO_DATA_DIR": str(workdir / "data"), **(extra_env or {})}
+                    "LEGATO_DATA_DIR": str(workdir / "data"), **_replication_env(settings), **(extra_env or {})}
         self.procs: list[subprocess.Popen] = []
 
     def start(self, n: int = 1, handlers: str | None = None, role: str = "coordinator") -> None:
@@ -222,8 +233,9 @@ class Coordinators:
 
 
 class Bench:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, acks: int | str = 1):
         self.settings = settings
+        self.acks = acks  # of the measuring worker and the raw pipe (Legato's producers always use acks=all)
         kafka_local.ensure_broker(settings.bootstrap)
         self.workdir = Path(tempfile.mkdtemp(prefix="legato-bench-"))
         (self.workdir / "workflows").mkdir()
@@ -234,7 +246,7 @@ class Bench:
 
     def topics(self, tag: str) -> Topics:
         topics = self.named(tag)
-        asyncio.run(ensure_topics(self.settings.bootstrap, topics, [ACTIVITY], self.settings.partitions))
+        asyncio.run(ensure_topics(self.settings.bootstrap, topics, [ACTIVITY], self.settings.partitions, replication=self.settings.replication))
         return topics
 
     def named(self, tag: str) -> Topics:
@@ -258,17 +270,17 @@ class Bench:
         """Start ``runs`` runs of ``steps`` steps (all at once, or ``rate`` runs/s) and wait for every step; with
         the CPU seconds the broker, the coordinator (``procs``) and this process (the measuring worker, the raw pipe
         and the load) spent meanwhile."""
-        worker = MeasuringWorker(self.settings.bootstrap, topics)
+        worker = MeasuringWorker(self.settings.bootstrap, topics, self.acks)
         worker.trace = trace
         tasks = [asyncio.create_task(worker.run())]
         pipe_ready = asyncio.Event()
         if not legato:
-            tasks.append(asyncio.create_task(raw_pipe(self.settings.bootstrap, topics, steps, worker.stop, pipe_ready)))
+            tasks.append(asyncio.create_task(raw_pipe(self.settings.bootstrap, topics, steps, worker.stop, pipe_ready, self.acks)))
         else:
             pipe_ready.set()
         await worker.ready.wait()
         await pipe_ready.wait()
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=5, **security.aiokafka_kwargs())
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=5, acks=self.acks, **security.aiokafka_kwargs())
         await producer.start()
         expected = runs * steps
         cpu = {"broker": kafka_local.broker_pid(self.settings.bootstrap), "bench": os.getpid()}
@@ -551,6 +563,14 @@ def bench_scaleout(b: Bench, runs: int) -> Report:
 
 def main(settings: Settings, names: list[str], runs: int, output: Path | None, sizes: list[int], memory_runs: int, store: str,
          latency_runs: int = 30) -> int:
+    if "replication" in names:  # on a 3-broker cluster of its own at the bootstrap's port, not on the broker there
+        from legato.tools.bench_replication import bench_replication
+
+        report = bench_replication(settings, runs)
+        _emit([report], output)
+        names = [n for n in names if n != "replication"]
+        if not names:
+            return 0
     b = Bench(settings)
     try:
         return _run(b, names, runs, output, sizes, memory_runs, store, latency_runs)
@@ -584,12 +604,20 @@ def _run(b: "Bench", names: list[str], runs: int, output: Path | None, sizes: li
         from legato.tools.bench_retention import bench_retention
 
         reports.append(bench_retention(b, memory_runs))
+    if "runs-show" in names:
+        from legato.tools.bench_runs_show import bench_runs_show
+
+        reports.append(bench_runs_show(b, memory_runs))
+    _emit(reports, output)
+    return 0
+
+
+def _emit(reports: list[Report], output: Path | None) -> None:
     text = _render(reports)
     print(text)
     if output is not None:
         with output.open("a", encoding="utf-8") as fh:
             fh.write("\n" + text)
-    return 0
 
 
 def _render(reports: list[Report]) -> str:

@@ -2,13 +2,14 @@
 
 - :func:`partition_for`, :func:`keyed_partitioner`: the partition of a key, murmur2 as aiokafka and the Java client
   do by default (every run-keyed record's producer uses them);
-- :func:`reader`, :func:`assign_all`, :func:`assign`, :func:`read_partition`: read topics without a consumer group,
+- :func:`reader`, :func:`assign_all`, :func:`assign`, :func:`read_partition`, :func:`read_range`,
+  :func:`offsets_of`: read topics without a consumer group,
   committed records only (each process sees everything: tails, the client, the coordinator's changelog,
   ``legato runs show``);
-- :func:`partitions_of`, :func:`refused`: a topic's partitions, and whether the broker refuses this principal a
+- :func:`fresh_metadata`, :func:`partitions_of`, :func:`refused`: the cluster's metadata, a topic's partitions, and whether the broker refuses this principal a
   topic (ACLs).
 
-``partitions_of`` and ``refused`` use aiokafka's private client (pyproject.toml bounds its version); the rest of
+``fresh_metadata`` and ``refused`` use aiokafka's private client (pyproject.toml bounds its version); the rest of
 aiokafka's and faust's private API that Legato uses is in ``legato.streams.kafka_io``, which re-exports this module.
 The contract (``legato.topics``) imports nothing from ``legato.streams``.
 """
@@ -26,13 +27,26 @@ bounds the install the same way; tests/test_private_api.py fails when the instal
 
 PRIVATE_API = [
     # (package, class, attribute, where Legato uses it and why no public API serves)
-    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_client", "topics/kafka_io.py, streams/console/feed.py: a fresh metadata request per topic"),
-    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_subscription", "streams/kafka_io.py: the partitions assigned during a rebalance"),
-    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_coordinator", "streams/kafka_io.py: committed offsets of a group's partitions"),
-    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_isolation_level", "streams/kafka_io.py: read_committed on faust's consumer"),
-    ("faust-streaming", "faust.transport.drivers.aiokafka.Consumer", "_commit", "streams/worker.py: commit chosen offsets"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_client", "topics/kafka_io.py fresh_metadata, refused: a fresh metadata request (the public lookup uses stale metadata)"),
+    ("aiokafka", "aiokafka.client.AIOKafkaClient", "fetch_all_metadata", "topics/kafka_io.py fresh_metadata: the metadata of every topic, asked now"),
+    ("aiokafka", "aiokafka.client.AIOKafkaClient", "send", "topics/kafka_io.py refused: a per-topic MetadataRequest"),
+    ("aiokafka", "aiokafka.client.AIOKafkaClient", "get_random_node", "topics/kafka_io.py refused: a broker to ask"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_subscription", "streams/kafka_io.py fetched_position: the position without a round trip"),
+    ("aiokafka", "aiokafka.consumer.subscription_state.SubscriptionState", "is_assigned", "streams/kafka_io.py fetched_position"),
+    ("aiokafka", "aiokafka.consumer.subscription_state.Assignment", "state_value", "streams/kafka_io.py fetched_position"),
+    ("aiokafka", "aiokafka.consumer.subscription_state.TopicPartitionState", "has_valid_position", "streams/kafka_io.py fetched_position"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_coordinator", "streams/kafka_io.py group_membership, committed_offsets: member id, generation, committed offsets in one request"),
+    ("aiokafka", "aiokafka.consumer.group_coordinator.GroupCoordinator", "fetch_committed_offsets", "streams/kafka_io.py committed_offsets"),
+    ("aiokafka", "aiokafka.AIOKafkaConsumer", "_isolation_level", "streams/kafka_io.py faust_read_committed: read_committed on faust's consumer"),
+    ("aiokafka", "aiokafka.admin.AIOKafkaAdminClient", "_send_request", "streams/kafka_io.py admin_request: CreateAcls (streams/acl.py), which the admin client lacks"),
+    ("aiokafka", "aiokafka.producer.sender", "BACKOFF_OVERRIDE", "streams/kafka_io.py transaction_retry_backoff: the CONCURRENT_TRANSACTIONS retry backoff"),
+    ("faust-streaming", "faust.transport.drivers.aiokafka.Consumer", "_commit", "streams/kafka_io.py faust_commit: workers commit chosen offsets (streams/worker.py)"),
+    ("faust-streaming", "faust.transport.drivers.aiokafka.AIOKafkaConsumerThread", "_create_worker_consumer", "streams/kafka_io.py faust_read_committed"),
+    ("faust-streaming", "faust.transport.drivers.aiokafka.Producer", "_settings_extra", "streams/kafka_io.py faust_idempotent_producer"),
 ]
-"""Every private attribute of aiokafka and faust that Legato uses."""
+"""Every private attribute of aiokafka and faust that Legato uses (and the members of private objects it calls), all
+in this module and ``legato.streams.kafka_io``: tests/test_private_api.py checks each still exists and that no other
+module reaches for them."""
 
 _PARTITIONER = DefaultPartitioner()
 _CACHED_KEYS = 65_536
@@ -68,13 +82,19 @@ def reader(bootstrap: str, *, from_beginning: bool = True, **kafka: Any) -> AIOK
                             auto_offset_reset="earliest" if from_beginning else "latest", **{"isolation_level": "read_committed", **kafka})
 
 
+async def fresh_metadata(consumer: AIOKafkaConsumer) -> Any:
+    """The cluster's metadata for every topic, asked of the broker now (``ClusterMetadata``: ``topics()``,
+    ``partitions_for_topic``). Private in aiokafka: its public lookup answers from metadata that may be stale."""
+    return await consumer._client.fetch_all_metadata()
+
+
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str, wait: float = 0.0) -> list[int]:
     """The partition numbers of ``topic``, asking the broker again for up to ``wait`` seconds while it has none
     (a topic just created); [] when it still has none."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
-        metadata = await consumer._client.fetch_all_metadata()  # private: the public lookup uses stale metadata
+        metadata = await fresh_metadata(consumer)
         partitions = metadata.partitions_for_topic(topic)
         if partitions or loop.time() >= deadline:
             return sorted(partitions or [])
@@ -122,6 +142,30 @@ async def read_partition(consumer: AIOKafkaConsumer, tp: TopicPartition, on_reco
         if deadline is not None and loop.time() > deadline:
             raise TimeoutError(f"reading {tp.topic}[{tp.partition}] took longer than {timeout}s")
         for records in (await consumer.getmany(tp, timeout_ms=1000 if deadline is None else 500, max_records=max_records)).values():
+            for record in records:
+                on_record(record)
+
+
+async def offsets_of(consumer: AIOKafkaConsumer, tp: TopicPartition) -> tuple[int, int]:
+    """The first offset of ``tp`` still in the log and its end (the last stable offset for a read_committed
+    :func:`reader`)."""
+    start = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]
+    return start, end
+
+
+async def read_range(consumer: AIOKafkaConsumer, tp: TopicPartition, lo: int, hi: int, on_record: Callable[[Any], None],
+                     deadline: float | None = None, max_records: int = 10_000) -> None:
+    """Read ``tp`` from offset ``lo`` until the position reaches ``hi``, calling ``on_record`` for each record (the last
+    batch may go past ``hi``). ``consumer`` is a started :func:`reader`; TimeoutError once the event loop's clock
+    passes ``deadline``."""
+    consumer.assign([tp])
+    consumer.seek(tp, lo)
+    loop = asyncio.get_running_loop()
+    while await consumer.position(tp) < hi:
+        if deadline is not None and loop.time() > deadline:
+            raise TimeoutError(f"reading {tp.topic}[{tp.partition}] {lo}..{hi} did not finish in time")
+        for records in (await consumer.getmany(tp, timeout_ms=500, max_records=max_records)).values():
             for record in records:
                 on_record(record)
 

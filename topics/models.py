@@ -185,6 +185,7 @@ class RunAccepted(_Record):
     parent: dict[str, Any] | None = None
     version: int | None = Field(default=None, ge=1)  # None: the highest deployed when this record is decided
     priority: int | None = Field(default=None, ge=1, le=5)
+    triggered_ms: int | None = None  # the trigger record's timestamp: runs of a concurrency key start in this order
 
 
 class ChildRunFinished(_Record):

@@ -95,6 +95,17 @@ class Topics:
         """Acquisitions and releases of cluster-wide limits (``topics.limits``), keyed ``<limit>/<key>``."""
         return f"{self.prefix}.limits"
 
+    @property
+    def limits_changelog(self) -> str:
+        """Internal, compacted: the limiter's budget per ``<limit>/<key>`` and, under ``CHANGELOG_OFFSETS_KEY``, where
+        each partition of ``limits`` resumes; partition ``p`` belongs to ``limits`` partition ``p``."""
+        return f"{self.prefix}-limiter-changelog"
+
+    @property
+    def limiter_group(self) -> str:
+        """The limiters' consumer group over ``limits``; ``<group>-<partition>`` are their transactional ids."""
+        return f"{self.prefix}-limiter"
+
     def requests(self, activity: str) -> str:
         return f"{self.prefix}.requests.{activity}"
 

@@ -15,7 +15,9 @@ the state in a compacted changelog in the transaction that sends the grants.
   key until then.
 - **Order**: waiters are granted one at a time, the best first: highest priority (1–5) plus one level per 10 s
   waited, then the oldest. A waiter of priority 1 ranks with a fresh priority 5 after 40 s and above it after 50 s,
-  so it waits at most 50 s plus what the waiters ahead of it need: none starves. The head of the queue is never
+  so it waits at most 50 s plus what the waiters ahead of it need: none starves. Waiting counts from the
+  acquisition's ``requested_ms`` (the coordinator's decision), so equals go in the order their runs asked even when
+  their acquisitions arrive from several coordinator partitions out of that order. The head of the queue is never
   overtaken by a cheaper waiter behind it.
 """
 from __future__ import annotations
@@ -92,7 +94,10 @@ def decide(state: KeyState | None, record: LimitAcquire | LimitRelease | None, n
         _adopt(state, record.spec)
         if record.id not in state.holders and all(w.id != record.id for w in state.waiting):
             state.seq += 1
-            state.waiting.append(Waiter(id=record.id, run_id=record.run_id, priority=record.priority, cost=record.cost, since_ms=now_ms, seq=state.seq))
+            # waiting counts from the coordinator's decision: acquisitions from several coordinator partitions reach
+            # the key in any order, and equals are granted in the order their runs asked (trigger order)
+            since = min(now_ms, record.requested_ms) if record.requested_ms else now_ms
+            state.waiting.append(Waiter(id=record.id, run_id=record.run_id, priority=record.priority, cost=record.cost, since_ms=since, seq=state.seq))
     elif isinstance(record, LimitRelease) and state is not None:
         _release(state, record, now_ms)
     if state is None:
@@ -155,8 +160,8 @@ def _release(state: KeyState, record: LimitRelease, now_ms: int) -> None:
         state.pauses += 1
 
 
-def _rank(waiter: Waiter, now_ms: int) -> tuple[int, int]:
-    return (-(waiter.priority + max(0, now_ms - waiter.since_ms) // AGEING_MS), waiter.seq)
+def _rank(waiter: Waiter, now_ms: int) -> tuple[int, int, int]:
+    return (-(waiter.priority + max(0, now_ms - waiter.since_ms) // AGEING_MS), waiter.since_ms, waiter.seq)
 
 
 def _head(state: KeyState, now_ms: int) -> Waiter | None:

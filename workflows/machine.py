@@ -194,7 +194,7 @@ class Machine:
         if wf.definition.timeout is not None:
             run.set_timer(keys.RUN_TIMEOUT, wf.definition.timeout, "run_timeout")
         run.state.frames["root"] = Frame(id="root", ref="root")
-        if not run_limits.acquire_for_run(run):  # a run beyond its concurrency key's limit starts when granted
+        if not run_limits.acquire_for_run(run, event.triggered_ms):  # a run beyond its concurrency key's limit starts when granted
             run.advance("root")
         run.drain()
         run.enforce_size()

@@ -48,18 +48,21 @@ def acquire_for_step(run: "Run", step: "StepState", definition: ActivityStep, re
     return None
 
 
-def acquire_for_run(run: "Run") -> bool:
-    """Ask for the workflow's run concurrency key; True when the run must wait for its grant."""
+def acquire_for_run(run: "Run", triggered_ms: int | None = None) -> bool:
+    """Ask for the workflow's run concurrency key; True when the run must wait for its grant. Its wait counts from
+    ``triggered_ms`` (the trigger record's time), so runs of one key start in trigger order although their triggers
+    are decided on several partitions, each at its own pace."""
     concurrency = run.wf.definition.concurrency
     if concurrency is None:
         return False
     key = _text(run.wf.templates["run:concurrency"].render({"input": run.state.input, "steps": {}}))
     hold_id = RUN_LIMIT_PREFIX + run.state.run_id
     limit = RUN_LIMIT_PREFIX + run.state.workflow
-    run.state.limit_hold = {"id": hold_id, "limit": limit, "key": key, "cost": 0, "waiting": True, "since_ms": run.now,
+    since = min(run.now, triggered_ms) if triggered_ms else run.now
+    run.state.limit_hold = {"id": hold_id, "limit": limit, "key": key, "cost": 0, "waiting": True, "since_ms": since,
                             "spec": {"concurrency": concurrency.limit}}
     run.out.append(AcquireLimit(acquire=LimitAcquire(id=hold_id, limit=limit, key=key, run_id=run.state.run_id, priority=run.state.priority or PRIORITY_DEFAULT,
-                                                     spec=LimitSpec(concurrency=concurrency.limit), requested_ms=run.now)))
+                                                     spec=LimitSpec(concurrency=concurrency.limit), requested_ms=since)))
     return True
 
 
@@ -111,7 +114,8 @@ def outstanding_acquisitions(state: "RunState") -> list[AcquireLimit]:
     for holder in holders:
         hold = holder.limit_hold
         if hold is not None and hold.get("waiting") and hold.get("spec"):
-            out.append(AcquireLimit(acquire=LimitAcquire.model_validate({**hold, "run_id": state.run_id, "priority": state.priority or PRIORITY_DEFAULT})))
+            out.append(AcquireLimit(acquire=LimitAcquire.model_validate({**hold, "run_id": state.run_id, "priority": state.priority or PRIORITY_DEFAULT,
+                                                                          "requested_ms": hold.get("since_ms", 0)})))
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from legato.streams import kafka_io
 from legato.streams.console.index import RunIndex, open_index
 from legato.topics.names import Topics
 
@@ -52,7 +53,7 @@ class Feed:
 
     async def _assign(self) -> bool:
         """Assign every partition of the wanted topics that exist now; True when that set grew."""
-        metadata = await self.consumer._client.fetch_all_metadata()
+        metadata = await kafka_io.fresh_metadata(self.consumer)
         tps = {TopicPartition(topic, p) for topic in metadata.topics() if self._wanted(topic)
                for p in (metadata.partitions_for_topic(topic) or ())}
         if tps <= self._assigned:

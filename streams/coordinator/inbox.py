@@ -69,7 +69,7 @@ class Inbox:
         trigger = codec.decode(RunRequested, msg.value)
         run_id = trigger.run_id or run_id_for(msg.topic, msg.partition, msg.offset)
         accepted = RunAccepted(run_id=run_id, workflow=trigger.workflow, input=trigger.input, correlation_id=trigger.correlation_id, parent=trigger.parent,
-                               version=trigger.version, priority=trigger.priority)
+                               version=trigger.version, priority=trigger.priority, triggered_ms=msg.timestamp if msg.timestamp > 0 else None)
         if trigger.run_id and msg.partition == partition_for(run_id.encode(), self.partitions):
             return accepted
         return (self.topics.coordinator, run_id.encode(), codec.dumps(accepted), None)

@@ -22,6 +22,7 @@ from legato.streams.coordinator.task import PartitionTask
 from legato.streams.coordinator.timers import fire_timers
 from legato.streams.coordinator.trace import Trace
 from legato.streams.kafka_io import keyed_partitioner
+from legato.streams.limiter import Limiter
 from legato.streams.schedules import Schedules
 from legato.topics.names import Topics
 from legato.streams.admin import ensure_topics
@@ -80,6 +81,9 @@ class Coordinator:
                                      trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache,
                                      state_commit_s=getattr(settings, "state_commit_ms", STATE_COMMIT_S * 1000) / 1000)
         self.rebalance = Rebalance(self)
+        # the cluster-wide limits are decided in every coordinator process too: users deploy nothing else
+        self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout)
+        self._limiting: asyncio.Task | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._session_timeout_ms = int(settings.session_timeout * 1000)
 
@@ -123,9 +127,11 @@ class Coordinator:
         # the schedules whose name hashes to a partition this process owns are fired here (streams/schedules.py)
         schedules = Schedules(self.settings.bootstrap, self.topics, self.partition_count, self.tasks.__contains__, self.metrics)
         firing = asyncio.create_task(schedules.run(), name="legato.schedules")
+        self._limiting = asyncio.create_task(self.limiter.serve(), name="legato.limiter")
         try:
             await self._consume()
         finally:
+            self._limiting.cancel()
             firing.cancel()
             timers.cancel()
             trim.cancel()
@@ -134,7 +140,7 @@ class Coordinator:
             loops = [t.loop for t in self.tasks.values() if t.loop is not None]
             for loop in loops:
                 loop.cancel()  # a batch being committed is aborted: whoever owns the partition next reads it again
-            await asyncio.gather(firing, *loops, return_exceptions=True)
+            await asyncio.gather(firing, self._limiting, *loops, return_exceptions=True)
             await self._consumer.stop()  # revokes and leaves the group
             await self.rebalance.stop()
             await fence.stop()
@@ -168,6 +174,9 @@ class Coordinator:
         consumer = self.consumer
         failures = 0
         while True:
+            if self._limiting is not None and self._limiting.done():
+                self._limiting.result()  # the limiter failed: so does the process (its supervisor restarts it)
+                raise RuntimeError("the limiter stopped")
             if self.rebalance.pending:
                 if await self.rebalance.open_pending():
                     failures = 0

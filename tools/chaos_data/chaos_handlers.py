@@ -32,3 +32,35 @@ async def chaos_hang(data):
 @activity("chaos_unserializable")
 async def chaos_unserializable(data):
     return {"value": object()}
+
+
+_RATE_LIMITED: set[str] = set()  # tags refused once already (per worker process)
+
+
+@activity("chaos_limited", concurrency=64)
+async def chaos_limited(data):
+    """Sleeps ``seconds``; appends its start and end (or its 429) as JSON lines to ``CHAOS_LIMITS_LOG`` when set, so
+    tests and ``legato chaos/bench limits`` see when requests reached a worker. ``retry_after``: refused once per
+    tag with ``RateLimited(retry_after=...)``."""
+    import json
+    import time
+
+    from legato.handlers.registry import RateLimited
+
+    path = os.environ.get("CHAOS_LIMITS_LOG")
+    tag, key = data.get("tag"), data.get("key")
+
+    def note(event, **extra):
+        if path:
+            line = json.dumps({"event": event, "tag": tag, "key": key, "t": time.time(), "pid": os.getpid(), **extra}) + "\n"
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(line)
+
+    note("start")
+    if data.get("retry_after") is not None and tag not in _RATE_LIMITED:
+        _RATE_LIMITED.add(tag)
+        note("429")
+        raise RateLimited("429 from the model API", retry_after=float(data["retry_after"]))
+    await asyncio.sleep(float(data.get("seconds", 0)))
+    note("end")
+    return {"tag": tag}

@@ -22,6 +22,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from legato.streams import kafka_io
 from legato.topics import codec
 from legato.topics.models import ActivityCompleted, ActivityRequested
 from legato.topics.names import Topics
@@ -101,7 +102,7 @@ async def committed_and_end(bootstrap: str, group: str, topic: str) -> dict[int,
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await c.start()
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or await _parts(c, topic))]
+        tps = [TopicPartition(topic, p) for p in await kafka_io.partitions_of(c, topic)]
         ends = await c.end_offsets(tps)
     finally:
         await c.stop()
@@ -120,11 +121,6 @@ async def topics_exist(bootstrap: str, names: list[str], timeout: float = 120.0)
             await asyncio.sleep(0.5)
     finally:
         await admin.close()
-
-
-async def _parts(c: AIOKafkaConsumer, topic: str) -> set[int]:
-    await c._client.force_metadata_update()
-    return c.partitions_for_topic(topic) or set()
 
 
 async def main() -> None:
