@@ -61,6 +61,8 @@ async def _trim_heap(interval: float = 5.0) -> None:
 class Coordinator:
     """Runs the transactional coordinator loop for one process (several processes share the partitions)."""
 
+    _limiting: asyncio.Task | None = None  # the limiter's task while serving
+
     def __init__(self, settings: Any, metrics: Any = None):
         self.settings = settings
         self.topics: Topics = settings.topics
@@ -83,7 +85,6 @@ class Coordinator:
         self.rebalance = Rebalance(self)
         # the cluster-wide limits are decided in every coordinator process too: users deploy nothing else
         self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout, metrics=metrics)
-        self._limiting: asyncio.Task | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._session_timeout_ms = int(settings.session_timeout * 1000)
 
