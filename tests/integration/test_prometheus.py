@@ -280,7 +280,7 @@ async def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
                 event = await client.run("metrics_polish", {}, timeout=10)
                 assert event.status == "succeeded", event
                 break
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, RuntimeError):  # RuntimeError: the coordinator has not created the topics yet
                 assert time.monotonic() < deadline, "legato not ready in 60s\n" + obs.logs()
         await wait_until(lambda: urllib.request.urlopen(f"{obs.prometheus}/-/ready", timeout=2).status == 200, 30, "prometheus ready")
         try:
