@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import orjson
 
-from legato.tools.harness import DATA, Env, Rec, Scene, legato_executable, send_all, trigger, wait_ready
+from legato.tools.harness import DATA, Env, Kill, Rec, Scene, kill_and_restart, legato_executable, send_all, trigger, wait_ready
 
 
 V1_STEPS = {"v1_prep", "v1_slow", "v1_done"}
@@ -84,21 +84,13 @@ async def scenario_deploy(bootstrap: str, runs: int = 1000, kills: int = 1, new_
                                                                                     "run_id": rid})) for i, rid in enumerate(ids)])
 
         await send_new(new_ids[:first_half], 0)
-        resumed_at = 0
-        for k in range(kills):
+        last: Kill | None = None
+        for _ in range(kills):
             # kill a coordinator that is serving (after the first kill: once it has finished runs again), with v1 runs in flight
-            waited = time.monotonic()
-            while k and watch.done(v1_ids) < min(runs, resumed_at + 20) and time.monotonic() - waited < 300:
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(rnd.uniform(0.5, 2.0))
-            v1_in_flight = runs - watch.done(v1_ids)
-            t_kill = coord.kill()
-            down = rnd.uniform(0.0, 2.0)
-            await asyncio.sleep(down)
-            coord.start()
-            resumed_at = watch.done(v1_ids)
-            kill_log.append({"at_s": round(t_kill - t0, 1), "v1_in_flight": v1_in_flight, "down_s": round(down, 2)})
-            say(f"  SIGKILL coordinator at +{t_kill - t0:.1f}s with {v1_in_flight}/{runs} v1 runs in flight, restarted after {down:.1f}s")
+            last = await kill_and_restart(coord, watch, v1_ids, rnd, last, settle=(0.5, 2.0))
+            v1_in_flight = runs - last.done_before
+            kill_log.append({"at_s": round(last.at - t0, 1), "v1_in_flight": v1_in_flight, "down_s": round(last.down_s, 2)})
+            say(f"  SIGKILL coordinator at +{last.at - t0:.1f}s with {v1_in_flight}/{runs} v1 runs in flight, restarted after {last.down_s:.1f}s")
         await send_new(new_ids[first_half:], first_half)
         await prod.flush()
         finished = await watch.wait(set(v1_ids) | set(new_ids) | set(probes), timeout, progress=say)

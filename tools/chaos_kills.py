@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from legato.tools.harness import Env, Scene, group_members, mix_expected, trigger, wait_ready
+from legato.tools.harness import Env, Kill, Scene, group_members, kill_and_restart, mix_expected, trigger, wait_ready
 
 
 async def scenario_coordinator(bootstrap: str, runs: int = 2000, kills: int = 5, rate: float = 40.0, seed: int = 1,
@@ -44,25 +44,14 @@ async def scenario_coordinator(bootstrap: str, runs: int = 2000, kills: int = 5,
             await prod.flush()
 
         async def chaos() -> None:
-            resumed_at = 0
+            last: Kill | None = None
             for m in moments:
                 delay = start + m - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                # kill a coordinator that is serving, not one still recovering from the last kill: wait until it has
-                # finished runs again (bounded), then a random extra 0-3 s
-                waited = time.monotonic()
-                while kill_log and watch.done(ids) < min(runs, resumed_at + 20) and time.monotonic() - waited < 300:
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(rnd.uniform(0.0, 3.0))
-                done_before = watch.done(ids)
-                t_kill = coord.kill()
-                down = rnd.uniform(0.0, 2.0)
-                await asyncio.sleep(down)
-                coord.start()
-                resumed_at = watch.done(ids)
-                kill_log.append({"at_s": round(t_kill - t0, 1), "finished_before": done_before, "down_s": round(down, 2)})
-                say(f"  SIGKILL coordinator at +{t_kill - t0:.1f}s ({done_before}/{runs} finished), restarted after {down:.1f}s")
+                last = await kill_and_restart(coord, watch, ids, rnd, last)
+                kill_log.append({"at_s": round(last.at - t0, 1), "finished_before": last.done_before, "down_s": round(last.down_s, 2)})
+                say(f"  SIGKILL coordinator at +{last.at - t0:.1f}s ({last.done_before}/{runs} finished), restarted after {last.down_s:.1f}s")
 
         await asyncio.gather(produce_all(), chaos())
         finished = await watch.wait(set(ids), timeout, progress=say)

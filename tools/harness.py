@@ -1,7 +1,7 @@
 """The harness of ``legato chaos`` and of the integration tests that drive real processes on a real broker.
 
 - ``Env``/``Proc``: a fresh topic prefix and data dirs, ``legato coordinator`` / ``legato worker`` OS processes started
-  there (workflows and handlers from ``chaos_data/``), killed with SIGKILL and restarted
+  there (workflows and handlers from ``chaos_data/``), killed with SIGKILL and restarted (``kill_and_restart``)
 - ``Tail``/``RunWatch``/``Scene``: every committed record of some topics, the runs' terminal events, a producer
 - ``judge``/``answered_in_time``: what happened to the runs, judged only from the topics
 - ``PrivateBroker``: a single-node broker with its own port and data dir (outages, TLS, SASL, ACL tests)
@@ -279,6 +279,36 @@ class RunWatch:
                 progress(f"  … {self.done(run_ids)}/{len(run_ids)} runs finished")
             await asyncio.sleep(0.2)
         return False
+
+
+@dataclass
+class Kill:
+    """One SIGKILL and restart by :func:`kill_and_restart`."""
+
+    at: float  # wall-clock time of the kill
+    done_before: int  # runs of the watched ids finished at the kill
+    down_s: float  # how long the process stayed down
+    resumed_at: int  # runs of the watched ids finished at the restart
+
+
+async def kill_and_restart(proc: Proc, watch: RunWatch, run_ids: list[str], rnd: random.Random, previous: Kill | None,
+                           settle: tuple[float, float] = (0.0, 3.0), recovered: int = 20, patience_s: float = 300.0) -> Kill:
+    """SIGKILL ``proc`` while it serves, keep it down a random 0-2 s, and start it again.
+
+    After an earlier kill (``previous``), it first waits until the restarted process has finished ``recovered`` more of
+    ``run_ids`` (or all of them, or ``patience_s`` passed), so that a kill never lands on a process still recovering
+    from the last; then a random ``settle`` (s) more. ``rnd`` draws the settle, then the down time."""
+    if previous is not None:
+        waited = time.monotonic()
+        while watch.done(run_ids) < min(len(run_ids), previous.resumed_at + recovered) and time.monotonic() - waited < patience_s:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(rnd.uniform(*settle))
+    done_before = watch.done(run_ids)
+    at = proc.kill()
+    down = rnd.uniform(0.0, 2.0)
+    await asyncio.sleep(down)
+    proc.start()
+    return Kill(at, done_before, down, watch.done(run_ids))
 
 
 def count_by_request(records: list[Rec]) -> Counter:
