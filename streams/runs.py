@@ -14,6 +14,7 @@ from aiokafka import TopicPartition
 
 from legato.streams import kafka_io, security
 from legato.topics.names import Topics
+from legato.topics.payload_refs import refs_in
 from legato.workflows.state import RunState, StepState
 
 TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
@@ -149,6 +150,29 @@ def _cost(cost: dict[str, Any] | None) -> str:
     return " ".join(parts) or "-"
 
 
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def value_size(value: Any) -> str:
+    """A value's size as ``runs show`` and the console print it: its JSON's bytes, or, when it holds payload
+    references (claim checks), the bytes stored by reference (``legato runs show RUN --fetch STEP`` prints it)."""
+    if value is None:
+        return "-"
+    refs = refs_in(value)
+    if refs:
+        return f"{_bytes(sum(r.size for r in refs))} by ref"
+    return _bytes(len(json.dumps(value, separators=(",", ":"), default=str).encode()))
+
+
+def find_step(state: RunState, name: str) -> StepState | None:
+    """The step of key ``name``, else the first started of id ``name`` (``--fetch``)."""
+    return state.steps.get(name) or next((s for s in _ordered(state) if s.step_id == name), None)
+
+
 def _iterations(step: StepState) -> str:
     if step.kind == "loop":
         ended = f" ({step.ended_by})" if step.ended_by else ""
@@ -198,6 +222,7 @@ def render_table(state: RunState, key_names: dict[str, str] | None = None) -> st
             step.path or "-",
             _iterations(step),
             _cost(step.cost),
+            value_size(step.output),
         ])
     header = f"run {state.run_id}  workflow {state.workflow} v{state.version}  status {state.status}"
     run_waits = limit_wait(state.limit_hold)
@@ -205,7 +230,7 @@ def render_table(state: RunState, key_names: dict[str, str] | None = None) -> st
         header += f" ({run_waits})"
     if state.priority is not None:
         header += f"  priority {state.priority}"
-    body = _table(["step", "kind", "status", "attempt", "start_ms", "duration_ms", "path", "iterations", "cost"], rows)
+    body = _table(["step", "kind", "status", "attempt", "start_ms", "duration_ms", "path", "iterations", "cost", "output"], rows)
     duration = None if state.finished_ms is None else state.finished_ms - state.started_ms
     totals = [
         f"started   {_iso(state.started_ms)}",
@@ -220,7 +245,7 @@ def render_table(state: RunState, key_names: dict[str, str] | None = None) -> st
     if state.error is not None:
         totals.append(f"error     {state.error.type}: {state.error.message}")
     if state.output is not None:
-        totals.append(f"output    {json.dumps(state.output, sort_keys=True, default=str)[:500]}")
+        totals.append(f"output    ({value_size(state.output)}) {json.dumps(state.output, sort_keys=True, default=str)[:500]}")
     return "\n".join([header, "", body, "", *totals])
 
 

@@ -97,7 +97,7 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
                 type="OutputTooLarge", retryable=False,
                 message=f"handler output of {output_bytes:,} bytes exceeds the payload store's limit of {payloads.max_bytes:,} bytes"))
         if payloads is not None and output_bytes > payloads.inline_max:
-            result = await payloads.put(request.run_id, result)
+            result = await payloads.externalize(request.run_id, result)
         completion = ActivityCompleted(**base, status="succeeded", output=result, confidence=confidence, cost=Cost.model_validate(cost) if cost else None)
     except PayloadError as exc:
         return ActivityCompleted(**base, status="failed", error=ErrorInfo(type="PayloadError", message=str(exc)[:2000], retryable=True))

@@ -1,4 +1,4 @@
-"""``legato chaos scale``'s judgement: stalls per partition, and duplicate executions tied to worker rebalances."""
+"""``legato chaos scale``'s judgement: stalls per partition, and duplicate executions tied to the steps they were in flight at."""
 from __future__ import annotations
 
 import orjson
@@ -23,5 +23,13 @@ def test_a_duplicate_counts_as_in_flight_only_when_sent_before_a_worker_step_set
                    rec(0, 31.0, {"request_id": "b"}), rec(0, 32.0, {"request_id": "b"}),  # long after it
                    rec(0, 6.0, {"request_id": "c"})]  # answered once
     out = duplicates_by_step(requests, completions, {"worker 1 -> 2": (11.0, 15.0)})
-    assert out["duplicates_in_flight"] == 1 and out["duplicates_by_worker_step"] == {"worker 1 -> 2": 1}
+    assert out["duplicates_in_flight"] == 1 and out["duplicates_by_step"] == {"worker 1 -> 2": 1}
     assert out["duplicates_unexplained"] == 1 and out["unexplained_examples"][0]["request_id"] == "b"
+
+
+def test_a_request_reissued_by_a_coordinator_taking_over_counts_at_the_coordinator_step():
+    requests = [rec(0, 21.7, {"request_id": "a"}), rec(0, 26.9, {"request_id": "a"})]  # re-issued by the new owner
+    completions = [rec(0, 22.2, {"request_id": "a"}), rec(0, 27.3, {"request_id": "a"})]
+    out = duplicates_by_step(requests, completions, {"coordinator 2 -> 1": (22.1, 26.0), "worker 3 -> 2": (26.0, 31.0)})
+    assert out["duplicates_by_step"] == {"coordinator 2 -> 1": 1} and out["duplicates_after_reissue"] == 1
+    assert duplicates_by_step(requests, completions, {"worker 3 -> 2": (26.0, 31.0)})["duplicates_unexplained"] == 1

@@ -230,3 +230,24 @@ async def test_schedules_page_lists_schedules_with_last_and_next_ticks_and_their
         assert 'href="/schedules"' in html
     finally:
         await c.close()
+
+
+async def test_a_value_stored_by_reference_shows_its_size_and_a_fetch_link(tmp_path):
+    settings = Settings(payload_store=f"file://{tmp_path / 'store'}", payload_inline_max=100)
+    payloads = settings.payloads()
+    ref = await payloads.put("big", {"text": "w" * 5000})
+    log = sample_log()
+    log.add(T.changelog, "big", state("big", status="succeeded", output={"doc": ref}, steps={
+        "a": {"key": "a", "step_id": "a", "kind": "activity", "frame": "root", "status": "succeeded", "started_ms": 1000, "output": {"doc": ref}}}), 5000)
+    index = RunIndex(":memory:", "legato")
+    index.apply_all(log.records)
+    c = await client_for(Console(settings, index))
+    try:
+        html = await (await c.get("/run?id=big")).text()
+        assert "5.0 kB by ref" in html and 'href="/run/payload?id=big&amp;step=a"' in html and 'href="/run/payload?id=big&amp;step=output"' in html
+        response = await c.get("/run/payload?id=big&step=a")
+        assert response.status == 200 and await response.json() == {"doc": {"text": "w" * 5000}}
+        assert (await c.get("/run/payload?id=big&step=nope")).status == 404
+        assert (await c.get("/run/payload?id=nope&step=a")).status == 404
+    finally:
+        await c.close()

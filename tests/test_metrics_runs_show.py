@@ -19,7 +19,7 @@ def test_table_shows_each_step_and_the_totals():
     lines = text.splitlines()
     assert lines[0] == "run r1  workflow triage v1  status succeeded"
     header = next(line for line in lines if line.startswith("step "))
-    assert header.split() == ["step", "kind", "status", "attempt", "start_ms", "duration_ms", "path", "iterations", "cost"]
+    assert header.split() == ["step", "kind", "status", "attempt", "start_ms", "duration_ms", "path", "iterations", "cost", "output"]
     rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in state.steps}
     assert rows["classify"][1:6] == ["activity", "succeeded", "1", "0", "100"]
     assert rows["enrich"][1:6] == ["parallel", "succeeded", "-", "100", "200"]

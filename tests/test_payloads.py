@@ -44,9 +44,27 @@ def test_small_values_stay_inline_and_large_ones_become_references(tmp_path):
 
     ref, resolved = _run(go())
     data = orjson.dumps({"text": "y" * 500})
+    # split, the field's reference would still be over 100 bytes: the value is stored whole
     assert ref == {"$ref": f"legato-payload:run-1/{hashlib.sha256(data).hexdigest()}", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert resolved == {"a": [{"text": "y" * 500}], "b": 1}
     assert counted == [("stored", len(data)), ("fetched", len(data))]
+
+
+def test_large_fields_are_stored_on_their_own_and_small_ones_stay_inline(tmp_path):
+    payloads = _payloads(tmp_path, inline_max=1000)
+
+    async def go():
+        await payloads.start()
+        value = {"text": "t" * 1200, "lang": "en", "parts": ["p" * 1200, "q"], "many": ["m" * 40] * 30}
+        out = await payloads.externalize("r", value)
+        return value, out, await payloads.resolve(out)
+
+    value, out, resolved = _run(go())
+    assert is_ref(out["text"]) and out["lang"] == "en"
+    assert is_ref(out["parts"][0]) and out["parts"][1] == "q"
+    assert is_ref(out["many"]) and out["many"]["size"] == len(orjson.dumps(value["many"]))  # small items: stored whole
+    assert resolved == value
+    assert len(FilePayloadStore(tmp_path / "store").ids()) == 3  # text, parts[0], many: nothing stored in vain
 
 
 def test_reference_matches_its_published_schema(tmp_path):
@@ -150,8 +168,8 @@ def test_a_worker_resolves_inputs_and_stores_a_large_output_by_reference(tmp_pat
 
     completion, output = _run(go())
     assert seen == [{"doc": "abc" * 100}]
-    assert completion.status == "succeeded" and is_ref(completion.output), completion
-    assert completion.output["$ref"].startswith("legato-payload:r/")
+    assert completion.status == "succeeded" and is_ref(completion.output["text"]), completion
+    assert completion.output["text"]["$ref"].startswith("legato-payload:r/")
     assert output == {"text": "ABC" * 1000}
 
 
@@ -189,4 +207,45 @@ def test_an_output_over_the_store_limit_fails_the_step_at_once_naming_its_size(t
     assert "20,002 bytes" in over.error.message and "limit of 10,000 bytes" in over.error.message, over.error.message
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())  # nothing stored
     under = _run(go(9_000))
-    assert under.status == "succeeded" and is_ref(under.output), under
+    assert under.status == "succeeded" and is_ref(under.output), under  # a string: stored whole
+
+
+def test_runs_show_prints_sizes_and_fetch_prints_a_value(tmp_path, capsys):
+    from legato.streams.cli import _fetch_value
+    from legato.streams.config import Settings
+    from legato.streams.runs import render_table, value_size
+    from legato.workflows.state import RunState, StepState
+
+    settings = Settings(payload_store=f"file://{tmp_path / 'store'}", payload_inline_max=100)
+    payloads = settings.payloads()
+    ref = _run(payloads.put("r1", {"text": "w" * 5000}))
+    state = RunState(run_id="r1", workflow="wf", version=1, input={"q": 1}, started_ms=0, status="succeeded", output={"doc": ref},
+                     steps={"big": StepState(key="big", step_id="big", kind="activity", frame="root", status="succeeded", output={"doc": ref}, started_ms=0)})
+    assert value_size({"doc": ref}) == f"{ref['size'] / 1000:.1f} kB by ref" and value_size({"a": 1}) == "7 B" and value_size(None) == "-"
+    text = render_table(state)
+    assert "5.0 kB by ref" in text.splitlines()[4] and "output    (5.0 kB by ref)" in text
+    run = {"run_id": "r1", "state": state.model_dump(mode="json")}
+    assert _fetch_value(settings, run, "big") == 0
+    assert orjson.loads(capsys.readouterr().out) == {"doc": {"text": "w" * 5000}}
+    assert _fetch_value(settings, run, "input") == 0 and orjson.loads(capsys.readouterr().out) == {"q": 1}
+    assert _fetch_value(settings, run, "nope") == 1 and "no step 'nope'" in capsys.readouterr().err
+
+
+def test_the_kafka_store_starts_its_clients_once_for_concurrent_first_calls(monkeypatch):
+    """A coordinator's partitions fetch their first payloads at once: each call must find started clients (the
+    second call used to see the producer set and a consumer still None, and its partition's task died)."""
+    store = KafkaPayloadStore("b:1", "legato.payloads")
+    started = []
+
+    async def start_clients():
+        started.append(1)
+        await asyncio.sleep(0.01)
+        store._producer, store._consumer = object(), object()
+
+    monkeypatch.setattr(store, "_start_clients", start_clients)
+
+    async def go():
+        await asyncio.gather(*(store.start() for _ in range(5)))
+        return store._consumer
+
+    assert _run(go()) is not None and started == [1]

@@ -1,9 +1,10 @@
 """``legato chaos scale``: coordinators and workers scaled out and back in while runs are in flight.
 
-One ``legato coordinator`` and one ``legato worker`` serve ``chaos_mix`` runs triggered at a steady rate; each role
-is then scaled 1 -> 3 -> 1, one process at a time (``STEPS``): a new process is started, or the newest one is stopped
-with SIGTERM as a deployment stops it. Each step waits until the role's consumer group is stable with the new member
-count before the next one; the triggers pause at each step until it has begun, so runs are in flight at every step.
+One ``legato coordinator`` and one ``legato worker`` serve ``chaos_mix`` runs triggered at a steady rate; after a
+steady stretch (``WARMUP_S``) each role is scaled 1 -> 3 -> 1, one process at a time (``STEPS``): a new process is
+started, or the newest one is stopped with SIGTERM as a deployment stops it. Each step waits until the role's
+consumer group is stable with the new member count, and 2 s more, before the next one. The triggers go on at the same
+rate until the last step is over (at least ``runs`` of them), so runs are in flight at every step.
 
 Judged like every scenario (``harness.judge``: lost, duplicate terminal events, duplicate executions). Per step:
 
@@ -12,9 +13,12 @@ Judged like every scenario (``harness.judge``: lost, duplicate terminal events, 
   ``<prefix>.runs`` for a coordinator step and on ``<prefix>.completions`` for a worker step; ``baseline_gap_s`` is
   the same measure over the steady stretch before the first step.
 
-A duplicate execution is only acceptable as the at-least-once bound of workers: a request in flight (sent, not yet
-answered) while a worker group rebalanced may run again on the partition's next owner. ``duplicates_in_flight``
-counts the duplicated requests that were sent before a worker step settled and first answered after it began;
+A duplicate execution is only acceptable as the at-least-once bound on requests in flight at a rebalance: a request
+a worker received but had not answered when its partition moved runs again on the next owner; a coordinator that
+takes a partition over re-issues the requests whose completions it has not read yet, and a worker that did not see
+the first copy (the worker group moved too, or another worker answered it) runs the copy. ``duplicates_in_flight``
+counts the duplicated requests first sent before a step's window (start to settled + 2 s) ended and first answered
+after it began;
 ``duplicates_unexplained`` the others (goal 0).
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ STEPS: tuple[tuple[str, int], ...] = (
 )
 """(role, +1 start one / -1 stop the newest): each role 1 -> 3 -> 1."""
 SETTLE_EXTRA_S = 2.0
+WARMUP_S = 5.0
 
 
 def max_gap(records: list[Rec], start: float, end: float) -> float | None:
@@ -50,37 +55,40 @@ def max_gap(records: list[Rec], start: float, end: float) -> float | None:
 
 
 def duplicates_by_step(requests: list[Rec], completions: list[Rec], windows: dict[str, tuple[float, float]]) -> dict[str, Any]:
-    """Each request executed more than once, checked against the worker steps' rebalance ``windows`` ({step:
-    (start, settled)}): in flight at one if sent before it settled and first answered after it began."""
-    sent: dict[str, float] = {}
+    """Each request executed more than once, checked against the steps' rebalance ``windows`` ({step: (start,
+    end)}): in flight at a step if its first copy was sent before the window ended and first answered after the step
+    began. ``duplicates_after_reissue``: those whose request a coordinator sent again (a new partition owner re-issues
+    the requests whose completions it has not read yet; a worker that never saw the first copy runs it)."""
+    sent: dict[str, list[float]] = {}
     for r in requests:
         v = r.json()
         if isinstance(v, dict) and isinstance(v.get("request_id"), str):
-            sent.setdefault(v["request_id"], r.timestamp / 1000)
+            sent.setdefault(v["request_id"], []).append(r.timestamp / 1000)
     answers: dict[str, list[float]] = {}
     for c in completions:
         v = c.json()
         if isinstance(v, dict) and isinstance(v.get("request_id"), str):
             answers.setdefault(v["request_id"], []).append(c.timestamp / 1000)
-    in_flight, unexplained, by_step = 0, [], {step: 0 for step in windows}
+    in_flight, reissued, unexplained, by_step = 0, 0, [], {step: 0 for step in windows}
     for rid, times in answers.items():
         if len(times) < 2:
             continue
-        first, at = min(times), sent.get(rid)
-        steps = [step for step, (start, end) in windows.items() if at is not None and at <= end and first >= start]
+        first, copies = min(times), sorted(sent.get(rid, []))
+        steps = [step for step, (start, end) in windows.items() if copies and copies[0] <= end and first >= start]
         if steps:
             in_flight += len(times) - 1
             by_step[steps[0]] += len(times) - 1
+            reissued += (len(times) - 1) if len(copies) > 1 else 0
         else:
-            unexplained.append({"request_id": rid, "sent": at, "answers": sorted(times)})
-    return {"duplicates_in_flight": in_flight, "duplicates_by_worker_step": by_step, "duplicates_unexplained": sum(len(u["answers"]) - 1 for u in unexplained),
-            "unexplained_examples": unexplained[:5]}
+            unexplained.append({"request_id": rid, "sent": copies, "answers": sorted(times)})
+    return {"duplicates_in_flight": in_flight, "duplicates_after_reissue": reissued, "duplicates_by_step": {k: v for k, v in by_step.items() if v},
+            "duplicates_unexplained": sum(len(u["answers"]) - 1 for u in unexplained), "unexplained_examples": unexplained[:5]}
 
 
 async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, steps: tuple[tuple[str, int], ...] = STEPS,
                          extra_env: dict[str, str] | None = None, timeout: float = 900.0, say: Callable[[str], None] = print,
                          workdir: Path | None = None, partitions: int = 8) -> dict[str, Any]:
-    """``runs`` chaos_mix runs triggered at ``rate``/s while coordinators and workers are scaled through ``steps``."""
+    """chaos_mix runs triggered at ``rate``/s (at least ``runs``) while coordinators and workers are scaled through ``steps``."""
     env = Env(bootstrap, workdir, partitions=partitions, extra_env={"CHAOS_DELAY": "0.02", **(extra_env or {})})
     async with Scene(env, [env.topics.completions, env.topics.requests("chaos_echo")]) as scene:
         procs: dict[str, list[Proc]] = {"coordinator": [env.process("coordinator", "coordinator-1")], "worker": [env.process("worker", "worker-1")]}
@@ -88,41 +96,33 @@ async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, s
         ready = await wait_ready(env, prod, watch, [p for ps in procs.values() for p in ps], timeout=180.0)
         say(f"  processes ready after {ready:.1f}s (prefix {env.prefix}, logs {env.workdir})")
         groups = {"coordinator": env.topics.coordinator_group, "worker": f"{env.prefix}-worker"}
-        expected = {f"sc-{i}": mix_expected(i) for i in range(runs)}
-        ids = list(expected)
-        gates = [runs * (k + 1) // (len(steps) + 1) for k in range(len(steps))]
-        reached = [asyncio.Event() for _ in gates]
-        begun = [asyncio.Event() for _ in gates]
+        ids: list[str] = []
         log: list[dict[str, Any]] = []
-        triggered = 0
+        scaled = asyncio.Event()
         t_first_trigger = time.time()
 
         async def produce_all() -> None:
-            nonlocal triggered
-            base, since = time.monotonic(), 0
-            for i, rid in enumerate(ids):
-                if i in gates:
-                    k = gates.index(i)
-                    reached[k].set()
-                    await begun[k].wait()
-                    base, since = time.monotonic(), i
-                delay = base + (i - since) / rate - time.monotonic()
+            # at least ``runs``, and on until the last step has settled (and its stall window passed): runs are in
+            # flight at every step however long the groups take to settle
+            start, i = time.monotonic(), 0
+            while i < runs or not scaled.is_set():
+                delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                rid = f"sc-{i}"
                 await trigger(prod, env, "chaos_mix", {"n": i}, rid)
-                triggered = i + 1
+                ids.append(rid)
+                i += 1
             await prod.flush()
 
         async def scale() -> None:
-            for k, (role, delta) in enumerate(steps):
-                await reached[k].wait()
-                finished = watch.done(ids)
-                t = time.time()
+            await asyncio.sleep(WARMUP_S)  # the steady stretch ``baseline_gap_s`` is measured on
+            for role, delta in steps:
+                finished, t = watch.done(ids), time.time()
+                in_flight = len(ids) - finished
                 if delta > 0:
                     procs[role].append(env.process(role, f"{role}-{len(procs[role]) + 1}"))
-                    begun[k].set()
                 else:
-                    begun[k].set()
                     await asyncio.to_thread(procs[role].pop().stop)
                 want = len(procs[role])
                 # a stopped member leaves at once: wait for the group to be stable with exactly ``want`` members
@@ -131,11 +131,14 @@ async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, s
                     await asyncio.sleep(0.5)
                 settled = time.time()
                 step = {"step": f"{role} {want - delta} -> {want}", "role": role, "at": t, "at_s": round(t - t_first_trigger, 1),
-                        "settled_s": round(settled - t, 1), "settled": settled, "finished_before": finished, "in_flight": triggered - finished}
+                        "settled_s": round(settled - t, 1), "settled": settled, "finished_before": finished, "in_flight": in_flight}
                 log.append(step)
-                say(f"  {step['step']} at +{step['at_s']}s ({triggered - finished} runs in flight), group stable after {step['settled_s']}s")
+                say(f"  {step['step']} at +{step['at_s']}s ({in_flight} runs in flight), group stable after {step['settled_s']}s")
+                await asyncio.sleep(SETTLE_EXTRA_S)  # the step's stall window, before the next step disturbs it
+            scaled.set()
 
         await asyncio.gather(produce_all(), scale())
+        expected = {rid: mix_expected(int(rid[3:])) for rid in ids}
         finished = await watch.wait(set(ids), timeout, progress=say)
         await asyncio.sleep(5.0)  # late duplicates
         tails = scene.other.records if scene.other is not None else []
@@ -149,7 +152,7 @@ async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, s
         res = scene.judge(expected)
         ours = set(expected)
         mine = lambda rs: [r for r in rs if isinstance(r.json(), dict) and r.json().get("run_id") in ours]  # noqa: E731
-        windows = {s["step"]: (s["at"], s["settled"] + SETTLE_EXTRA_S) for s in log if s["role"] == "worker"}
+        windows = {s["step"]: (s["at"], s["settled"] + SETTLE_EXTRA_S) for s in log}
         res.update(duplicates_by_step(mine(requests), mine(completions), windows))
         alive = all(p.alive() for ps in procs.values() for p in ps)
         res.update({
@@ -157,7 +160,7 @@ async def scenario_scale(bootstrap: str, runs: int = 2000, rate: float = 40.0, s
             "max_stall_s": max((s["stall_s"] for s in log if s["stall_s"] is not None), default=None), "baseline_gap_s": baseline,
             "all_finished": finished, "processes_alive": alive, "rate": rate, "prefix": env.prefix,
             "checks": {"every step had runs in flight": all(s["in_flight"] > 0 for s in log) and len(log) == len(steps),
-                       "duplicate executions only of requests in flight at a worker rebalance": res["duplicate_executions"] == 0
+                       "duplicate executions only of requests in flight at a step": res["duplicate_executions"] == 0
                        or res.get("duplicates_unexplained", 1) == 0},
         })
         return res

@@ -42,7 +42,8 @@ DATA = Path(__file__).resolve().parent / "chaos_data"
 """The scenarios' workflows (``*.yaml``) and their activities (``chaos_handlers.py``)."""
 ANSWERED_ELSEWHERE = ["retry_intake", "retry_kyc", "retry_score", "retry_limit", "deadline_answer"]
 """Activities no Legato handler serves: ``chaos_data/independent_worker.py`` (``retries``) or a test answers them."""
-ACTIVITIES = ["chaos_echo", "chaos_slow", "chaos_limited", "chaos_nobody", "chaos_raise", "chaos_hang", "chaos_unserializable", *ANSWERED_ELSEWHERE]
+ACTIVITIES = ["chaos_echo", "chaos_slow", "chaos_limited", "chaos_nobody", "chaos_raise", "chaos_hang", "chaos_unserializable", "chaos_blob", "chaos_digest",
+              *ANSWERED_ELSEWHERE]
 
 
 def mix_expected(n: int) -> dict[str, Any]:

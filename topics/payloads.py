@@ -31,9 +31,9 @@ from typing import Any, Callable, Protocol
 from urllib.parse import quote, unquote, urlparse
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
-REF_PREFIX = "legato-payload:"
+from legato.topics.payload_refs import REF_PREFIX, PayloadRef, is_ref, may_hold_refs, refs_in, substitute  # noqa: F401 (re-exported)
+
 DEFAULT_INLINE_MAX = 262_144
 """Bytes of a value's JSON above which it is stored by reference (``LEGATO_PAYLOAD_INLINE_MAX``)."""
 CHUNK_BYTES = 900_000
@@ -44,58 +44,6 @@ MAX_PAYLOAD_BYTES = 2 * 1024**3
 
 class PayloadError(RuntimeError):
     """A payload that cannot be stored or read: missing (deleted by retention?), corrupted, or a bad reference."""
-
-
-class PayloadRef(BaseModel):
-    """A reference to a stored payload, as it travels in place of the value."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True,
-                              json_schema_extra={"description": "A value stored by reference (a claim check): fetch it from the payload store by its id."})
-
-    ref: str = Field(alias="$ref", pattern=r"^legato-payload:.+", description="legato-payload:<payload id>")
-    size: int = Field(ge=0, description="bytes of the value's JSON")
-    sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$", description="sha256 of the value's JSON, checked on read")
-    chunks: int | None = Field(default=None, ge=1, description="Kafka store: records the JSON is cut into")
-    partition: int | None = Field(default=None, ge=0, description="Kafka store: the partition of every chunk")
-    offset: int | None = Field(default=None, ge=0, description="Kafka store: the offset of the first chunk")
-
-    @property
-    def id(self) -> str:
-        return self.ref[len(REF_PREFIX):]
-
-    def wire(self) -> dict[str, Any]:
-        """The reference as it travels (the JSON object in place of the value)."""
-        return self.model_dump(by_alias=True, exclude_none=True)
-
-
-def is_ref(value: Any) -> bool:
-    """True when ``value`` is a payload reference (a dict whose ``$ref`` starts ``legato-payload:``)."""
-    return isinstance(value, dict) and isinstance(value.get("$ref"), str) and value["$ref"].startswith(REF_PREFIX)
-
-
-def refs_in(value: Any) -> list[PayloadRef]:
-    """Every payload reference inside ``value`` (depth first, each once)."""
-    found: dict[str, PayloadRef] = {}
-    _walk(value, found)
-    return list(found.values())
-
-
-def _walk(value: Any, found: dict[str, PayloadRef]) -> None:
-    if isinstance(value, dict):
-        if is_ref(value):
-            ref = PayloadRef.model_validate(value)
-            found.setdefault(ref.id, ref)
-            return
-        for v in value.values():
-            _walk(v, found)
-    elif isinstance(value, list):
-        for v in value:
-            _walk(v, found)
-
-
-def may_hold_refs(data: bytes) -> bool:
-    """A quick test on a record's bytes: False means no reference is inside."""
-    return REF_PREFIX.encode() in data
 
 
 def encoded(value: Any) -> bytes:
@@ -113,6 +61,11 @@ def decode_payload(ref: PayloadRef, data: bytes) -> Any:
     if hashlib.sha256(data).hexdigest() != ref.sha256:
         raise PayloadError(f"payload {ref.id}: sha256 mismatch (corrupted or overwritten)")
     return orjson.loads(data)
+
+
+def _ref_bytes(scope: str) -> int:
+    """An upper bound of a reference's JSON for a payload of ``scope`` (size, sha256, chunks, partition, offset)."""
+    return 260 + len(scope.encode())
 
 
 class PayloadStore(Protocol):
@@ -163,13 +116,45 @@ class Payloads:
         return PayloadRef.model_validate({"$ref": REF_PREFIX + pid, "size": len(data), "sha256": pid.rsplit("/", 1)[1], **location}).wire()
 
     async def externalize(self, scope: str, value: Any) -> Any:
-        """``value`` itself when its JSON is at most ``inline_max`` bytes, else a reference to it, stored."""
+        """``value`` itself when its JSON is at most ``inline_max`` bytes, else with its large parts stored: each
+        field or item over the limit becomes a reference (recursively); when what is left is still over the limit (many
+        small parts), the whole value is stored instead, so a stored value never holds references of its own.
+        ``{"text": <20 MB>, "lang": "en"}`` travels as ``{"text": <reference>, "lang": "en"}``: an expression reads
+        ``lang`` without a fetch and ``text`` goes on to the next step as its reference."""
         if value is None or isinstance(value, (bool, int, float)):
             return value
         data = encoded(value)
         if len(data) <= self.inline_max:
             return value
-        return await self.put(scope, value, data)
+        return await self._store(scope, value, data)
+
+    async def _store(self, scope: str, value: Any, data: bytes) -> Any:
+        """``value`` (over the limit) split into references when ``_split_size`` says it then fits, else stored whole."""
+        if self._split_size(scope, value, data) is None:
+            return await self.put(scope, value, data)
+        if isinstance(value, dict):
+            return {k: await self._store(scope, v, encoded(v)) if self._over(v) else v for k, v in value.items()}
+        return [await self._store(scope, v, encoded(v)) if self._over(v) else v for v in value]
+
+    def _split_size(self, scope: str, value: Any, data: bytes) -> int | None:
+        """The bytes of ``value``'s JSON once its parts over the limit are references (or split in turn), when that
+        fits under the limit; None when it does not (the value is stored whole: nothing of it stored on its own)."""
+        if isinstance(value, dict) and not is_ref(value):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            return None
+        size, split = len(data), False
+        for child in children:
+            if self._over(child):
+                child_data = encoded(child)
+                size += (self._split_size(scope, child, child_data) or _ref_bytes(scope)) - len(child_data)
+                split = True
+        return size if split and size <= self.inline_max else None
+
+    def _over(self, value: Any) -> bool:
+        return not (value is None or isinstance(value, (bool, int, float))) and len(encoded(value)) > self.inline_max
 
     async def fetch(self, ref: PayloadRef | dict[str, Any]) -> Any:
         """The value ``ref`` points at (its sha256 checked)."""
@@ -180,34 +165,17 @@ class Payloads:
         return decode_payload(ref, data)
 
     async def resolve(self, value: Any) -> Any:
-        """``value`` with every reference inside replaced by its value (a value that holds none is returned as is)."""
-        refs = refs_in(value)
-        if not refs:
-            return value
-        values = {ref.id: await self.fetch(ref) for ref in refs}
-        return substitute(value, values)
+        """``value`` with every reference inside replaced by its value, also those inside fetched values (a value that
+        holds none is returned as is)."""
+        while True:
+            refs = refs_in(value)
+            if not refs:
+                return value
+            values = {ref.id: await self.fetch(ref) for ref in refs}
+            value = substitute(value, values)
 
     async def delete(self, ref: PayloadRef | dict[str, Any]) -> None:
         await self.store.delete(ref if isinstance(ref, PayloadRef) else PayloadRef.model_validate(ref))
-
-
-def substitute(value: Any, values: dict[str, Any] | Callable[[PayloadRef], Any]) -> Any:
-    """``value`` with each reference replaced by ``values[id]`` (or ``values(ref)``); containers without references
-    are returned as they are, not copied."""
-    if isinstance(value, dict):
-        if is_ref(value):
-            ref = PayloadRef.model_validate(value)
-            return values(ref) if callable(values) else values[ref.id]
-        out, changed = {}, False
-        for k, v in value.items():
-            nv = substitute(v, values)
-            changed = changed or nv is not v
-            out[k] = nv
-        return out if changed else value
-    if isinstance(value, list):
-        items = [substitute(v, values) for v in value]
-        return items if any(a is not b for a, b in zip(items, value)) else value
-    return value
 
 
 # --- the file store ------------------------------------------------------------------------------
@@ -283,19 +251,28 @@ class KafkaPayloadStore:
         self._consumer: Any = None
         self._partitions: int | None = None
         self._read = asyncio.Lock()
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
+        async with self._starting:  # concurrent first calls (a coordinator's partitions) start the clients once
+            if self._consumer is None:
+                await self._start_clients()
+
+    async def _start_clients(self) -> None:
         from aiokafka import AIOKafkaProducer
 
         from legato.topics import kafka_io
 
-        if self._producer is not None:
-            return
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-                                          max_request_size=self.chunk_bytes + 64 * 1024, **self.kafka)
-        await self._producer.start()
-        self._consumer = kafka_io.reader(self.bootstrap, max_partition_fetch_bytes=2 * self.chunk_bytes, fetch_max_bytes=8 * self.chunk_bytes, **self.kafka)
-        await self._consumer.start()
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+                                    max_request_size=self.chunk_bytes + 64 * 1024, **self.kafka)
+        await producer.start()
+        consumer = kafka_io.reader(self.bootstrap, max_partition_fetch_bytes=2 * self.chunk_bytes, fetch_max_bytes=8 * self.chunk_bytes, **self.kafka)
+        try:
+            await consumer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer, self._consumer = producer, consumer
 
     async def stop(self) -> None:
         for client in (self._producer, self._consumer):

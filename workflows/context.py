@@ -15,6 +15,7 @@ import orjson
 from legato.topics.models import ErrorInfo, RunCancelRequested, RunEvent
 from legato.workflows import keys, run_limits, transitions
 from legato.workflows.commands import Command, EventIgnored, NotifyParent, PublishRunEvent
+from legato.workflows.claims import Claims
 from legato.workflows.expressions import ExpressionError
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, retention_ms
 from legato.workflows.model import CompiledWorkflow, DefaultValue, Fallback, Limit, step_kind
@@ -34,9 +35,11 @@ class Run(RunTimers, RunSize, RunBudget):
     """One decision in progress: mutates its own copy of the state and collects commands and domain events."""
 
     def __init__(self, state: RunState, wf: CompiledWorkflow | None, now_ms: int, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
-                 default_retention_s: float = DEFAULT_RETENTION_S, limits: Callable[[str], Limit | None] | None = None):
+                 default_retention_s: float = DEFAULT_RETENTION_S, limits: Callable[[str], Limit | None] | None = None,
+                 claims: Claims | None = None):
         self.state = state
         self._limits = limits  # deployed limits by name (``Catalog.limit``)
+        self.claims = claims  # what expressions see of values stored by reference (legato.workflows.claims)
         self.wf = wf
         self.now = now_ms
         self.max_state_bytes = max_state_bytes
@@ -222,7 +225,7 @@ class Run(RunTimers, RunSize, RunBudget):
             return
         if ok and self.wf is not None and self.wf.definition.output is not None and not explicit_output:
             try:
-                output = self.wf.expr("output").evaluate({"input": state.input, "steps": state.view})
+                output = self.wf.expr("output").evaluate({"input": state.input, "steps": state.view}, self.claims)
             except ExpressionError as exc:
                 if state.budget_exhausted:  # on_budget: finish: the run ends with what it has, not on an error
                     output = self.outputs_so_far()
@@ -319,7 +322,7 @@ class Run(RunTimers, RunSize, RunBudget):
         return {"input": self.state.input, "steps": self.state.view, **frame.scope}
 
     def truth(self, key: str, variables: dict[str, Any]) -> bool:
-        value = self.wf.expr(key).evaluate(variables)
+        value = self.wf.expr(key).evaluate(variables, self.claims)
         if not isinstance(value, bool):
             raise ExpressionError(f"{self.wf.expr(key).source!r} gave {type(value).__name__}, not a bool")
         return value

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import cel
 import orjson
+
+from legato.workflows.claims import Claims, PayloadUnreadable, rereference
 
 _TEMPLATE = re.compile(r"^\$\{\s*(.+?)\s*\}$", re.DOTALL)
 _STEP_REF = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
@@ -39,14 +42,28 @@ class Expression:
     program: Any
     names: frozenset[str] = frozenset()
 
-    def evaluate(self, variables: dict[str, Any]) -> Any:
+    def evaluate(self, variables: dict[str, Any], claims: Claims | None = None) -> Any:
+        """The expression's value. With ``claims``, the references it reads are resolved to values first (of
+        ``steps``, only the steps it names: ``steps_read``), and the parts of its result that are such values
+        are those references again (``legato.workflows.claims``)."""
         # Only the variables the expression names are converted to CEL values: a 10,000-item `input` would
         # otherwise be converted again for every item of a map.
         used = {k: v for k, v in variables.items() if k in self.names}
+        seen = None
+        if claims is not None:
+            try:
+                used, seen = claims.resolve(used, self.steps_read)
+            except PayloadUnreadable as exc:
+                raise ExpressionError(f"{self.source!r}: {exc}") from None
         try:
-            return self.program.execute(cel.Context(variables=used, functions=_FUNCTIONS))
+            result = self.program.execute(cel.Context(variables=used, functions=_FUNCTIONS))
         except Exception as exc:  # the CEL binding raises KeyError, TypeError, ValueError...
             raise ExpressionError(f"{self.source!r}: {type(exc).__name__}: {exc}") from None
+        return rereference(result, seen) if seen else result
+
+    @cached_property
+    def steps_read(self) -> set[str]:
+        return self.step_refs()
 
     def step_refs(self) -> set[str]:
         """Step ids this expression reads as ``steps.<id>``."""
@@ -72,8 +89,8 @@ class Template:
 
     shape: Any
 
-    def render(self, variables: dict[str, Any]) -> Any:
-        return _render(self.shape, variables)
+    def render(self, variables: dict[str, Any], claims: Claims | None = None) -> Any:
+        return _render(self.shape, variables, claims)
 
     def expressions(self) -> list[Expression]:
         found: list[Expression] = []
@@ -96,13 +113,13 @@ def _compile_value(value: Any) -> Any:
     return value
 
 
-def _render(shape: Any, variables: dict[str, Any]) -> Any:
+def _render(shape: Any, variables: dict[str, Any], claims: Claims | None) -> Any:
     if isinstance(shape, Expression):
-        return shape.evaluate(variables)
+        return shape.evaluate(variables, claims)
     if isinstance(shape, dict):
-        return {k: _render(v, variables) for k, v in shape.items()}
+        return {k: _render(v, variables, claims) for k, v in shape.items()}
     if isinstance(shape, list):
-        return [_render(v, variables) for v in shape]
+        return [_render(v, variables, claims) for v in shape]
     return shape
 
 

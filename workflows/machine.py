@@ -27,6 +27,7 @@ from legato.topics.models import (
 from legato.topics.limits import LimitGranted
 from legato.workflows import keys, run_limits
 from legato.workflows.catalog import Catalog, Definition
+from legato.workflows.claims import Claims, Lookup
 from legato.workflows.lifecycle import DEFAULT_RETENTION_S, fork_seed, redrive_refusal
 from legato.workflows.commands import (
     CacheResult,
@@ -77,10 +78,13 @@ class Machine:
     """Decides runs of the deployed workflow definitions, each run by the definition it is pinned to."""
 
     def __init__(self, definitions: Catalog | Callable[[], Catalog] | Mapping[str, CompiledWorkflow], *,
-                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, default_retention_s: float = DEFAULT_RETENTION_S):
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, default_retention_s: float = DEFAULT_RETENTION_S, payloads: Lookup | None = None):
         """``definitions``: the catalog, or a function returning the current one (a coordinator's live table); a
         mapping of name to compiled workflow is a fixed catalog of those (tests, tools), whose runs pin no sha256.
-        ``default_retention_s``: how long a finished run is kept when its workflow sets no ``retention``."""
+        ``default_retention_s``: how long a finished run is kept when its workflow sets no ``retention``.
+        ``payloads``: the values of payload references the shell fetched (``legato.workflows.claims``): expressions
+        see values, the run keeps references. A decision that needs one not fetched raises ``PayloadsMissing``; with
+        None, expressions see the references themselves."""
         if isinstance(definitions, Mapping):
             definitions = Catalog.of([Definition(wf, "") for wf in definitions.values()])
         if isinstance(definitions, Catalog):
@@ -89,6 +93,11 @@ class Machine:
         self.definitions: Callable[[], Catalog] = definitions
         self.max_state_bytes = max_state_bytes
         self.default_retention_s = default_retention_s
+        self.payloads = payloads
+
+    def _claims(self) -> Claims | None:
+        """What one decision's expressions see of payload references (a fresh memo per decision)."""
+        return Claims(self.payloads) if self.payloads is not None else None
 
     def pinned(self, state: RunState) -> Definition | None:
         """The definition ``state`` is pinned to, or None when it is no longer deployed as it was."""
@@ -136,7 +145,7 @@ class Machine:
             return Decision(state, [EventIgnored(run_id=state.run_id, reason="run_finished", detail=_describe(event))], _signal_ignored(event, state.workflow, "run_finished"))
         definition = self.pinned(state)
         wf = definition.workflow if definition is not None else None
-        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit)
+        run = Run(state if in_place else state.model_copy(deep=True), wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         if isinstance(event, RunCancelRequested):
             run.cancel_run(event)
             return Decision(run.state, run.out, run.events)
@@ -180,7 +189,7 @@ class Machine:
             depth=int((event.parent or {}).get("depth", 0)),
             priority=event.priority,
         )
-        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="UnknownWorkflow", message=_unknown(catalog, event), retryable=False))
             return Decision(run.state, run.out, run.events)
@@ -209,7 +218,7 @@ class Machine:
         step = redrive_target(state, definition)
         if isinstance(step, str):
             return Decision(state, [EventIgnored(run_id=event.run_id, reason="redrive_refused", detail=step)], [])
-        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s, self.limit)
+        run = Run(state if in_place else state.model_copy(deep=True), definition.workflow, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         run.redrive()
         run.drain()
         run.stop_for_budget()
@@ -233,7 +242,7 @@ class Machine:
         state = RunState(schema_version=SCHEMA_VERSION, run_id=seed.run_id, workflow=seed.workflow, version=seed.version, sha256=seed.sha256,
                          input=seed.input, correlation_id=seed.correlation_id, started_ms=now_ms, forked_from=dict(seed.forked_from))
         wf = definition.workflow if definition is not None and definition.sha256 == seed.sha256 else None
-        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit)
+        run = Run(state, wf, now_ms, self.max_state_bytes, self.default_retention_s, self.limit, claims=self._claims())
         if wf is None:
             run.finish_run(False, None, ErrorInfo(type="DefinitionChanged", message=self._gone(state), retryable=False))
             return Decision(run.state, run.out, run.events)

@@ -36,7 +36,7 @@ def acquire_for_step(run: "Run", step: "StepState", definition: ActivityStep, re
     if spec is None:
         return ErrorInfo(type="UnknownLimit", message=f"no limit named {definition.limit!r} in the workflow or deployed", retryable=False)
     try:
-        key = _text(run.wf.templates[f"{definition.id}:limit_key"].render(variables)) if definition.limit_key is not None else ""
+        key = _text(run.wf.templates[f"{definition.id}:limit_key"].render(variables, run.claims)) if definition.limit_key is not None else ""
         cost = _tokens(run, definition, variables)
     except ExpressionError as exc:
         return ErrorInfo(type="ExpressionError", message=f"step {definition.id}: {exc}", retryable=False)
@@ -55,7 +55,7 @@ def acquire_for_run(run: "Run", triggered_ms: int | None = None) -> bool:
     concurrency = run.wf.definition.concurrency
     if concurrency is None:
         return False
-    key = _text(run.wf.templates["run:concurrency"].render({"input": run.state.input, "steps": {}}))
+    key = _text(run.wf.templates["run:concurrency"].render({"input": run.state.input, "steps": {}}, run.claims))
     hold_id = RUN_LIMIT_PREFIX + run.state.run_id
     limit = RUN_LIMIT_PREFIX + run.state.workflow
     since = min(run.now, triggered_ms) if triggered_ms else run.now
@@ -126,7 +126,7 @@ def _text(value: Any) -> str:
 def _tokens(run: "Run", definition: ActivityStep, variables: dict[str, Any]) -> int:
     if definition.approx_tokens is None:
         return 0
-    value = definition.approx_tokens if isinstance(definition.approx_tokens, int) else run.wf.templates[f"{definition.id}:approx_tokens"].render(variables)
+    value = definition.approx_tokens if isinstance(definition.approx_tokens, int) else run.wf.templates[f"{definition.id}:approx_tokens"].render(variables, run.claims)
     try:
         return max(0, int(value))
     except (TypeError, ValueError):

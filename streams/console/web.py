@@ -35,11 +35,13 @@ from legato.streams.console.feed import Feed
 from legato.streams.console.index import STATUSES, RunFilter, RunIndex, open_index
 from legato.streams.runs import limit_key_names, limit_wait
 from legato.streams.schedule_cli import view as schedule_view
+from legato.streams.runs import state_of, value_size
 from legato.streams.schedules import ScheduleTable
 from legato.streams.worker_support import tail_topic
 from legato.topics import codec
 from legato.topics.client import LegatoClient
 from legato.topics.models import SignalSent
+from legato.topics.payload_refs import refs_in
 from legato.workflows.durations import parse_duration
 
 log = logging.getLogger(__name__)
@@ -245,7 +247,7 @@ def _local_ms(value: str | None) -> int | None:
 
 def _templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(iso=_iso, pretty=_pretty, cost=_cost)
+    env.filters.update(iso=_iso, pretty=_pretty, cost=_cost, size=value_size, by_ref=lambda v: bool(refs_in(v)))
     return env
 
 
@@ -276,6 +278,7 @@ class Console:
             web.get("/workflows", self.workflows_page),
             web.get("/workflow", self.workflow_page),
             web.get("/schedules", self.schedules_page),
+            web.get("/run/payload", self.payload),
             web.post("/run/cancel", self.cancel),
             web.post("/run/signal", self.signal),
             web.post("/run/redrive", self.redrive),
@@ -355,6 +358,28 @@ class Console:
             "flash": request.query.get("done"), "changes": self.changes,
         }
         return self._html("run_part.html" if request.query.get("part") else "run.html", **context)
+
+    async def payload(self, request: web.Request) -> web.Response:
+        """A step's output (``step``: its key; ``input`` / ``output``: the run's) with its payload references fetched,
+        as JSON: the console's fetch link of a value stored by reference."""
+        run = self.index.get_run(request.query.get("id", ""))
+        state = state_of(run) if run is not None else None
+        name = request.query.get("step", "")
+        if state is None:
+            return web.Response(status=404, text="no such run, or no stored state")
+        step = state.steps.get(name)
+        if step is None and name not in ("input", "output"):
+            return web.Response(status=404, text=f"no step {name!r} in run {state.run_id!r}")
+        value = step.output if step is not None else state.input if name == "input" else state.output
+        payloads = self.settings.payloads()
+        try:
+            resolved = await payloads.resolve(value) if payloads is not None else value
+        except Exception as exc:  # deleted by retention, corrupted, the broker away
+            return web.Response(status=502, text=f"cannot fetch: {type(exc).__name__}: {exc}")
+        finally:
+            if payloads is not None:
+                await payloads.stop()
+        return web.Response(body=orjson.dumps(resolved), content_type="application/json")
 
     async def workflows_page(self, request: web.Request) -> web.Response:
         table: dict[tuple[str, Any], dict[str, int]] = {}

@@ -16,6 +16,7 @@ from legato.streams import kafka_io, security
 from legato.streams.coordinator.fence import AnswerFence
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.inbox import Inbox
+from legato.streams.coordinator.payloads import PayloadValues
 from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_COMMIT_S, Partitions
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.task import PartitionTask
@@ -69,7 +70,11 @@ class Coordinator:
         # every decision sees the table's catalog of that moment: a definition deployed while the coordinator runs
         # is used by the next trigger; a run keeps the version it started with (Machine.pinned)
         self.definitions = DefinitionTable(settings.bootstrap, self.topics, kafka=security.aiokafka_kwargs())
-        self.machine = Machine(lambda: self.definitions.catalog, default_retention_s=settings.retention_s)
+        make_payloads = getattr(settings, "payloads", None)  # claim checks: expressions read values, runs keep references
+        payloads = make_payloads(metrics) if callable(make_payloads) else None
+        self.payload_values = PayloadValues(payloads) if payloads is not None else None
+        self.machine = Machine(lambda: self.definitions.catalog, default_retention_s=settings.retention_s,
+                               payloads=self.payload_values.lookup if self.payload_values is not None else None)
         self.partition_count: int = settings.partitions
         self.metrics = metrics
         self._known: set[str] = set()
@@ -81,7 +86,7 @@ class Coordinator:
         self.cache = ResultTable(settings.bootstrap, self.topics, kafka=security.aiokafka_kwargs(), metrics=metrics)
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics,
                                      trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache,
-                                     state_commit_s=getattr(settings, "state_commit_ms", STATE_COMMIT_S * 1000) / 1000)
+                                     state_commit_s=getattr(settings, "state_commit_ms", STATE_COMMIT_S * 1000) / 1000, payloads=self.payload_values)
         self.rebalance = Rebalance(self)
         # the cluster-wide limits are decided in every coordinator process too: users deploy nothing else
         self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout, metrics=metrics)
@@ -148,6 +153,8 @@ class Coordinator:
             await timer_producer.stop()
             await self.cache.stop()
             await self.definitions.stop()
+            if self.payload_values is not None:
+                await self.payload_values.payloads.stop()
 
     def _on_catalog(self, catalog: Catalog) -> None:
         """New definitions: their choice paths exist at 0 in the metrics (dead paths show), and their topics are

@@ -18,6 +18,7 @@ from legato.streams.coordinator.batch import Batch, encode_offsets
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.effects import carry_out
 from legato.streams.coordinator.inbox import Inbox
+from legato.streams.coordinator.payloads import PayloadValues
 from legato.streams.coordinator.states import DecodedStates
 from legato.streams.coordinator.task import PartitionTask, restore
 from legato.streams.coordinator.timers import now_ms
@@ -25,6 +26,8 @@ from legato.streams.coordinator.trace import Trace
 from legato.topics.codec import DecodeError
 from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityStarted, ChildRunFinished, RunCancelRequested, RunForkAccepted, RunForkRequested, RunRedriveRequested, SignalSent, TimerFired
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
+from legato.workflows import keys
+from legato.workflows.claims import PayloadsMissing
 from legato.workflows.lifecycle import retention_ms
 from legato.workflows.machine import EventIgnored, ForgetRun, Machine, outstanding
 from legato.workflows.state import RunState
@@ -49,6 +52,12 @@ the partitions' batches in flight hold at once (like the consume loop's queue, `
 CLOCK_SKEW_MS = 250
 """How far apart two coordinators' clocks may be: a timer due this much later than this process's clock may already
 have been fired by the partition's previous owner, so a completion of its run sends no request early (``_apply``)."""
+
+
+def _retention_timer(value: bytes | None) -> bool:
+    """Whether a record is a run's retention timer: it forgets the run and reads no value (its payloads are not
+    fetched to be deleted)."""
+    return bool(value) and b'"timer.fired"' in value and f'"{keys.RUN_RETENTION}'.encode() in value
 
 
 def _timer_due(state: RunState, by_ms: int) -> bool:
@@ -82,8 +91,10 @@ class Partitions:
     """Loads, decides and commits the partitions' batches; shared by every task of one coordinator process."""
 
     def __init__(self, machine: Machine, topics: Topics, group: str, inbox: Inbox, metrics: Any = None, trace: Trace | None = None,
-                 cache: ResultTable | None = None, early: AIOKafkaProducer | None = None, state_commit_s: float = STATE_COMMIT_S):
+                 cache: ResultTable | None = None, early: AIOKafkaProducer | None = None, state_commit_s: float = STATE_COMMIT_S,
+                 payloads: PayloadValues | None = None):
         self.machine = machine
+        self.payloads = payloads  # fetched before each decision: the machine's expressions read them (claim checks)
         self.state_commit_s = state_commit_s  # STATE_COMMIT_S
         self.early = early  # sends the requests of a batch ahead of its transaction; None: every request in it
         self.position: Callable[[TopicPartition], int | None] | None = None  # the consumer's position in an input partition
@@ -123,10 +134,17 @@ class Partitions:
         (``_linger``). A failure at any point reloads the partition: every
         batch not yet committed is read again."""
         try:
+            await self._prefetch(task, parts)
             batch = self._decide_batch(task, parts, seal=False)
         except Poisoned as exc:
             self._poisoned[exc.position] = exc.reason
             return "a record the state machine raised on"
+        except PayloadsMissing as exc:  # evicted by a larger batch since it was fetched: read the partition again
+            log.warning("partition %d: %s", task.partition, exc)
+            return "PayloadsMissing"
+        except Exception as exc:  # the payload store failed (the broker away): nothing decided yet, read them again
+            log.warning("partition %d: fetching payloads: %s: %s", task.partition, type(exc).__name__, exc, exc_info=True)
+            return type(exc).__name__
         chain = 0
         while batch is not None:
             chain += 1
@@ -151,7 +169,9 @@ class Partitions:
                 if more is not None and poisoned is None and broken is None and chain < _CHAIN and room and task.inbox:
                     task.wake.clear()
                     try:
-                        following = self._decide_batch(task, more(), following or Batch(unsettled=set(batch.mixed)), seal=False)
+                        arrived = more()
+                        await self._prefetch(task, arrived)
+                        following = self._decide_batch(task, arrived, following or Batch(unsettled=set(batch.mixed)), seal=False)
                         if following is not None:
                             await self._send_early(task, following)
                     except Poisoned as exc:
@@ -197,7 +217,9 @@ class Partitions:
         while not batch.sends and batch.size < _MAX_BATCH:
             if task.inbox:
                 task.wake.clear()
-                self._decide_batch(task, more(), batch, seal=False)
+                arrived = more()
+                await self._prefetch(task, arrived)
+                self._decide_batch(task, arrived, batch, seal=False)
                 await self._send_early(task, batch)
                 continue
             left = deadline - time.monotonic()
@@ -257,6 +279,19 @@ class Partitions:
             now = time.perf_counter()  # completion polled → its requests committed
             for workflow, _, received in batch.overheads:
                 self.metrics.orchestration_overhead(workflow, now - received)
+
+    async def _prefetch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]]) -> None:
+        """Fetch the payloads that ``parts`` and the stored states of their runs refer to, for the machine to read."""
+        if self.payloads is None:
+            return
+        refs = []
+        for _, records, _ in parts:
+            for msg in records:
+                refs += self.payloads.refs_of(msg.value)
+                if msg.key is not None and not _retention_timer(msg.value):
+                    refs += self.payloads.refs_of(task.store.get(msg.key))
+        if refs:
+            await self.payloads.prefetch(refs)
 
     def _decide_batch(self, task: PartitionTask, parts: list[tuple[TopicPartition, list[Any], float]], batch: "Batch | None" = None,
                       seal: bool = True) -> "Batch | None":
@@ -439,6 +474,8 @@ class Partitions:
             new_state, commands, events = self.machine.decide_events(state, record, now, in_place=True)
             carry_out(commands, self.topics, batch.sends, batch.timers, self._count_ignored, lambda reason: self._dead_letter(batch, msg, reason), self.cache,
                       batch.requested)
+        except PayloadsMissing:
+            raise  # not this record's fault: the partition is read again, its payloads fetched first
         except Exception as exc:  # a bug in deciding this event must not stop every other run
             log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
             raise Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc
@@ -451,6 +488,8 @@ class Partitions:
         elif state is not None and any(isinstance(c, ForgetRun) for c in commands):
             batch.changed[record.run_id] = None
             batch.stored -= 1
+            if self.payloads is not None:
+                batch.sends += self.payloads.forget(state.run_id, state.encoded())  # its payloads go with it
             if self.metrics is not None:
                 self.metrics.run_forgotten(state.workflow)
         if self.metrics is not None:

@@ -212,3 +212,23 @@ async def e2e_rate_limited(data: dict[str, Any]) -> dict[str, Any]:
 async def e2e_huge(data: dict[str, Any]) -> dict[str, Any]:
     """Return a text of ``bytes`` characters: an output past a Kafka record's limit."""
     return {"text": "x" * int(data["bytes"])}
+
+
+@activity("e2e_part")
+async def e2e_part(data: dict[str, Any]) -> dict[str, Any]:
+    """One branch of e2e_payloads: ``bytes`` characters, a letter of its own per item."""
+    return {"i": data["i"], "text": chr(65 + data["i"] % 26) * int(data["bytes"])}
+
+
+@activity("e2e_measure")
+async def e2e_measure(data: dict[str, Any]) -> dict[str, Any]:
+    """What this handler received (its input's references resolved by the worker): sizes and first letters."""
+    def describe(value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("text"), str):
+            return {"chars": len(value["text"]), "first": value["text"][:1]}
+        if isinstance(value, list):
+            return [describe(v) for v in value]
+        if isinstance(value, str):
+            return {"chars": len(value), "first": value[:1]}
+        return value
+    return {k: describe(v) for k, v in data.items()}

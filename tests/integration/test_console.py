@@ -304,8 +304,9 @@ async def test_runs_show_and_the_console_say_what_waits_for_a_limit(legato, runs
         await legato.client.cancel(run_id, "test over")
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)")
 async def test_schedules_page_in_a_real_browser(legato, console, tmp_path):
+    if not Path(CHROMIUM).exists():
+        skip_or_fail("needs Debian's chromium (scripts/test.sh installs it)")
     from playwright.async_api import async_playwright
 
     name = f"page-{uuid.uuid4().hex[:6]}"

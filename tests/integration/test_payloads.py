@@ -1,19 +1,30 @@
-"""Claim checks on the development broker (issue 27): values past a Kafka record travel by reference."""
+"""Claim checks on the development broker (issue 27): values past a Kafka record travel by reference; expressions
+see the values, runs keep references; a coordinator SIGKILLed in the middle loses nothing."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import signal
+import time
 
 import orjson
 import pytest
 
-from legato.topics.payloads import KafkaPayloadStore, PayloadError, PayloadRef, Payloads, is_ref
+from legato.topics.models import ActivityCompleted
+from legato.topics.payloads import KafkaPayloadStore, PayloadError, PayloadRef, Payloads, is_ref, refs_in
+
+from .conftest import _start
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PARTS = 50
+BIG = 20_000_000
+PART = 2_000_000
 
 
 async def test_the_kafka_store_keeps_20_mb_in_chunks_and_deletes_them(legato):
     payloads = Payloads(KafkaPayloadStore(legato.bootstrap, legato.topics.payloads))
-    value = {"text": "é" * 10_000_000}
+    value = "é" * 10_000_000
     try:
         ref = await payloads.put("store-test", value)
         parsed = PayloadRef.model_validate(ref)
@@ -32,11 +43,113 @@ async def test_the_kafka_store_keeps_20_mb_in_chunks_and_deletes_them(legato):
         await payloads.stop()
 
 
-async def test_a_20_mb_activity_output_travels_by_reference(legato):
-    event = await legato.run("e2e_huge", {"bytes": 20_000_000}, timeout=90)
+async def _completions(legato, run_id: str, step_id: str) -> list[ActivityCompleted]:
+    return [c for c in await legato.records_of(legato.topics.completions, ActivityCompleted, run_id) if c.step_id == step_id]
+
+
+async def test_20_mb_then_50_branches_of_2_mb_joined_and_passed_on_across_a_coordinator_sigkill(legato):
+    """The issue's workflow: a condition and the output read the 20 MB value, the map's items come from the input,
+    its 50 outputs of 2 MB are joined and passed on to a step whose worker resolves 120 MB; the coordinator is
+    SIGKILLed while the branches run and another takes over."""
+    started = time.monotonic()
+    run_id = await legato.trigger("e2e_payloads", {"big": BIG, "part": PART, "parts": list(range(PARTS))})
+    deadline = time.monotonic() + 120
+    while len(await _completions(legato, run_id, "part")) < 10:  # some branches done, most not
+        assert time.monotonic() < deadline, f"the branches did not start within 120 s\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+    coordinator = next(s for s in legato.services if s.name.startswith("coordinator"))
+    coordinator.proc.send_signal(signal.SIGKILL)
+    coordinator.proc.wait(10)
+    legato.services.remove(coordinator)
+    legato.services.append(_start("coordinator-after-kill", ["coordinator"], legato.env, legato.workdir))
+
+    [event] = (await legato.wait_for({run_id}, timeout=240)).values()
+    elapsed = time.monotonic() - started
     assert event.status == "succeeded", event
-    assert is_ref(event.output) and event.output["size"] == 20_000_011, event.output
-    assert await legato.client.fetch(event.output) == {"text": "x" * 20_000_000}
-    small = await legato.run("e2e_huge", {"bytes": 1000}, timeout=30)
-    assert small.status == "succeeded" and small.output == {"text": "x" * 1000}, small
+    measured = event.output["measured"]
+    assert event.output["big_chars"] == BIG and event.output["parts"] == PARTS and event.output["last_is_x"] is True, event.output
+    assert measured["big"] == {"chars": BIG, "first": "x"}, measured["big"]
+    assert measured["parts"] == [{"chars": PART, "first": chr(65 + i % 26)} for i in range(PARTS)]
+    assert measured["last"] == {"chars": PART, "first": "X"}
+    assert len(orjson.dumps(event.output)) < 10_000  # the run's output and its stored document held references only
+    await legato.assert_single_terminal(run_id)
+    # nothing lost, nothing run twice that succeeded: one successful completion per branch
+    parts = [c for c in await _completions(legato, run_id, "part") if c.status == "succeeded"]
+    assert len({c.request_id for c in parts}) == len(parts) == PARTS, sorted(c.request_id for c in parts)
+    assert all(is_ref(c.output["text"]) for c in parts)
+    print(f"\ne2e_payloads: 20 MB + {PARTS} x 2 MB, coordinator SIGKILLed mid-map: succeeded in {elapsed:.1f} s")
     legato.assert_alive()
+
+
+async def test_a_large_trigger_input_and_large_signal_data_travel_by_reference(legato):
+    doc = "d" * 1_000_000
+    run_id = await legato.trigger("e2e_payload_io", {"doc": doc})
+    records = await legato.read_topic(legato.topics.triggers, until=lambda rs: any(run_id.encode() in (r.value or b"") for r in rs))
+    [trigger] = [orjson.loads(r.value) for r in records if run_id.encode() in (r.value or b"")]
+    assert is_ref(trigger["input"]["doc"]) and len(orjson.dumps(trigger)) < 2000, "the trigger carries a reference"
+    deadline = time.monotonic() + 60
+    while not await _completions(legato, run_id, "first"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.3)
+    await legato.client.signal(run_id, "approval", {"note": "n" * 600_000, "who": "ada"})
+    [event] = (await legato.wait_for({run_id}, timeout=60)).values()
+    assert event.status == "succeeded", event
+    assert event.output == {"input_chars": 1_000_000, "first": {"doc": {"chars": 1_000_000, "first": "d"}}, "signal_chars": 600_000,
+                            "after": {"note": {"chars": 600_000, "first": "n"}}, "who": "ada"}, event.output
+    signals = await legato.read_topic(legato.topics.signals, until=lambda rs: any(run_id.encode() == r.key for r in rs))
+    [sent] = [orjson.loads(r.value) for r in signals if r.key == run_id.encode()]
+    assert is_ref(sent["data"]["note"]) and sent["data"]["who"] == "ada"
+    assert [r.id for r in refs_in(sent)] and len(orjson.dumps(sent)) < 2000
+
+
+async def _payload_records(legato, ref: dict) -> list:
+    """The records of the payloads topic from a reference's first chunk on, on its partition only (the topic holds
+    the other tests' 120 MB)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tp = TopicPartition(legato.topics.payloads, ref["partition"])
+    consumer = AIOKafkaConsumer(bootstrap_servers=legato.bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        consumer.seek(tp, ref["offset"])
+        records = []
+        while await consumer.position(tp) < end:
+            for batch in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                records += batch
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _live_bytes(legato, run_id: str, ref: dict) -> tuple[int, int]:
+    """Of the payload records keyed ``<run_id>/…``: the bytes of the latest value per key (what compaction keeps;
+    a tombstone keeps none), and the bytes of every record still in the log."""
+    latest: dict[bytes, int] = {}
+    on_log = 0
+    for r in await _payload_records(legato, ref):
+        if r.key is not None and r.key.startswith(f"{run_id}/".encode()):
+            latest[r.key] = len(r.value or b"")
+            on_log += len(r.value or b"")
+    return sum(latest.values()), on_log
+
+
+async def test_a_runs_retention_deletes_its_payloads(legato):
+    """Forgetting a run writes a tombstone for every chunk of its payloads, in the transaction that forgets it: what
+    compaction keeps of them is 0 bytes (the log cleaner removes the chunks once their segment rolls, within
+    ``segment.ms``, 1 h on Legato's compacted topics, plus the cleaner's pass)."""
+    event = await legato.run("e2e_payload_retention", {"bytes": 3_000_000}, timeout=60)
+    assert event.status == "succeeded" and is_ref(event.output["text"]), event
+    run_id, ref = event.run_id, event.output["text"]
+    live, on_log = await _live_bytes(legato, run_id, ref)
+    assert live == on_log == 3_000_002, (live, on_log)
+    started = time.monotonic()
+    while (await _live_bytes(legato, run_id, ref))[0] > 0:  # forgotten 2 s after it ended: the tombstones come with it
+        assert time.monotonic() - started < 60, f"the payload is still live 60 s after the run ended\n{legato.logs()}"
+        await asyncio.sleep(1)
+    records = await _payload_records(legato, ref)
+    tombstones = [r for r in records if r.key is not None and r.key.startswith(f"{run_id}/".encode()) and r.value is None]
+    assert len(tombstones) == event.output["text"]["chunks"], tombstones
+    print(f"\nretention: {on_log:,} payload bytes of the run live before its retention, 0 after "
+          f"({len(tombstones)} tombstones, {time.monotonic() - started:.1f} s after the run ended)")

@@ -64,3 +64,19 @@ async def chaos_limited(data):
     await asyncio.sleep(float(data.get("seconds", 0)))
     note("end")
     return {"tag": tag}
+
+
+@activity("chaos_blob", concurrency=16)
+async def chaos_blob(data):
+    """``chars`` characters of a letter chosen by ``n``: a value past Kafka's record limit (legato chaos payloads)."""
+    await asyncio.sleep(DELAY)
+    return {"n": data["n"], "text": chr(97 + data["n"] % 26) * int(data["chars"])}
+
+
+@activity("chaos_digest", concurrency=16)
+async def chaos_digest(data):
+    """What arrived, its references resolved by the worker: the chars and sha256 of every text (legato chaos payloads)."""
+    import hashlib
+
+    texts = [data["big"]["text"], *(p["text"] for p in data["parts"])]
+    return {"chars": sum(len(t) for t in texts), "sha256": hashlib.sha256("".join(texts).encode()).hexdigest()}

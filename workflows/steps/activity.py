@@ -181,7 +181,7 @@ def request(run: "Run", step: StepState, definition: ActivityStep, attempt: int,
     if variables is None:
         variables = run.variables(run.state.frames[step.frame])
     if attempt == 1 or step.request is None:
-        payload = run.wf.templates[definition.id].render(variables)
+        payload = run.wf.templates[definition.id].render(variables, run.claims)
         if payload is None:
             payload = {}
     else:

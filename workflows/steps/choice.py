@@ -40,7 +40,7 @@ def _choose(run: "Run", definition: ChoiceStep, variables: dict[str, Any]) -> tu
     """The path to take, and the undeclared route an expression named (the choice then takes ``default``)."""
     spec = definition.choice
     if spec.route:
-        name = run.wf.expr(f"{definition.id}.route").evaluate(variables)
+        name = run.wf.expr(f"{definition.id}.route").evaluate(variables, run.claims)
         if isinstance(name, str) and name in spec.routes:
             return f"route:{name}", None
         return "default", (name if len(name) <= ROUTE_NAME_MAX else name[:ROUTE_NAME_MAX] + "…") if isinstance(name, str) else None

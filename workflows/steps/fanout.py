@@ -141,7 +141,7 @@ class FanOutProcessor(Processor):
                 _start_item(run, step, definition, run.state.frames[step.frame])
 
     def _start_map(self, run: "Run", step: StepState, definition: MapStep, frame: "Frame", variables: dict[str, Any]) -> None:
-        items = run.wf.expr(f"{definition.id}.items").evaluate(variables)
+        items = run.wf.expr(f"{definition.id}.items").evaluate(variables, run.claims)
         if not isinstance(items, list):
             raise ExpressionError(f"map items {definition.map.items!r} gave {type(items).__name__}, not a list")
         step.items, step.total = items, len(items)

@@ -20,7 +20,7 @@ class LoopProcessor(Processor):
         spec = definition.loop
         scope: dict[str, Any] = {"iteration": 0, "previous": None}
         if spec.for_each is not None:
-            items = run.wf.expr(f"{definition.id}.for_each").evaluate(variables)
+            items = run.wf.expr(f"{definition.id}.for_each").evaluate(variables, run.claims)
             if not isinstance(items, list):
                 raise ExpressionError(f"for_each {spec.for_each!r} gave {type(items).__name__}, not a list")
             step.items = items

@@ -22,7 +22,7 @@ class SleepProcessor(Processor):
     def start(self, run: "Run", step: StepState, definition: SleepStep, frame: "Frame", variables: dict[str, Any]) -> None:
         step.output = frame.last_output
         if isinstance(definition.sleep, SleepUntil):
-            due = _instant(run.wf.expr(f"{definition.id}.until").evaluate(variables), definition.sleep.until)
+            due = _instant(run.wf.expr(f"{definition.id}.until").evaluate(variables, run.claims), definition.sleep.until)
         else:
             due = run.now + round(definition.sleep * 1000)
         if due <= run.now:

@@ -28,7 +28,7 @@ class SubWorkflowProcessor(Processor):
         self._start_child(run, step, definition, run.variables(run.state.frames[step.frame]), child_id, step.attempt + 1)
 
     def _start_child(self, run: "Run", step: StepState, definition: WorkflowStep, variables: dict[str, Any], child_id: str, attempt: int) -> None:
-        payload = run.wf.templates[definition.id].render(variables)
+        payload = run.wf.templates[definition.id].render(variables, run.claims)
         if not isinstance(payload, dict):
             payload = {"value": payload} if payload is not None else {}
         accepted = RunAccepted(

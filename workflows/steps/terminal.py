@@ -21,7 +21,7 @@ class EndProcessor(Processor):
         if spec.when is not None and not run.truth(f"{definition.id}.when", variables):
             run.finish_step(step, "skipped", output=frame.last_output)
             return
-        output = run.wf.expr(f"{definition.id}.output").evaluate(variables) if spec.output else frame.last_output
+        output = run.wf.expr(f"{definition.id}.output").evaluate(variables, run.claims) if spec.output else frame.last_output
         step.output = output
         step.confidence = None if spec.output else frame.last_confidence  # an output it computes has no confidence
         transitions.move(run, step, "succeeded")
@@ -34,7 +34,7 @@ class FailProcessor(Processor):
         if spec.when is not None and not run.truth(f"{definition.id}.when", variables):
             run.finish_step(step, "skipped", output=frame.last_output)
             return
-        reason = run.wf.expr(f"{definition.id}.reason").evaluate(variables)
+        reason = run.wf.expr(f"{definition.id}.reason").evaluate(variables, run.claims)
         step.error = ErrorInfo(type="WorkflowFailed", message=str(reason), retryable=False)
         run.finish_step(step, "failed")
 

@@ -1,0 +1,130 @@
+"""Given/when/then: expressions see the values of payload references, the run keeps the references (claim checks,
+legato.workflows.claims). The lookup stands for the shell's cache of fetched payloads."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import orjson
+import pytest
+
+from legato.topics.payload_refs import canonical_digest
+from legato.workflows.catalog import Catalog
+from legato.workflows.claims import Fetched, PayloadsMissing, Unreadable, rereference
+from legato.workflows.machine import Machine
+from tests.machine_helpers import Harness, catalog_from, requests_in
+
+FLOW = json.dumps({
+    "name": "big",
+    "steps": [
+        {"id": "fetch", "activity": "fetch"},
+        {"id": "route", "choice": {"cases": [
+            {"when": "size(steps.fetch.output.text) > 1000", "steps": [
+                {"id": "summarize", "activity": "summarize", "input": {"doc": "${ steps.fetch.output }", "n": "${ size(steps.fetch.output.text) }"}}]},
+        ], "default": [{"id": "short", "activity": "short"}]}},
+        {"id": "spread", "map": {"items": "steps.fetch.output.parts", "steps": [
+            {"id": "part", "activity": "part", "input": {"part": "${ item }"}}]}},
+        {"id": "join", "activity": "join", "input": {"parts": "${ steps.spread.output }", "first": "${ steps.spread.output[0] }"}},
+    ],
+    "output": "{'chars': size(steps.fetch.output.text), 'doc': steps.fetch.output}",
+})
+
+
+def _ref(value, run_id="r1"):
+    data = orjson.dumps(value)
+    sha = hashlib.sha256(data).hexdigest()
+    return {"$ref": f"legato-payload:{run_id}/{sha}", "size": len(data), "sha256": sha, "chunks": 1, "partition": 0, "offset": 7}
+
+
+class Store:
+    """The shell's side: payloads by id; ``fetched`` says which the lookup may answer."""
+
+    def __init__(self):
+        self.values: dict[str, object] = {}
+        self.fetched: set[str] = set()
+        self.unreadable: dict[str, str] = {}
+
+    def add(self, value, fetched=True):
+        ref = _ref(value)
+        pid = ref["$ref"].split(":", 1)[1]
+        self.values[pid] = value
+        if fetched:
+            self.fetched.add(pid)
+        return ref
+
+    def lookup(self, pid):
+        if pid in self.unreadable:
+            return Unreadable(self.unreadable[pid])
+        if pid not in self.fetched:
+            return None
+        value = self.values[pid]
+        return Fetched(value, canonical_digest(value), len(orjson.dumps(value)))
+
+
+def _machine(store):
+    return Machine(catalog_from(FLOW), payloads=store.lookup)
+
+
+def test_conditions_maps_and_outputs_see_values_while_requests_and_the_run_keep_references():
+    store = Store()
+    doc = {"text": "x" * 5000, "parts": ["p0", "p1"]}
+    ref = store.add(doc)
+    h = Harness(_machine(store))
+    h.start("big")
+    out = h.succeed("fetch", ref)
+    [summarize] = requests_in(out)
+    assert summarize.step_id == "summarize"  # the condition read the value: size 5000 > 1000
+    assert summarize.input == {"doc": ref, "n": 5000}  # the whole value goes on as its reference
+    assert h.state.view["fetch"]["output"] == ref
+    out = h.succeed("summarize", "ok")
+    parts = requests_in(out)
+    assert sorted(r.input["part"] for r in parts) == ["p0", "p1"]  # the map's items came from the value
+    part_refs = [store.add({"big": f"{r.input['part']}" * 400}) for r in parts]
+    for r, pref in zip(parts, part_refs):
+        out = h.succeed(r, pref)
+    [join] = requests_in(out)
+    assert join.input == {"parts": part_refs, "first": part_refs[0]}  # the join's list of references, not values
+    out = h.succeed("join", {"done": True})
+    event = h.terminal().event
+    assert event.type == "run.completed", event
+    assert event.output == {"chars": 5000, "doc": ref}
+    assert b"x" * 5000 not in orjson.dumps(h.state.model_dump(mode="json"))  # the run document holds no value
+
+
+def test_a_value_not_fetched_stops_the_decision_for_the_shell_to_fetch_it():
+    store = Store()
+    ref = store.add({"text": "y" * 3000, "parts": []}, fetched=False)
+    h = Harness(_machine(store))
+    h.start("big")
+    with pytest.raises(PayloadsMissing) as caught:
+        h.succeed("fetch", ref)
+    assert caught.value.refs == [ref]
+
+
+def test_an_unreadable_payload_fails_the_expression_that_reads_it():
+    store = Store()
+    ref = store.add({"text": "z" * 3000, "parts": []})
+    store.unreadable[ref["$ref"].split(":", 1)[1]] = "0 of 1 chunks found (deleted by its run's retention?)"
+    h = Harness(_machine(store))
+    h.start("big")
+    h.succeed("fetch", ref)
+    step = h.state.steps["route"]
+    assert step.status == "failed" and step.error.type == "ExpressionError" and "deleted by its run's retention" in step.error.message
+
+
+def test_without_a_lookup_expressions_see_the_references():
+    h = Harness(Machine(catalog_from(FLOW)))
+    h.start("big")
+    ref = _ref({"text": "x" * 5000, "parts": []})
+    h.succeed("fetch", ref)
+    assert h.state.steps["route"].error.type == "ExpressionError"  # no key 'text' in a reference
+
+
+def test_rereference_puts_back_every_part_equal_to_a_value_read_and_leaves_the_rest():
+    value = {"b": [1, 2, 3] * 100, "a": "q" * 300}
+    ref = _ref(value)
+    seen = {canonical_digest(value): ref}
+    reordered = {"a": "q" * 300, "b": [1, 2, 3] * 100}  # CEL maps may come back in another key order
+    assert rereference({"x": reordered, "y": 1, "z": "small"}, seen) == {"x": ref, "y": 1, "z": "small"}
+    assert rereference([reordered["b"]], seen) == [reordered["b"]]
+    assert rereference(reordered, {}) is reordered
