@@ -153,3 +153,39 @@ async def test_a_runs_retention_deletes_its_payloads(legato):
     assert len(tombstones) == event.output["text"]["chunks"], tombstones
     print(f"\nretention: {on_log:,} payload bytes of the run live before its retention, 0 after "
           f"({len(tombstones)} tombstones, {time.monotonic() - started:.1f} s after the run ended)")
+
+
+async def test_the_file_store_end_to_end(legato, tmp_path):
+    """A coordinator and a worker of their own (a fresh topic prefix) with ``LEGATO_PAYLOAD_STORE=file://``: large
+    outputs are files, expressions read them, the next step receives them, nothing lands on the payloads topic."""
+    import uuid
+
+    from legato.topics.client import LegatoClient
+    from legato.topics.payloads import FilePayloadStore
+
+    from .conftest import Legato, _wait_ready
+
+    store = tmp_path / "payloads"
+    prefix = f"fs{uuid.uuid4().hex[:10]}"
+    env = {**legato.env, "LEGATO_TOPIC_PREFIX": prefix, "LEGATO_PAYLOAD_STORE": f"file://{store}"}
+    own = Legato(legato.bootstrap, prefix, env, tmp_path)
+    own.services += [_start("fs-coordinator", ["coordinator"], env, tmp_path), _start("fs-worker", ["worker"], env, tmp_path)]
+    own.client = LegatoClient(legato.bootstrap, prefix, payload_store=FilePayloadStore(store))
+    await own.client.__aenter__()
+    try:
+        await _wait_ready(own)
+        parts = 5
+        event = await own.run("e2e_payloads", {"big": 2_000_000, "part": 400_000, "parts": list(range(parts))}, timeout=120)
+        assert event.status == "succeeded", f"{event}\n{own.logs()}"
+        assert event.output["big_chars"] == 2_000_000 and event.output["parts"] == parts and event.output["last_is_x"] is False
+        assert event.output["measured"]["parts"] == [{"chars": 400_000, "first": chr(65 + i)} for i in range(parts)]
+        files = FilePayloadStore(store).ids()
+        assert len(files) == 1 + parts and all(f.startswith(f"{event.run_id}/") for f in files), files
+        completions = [c.model_dump(mode="json") for c in await own.records_of(own.topics.completions, ActivityCompleted, event.run_id)]
+        sent = refs_in(completions)
+        assert len(sent) == 1 + parts and all(r.partition is None and r.chunks is None for r in sent), sent  # file references
+        assert event.output["measured"]["big"] == {"chars": 2_000_000, "first": "x"}
+    finally:
+        await own.client.__aexit__(None, None, None)
+        for service in own.services:
+            service.stop()
