@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default=None)
     p.set_defaults(fn=cmd_fork, workflows=[], handlers=[])
     p = sub.add_parser("bench", help="benchmarks against a raw aiokafka pipe (results appended to --output)")
-    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show", "replication"])
+    p.add_argument("name", nargs="?", default="all", choices=["all", "overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show", "replication", "limits"])
     p.add_argument("--runs", type=int, default=300, help="runs of the 20-step workflow for throughput/overhead/scaleout")
     p.add_argument("--sizes", default="10,100,1000,10000", help="fan-out sizes")
     p.add_argument("--memory-runs", type=int, default=100_000, help="runs of the memory and retention benchmarks; changelog records of runs-show")
