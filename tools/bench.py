@@ -34,7 +34,7 @@ from legato.topics.names import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVITY = "bench_noop"
-NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show")
+NAMES = ("overhead", "throughput", "fanout", "speedup", "memory", "scaleout", "latency", "retention", "runs-show", "limits")
 """What ``legato bench all`` runs; ``replication`` starts its own 3-broker cluster and runs only when named."""
 
 
@@ -608,6 +608,10 @@ def _run(b: "Bench", names: list[str], runs: int, output: Path | None, sizes: li
         from legato.tools.bench_runs_show import bench_runs_show
 
         reports.append(bench_runs_show(b, memory_runs))
+    if "limits" in names:
+        from legato.tools.bench_limits import bench_limits
+
+        reports.append(bench_limits(b.settings, runs))
     _emit(reports, output)
     return 0
 

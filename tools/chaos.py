@@ -21,6 +21,8 @@ data dir, drives them only through Kafka, and judges the result only from the to
   and a coordinator SIGKILL while a broker is down (``chaos_cluster``)
 - ``scale``: coordinators and workers each scaled 1 -> 3 -> 1 (start / SIGTERM) while runs are in flight; duplicate
   executions only of requests in flight at a rebalance (``chaos_scale``)
+- ``limits``: limited and keyed runs while a coordinator (and its limiter) is SIGKILLed: rates, concurrencies and
+  keyed order held, no grant doubled (``chaos_limits``)
 
 The scenarios live in ``tools/chaos_<name>.py`` and use the harness in ``tools/harness.py``; ``SCENARIOS`` below is the
 registry (one line per scenario). Results are printed, and appended to the file given with ``--output`` (command, date,
@@ -48,6 +50,7 @@ from legato.tools.chaos_cluster import scenario_cluster
 from legato.tools.chaos_deploy import V1_STEPS, V2_FILE, V2_STEPS, deploy_expected, scenario_deploy  # noqa: F401
 from legato.tools.chaos_fuzz import Bad, blowups, generate_bad, scenario_fuzz  # noqa: F401
 from legato.tools.chaos_kills import scenario_coordinator, scenario_takeover, scenario_worker
+from legato.tools.chaos_limits import scenario_limits
 from legato.tools.chaos_payloads import scenario_payloads
 from legato.tools.chaos_retries import scenario_retries
 from legato.tools.chaos_scale import scenario_scale
@@ -70,6 +73,7 @@ SCENARIOS: dict[str, Scenario] = {
     "cluster": lambda o: scenario_cluster(o.runs, min(o.rate, 15.0), extra_env=o.extra_env, timeout=o.timeout),
     "scale": lambda o: scenario_scale(o.bootstrap, o.runs, o.rate, extra_env=o.extra_env, timeout=o.timeout),
     "payloads": lambda o: scenario_payloads(o.bootstrap, min(o.runs, 40), o.kills, extra_env=o.extra_env, timeout=o.timeout),
+    "limits": lambda o: scenario_limits(o.bootstrap, min(o.runs, 300), o.kills, extra_env=o.extra_env, timeout=o.timeout),
 }
 """Every scenario of ``legato chaos``, by name, in the order ``all`` runs them. A scenario is a coroutine function of
 ``Options`` returning its figures (``scenario`` names it); a result may carry ``checks`` ({goal: bool}), which
