@@ -7,7 +7,7 @@ topics are PREFIXED patterns, everything else is LITERAL.
 
 | role | may |
 |---|---|
-| ``coordinator`` | read triggers, completions, signals, definitions, the cache, its own topic and its changelog, schedules and run events; write triggers (schedule ticks), schedules, requests, completions (cache hits), run events, cancellations, the cache, the DLQ, completion topics and its changelog, in transactions under ``<prefix>-coordinator-*`` |
+| ``coordinator`` | read triggers, completions, signals, definitions, the cache, its own topic and its changelog, schedules, run events, the limits topic and the limiter's changelog; write the limits topic (acquisitions, releases) and the limiter's changelog (in transactions under ``<prefix>-limiter-*``, group ``<prefix>-limiter``), triggers (schedule ticks), schedules, requests, completions (cache hits), run events, cancellations, the cache, the DLQ, completion topics and its changelog, in transactions under ``<prefix>-coordinator-*`` |
 | ``worker`` | read the requests of its activities, cancellations and the cache; write completions, progress, the cache and the DLQ |
 | ``trigger`` | write triggers; read the completion topics of its workflows |
 | ``signal`` | write signals |
@@ -73,6 +73,14 @@ def role_acls(role: str, principal: str, topics: Topics, activities: Iterable[st
 
     if role == "coordinator":
         topic("READ", t.triggers, t.coordinator, t.completions, t.signals, t.definitions, t.changelog, t.cache, t.schedules, t.runs)
+        # limits (docs/limits.md): it writes acquisitions and releases there; its limiter (group <prefix>-limiter)
+        # reads them and writes the grants (to the coordinator topic) with its budgets (to its changelog) in
+        # transactions under <prefix>-limiter-<partition>
+        topic("READ", t.limits, t.limits_changelog)
+        topic("WRITE", t.limits, t.limits_changelog)
+        topic("CREATE", t.limits_changelog)
+        out.add(Acl("group", "literal", t.limiter_group, "READ", principal))
+        out.add(Acl("transactional-id", "prefixed", f"{t.limiter_group}-", "WRITE", principal))
         # completions: a cache hit is answered with a cached completion (and a misplaced one is re-keyed there);
         # cache: the results of cache steps, whichever worker answered them
         topic("WRITE", t.runs, t.coordinator, t.completions, t.cancellations, t.dlq, t.changelog, t.cache, t.schedules, t.triggers, *completion)

@@ -51,9 +51,10 @@ def wall_clock_ms() -> int:
 class Shard:
     """Partition ``p`` of the limits topic: the budgets of its keys, its producer, where it resumes."""
 
-    def __init__(self, partition: int, producer: AIOKafkaProducer):
+    def __init__(self, partition: int, producer: AIOKafkaProducer, metrics: Any = None):
         self.partition = partition
         self.producer = producer
+        self.metrics = metrics  # streams.metrics.Metrics, or None
         self.states: dict[str, KeyState] = {}
         self.next_offset: int | None = None  # of the limits partition; None: from its beginning
         # this turn's work, committed together
@@ -64,6 +65,8 @@ class Shard:
 
     def apply(self, key: str, record: LimitAcquire | LimitRelease | None, now_ms: int) -> None:
         state, grants = limiter.decide(self.states.get(key), record, now_ms)
+        if self.metrics is not None:
+            self.metrics.limit_decided(state, record, grants)
         if state is None:
             return  # a release of a key it does not know: nothing held, nothing to give back
         self.states[key] = state
@@ -99,8 +102,10 @@ def _expired(state: KeyState, now_ms: int) -> bool:
 class Limiter(ConsumerRebalanceListener):
     """Runs the limiter for one process (``legato coordinator`` starts it beside the coordinator loop)."""
 
-    def __init__(self, bootstrap: str, topics: Topics, session_timeout_s: float = 6.0, clock: Callable[[], int] = wall_clock_ms):
+    def __init__(self, bootstrap: str, topics: Topics, session_timeout_s: float = 6.0, clock: Callable[[], int] = wall_clock_ms,
+                 metrics: Any = None):
         self.bootstrap = bootstrap
+        self.metrics = metrics
         self.topics = topics
         self.group = topics.limiter_group
         self.clock = clock
@@ -253,7 +258,7 @@ class Limiter(ConsumerRebalanceListener):
             partitioner=keyed_partitioner,
             **security.aiokafka_kwargs(),
         )
-        shard = Shard(p, producer)
+        shard = Shard(p, producer, self.metrics)
         try:
             await producer.start()  # InitProducerId: aborts the dead owner's open transaction, fences it for good
             await self._restore(shard)
@@ -297,6 +302,8 @@ class Limiter(ConsumerRebalanceListener):
             shard = self.shards.pop(p, None)
             if shard is None:
                 continue
+            if self.metrics is not None:  # its keys' use is reported by their next owner
+                self.metrics.limits_dropped((state.limit, state.key) for state in shard.states.values())
             try:
                 await shard.producer.stop()
             except Exception as exc:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, Iterable, Mapping
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Mapping
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
@@ -41,6 +44,14 @@ ITERATIONS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 50, 100, 1000)
 CONCURRENCY = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 USD = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 TOKENS = (10, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000)
+LIMIT_WAIT_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+LIMIT_KEYS = 100
+"""Keys of one limit exported under their own ``key`` label by one process; later keys share ``key="other"``."""
+OTHER_KEY = "other"
+LIMIT_WINDOW_MS = 60_000
+"""The window of ``legato_limit_requests`` and ``legato_limit_tokens``: the last minute, like the budgets."""
+LIMIT_BUDGETS = ("requests_per_minute", "tokens_per_minute", "concurrency")
 
 _SNAKE = re.compile(r"[^a-z0-9]+")
 
@@ -110,6 +121,18 @@ class Metrics:
         self.dead_letters = Counter("legato_dead_letters", "Messages sent to the dead-letter topic (<prefix>.dlq), by source topic and reason (bad_trigger, bad_completion, bad_coordinator_record, bad_signal, signal_refused, bad_activity_request, wrong_activity_topic, internal_error, ...: the reason text before its first colon).", ["topic", "reason"], registry=r)
         self.overhead = Histogram("legato_step_overhead_seconds", "Orchestration overhead per step: a completion received by the coordinator to the next activity request produced.", ["workflow"], buckets=OVERHEAD_SECONDS, registry=r)
         self.consumer_lag = Gauge("legato_consumer_lag", "Records of a partition not yet committed by this process's consumer group (end offset - committed offset), refreshed every 5 s; processes of one group report the same value (use max by).", ["group", "topic", "partition"], registry=r)
+        # cluster-wide limits (the limiter; docs/limits.md); `key` holds at most LIMIT_KEYS values per limit, then "other"
+        self.limit_wait = Histogram("legato_limit_wait_seconds", "Time an acquisition waited for its limit: the step ready (or the run triggered, for a concurrency key) to the limiter's grant, by limit and key (a process exports the first 100 keys of a limit under their own label, later ones as key=\"other\"; a workflow's concurrency key is the limit run:<workflow>).", ["limit", "key"], buckets=LIMIT_WAIT_SECONDS, registry=r)
+        self.limit_grants = Counter("legato_limit_grants", "Acquisitions the limiter granted (requests let through to workers, runs let start), by limit.", ["limit"], registry=r)
+        self.limit_pauses = Counter("legato_limit_pauses", "Pauses of a limit key after a 429 (an attempt failed with RateLimited and a retry_after): every grant of the key waits until it ends, by limit.", ["limit"], registry=r)
+        self._limit_use = _LimitUse()
+        sampled = self._limit_use.refresh
+        self.limit_requests = _sampled(Gauge("legato_limit_requests", "Requests the limiter granted in the last 60 s, by limit and key (compare with legato_limit_value{budget=\"requests_per_minute\"}); reported by the process that owns the key.", ["limit", "key"], registry=r), sampled)
+        self.limit_tokens = _sampled(Gauge("legato_limit_tokens", "Tokens charged in the last 60 s, by limit and key: approx_tokens when granted, corrected by the completion's cost on release (compare with legato_limit_value{budget=\"tokens_per_minute\"}).", ["limit", "key"], registry=r), sampled)
+        self.limit_in_use = _sampled(Gauge("legato_limit_concurrency_in_use", "Grants held now (granted, not yet released), by limit and key (compare with legato_limit_value{budget=\"concurrency\"}).", ["limit", "key"], registry=r), sampled)
+        self.limit_waiting = _sampled(Gauge("legato_limit_waiting", "Acquisitions waiting for a grant now, by limit and key.", ["limit", "key"], registry=r), sampled)
+        self.limit_value = _sampled(Gauge("legato_limit_value", "A limit's budget per key, by budget (requests_per_minute, tokens_per_minute, concurrency), as its latest acquisition declared it.", ["limit", "budget"], registry=r), sampled)
+        self._limit_use.gauges = (self.limit_requests, self.limit_tokens, self.limit_in_use, self.limit_waiting, self.limit_value)
         # activities (workers)
         self.activity_wait_time = Histogram("legato_activity_wait_seconds", "Queue time: the request produced by the coordinator (requested_ms) to the worker's handler start.", ["activity"], buckets=ACTIVITY_SECONDS, registry=r)
         self.activity_execution = Histogram("legato_activity_execution_seconds", "Handler execution time, by status (succeeded, failed).", ["activity", "status"], buckets=ACTIVITY_SECONDS, registry=r)
@@ -179,6 +202,30 @@ class Metrics:
 
     def progress_chunk(self, activity: str) -> None:
         self._at(self.progress_chunks, activity).inc()
+
+    def limit_decided(self, state: Any, record: Any, grants: Iterable[Any]) -> None:
+        """Count one decision of the limiter (``workflows.limiter.decide``): call it with the key's state after the
+        decision (None when there is none), the record decided (a ``LimitAcquire``, a ``LimitRelease`` or None for a
+        tick) and the grants it returned. Never raises."""
+        try:
+            grants = list(grants)
+            use = self._limit_use
+            for grant in grants:
+                label = use.label(grant.limit, grant.key)
+                self._at(self.limit_wait, grant.limit, label).observe(max(0, grant.waited_ms) / 1000)
+                self._at(self.limit_grants, grant.limit).inc()
+            if getattr(record, "type", None) == "limit.release" and state is not None and record.pause_ms:
+                self._at(self.limit_pauses, record.limit).inc()
+            if state is not None:
+                use.decided(state, record, grants)
+        except Exception:
+            log.exception("metrics: cannot count a limiter decision")
+
+    def limits_dropped(self, keys: Iterable[tuple[str, str]]) -> None:
+        """This process no longer owns the ``(limit, key)`` budgets (its limiter partitions were revoked): stop
+        reporting their use, which their new owner reports."""
+        for limit, key in keys:
+            self._limit_use.drop(limit, key)
 
     def cache_lookup(self, workflow: str, step: str, hit: bool) -> None:
         self._at(self.cache_hits if hit else self.cache_misses, workflow, step).inc()
@@ -313,6 +360,109 @@ def declared_paths(step: ChoiceStep) -> list[str]:
     spec = step.choice
     paths = [f"case{i}" for i in range(len(spec.cases))] + [f"route:{name}" for name in spec.routes]
     return paths + ["default"]
+
+
+def _sampled(gauge: Gauge, refresh: Callable[[], None]) -> Gauge:
+    """``gauge``, its series recomputed by ``refresh`` whenever it is collected (a window that slides with the clock)."""
+    collect = gauge.collect
+
+    def collect_fresh() -> Any:
+        refresh()
+        return collect()
+
+    gauge.collect = collect_fresh  # type: ignore[method-assign]
+    return gauge
+
+
+class _KeyUse:
+    """What one process knows of one limit key it owns: its grants of the last window and its state's counts."""
+
+    __slots__ = ("grants", "holders", "waiting")
+
+    def __init__(self) -> None:
+        self.grants: deque[list[Any]] = deque()  # [granted_ms, tokens, id], oldest first
+        self.holders: dict[str, int] = {}  # id -> tokens charged, as of the last decision
+        self.waiting = 0
+
+
+class _LimitUse:
+    """The use of each limit key this process's limiter owns, summed per exported ``key`` label at scrape time (in the
+    metrics server's thread: a lock keeps it apart from the limiter's updates)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.keys: dict[tuple[str, str], _KeyUse] = {}
+        self.labels: dict[str, set[str]] = {}  # limit -> the keys exported under their own label
+        self.budgets: dict[str, dict[str, float]] = {}
+        self.gauges: tuple[Gauge, ...] = ()
+        self._reported: set[tuple[str, str]] = set()
+        self._refreshed = -1.0
+        self._lock = threading.RLock()
+
+    def label(self, limit: str, key: str) -> str:
+        """``key``, or ``"other"`` once LIMIT_KEYS other keys of ``limit`` have their own label (for the life of the
+        process: a label never moves to another key)."""
+        with self._lock:
+            own = self.labels.setdefault(limit, set())
+            if key in own:
+                return key
+            if len(own) < LIMIT_KEYS and key != OTHER_KEY:
+                own.add(key)
+                return key
+            return OTHER_KEY
+
+    def decided(self, state: Any, record: Any, grants: list[Any]) -> None:
+        with self._lock:
+            use = self.keys.get((state.limit, state.key))
+            if use is None:
+                use = self.keys[(state.limit, state.key)] = _KeyUse()
+            if getattr(record, "type", None) == "limit.release" and record.cost is not None and record.id in use.holders:
+                charged = use.holders[record.id]
+                for entry in use.grants:  # the completion's real tokens replace the estimate charged at the grant
+                    if entry[2] == record.id:
+                        entry[1] += record.cost - charged
+                        break
+            for grant in grants:
+                holder = state.holders.get(grant.id)
+                use.grants.append([grant.granted_ms, holder.cost if holder is not None else 0, grant.id])
+            use.holders = {h.id: h.cost for h in state.holders.values()}
+            use.waiting = len(state.waiting)
+            self.budgets[state.limit] = {b: v for b in LIMIT_BUDGETS if (v := getattr(state, b, None)) is not None}
+
+    def drop(self, limit: str, key: str) -> None:
+        with self._lock:
+            self.keys.pop((limit, key), None)
+            self._refreshed = -1.0
+
+    def refresh(self) -> None:
+        with self._lock:
+            now_ms = self.clock() * 1000
+            if 0 <= now_ms - self._refreshed < 100:  # one scrape collects every gauge: compute once
+                return
+            self._refreshed = now_ms
+            sums: dict[tuple[str, str], list[float]] = {}
+            for (limit, key), use in list(self.keys.items()):
+                while use.grants and use.grants[0][0] <= now_ms - LIMIT_WINDOW_MS:
+                    use.grants.popleft()
+                if not use.grants and not use.holders and not use.waiting:
+                    del self.keys[(limit, key)]  # idle: nothing to report (its label stays reserved)
+                    continue
+                total = sums.setdefault((limit, self.label(limit, key)), [0, 0, 0, 0])
+                total[0] += len(use.grants)
+                total[1] += sum(entry[1] for entry in use.grants)
+                total[2] += len(use.holders)
+                total[3] += use.waiting
+            requests, tokens, in_use, waiting, value = self.gauges
+            for gauge, i in ((requests, 0), (tokens, 1), (in_use, 2), (waiting, 3)):
+                for labels in self._reported - set(sums):  # keys idle, or handed to another process
+                    gauge.remove(*labels)
+                for labels, total in sums.items():
+                    gauge.labels(*labels).set(total[i])
+            self._reported = set(sums)
+            value.clear()
+            for limit in {limit for limit, _ in sums}:
+                for budget, v in self.budgets.get(limit, {}).items():
+                    value.labels(limit, budget).set(v)
 
 
 class LagReporter:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterator
+
+import yaml
 
 from aiokafka import TopicPartition
 
@@ -15,6 +18,8 @@ from legato.topics.payload_refs import refs_in
 from legato.workflows.state import RunState, StepState
 
 TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+RUN_LIMIT_PREFIX = "run:"  # a workflow's run concurrency is the limit run:<workflow> (workflows/run_limits.py)
+_KEY_NAME = re.compile(r"^\s*\$\{\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*\}\s*$")
 
 
 FIRST_WINDOW = 2_000
@@ -81,6 +86,46 @@ async def load_run(bootstrap: str, prefix: str, run_id: str, timeout: float = 30
     if record is None or record.value is None:  # never written, or a tombstone
         return None
     return RunState.model_validate_json(record.value)
+
+
+# --- waiting for a limit -------------------------------------------------------------------------------
+
+
+def limit_key_names(source: str | None) -> dict[str, str]:
+    """Step id → what its ``limit_key`` names, from a definition's YAML: ``tenant`` for ``"${ input.tenant }"``
+    (a key of another shape has no name). Empty when the source is missing or unreadable."""
+    try:
+        doc = yaml.safe_load(source) if source else None
+    except yaml.YAMLError:
+        return {}
+    names: dict[str, str] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            key = node.get("limit_key")
+            if isinstance(node.get("id"), str) and isinstance(key, str) and (match := _KEY_NAME.match(key)):
+                names[node["id"]] = match.group(1)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    return names
+
+
+def limit_wait(hold: dict[str, Any] | None, key_name: str | None = None) -> str | None:
+    """What a step or run waits for while its acquisition of a limit is not granted (``limit_hold``), or None:
+    ``waiting for limit openai (tenant acme)``, ``waiting for concurrency key customer-1``."""
+    if not isinstance(hold, dict) or not hold.get("waiting"):
+        return None
+    limit, key = str(hold.get("limit") or "?"), str(hold.get("key") or "")
+    if limit.startswith(RUN_LIMIT_PREFIX):
+        return f"waiting for concurrency key {key}" if key else "waiting for its concurrency limit"
+    if not key:
+        return f"waiting for limit {limit}"
+    return f"waiting for limit {limit} ({key_name} {key})" if key_name else f"waiting for limit {limit} ({key})"
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -153,15 +198,24 @@ def _iso(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def render_table(state: RunState) -> str:
-    """Each step's kind, status, attempts, start offset and duration (ms), path, iterations and cost; then totals."""
+def _step_status(step: StepState, key_names: dict[str, str]) -> str:
+    waits = limit_wait(step.limit_hold, key_names.get(step.step_id or ""))
+    if waits is not None:
+        return waits
+    return f"{step.status} ({step.signal})" if step.status == "waiting" and step.signal else step.status
+
+
+def render_table(state: RunState, key_names: dict[str, str] | None = None) -> str:
+    """Each step's kind, status (or what it waits for), attempts, start offset and duration (ms), path, iterations and
+    cost; then totals. ``key_names``: what each step's ``limit_key`` names (:func:`limit_key_names`)."""
+    key_names = key_names or {}
     rows = []
     for step in _ordered(state):
         duration = None if step.finished_ms is None else step.finished_ms - step.started_ms
         rows.append([
             step.key,
             step.kind,
-            f"{step.status} ({step.signal})" if step.status == "waiting" and step.signal else step.status,
+            _step_status(step, key_names),
             str(step.attempt) if step.kind == "activity" else "-",
             _ms(step.started_ms - state.started_ms),
             _ms(duration),
@@ -171,6 +225,11 @@ def render_table(state: RunState) -> str:
             value_size(step.output),
         ])
     header = f"run {state.run_id}  workflow {state.workflow} v{state.version}  status {state.status}"
+    run_waits = limit_wait(state.limit_hold)
+    if run_waits is not None:
+        header += f" ({run_waits})"
+    if state.priority is not None:
+        header += f"  priority {state.priority}"
     body = _table(["step", "kind", "status", "attempt", "start_ms", "duration_ms", "path", "iterations", "cost", "output"], rows)
     duration = None if state.finished_ms is None else state.finished_ms - state.started_ms
     totals = [
@@ -245,11 +304,12 @@ def render_list(rows: list[dict[str, Any]], counts: dict[str, int]) -> str:
     return f"{table}\n\n{total}"
 
 
-def render_run(run: dict[str, Any]) -> str:
-    """A run from the index: the step table (when the changelog has it) or what the runs topic said."""
+def render_run(run: dict[str, Any], definition: str | None = None) -> str:
+    """A run from the index: the step table (when the changelog has it) or what the runs topic said. ``definition``:
+    the YAML of the run's workflow version, when known (it names the limit keys)."""
     state = state_of(run)
     if state is not None:
-        return render_table(state)
+        return render_table(state, limit_key_names(definition))
     summary = run.get("summary") or {}
     lines = [f"run {run['run_id']}  workflow {run['workflow']} v{run['version'] if run['version'] is not None else '?'}  status {run['status']}", "",
              f"started   {_iso(run['started_ms'])}", f"finished  {_iso(run['finished_ms'])}"]

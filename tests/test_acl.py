@@ -31,7 +31,7 @@ def test_worker_reads_its_requests_and_writes_completions_only():
 
 
 @pytest.mark.parametrize("forbidden", ["legato.runs", "legato.signals", "legato.definitions", "legato.coordinator", "legato.triggers",
-                                       "legato.requests.other", "legato-coordinator-runs-changelog"])
+                                       "legato.requests.other", "legato-coordinator-runs-changelog", "legato.limits", "legato-limiter-changelog"])
 def test_worker_may_not_write(forbidden):
     assert forbidden not in topics_with("worker", "WRITE", activities=["mine"])
     assert not any(p == "prefixed" for _, _, p, _ in grants("worker", activities=["mine"]))
@@ -55,6 +55,12 @@ def test_coordinator_transactions_and_group_follow_one_prefix():
     # schedules (docs/schedules.md): it reads them and the runs they started, fires ticks as triggers, records them
     assert {"legato.schedules", "legato.triggers"} <= topics_with("coordinator", "WRITE")
     assert {"legato.schedules", "legato.runs"} <= topics_with("coordinator", "READ")
+    # cluster-wide limits: acquisitions and releases written to the limits topic, read by the limiter, which keeps its
+    # budgets in its changelog in transactions of its own group (streams/limiter.py: transactional_id=f"{group}-{p}")
+    assert {"legato.limits", T.limits_changelog} <= topics_with("coordinator", "WRITE") & topics_with("coordinator", "READ")
+    assert T.limits_changelog == "legato-limiter-changelog" and T.limits_changelog in topics_with("coordinator", "CREATE")
+    assert ("READ", "group", "literal", "legato-limiter") in g
+    assert ("WRITE", "transactional-id", "prefixed", "legato-limiter-") in g and f"{T.limiter_group}-3".startswith("legato-limiter-")
     # the result cache: read whole, entries written for every worker, hits answered as cached completions
     assert {"legato.cache", "legato.completions"} <= topics_with("coordinator", "WRITE") & topics_with("coordinator", "READ")
 

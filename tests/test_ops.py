@@ -167,6 +167,8 @@ def test_issue_panels_are_present():
         "legato_run_cost_usd_sum", "legato_run_tokens_sum", "legato_cost_usd_total", "legato_coordinator_events_total",
         "legato_events_ignored_total", "legato_dead_letters_total", "legato_consumer_lag", "legato_step_overhead_seconds_bucket",
         "legato_step_duration_seconds_bucket", "legato_activity_errors_total", "legato_cache_hits_total", "legato_cache_misses_total",
+        "legato_limit_wait_seconds_bucket", "legato_limit_requests", "legato_limit_tokens", "legato_limit_concurrency_in_use",
+        "legato_limit_value", "legato_limit_pauses_total", "legato_limit_grants_total", "legato_limit_waiting",
     ]:
         assert name in text, f"no panel shows {name}"
 

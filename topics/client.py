@@ -56,8 +56,11 @@ class LegatoClient:
                       version: int | None = None, priority: int | None = None) -> str:
         """Publish a trigger and return its run_id (a new uuid4 unless given; it is the idempotency key). The run is
         pinned to ``version`` of the workflow, or to its highest version deployed when the coordinator decides it.
-        ``priority`` (1–5, default 3) orders its waits for saturated limits (docs/limits.md)."""
+        ``priority`` (1 lowest to 5; default 3) orders the run's steps among those waiting for a saturated limit
+        (docs/limits.md); ``ValueError`` outside 1–5."""
         assert self._producer is not None, "use `async with LegatoClient(...)`"
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 5):
+            raise ValueError(f"priority {priority!r}: expected an integer from 1 (lowest) to 5")
         run_id = run_id or str(uuid.uuid4())
         input = await self.payloads.externalize(run_id, input or {})  # a reference is an object too: the run sees the value
         record = RunRequested(workflow=workflow, input=input, run_id=run_id, correlation_id=correlation_id, version=version, priority=priority)
@@ -149,13 +152,13 @@ class LegatoClient:
             return await asyncio.wait_for(self._wait(consumer, {new_run_id}, progress, started), timeout)
 
     async def run(self, workflow: str, input: dict | None = None, *, run_id: str | None = None, timeout: float = 300.0,
-                  progress: Callable[[str], None] | None = None, version: int | None = None) -> RunEvent:
-        """Trigger a run and wait for its terminal event."""
+                  progress: Callable[[str], None] | None = None, version: int | None = None, priority: int | None = None) -> RunEvent:
+        """Trigger a run (``priority`` as in :meth:`trigger`) and wait for its terminal event."""
         run_id = run_id or str(uuid.uuid4())
         watch = [self.topics.runs, self.topics.completions, self.topics.progress] if progress else [self.topics.runs]
         async with _RunsConsumer(self.bootstrap, watch, False, self._kafka) as consumer:
             started = asyncio.get_running_loop().time()
-            await self.trigger(workflow, input, run_id=run_id, version=version)
+            await self.trigger(workflow, input, run_id=run_id, version=version, priority=priority)
             if progress:
                 progress(f"triggered {workflow} run {run_id}")
             return await asyncio.wait_for(self._wait(consumer, {run_id}, progress, started), timeout)

@@ -33,6 +33,7 @@ from legato.streams import security
 from legato.streams.config import Settings
 from legato.streams.console.feed import Feed
 from legato.streams.console.index import STATUSES, RunFilter, RunIndex, open_index
+from legato.streams.runs import limit_key_names, limit_wait
 from legato.streams.schedule_cli import view as schedule_view
 from legato.streams.runs import state_of, value_size
 from legato.streams.schedules import ScheduleTable
@@ -112,6 +113,17 @@ def step_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(step, dict) and step.get("key") not in seen:
             rows.append({**_STEP_DEFAULTS, **step, "depth": 0})
     return rows
+
+
+def limit_waits(state: dict[str, Any], source: str | None) -> tuple[str | None, dict[str, str]]:
+    """What the run waits for (its concurrency key) and, by step key, what each step waits for (a limit and its key),
+    while their acquisitions are not granted; ``source``, the workflow's YAML, names the limit keys."""
+    names = limit_key_names(source)
+    steps = {}
+    for step in (state.get("steps") or {}).values():
+        if isinstance(step, dict) and (text := limit_wait(step.get("limit_hold"), names.get(str(step.get("step_id"))))) is not None:
+            steps[str(step.get("key"))] = text
+    return limit_wait(state.get("limit_hold")), steps
 
 
 def gantt_bars(rows: list[dict[str, Any]], run_start: int | None, run_end: int | None, now_ms: int) -> list[dict[str, Any]]:
@@ -329,8 +341,12 @@ class Console:
         summary = run["summary"] or {}
         events = self.index.events(run_id)
         rows = step_rows(state)
+        run_waits, step_waits = limit_waits(state, self._source(run["workflow"], run["version"]) if run["status"] == "running" else None)
+        for row in rows:
+            row["limit_wait"] = step_waits.get(str(row.get("key")))
         now_ms = int(time.time() * 1000)
         context = {
+            "run_waits": run_waits, "limit_waiting": [r for r in rows if r["limit_wait"]],
             "run": run, "state": state, "summary": summary, "events": events, "steps": rows,
             "bars": gantt_bars(rows, run["started_ms"], run["finished_ms"], now_ms),
             "waiting": [r for r in rows if r.get("status") == "waiting"],
@@ -394,6 +410,12 @@ class Console:
             row["runs"] = self.index.list_runs(RunFilter(q=f"schedule:{name}"), limit=5)
             rows.append(row)
         return self._html("schedules.html", rows=rows, topic=self.settings.topics.schedules)
+
+    def _source(self, workflow: str | None, version: int | None) -> str | None:
+        """The workflow's YAML from the definitions topic, else from the local workflow directories."""
+        if not workflow:
+            return None
+        return self.index.definition(workflow, version) or self._local_definition(workflow, version)
 
     def _graph(self, workflow: str | None, version: int | None, state: dict[str, Any], run_status: str | None = None) -> dict[str, str] | None:
         """The workflow's flowchart from the definitions topic, else from the local workflow directories."""

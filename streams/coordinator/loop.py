@@ -89,7 +89,7 @@ class Coordinator:
                                      state_commit_s=getattr(settings, "state_commit_ms", STATE_COMMIT_S * 1000) / 1000, payloads=self.payload_values)
         self.rebalance = Rebalance(self)
         # the cluster-wide limits are decided in every coordinator process too: users deploy nothing else
-        self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout)
+        self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout, metrics=metrics)
         self._consumer: AIOKafkaConsumer | None = None
         self._session_timeout_ms = int(settings.session_timeout * 1000)
 

@@ -250,6 +250,60 @@ async def test_console_in_a_real_browser(legato, console, tmp_path):
             await browser.close()
 
 
+async def test_runs_show_and_the_console_say_what_waits_for_a_limit(legato, runs_env, console):
+    """Two runs on one key of a limit that grants one request per key (or none, before a limiter runs): one of them at
+    least waits; the same with a concurrency key held by a run that never finishes. `legato runs show` and the
+    console's run page say what they wait for; a trigger's priority shows too."""
+    if not Path(CHROMIUM).exists():
+        skip_or_fail("needs Debian's chromium (scripts/test.sh installs it)")
+    from playwright.async_api import async_playwright
+
+    tag = uuid.uuid4().hex[:8]
+    tenant, customer = f"acme-{tag}", f"customer-{tag}"
+    limited = [f"lim-{tag}-{i}" for i in range(2)]
+    keyed = [f"key-{tag}-{i}" for i in range(2)]
+    for run_id in limited:
+        code, out, err = await cli("trigger", "lim_waiting", "--input", orjson.dumps({"tenant": tenant}).decode(), "--run-id", run_id,
+                                   "--priority", "4", env=legato.env)
+        assert code == 0, err
+    for run_id in keyed:
+        await legato.trigger("lim_keyed", {"customer": customer}, run_id=run_id)
+    step_text, run_text = f"waiting for limit glacial (tenant {tenant})", f"waiting for concurrency key {customer}"
+
+    async def shown(run_ids: list[str], text: str) -> str | None:
+        for run_id in run_ids:
+            code, out, err = await cli("runs", "show", run_id, env=runs_env)
+            if code == 0 and text in out:
+                return out
+        return None
+
+    out = await _until(lambda: shown(limited, step_text), timeout=60, what=f"`legato runs show` saying {step_text!r}")
+    assert "priority 4" in out.splitlines()[0]
+    out = await _until(lambda: shown(keyed, run_text), timeout=60, what=f"`legato runs show` saying {run_text!r}")
+    assert out.splitlines()[0].endswith(f"status running ({run_text})")
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+
+            async def on_page(run_ids: list[str], text: str) -> bool:
+                for run_id in run_ids:
+                    await page.goto(console + f"run?id={run_id}")
+                    if await page.locator("#waiting").count() and text in await page.locator("#waiting").inner_text():
+                        return True
+                return False
+
+            await _until(lambda: on_page(limited, step_text), timeout=60, what=f"the console saying {step_text!r}")
+            assert step_text in await page.locator('tr[data-step="ask"]').inner_text()
+            await _until(lambda: on_page(keyed, run_text), timeout=60, what=f"the console saying {run_text!r}")
+            assert run_text in await page.locator("#run-limit-wait").inner_text()
+        finally:
+            await browser.close()
+    for run_id in limited + keyed:
+        await legato.client.cancel(run_id, "test over")
+
+
 async def test_schedules_page_in_a_real_browser(legato, console, tmp_path):
     if not Path(CHROMIUM).exists():
         skip_or_fail("needs Debian's chromium (scripts/test.sh installs it)")

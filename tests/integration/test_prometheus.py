@@ -7,7 +7,8 @@ alert rules of ops/prometheus/rules. The Debian service is not used.
 
 The workload makes every metric exist and move: due_diligence (approve and reject paths) and support_triage
 (billing case and the draft loop) several times, a workflow whose parallel step fails, a loop that stops at
-max_iterations, a trigger for an unknown workflow, a duplicate trigger and a malformed trigger (dead letter).
+max_iterations, a step waiting for a limit and refused once by a 429, a trigger for an unknown workflow, a duplicate
+trigger and a malformed trigger (dead letter).
 """
 from __future__ import annotations
 
@@ -76,6 +77,20 @@ name: metrics_wait
 steps:
   - id: approval
     wait: {signal: approve, timeout: 200ms, on_timeout: continue}
+""",
+    # a limited step refused once for a rate limit: a grant, a 429's pause of the key, a grant again (docs/limits.md)
+    "metrics_limited.yaml": """\
+name: metrics_limited
+limits:
+  metrics_api: {requests_per_minute: 6000, tokens_per_minute: 1000000, concurrency: 4}
+steps:
+  - id: call
+    activity: e2e_rate_limited
+    input: {run_id: "${ input.run_id }", retry_after: 0.2}
+    limit: metrics_api
+    limit_key: "${ input.tenant }"
+    approx_tokens: 100
+    retry: {max_attempts: 2, backoff: 1m}
 """,
 }
 
@@ -204,6 +219,7 @@ async def workload_round(obs: Observed, client: LegatoClient, producer: AIOKafka
         "metrics_polish": [{}],
         "metrics_cache": [{}],  # the same input every round: a miss, then hits answered by the coordinator
         "metrics_wait": [{}],  # waits for a signal nobody sends: times out and goes on
+        "metrics_limited": [{"run_id": f"limited-{obs.prefix}-{n}", "tenant": "acme"}],  # 429 once, then granted again
         "no_such_workflow": [{}],
     }
     ids: set[str] = set()
@@ -220,6 +236,7 @@ async def workload_round(obs: Observed, client: LegatoClient, producer: AIOKafka
     events = await client.wait_for(ids, timeout=60)
     statuses = {e.workflow: e.status for e in events.values()}
     assert statuses["due_diligence"] == "succeeded" and statuses["metrics_failing"] == "failed", statuses
+    assert statuses["metrics_limited"] == "succeeded", statuses
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -237,7 +254,7 @@ async def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
         "LEGATO_BOOTSTRAP": kafka_bootstrap,
         "LEGATO_TOPIC_PREFIX": prefix,
         "LEGATO_WORKFLOWS": os.pathsep.join([str(EXAMPLES_DIR), str(extra)]),
-        "LEGATO_HANDLERS": "legato.handlers.examples.demo",
+        "LEGATO_HANDLERS": "legato.handlers.examples.demo,tests.integration.e2e_handlers",
         "LEGATO_DEMO_SCALE": "0.05",
         "LEGATO_DATA_DIR": str(workdir / "data"),
         "LEGATO_LOGLEVEL": "info",
@@ -263,7 +280,7 @@ async def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
                 event = await client.run("metrics_polish", {}, timeout=10)
                 assert event.status == "succeeded", event
                 break
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, RuntimeError):  # RuntimeError: the coordinator has not created the topics yet
                 assert time.monotonic() < deadline, "legato not ready in 60s\n" + obs.logs()
         await wait_until(lambda: urllib.request.urlopen(f"{obs.prometheus}/-/ready", timeout=2).status == 200, 30, "prometheus ready")
         try:
