@@ -166,3 +166,45 @@ def test_bad_limits_are_refused_whole(text, path):
     with pytest.raises(DefinitionError) as caught:
         compile_workflow(yaml.safe_load(text))
     assert caught.value.path == path
+
+
+def test_a_rate_grant_decided_a_second_or_more_after_the_limiter_gave_it_is_given_back_and_asked_for_again():
+    """Grants that waited on the coordinator topic (a takeover) would reach the workers together: they go back."""
+    from legato.workflows.run_limits import GRANT_TTL_MS
+    h = Harness(machine_from(FLOW))
+    h.start("t", {"tenant": "acme"}, now=T0, priority=4)
+    out = h.deliver(LimitGranted(run_id=h.run_id, id="r1/a/1", limit="openai", key="acme", granted_ms=T0 + 100), T0 + 100 + GRANT_TTL_MS)
+    assert requests_in(out) == []
+    [r] = releases(out)
+    assert (r.id, r.key, r.cost) == ("r1/a/1", "acme", 0)  # nothing ran: its tokens come back
+    [a] = acquires(out)
+    assert (a.id, a.key, a.cost, a.priority, a.requested_ms) == ("r1/a/1", "acme", 800, 4, T0)  # keeps its place
+    assert [i.reason for i in ignored_in(out)] == ["late_grant"]
+    assert waiting_for(h.state.steps["a"].limit_hold) == "openai (acme)"
+    # the next grant, fresh, sends the request
+    out = h.deliver(LimitGranted(run_id=h.run_id, id="r1/a/1", limit="openai", key="acme", granted_ms=T0 + 2000), T0 + 2000 + GRANT_TTL_MS - 1)
+    assert [q.request_id for q in requests_in(out)] == ["r1/a/1"] and releases(out) == []
+
+
+def test_the_fourth_late_grant_of_an_attempt_is_used_so_a_slow_coordinator_cannot_starve_it():
+    from legato.workflows.run_limits import GRANT_TTL_MS, LATE_GRANTS_MAX
+    h = Harness(machine_from(FLOW))
+    h.start("t", {"tenant": "acme"}, now=T0)
+    now = T0
+    for n in range(LATE_GRANTS_MAX):
+        now += 10 * GRANT_TTL_MS
+        out = h.deliver(LimitGranted(run_id=h.run_id, id="r1/a/1", limit="openai", key="acme", granted_ms=now - 5 * GRANT_TTL_MS), now)
+        assert requests_in(out) == [] and len(acquires(out)) == 1, n
+    out = h.deliver(LimitGranted(run_id=h.run_id, id="r1/a/1", limit="openai", key="acme", granted_ms=now), now + 5 * GRANT_TTL_MS)
+    assert [q.request_id for q in requests_in(out)] == ["r1/a/1"]
+    assert [i.reason for i in ignored_in(out)] == ["late_grant_used"]
+
+
+def test_a_late_grant_of_a_concurrency_only_limit_or_a_run_key_is_used():
+    """They hold a place, not a moment: a late grant bunches nothing."""
+    from legato.workflows.run_limits import GRANT_TTL_MS
+    flow = FLOW.replace("{requests_per_minute: 500, tokens_per_minute: 200000, concurrency: 20}", "{concurrency: 2}").replace("    approx_tokens: 800\n", "")
+    h = Harness(machine_from(flow))
+    h.start("t", {"tenant": "acme"}, now=T0)
+    out = h.deliver(LimitGranted(run_id=h.run_id, id="r1/a/1", limit="openai", key="acme", granted_ms=T0), T0 + 60 * GRANT_TTL_MS)
+    assert [q.request_id for q in requests_in(out)] == ["r1/a/1"] and acquires(out) == []

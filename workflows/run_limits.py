@@ -24,6 +24,17 @@ if TYPE_CHECKING:
     from legato.workflows.context import Run
     from legato.workflows.state import RunState, StepState
 
+GRANT_TTL_MS = 500
+"""A rate grant decided more than this after the limiter gave it is given back and asked for again instead of used:
+grants that waited on the coordinator topic (a takeover after a coordinator SIGKILL, a partition far behind) would
+otherwise reach the workers together and overrun the rate. Concurrency-only limits and run concurrency keys hold a
+place, not a moment, so their grants never go stale."""
+
+LATE_GRANTS_MAX = 3
+"""After this many late grants for one attempt the next one is used whatever its age, so an attempt cannot be starved
+by a coordinator that is always late (or a clock far ahead of the limiter's); each case is counted as
+``late_grant_used``."""
+
 RUN_LIMIT_PREFIX = "run:"
 """A workflow's run concurrency is the limit ``run:<workflow>``; a run's acquisition id is ``run:<run_id>``."""
 
@@ -77,12 +88,36 @@ def granted(run: "Run", event: LimitGranted) -> None:
     for key, step in state.steps.items():
         hold = step.limit_hold
         if hold is not None and hold["id"] == event.id and hold["waiting"] and step.request is not None:
+            if _late(run, hold, event):
+                return
             hold["waiting"] = False
             state.requests[event.id] = key
             run.out.append(RequestActivity(request=ActivityRequested.model_validate(step.request)))
             return
     unwanted(run.out, event, state.run_id)
     run.changed = False
+
+
+def _late(run: "Run", hold: dict[str, Any], event: LimitGranted) -> bool:
+    """A rate grant decided ``GRANT_TTL_MS`` or more after it was given: give it back (nothing ran: no tokens) and ask
+    again, keeping the place in the queue the attempt earned (``since_ms``); True when so."""
+    spec = hold.get("spec") or {}
+    rated = spec.get("requests_per_minute") is not None or spec.get("tokens_per_minute") is not None
+    age = run.now - event.granted_ms
+    if not rated or age < GRANT_TTL_MS:
+        return False
+    late = int(hold.get("late", 0))
+    if late >= LATE_GRANTS_MAX:
+        run.out.append(EventIgnored(run_id=run.state.run_id, reason="late_grant_used", detail=f"{event.limit} ({event.key}) for {event.id}, {age} ms old"))
+        return False
+    hold["late"] = late + 1
+    run.out.append(ReleaseLimit(release=LimitRelease(id=event.id, limit=event.limit, key=event.key, cost=0)))
+    run.out.append(EventIgnored(run_id=run.state.run_id, reason="late_grant", detail=f"{event.limit} ({event.key}) for {event.id}, {age} ms old"))
+    run.out.append(AcquireLimit(acquire=LimitAcquire(id=hold["id"], limit=hold["limit"], key=hold["key"], run_id=run.state.run_id,
+                                                     priority=run.state.priority or PRIORITY_DEFAULT, cost=hold.get("cost", 0),
+                                                     spec=LimitSpec(**spec), requested_ms=hold.get("since_ms", run.now))))
+    run.changed = True
+    return True
 
 
 def unwanted(out: list[Any], event: LimitGranted, run_id: str) -> None:
