@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +36,7 @@ from legato.workflows.model import CompiledWorkflow, DefinitionError, load_sourc
 
 log = logging.getLogger("legato.definitions")
 
-_DEPLOY_ATTEMPTS = 5
+_DEPLOY_ATTEMPTS = 8
 """A deployer fenced by another one reads the topic again and retries this often."""
 
 _REJECTED_KEPT = 1000
@@ -365,7 +366,7 @@ async def deploy(candidates: list[Candidate], bootstrap: str, topics: Topics, *,
                 if attempt == _DEPLOY_ATTEMPTS:
                     raise
                 log.warning("deploy attempt %d failed (%s); reading %s again", attempt, exc, topics.definitions)
-                await asyncio.sleep(0.2 * attempt)
+                await asyncio.sleep(random.uniform(0.1, 0.4) * attempt)  # apart, so deployers started together stop fencing each other
             finally:
                 await producer.stop()
         raise AssertionError("unreachable")

@@ -309,3 +309,19 @@ async def test_a_deployer_killed_mid_transaction_leaves_nothing_and_does_not_blo
             await dead.stop()
         except Exception:
             pass  # fenced
+
+
+async def test_coordinators_started_together_all_deploy_the_same_files(tmp_path, topics, kafka_bootstrap):
+    """Several coordinators started at the same moment (a scaled deployment) deploy the same files: the deployers fence
+    one another, and each must still end with every file deployed once, none giving up."""
+    tag = uuid.uuid4().hex[:8]
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    for n in range(5):
+        (folder / f"w{n}.yaml").write_text(V1.replace("greet", f"together_{tag}_{n}"), encoding="utf-8")
+    plans = await asyncio.gather(*(deploy_files([folder], kafka_bootstrap, topics) for _ in range(6)))
+    assert all(not p.refused for p in plans)
+    published = sorted(o.candidate.workflow.name for p in plans for o in p.outcomes if o.action == "publish")
+    assert published == sorted(f"together_{tag}_{n}" for n in range(5)), published  # each once, by whichever won
+    on_topic = [r.key for r in await records(kafka_bootstrap, topics.definitions) if r.key.decode().startswith(f"together_{tag}_")]
+    assert sorted(on_topic) == sorted(f"together_{tag}_{n}@1".encode() for n in range(5))
