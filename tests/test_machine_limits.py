@@ -176,7 +176,7 @@ def test_a_rate_grant_decided_a_second_or_more_after_the_limiter_gave_it_is_give
     out = h.deliver(LimitGranted(run_id=h.run_id, id="r1/a/1", limit="openai", key="acme", granted_ms=T0 + 100), T0 + 100 + GRANT_TTL_MS)
     assert requests_in(out) == []
     [r] = releases(out)
-    assert (r.id, r.key, r.cost) == ("r1/a/1", "acme", 0)  # nothing ran: its tokens come back
+    assert (r.id, r.key, r.cost, r.late) == ("r1/a/1", "acme", 0, True)  # nothing ran: its tokens come back
     [a] = acquires(out)
     assert (a.id, a.key, a.cost, a.priority, a.requested_ms) == ("r1/a/1", "acme", 800, 4, T0)  # keeps its place
     assert [i.reason for i in ignored_in(out)] == ["late_grant"]

@@ -51,6 +51,7 @@ class LimitRelease(_Record):
     key: str = ""
     cost: int | None = Field(default=None, ge=0)
     pause_ms: int | None = Field(default=None, ge=0)
+    late: bool = False  # a grant given back unused because it came too late (asked for again at once)
 
 
 class LimitGranted(_Record):

@@ -111,7 +111,7 @@ def _late(run: "Run", hold: dict[str, Any], event: LimitGranted) -> bool:
         run.out.append(EventIgnored(run_id=run.state.run_id, reason="late_grant_used", detail=f"{event.limit} ({event.key}) for {event.id}, {age} ms old"))
         return False
     hold["late"] = late + 1
-    run.out.append(ReleaseLimit(release=LimitRelease(id=event.id, limit=event.limit, key=event.key, cost=0)))
+    run.out.append(ReleaseLimit(release=LimitRelease(id=event.id, limit=event.limit, key=event.key, cost=0, late=True)))
     run.out.append(EventIgnored(run_id=run.state.run_id, reason="late_grant", detail=f"{event.limit} ({event.key}) for {event.id}, {age} ms old"))
     run.out.append(AcquireLimit(acquire=LimitAcquire(id=hold["id"], limit=hold["limit"], key=hold["key"], run_id=run.state.run_id,
                                                      priority=run.state.priority or PRIORITY_DEFAULT, cost=hold.get("cost", 0),
