@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from legato.streams.kafka_io import partition_for
+from legato.tools.chaos_limits import in_trigger_order, most_at_once, starts
 from legato.tools.harness import Env, Proc, Scene, count_by_request, wait_ready
 from legato.topics.limits import limit_key
 
@@ -65,29 +66,6 @@ class Limits:
                 return found[0]
             await asyncio.sleep(0.05)
         raise AssertionError(f"no {event} of {tag} within {timeout}s\n{self.env.logs()}")
-
-
-def starts(notes: list[dict]) -> list[str]:
-    return [n["tag"] for n in sorted(notes, key=lambda n: n["t"]) if n["event"] == "start"]
-
-
-def in_trigger_order(started: list[str], triggered: list[str]) -> bool:
-    """The runs that waited started in trigger order: the first found its key free (another partition may have
-    decided a later trigger first), every later one was the earliest trigger still waiting."""
-    rest = started[1:]
-    return sorted(started) == sorted(triggered) and rest == sorted(rest, key=triggered.index)
-
-
-def most_at_once(notes: list[dict]) -> int:
-    """The most requests between their start and their end (or 429) at any moment."""
-    moves = sorted((n["t"], 1 if n["event"] == "start" else -1) for n in notes)
-    # at equal times an end comes before a start: a request that ended as another began did not overlap it
-    moves.sort(key=lambda m: (m[0], m[1]))
-    now = peak = 0
-    for _, step in moves:
-        now += step
-        peak = max(peak, now)
-    return peak
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from legato.tools.chaos_limits import busiest_window, most_at_once
 from legato.tools.harness import Env, Scene, group_members, trigger, wait_ready
 from legato.topics.limits import LimitSpec
 from legato.workflows.limiter import WINDOW_MS
@@ -21,26 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 RATE = LimitSpec(requests_per_minute=600, concurrency=30)  # chaos_rated.yaml
 RATED_RUNS = 150  # 15 s at 10 a second
 PAIR_RUNS = 40  # chaos_limited.yaml: 2 at a time
-
-
-def busiest_window(times: list[float], window_s: float = WINDOW_MS / 1000) -> int:
-    """The most arrivals in any window of ``window_s`` (each window starts at an arrival)."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window_s:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
-def most_at_once(notes: list[dict]) -> int:
-    moves = sorted((n["t"], 1 if n["event"] == "start" else -1) for n in notes)
-    now = peak = 0
-    for _, step in moves:
-        now += step
-        peak = max(peak, now)
-    return peak
 
 
 async def test_three_coordinators_and_four_workers_keep_a_rate_within_five_percent_and_a_concurrency(kafka_bootstrap, tmp_path):
