@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
+import msgspec
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -28,7 +29,7 @@ from legato.streams import kafka_io, security
 from legato.streams.kafka_io import keyed_partitioner
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.limits import LimitAcquire, LimitGranted, LimitRelease
+from legato.topics.limits import LimitAcquire, LimitGranted, LimitRelease, TriggersDecided
 from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows import limiter
 from legato.workflows.limiter import KeyState
@@ -41,7 +42,10 @@ _IDLE_POLL_MS = 200
 _SWEEP_EVERY_MS = 5_000
 """How often idle keys whose rates have recovered are deleted (from memory, and by a tombstone from the changelog)."""
 _TRANSACTION_TIMEOUT_MS = 60_000
-_RECORDS = {"limit.acquire": LimitAcquire, "limit.release": LimitRelease}
+_MARKS_SAVED_EVERY_MS = 5_000
+"""How often a partition that reads nothing but trigger marks commits where it resumes (the marks themselves are
+not stored: every coordinator sends them again a few times a second)."""
+_RECORDS = {"limit.acquire": LimitAcquire, "limit.release": LimitRelease, "limit.triggers_decided": TriggersDecided}
 
 
 def wall_clock_ms() -> int:
@@ -62,11 +66,33 @@ class Shard:
         self.dirty: set[str] = set()
         self.offset_moved = False
         self.swept_ms = 0
+        # trigger partition → every trigger before this epoch ms is decided (TriggersDecided); not stored
+        self.marks: dict[int, int] = {}
+        self.trigger_partitions: int | None = None
+        self.marks_unsaved = False
+        self.saved_ms = 0
+        self.decisions: list[tuple[KeyState, Any, list[LimitGranted]]] = []  # counted in the metrics once committed
+
+    def decided_ms(self) -> int:
+        """Every trigger before this has been decided on every trigger partition (0 until each has reported)."""
+        n = self.trigger_partitions
+        if n is None or any(p not in self.marks for p in range(n)):
+            return 0
+        return min(self.marks[p] for p in range(n))
+
+    def marked(self, record: TriggersDecided, now_ms: int) -> None:
+        """A coordinator's trigger marks: they only move forward (a stale mark is still true)."""
+        self.trigger_partitions = record.partitions
+        for p, ms in record.marks.items():
+            if ms > self.marks.get(p, 0):
+                self.marks[p] = ms
+        self.marks_unsaved = True
 
     def apply(self, key: str, record: LimitAcquire | LimitRelease | None, now_ms: int) -> None:
-        state, grants = limiter.decide(self.states.get(key), record, now_ms)
-        if self.metrics is not None:
-            self.metrics.limit_decided(state, record, grants)
+        state, grants = limiter.decide(self.states.get(key), record, now_ms, self.decided_ms())
+        if self.metrics is not None and state is not None:
+            # what the decision left, as it is now: later decisions of this turn change the state in place
+            self.decisions.append((msgspec.structs.replace(state, holders=dict(state.holders), waiting=list(state.waiting)), record, grants))
         if state is None:
             return  # a release of a key it does not know: nothing held, nothing to give back
         self.states[key] = state
@@ -75,11 +101,14 @@ class Shard:
 
     def tick(self, now_ms: int) -> None:
         """Grant what time alone admits now, and drop the idle keys whose rates have recovered."""
+        decided = self.decided_ms()
         for key, state in self.states.items():
             if state.waiting:
-                due = limiter.due_ms(state, now_ms)
+                due = limiter.due_ms(state, now_ms, decided)
                 if due is not None and due <= now_ms:
                     self.apply(key, None, now_ms)
+        if self.marks_unsaved and now_ms - self.saved_ms >= _MARKS_SAVED_EVERY_MS:
+            self.offset_moved = True
         if now_ms - self.swept_ms >= _SWEEP_EVERY_MS:
             self.swept_ms = now_ms
             for key in [k for k, s in self.states.items() if _expired(s, now_ms)]:
@@ -87,8 +116,19 @@ class Shard:
                 self.dirty.add(key)
 
     def next_due_ms(self, now_ms: int) -> int | None:
-        due = [d for s in self.states.values() if s.waiting and (d := limiter.due_ms(s, now_ms)) is not None]
+        decided = self.decided_ms()
+        due = [d for s in self.states.values() if s.waiting and (d := limiter.due_ms(s, now_ms, decided)) is not None]
         return min(due) if due else None
+
+    def committed(self, now_ms: int) -> None:
+        """The turn's transaction committed: start the next, and count its decisions in the metrics (only now: a turn
+        that fails is decided again by the reloaded shard, and would be counted twice)."""
+        self.grants, self.dirty, self.offset_moved = [], set(), False
+        self.marks_unsaved, self.saved_ms = False, now_ms
+        decisions, self.decisions = self.decisions, []
+        if self.metrics is not None:
+            for state, record, grants in decisions:
+                self.metrics.limit_decided(state, record, grants)
 
     def pending(self) -> bool:
         return bool(self.grants or self.dirty or self.offset_moved)
@@ -169,20 +209,23 @@ class Limiter(ConsumerRebalanceListener):
                 continue  # fetched before a revocation: the new owner reads it again
             for msg in records:
                 record = self._decode(msg)
+                shard.next_offset = msg.offset + 1
+                if isinstance(record, TriggersDecided):
+                    shard.marked(record, now)  # its offset is committed with the next change, or within 5 s
+                    continue
                 if record is not None:
                     shard.apply(msg.key.decode() if msg.key else "", record, now)
-                shard.next_offset = msg.offset + 1
                 shard.offset_moved = True
         for shard in list(self.shards.values()):
             shard.tick(now)
             if shard.pending():
                 try:
-                    await self._commit(shard)
+                    await self._commit(shard, now)
                 except Exception as exc:  # fenced, or the broker went away: reload the shard from the changelog
                     log.warning("limits partition %d: commit failed (%s: %s); reloading it", shard.partition, type(exc).__name__, exc)
                     await self._reload(shard.partition)
 
-    def _decode(self, msg: Any) -> LimitAcquire | LimitRelease | None:
+    def _decode(self, msg: Any) -> LimitAcquire | LimitRelease | TriggersDecided | None:
         try:
             raw = codec.decode_object(msg.value)
             model = _RECORDS.get(raw.get("type"))
@@ -194,7 +237,7 @@ class Limiter(ConsumerRebalanceListener):
             log.warning("limits %d@%d: skipped (%s)", msg.partition, msg.offset, exc)
             return None
 
-    async def _commit(self, shard: Shard) -> None:
+    async def _commit(self, shard: Shard, now_ms: int) -> None:
         producer = shard.producer
         changelog = self.topics.limits_changelog
         await producer.begin_transaction()
@@ -216,7 +259,7 @@ class Limiter(ConsumerRebalanceListener):
             except Exception:
                 pass  # fenced or fatal: the shard is rebuilt with a fresh producer, which aborts it anyway
             raise
-        shard.grants, shard.dirty, shard.offset_moved = [], set(), False
+        shard.committed(now_ms)
 
     # --- partitions assigned and revoked ------------------------------------------------------------------------
 

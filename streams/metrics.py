@@ -427,6 +427,7 @@ class _LimitUse:
                 use.grants.append([grant.granted_ms, holder.cost if holder is not None else 0, grant.id])
             use.holders = {h.id: h.cost for h in state.holders.values()}
             use.waiting = len(state.waiting)
+            self._refreshed = -1.0  # the next scrape sees it
             self.budgets[state.limit] = {b: v for b in LIMIT_BUDGETS if (v := getattr(state, b, None)) is not None}
 
     def drop(self, limit: str, key: str) -> None:

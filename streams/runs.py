@@ -13,12 +13,12 @@ import yaml
 from aiokafka import TopicPartition
 
 from legato.streams import kafka_io, security
+from legato.topics.limits import RUN_LIMIT_PREFIX
 from legato.topics.names import Topics
 from legato.topics.payload_refs import refs_in
 from legato.workflows.state import RunState, StepState
 
 TERMINAL_STEP = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
-RUN_LIMIT_PREFIX = "run:"  # a workflow's run concurrency is the limit run:<workflow> (workflows/run_limits.py)
 _KEY_NAME = re.compile(r"^\s*\$\{\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*\}\s*$")
 
 

@@ -13,6 +13,7 @@ from legato.streams.coordinator import loop as loop_module
 from legato.streams.coordinator.loop import Coordinator
 from legato.streams.coordinator.rebalance import Rebalance
 from legato.streams.coordinator.task import PartitionTask
+from legato.topics.names import Topics
 
 INPUTS = ["lg.triggers", "lg.coordinator"]
 
@@ -107,6 +108,7 @@ def _coordinator(consumer: FakeConsumer, partitions: FakePartitions | None = Non
     c.rebalance = FakeRebalance()
     c.settings = SimpleNamespace(store="memory")
     c.partition_count = 4
+    c.topics = Topics("lg")
     return c
 
 
@@ -115,7 +117,7 @@ def _task(p: int) -> PartitionTask:
 
 
 def _records(topic: str, p: int, n: int, start: int = 0) -> dict[TopicPartition, list[Any]]:
-    return {TopicPartition(topic, p): [SimpleNamespace(offset=start + i) for i in range(n)]}
+    return {TopicPartition(topic, p): [SimpleNamespace(offset=start + i, timestamp=1_000 + start + i, value=b"{}") for i in range(n)]}
 
 
 async def test_the_consume_loop_hands_each_partitions_records_to_its_task():
@@ -128,6 +130,7 @@ async def test_the_consume_loop_hands_each_partitions_records_to_its_task():
     assert [len(records) for _, records, _ in t0.inbox] == [2] and t0.queued == 2 and t0.wake.is_set()
     assert t1.queued == 1 and t1.wake.is_set()
     assert consumer.paused == set()  # partition 5 has no task: its records are left to its owner
+    assert list(t0.marks.triggers) == [(0, 1_000), (1, 1_001)] and not t1.marks.triggers  # undecided triggers (coordinator.marks)
 
 
 async def test_a_full_queue_pauses_its_partition_until_taken(monkeypatch):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from legato.topics.limits import LimitAcquire, LimitRelease, LimitSpec
-from legato.workflows.limiter import AGEING_MS, KeyState, bound, burst, decide, due_ms, idle
+from legato.workflows.limiter import AGEING_MS, ORDER_WAIT_MAX_MS, KeyState, bound, burst, decide, due_ms, idle
 
 T0 = 1_800_000_000_000
 
@@ -189,3 +189,49 @@ def test_equals_are_granted_in_the_order_their_runs_asked_not_the_order_their_ac
 def test_a_requested_time_ahead_of_the_limiters_clock_counts_from_arrival():
     state, _ = decide(None, LimitAcquire(id="r1/a/1", limit="llm", run_id="r1", spec=LimitSpec(concurrency=1), requested_ms=T0 + 60_000), T0)
     assert state.holders["r1/a/1"].granted_ms == T0
+
+
+def run_acquire(name: str, since_ms: int, priority: int = 3) -> LimitAcquire:
+    """A run waiting for its concurrency key (``run:<workflow>``), triggered at ``since_ms``."""
+    return LimitAcquire(id=f"run:{name}", limit="run:wf", key="cust-1", run_id=name, priority=priority,
+                        spec=LimitSpec(concurrency=1), requested_ms=since_ms)
+
+
+def test_a_keyed_run_is_not_started_before_every_earlier_trigger_is_decided():
+    # b was triggered after a; a's coordinator partition was taken over after a SIGKILL, so b's acquisition arrives
+    # first, to a free key: b must wait until a's partition has decided every trigger before b's
+    state, g = decide(None, run_acquire("b", T0 + 300), T0 + 400, decided_ms=T0 + 100)
+    assert g == [] and state.waiting
+    state, g = decide(state, None, T0 + 1_000, decided_ms=T0 + 100)
+    assert g == []
+    state, g = decide(state, run_acquire("a", T0 + 100), T0 + 2_500, decided_ms=T0 + 100)
+    assert g == []  # a's own partition has not reported past it yet
+    state, g = decide(state, None, T0 + 2_600, decided_ms=T0 + 2_300)
+    assert [x.run_id for x in g] == ["a"]
+    state, g = decide(state, LimitRelease(id="run:a", limit="run:wf", key="cust-1"), T0 + 3_000, decided_ms=T0 + 2_700)
+    assert [x.run_id for x in g] == ["b"]
+
+
+def test_a_keyed_run_triggered_before_every_partitions_mark_starts_at_once():
+    state, g = decide(None, run_acquire("a", T0 + 100), T0 + 400, decided_ms=T0 + 150)
+    assert [x.run_id for x in g] == ["a"]
+
+
+def test_only_run_concurrency_keys_wait_for_the_trigger_marks():
+    spec = LimitSpec(concurrency=1)
+    state, g = decide(None, LimitAcquire(id="r1/a/1", limit="llm", run_id="r1", spec=spec, requested_ms=T0 + 300), T0 + 400, decided_ms=T0)
+    assert [x.run_id for x in g] == ["r1"]
+
+
+def test_a_keyed_run_waits_for_the_marks_at_most_order_wait_max():
+    state, g = decide(None, run_acquire("b", T0), T0 + 10, decided_ms=0)  # no partition has reported at all
+    assert g == [] and due_ms(state, T0 + 10, decided_ms=0) == T0 + ORDER_WAIT_MAX_MS
+    state, g = decide(state, None, T0 + ORDER_WAIT_MAX_MS - 1, decided_ms=0)
+    assert g == []
+    state, g = decide(state, None, T0 + ORDER_WAIT_MAX_MS, decided_ms=0)
+    assert [x.run_id for x in g] == ["b"]
+
+
+def test_without_marks_the_limiter_does_not_gate_keyed_runs():
+    state, g = decide(None, run_acquire("b", T0 + 300), T0 + 400)  # decided_ms None: ordering across partitions off
+    assert [x.run_id for x in g] == ["b"]

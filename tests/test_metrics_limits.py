@@ -138,7 +138,7 @@ def test_a_metrics_bug_never_raises(metrics):
     metrics.limit_decided(object(), None, [object()])  # logged, not raised
 
 
-def test_the_limiter_shell_reports_its_decisions_and_drops_its_keys_when_closed(metrics):
+def test_the_limiter_shell_reports_its_decisions_once_committed_and_drops_its_keys_when_closed(metrics):
     from legato.streams.limiter import Shard
 
     shard = Shard(0, producer=None, metrics=metrics)
@@ -146,6 +146,9 @@ def test_the_limiter_shell_reports_its_decisions_and_drops_its_keys_when_closed(
     for i in range(3):
         shard.apply("openai/acme", LimitAcquire(id=f"r{i}", limit="openai", key="acme", run_id=f"r{i}", cost=10, spec=SPEC), T0)
     assert [g.id for g in shard.grants] == ["r0", "r1"]
+    assert value(metrics, "legato_limit_grants_total", limit="openai") is None  # not before its transaction commits
+    shard.committed(T0)
+    assert shard.grants == [] and shard.decisions == []
     assert value(metrics, "legato_limit_grants_total", limit="openai") == 2
     assert value(metrics, "legato_limit_waiting", limit="openai", key="acme") == 1
     metrics.limits_dropped((s.limit, s.key) for s in shard.states.values())  # what Limiter._close does

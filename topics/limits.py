@@ -14,6 +14,10 @@ PRIORITY_DEFAULT = 3
 """A trigger's priority when it gives none; 1 is the lowest, 5 the highest."""
 
 
+RUN_LIMIT_PREFIX = "run:"
+"""A workflow's run concurrency is the limit ``run:<workflow>``; a run's acquisition id is ``run:<run_id>``."""
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -64,6 +68,18 @@ class LimitGranted(_Record):
     key: str = ""
     granted_ms: int
     waited_ms: int = 0
+
+
+class TriggersDecided(_Record):
+    """A coordinator process's marks, sent to every partition of ``<prefix>.limits`` a few times a second while a
+    workflow with a ``concurrency`` key is deployed: on trigger partition ``p``, every trigger whose timestamp is
+    before ``marks[p]`` has been decided (its acquisition, if any, committed before this record). The limiter grants
+    a run concurrency key to a run only once every one of the ``partitions`` trigger partitions has passed its
+    trigger time, so runs of one key start in trigger order even when a partition is decided late."""
+
+    type: Literal["limit.triggers_decided"] = "limit.triggers_decided"
+    partitions: int = Field(ge=1)  # of the triggers topic
+    marks: dict[int, int]  # trigger partition → epoch ms
 
 
 def limit_key(limit: str, key: str) -> str:

@@ -20,6 +20,11 @@ the state in a compacted changelog in the transaction that sends the grants.
   acquisition's ``requested_ms`` (the coordinator's decision), so equals go in the order their runs asked even when
   their acquisitions arrive from several coordinator partitions out of that order. The head of the queue is never
   overtaken by a cheaper waiter behind it.
+- **Trigger order of keyed runs across partitions**: a run waiting for its concurrency key (the limit ``run:<workflow>``)
+  is granted only once every trigger partition has decided every trigger older than it (``decided_ms``, the lowest
+  of the partitions' marks, ``limit.triggers_decided``): a trigger on a partition whose coordinator was killed is
+  decided seconds late, and a later trigger of its key must not take the key meanwhile. A run waits for the marks at
+  most ``ORDER_WAIT_MAX_MS`` (a partition nobody serves cannot hold a key for ever).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from legato.topics.limits import LimitAcquire, LimitGranted, LimitRelease, LimitSpec
+from legato.topics.limits import RUN_LIMIT_PREFIX, LimitAcquire, LimitGranted, LimitRelease, LimitSpec
 
 AGEING_MS = 10_000
 """A waiter gains one priority level per this long waited."""
@@ -36,6 +41,11 @@ BURST_SHARE = 0.02
 """The burst GCRA admits, as a share of a 10 s budget."""
 
 WINDOW_MS = 10_000
+
+ORDER_WAIT_MAX_MS = 30_000
+"""The longest a keyed run waits for the trigger partitions' marks once it could start: a coordinator is replaced
+within its session timeout (6 s by default), so only a partition that nobody serves for this long lets a later
+trigger of a key go first."""
 
 PACE = 0.92
 """Requests are granted at this share of ``requests_per_minute``: the coordinators deliver grants to the workers
@@ -92,9 +102,13 @@ _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(KeyState)
 
 
-def decide(state: KeyState | None, record: LimitAcquire | LimitRelease | None, now_ms: int) -> tuple[KeyState | None, list[LimitGranted]]:
+def decide(state: KeyState | None, record: LimitAcquire | LimitRelease | None, now_ms: int,
+           decided_ms: int | None = None) -> tuple[KeyState | None, list[LimitGranted]]:
     """Apply ``record`` (None: only time passed) to the key's ``state`` (changed in place) and grant what fits now.
-    A repeated acquisition (already waiting or holding) and a release of an unknown id change nothing."""
+    A repeated acquisition (already waiting or holding) and a release of an unknown id change nothing.
+
+    ``decided_ms``: every trigger with an earlier timestamp has been decided on every trigger partition (0: not known
+    yet); a run concurrency key grants no run triggered at or after it. None: no such gate."""
     if isinstance(record, LimitAcquire):
         if state is None:
             state = KeyState(limit=record.limit, key=record.key)
@@ -109,18 +123,20 @@ def decide(state: KeyState | None, record: LimitAcquire | LimitRelease | None, n
         _release(state, record, now_ms)
     if state is None:
         return None, []
-    return state, _grant(state, now_ms)
+    return state, _grant(state, now_ms, decided_ms)
 
 
-def due_ms(state: KeyState, now_ms: int) -> int | None:
-    """When the head waiter may be granted by time alone (a rate or a pause), or None (nobody waits, or only a release
-    of a grant held can let it in)."""
+def due_ms(state: KeyState, now_ms: int, decided_ms: int | None = None) -> int | None:
+    """When the head waiter may be granted by time alone (a rate, a pause, the longest wait for the trigger marks), or
+    None (nobody waits, or only a release of a grant held can let it in). A mark that lets it in comes as a record."""
     head = _head(state, now_ms)
     if head is None:
         return None
     if state.concurrency is not None and len(state.holders) >= state.concurrency:
         return None
     due = max(now_ms, state.paused_until_ms)
+    if _unsettled(state, head, now_ms, decided_ms):
+        due = max(due, head.since_ms + ORDER_WAIT_MAX_MS)
     if state.requests_per_minute is not None:
         due = max(due, int(state.request_tat - _request_tau(state.requests_per_minute)) + 1)
     if state.tokens_per_minute is not None:
@@ -183,7 +199,13 @@ def _head(state: KeyState, now_ms: int) -> Waiter | None:
     return min(state.waiting, key=lambda w: _rank(w, now_ms)) if state.waiting else None
 
 
-def _grant(state: KeyState, now_ms: int) -> list[LimitGranted]:
+def _unsettled(state: KeyState, head: Waiter, now_ms: int, decided_ms: int | None) -> bool:
+    """A keyed run that an earlier trigger, not decided yet on some partition, may still have to precede."""
+    return (decided_ms is not None and state.limit.startswith(RUN_LIMIT_PREFIX) and head.since_ms >= decided_ms
+            and now_ms - head.since_ms < ORDER_WAIT_MAX_MS)
+
+
+def _grant(state: KeyState, now_ms: int, decided_ms: int | None = None) -> list[LimitGranted]:
     grants: list[LimitGranted] = []
     while state.waiting and now_ms >= state.paused_until_ms:
         if state.concurrency is not None and len(state.holders) >= state.concurrency:
@@ -195,6 +217,8 @@ def _grant(state: KeyState, now_ms: int) -> list[LimitGranted]:
             break
         head = _head(state, now_ms)
         assert head is not None
+        if _unsettled(state, head, now_ms, decided_ms):
+            break
         state.waiting.remove(head)
         if rpm is not None:
             state.request_tat = max(state.request_tat, now_ms) + _interval(rpm)

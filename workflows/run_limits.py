@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from legato.topics.limits import PRIORITY_DEFAULT, LimitAcquire, LimitGranted, LimitRelease, LimitSpec
+from legato.topics.limits import PRIORITY_DEFAULT, RUN_LIMIT_PREFIX, LimitAcquire, LimitGranted, LimitRelease, LimitSpec
 from legato.topics.models import ActivityRequested, ErrorInfo
 from legato.workflows.commands import AcquireLimit, EventIgnored, ReleaseLimit, RequestActivity
 from legato.workflows.expressions import ExpressionError
@@ -34,9 +34,6 @@ LATE_GRANTS_MAX = 3
 """After this many late grants for one attempt the next one is used whatever its age, so an attempt cannot be starved
 by a coordinator that is always late (or a clock far ahead of the limiter's); each case is counted as
 ``late_grant_used``."""
-
-RUN_LIMIT_PREFIX = "run:"
-"""A workflow's run concurrency is the limit ``run:<workflow>``; a run's acquisition id is ``run:<run_id>``."""
 
 
 def acquire_for_step(run: "Run", step: "StepState", definition: ActivityStep, request: ActivityRequested, variables: dict[str, Any]) -> ErrorInfo | None:

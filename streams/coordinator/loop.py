@@ -16,6 +16,7 @@ from legato.streams import kafka_io, security
 from legato.streams.coordinator.fence import AnswerFence
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.inbox import Inbox
+from legato.streams.coordinator.marks import send_marks
 from legato.streams.coordinator.payloads import PayloadValues
 from legato.streams.coordinator.partition import GROUP_OFFSETS_EVERY_S, STATE_COMMIT_S, Partitions
 from legato.streams.coordinator.rebalance import Rebalance
@@ -78,6 +79,7 @@ class Coordinator:
         self.partition_count: int = settings.partitions
         self.metrics = metrics
         self._known: set[str] = set()
+        self._keyed: set[str] = set()  # workflows with a concurrency key (a version of them)
         self._background: set[asyncio.Task] = set()  # name@version of the definitions whose topics and metrics are set up
         self.group = self.topics.coordinator_group
         self.inputs = [self.topics.triggers, self.topics.coordinator, self.topics.completions, self.topics.signals]
@@ -87,6 +89,7 @@ class Coordinator:
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics,
                                      trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache,
                                      state_commit_s=getattr(settings, "state_commit_ms", STATE_COMMIT_S * 1000) / 1000, payloads=self.payload_values)
+        self.partitions.keyed = lambda workflow: workflow in self._keyed
         self.rebalance = Rebalance(self)
         # the cluster-wide limits are decided in every coordinator process too: users deploy nothing else
         self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout, metrics=metrics)
@@ -134,10 +137,12 @@ class Coordinator:
         schedules = Schedules(self.settings.bootstrap, self.topics, self.partition_count, self.tasks.__contains__, self.metrics)
         firing = asyncio.create_task(schedules.run(), name="legato.schedules")
         self._limiting = asyncio.create_task(self.limiter.serve(), name="legato.limiter")
+        marking = asyncio.create_task(send_marks(self, timer_producer), name="legato.trigger_marks")
         try:
             await self._consume()
         finally:
             self._limiting.cancel()
+            marking.cancel()
             firing.cancel()
             timers.cancel()
             trim.cancel()
@@ -156,9 +161,14 @@ class Coordinator:
             if self.payload_values is not None:
                 await self.payload_values.payloads.stop()
 
+    def keyed_workflows(self) -> bool:
+        """A deployed workflow has a concurrency key (then the trigger marks are sent: coordinator.marks)."""
+        return bool(self._keyed)
+
     def _on_catalog(self, catalog: Catalog) -> None:
         """New definitions: their choice paths exist at 0 in the metrics (dead paths show), and their topics are
         created (``legato deploy`` creates them; a raw producer or another cluster's deployer may not have)."""
+        self._keyed = {d.name for d in catalog if d.workflow.definition.concurrency is not None}
         new = [d.workflow for d in catalog if d.key not in self._known]
         if not new:
             return
@@ -197,6 +207,12 @@ class Coordinator:
                 task = self.tasks.get(tp.partition)
                 if task is None:
                     continue  # fetched before a revocation (the new owner reads them) or while it reloads
+                if tp.topic == self.topics.triggers:
+                    for msg in records:
+                        task.marks.polled_trigger(msg.offset, msg.timestamp)
+                elif tp.topic == self.topics.coordinator:
+                    for msg in records:
+                        task.marks.polled_coordinator(msg.offset, msg.value, msg.timestamp)
                 task.inbox.append((tp, records, received))
                 task.queued += len(records)
                 task.wake.set()

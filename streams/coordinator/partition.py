@@ -18,6 +18,7 @@ from legato.streams.coordinator.batch import Batch, encode_offsets
 from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.effects import carry_out
 from legato.streams.coordinator.inbox import Inbox
+from legato.streams.coordinator.marks import forwarded_triggers, wall_ms
 from legato.streams.coordinator.payloads import PayloadValues
 from legato.streams.coordinator.states import DecodedStates
 from legato.streams.coordinator.task import PartitionTask, restore
@@ -105,6 +106,7 @@ class Partitions:
         self.inbox = inbox
         self.metrics = metrics
         self.states = DecodedStates()
+        self.keyed: Callable[[str], bool] = lambda workflow: False  # the workflow has a concurrency key (coordinator.marks)
         self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
 
     # --- loading -------------------------------------------------------------------------------
@@ -261,6 +263,9 @@ class Partitions:
             self.trace.committed(task.partition, batch, self.topics.requests(""))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
+        p = task.partition
+        task.marks.committed(task.next_offset.get(TopicPartition(self.topics.triggers, p)), task.next_offset.get(TopicPartition(self.topics.coordinator, p)),
+                             forwarded_triggers(batch.sends, self.topics.coordinator, self.keyed), wall_ms())
         for run_id in batch.early_runs:
             task.early_runs[run_id] -= 1
             if task.early_runs[run_id] <= 0:

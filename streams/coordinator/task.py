@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from legato.streams import kafka_io, security
 from legato.streams.coordinator.batch import decode_offsets
+from legato.streams.coordinator.marks import Undecided
 from legato.streams.coordinator.table import RunTable
 from legato.streams.coordinator.timers import Timers
 from legato.streams.metrics import count_in_flight
@@ -37,6 +38,7 @@ class PartitionTask:
         self.group_offsets_at = 0.0  # monotonic time the group's offsets were last committed
         self.group_offsets_behind = False  # a batch committed since then without them
         self.commit_began = 0.0  # monotonic time its last transaction began
+        self.marks = Undecided()  # its triggers not yet committed: how far it has decided them (coordinator.marks)
         self.early_runs: Counter[str] = Counter()  # runs with requests sent ahead of a transaction not yet committed (per batch)
 
 

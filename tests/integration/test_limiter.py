@@ -32,8 +32,8 @@ class Limits:
         self.env = scene.env
         self.log = log
 
-    async def trigger(self, workflow: str, input: dict, priority: int | None = None) -> str:
-        run_id = f"{workflow}-{uuid.uuid4().hex[:10]}"
+    async def trigger(self, workflow: str, input: dict, priority: int | None = None, run_id: str | None = None) -> str:
+        run_id = run_id or f"{workflow}-{uuid.uuid4().hex[:10]}"
         record = {"workflow": workflow, "input": input, "run_id": run_id, **({"priority": priority} if priority else {})}
         await self.scene.prod.send_and_wait(self.env.topics.triggers, orjson.dumps(record), key=run_id.encode())
         return run_id
@@ -53,6 +53,18 @@ class Limits:
                 opened += [(line[:23], proc) for line in log.splitlines() if f"limits partition {partition}: " in line and "loaded" in line]
         assert opened, f"no limiter opened partition {partition}"
         return max(opened, key=lambda o: o[0])[1]
+
+    def coordinator_partitions(self, proc: Proc) -> set[int]:
+        """The input partitions ``proc``'s coordinator opened last among the coordinators (their logs say so)."""
+        opened: dict[int, tuple[str, Proc]] = {}
+        for other in self.env.procs:
+            if other.name.startswith("c") and other.alive():
+                for line in (self.env.workdir / f"{other.name}.log").read_text(errors="replace").splitlines():
+                    if " partition " in line and "runs loaded" in line and "limits partition" not in line:
+                        p = int(line.split(" partition ", 1)[1].split(":", 1)[0])
+                        if p not in opened or opened[p][0] <= line[:23]:
+                            opened[p] = (line[:23], other)
+        return {p for p, (_, owner) in opened.items() if owner is proc}
 
     def notes(self, key: str | None = None) -> list[dict]:
         lines = self.log.read_text().splitlines() if self.log.exists() else []
@@ -131,6 +143,29 @@ async def test_a_429_pauses_the_whole_key(limits):
     other = await limits.wait_note("start", "other")
     assert same["t"] - told["t"] >= 1.9, "a request of the paused key went before its retry_after"
     assert other["t"] - told["t"] < 1.9, "another key waited for the pause"
+
+
+async def test_a_keyed_trigger_decided_late_after_a_coordinator_sigkill_still_starts_first(limits):
+    """``a`` is triggered before ``b`` (same concurrency key) but on a partition whose coordinator was just killed:
+    ``b``'s coordinator decides it at once and the key is free, yet ``b`` waits until ``a``'s partition is taken over
+    and ``a`` has started and finished."""
+    key = "late-order"
+    survivor = limits.limiter_of(limit_key("run:chaos_keyed", key))  # the key's budget stays up
+    victim = next(p for p in limits.env.procs if p.name.startswith("c") and p is not survivor and p.alive())
+    owned = limits.coordinator_partitions(victim)
+    assert owned, "the victim owns no partition"
+    a_id = next(r for r in (f"late-a-{uuid.uuid4().hex[:8]}" for _ in range(1000)) if partition_for(r.encode(), limits.env.partitions) in owned)
+    b_id = next(r for r in (f"late-b-{uuid.uuid4().hex[:8]}" for _ in range(1000)) if partition_for(r.encode(), limits.env.partitions) not in owned)
+    victim.kill()
+    a = await limits.trigger("chaos_keyed", {"tag": "late-a", "key": key, "seconds": 0.2}, run_id=a_id)
+    await asyncio.sleep(0.3)
+    b = await limits.trigger("chaos_keyed", {"tag": "late-b", "key": key, "seconds": 0.2}, run_id=b_id)
+    outcome = await limits.finish({a, b}, timeout=120)
+    victim.start()
+    assert set(outcome.values()) == {"run.completed"}, outcome
+    notes = limits.notes(key)
+    assert starts(notes) == ["late-a", "late-b"], starts(notes)
+    assert most_at_once(notes) == 1
 
 
 async def test_the_limits_hold_through_a_coordinator_sigkill_with_no_grant_lost_or_doubled(limits):
