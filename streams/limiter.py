@@ -12,6 +12,11 @@ the grants (``limit.granted`` on ``<prefix>.coordinator``, keyed by run_id), the
 changelog's ``CHANGELOG_OFFSETS_KEY`` record). A grant is therefore visible exactly when the state that counts it
 is: a process killed at any moment leaves the last committed state and offset, and the next owner fences it
 (``InitProducerId`` aborts its open transaction), reads them back and decides the rest again.
+
+The coordinators' trigger marks (``limit.triggers_decided``, ``streams/coordinator/marks.py``) arrive on every
+partition; each shard keeps the latest per trigger partition in memory only (they come again every 100 ms) and
+passes the lowest to ``decide``, which starts no keyed run triggered after it. A partition that reads nothing but
+marks commits where it resumes every ``_MARKS_SAVED_EVERY_MS``, not per mark.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from legato.topics.limits import LimitAcquire, LimitRelease, LimitSpec
-from legato.workflows.limiter import AGEING_MS, ORDER_WAIT_MAX_MS, KeyState, bound, burst, decide, due_ms, idle
+from legato.workflows.limiter import AGEING_MS, ORDER_WAIT_MAX_MS, KeyState, bound, burst, decide, due_ms, idle, token_bound
 
 T0 = 1_800_000_000_000
 
@@ -78,13 +78,38 @@ def test_a_429_pauses_the_whole_key_and_is_counted():
 
 
 def test_tokens_are_charged_up_front_and_corrected_on_release():
-    spec = LimitSpec(tokens_per_minute=6000)  # 100 tokens/s, burst 20 tokens
+    spec = LimitSpec(tokens_per_minute=6000)  # 100 tokens/s paced at 92, burst 20 tokens
     state, g = decide(None, acquire(1, spec, cost=100), T0)
     assert len(g) == 1
     state, g = decide(state, acquire(2, spec, cost=100), T0)
-    assert g == [] and due_ms(state, T0) == T0 + 800 + 1  # 1 s for 100 tokens, less the burst's 0.2 s
+    assert g == [] and due_ms(state, T0) == T0 + 869 + 1  # 100 tokens take 1,087 ms at 92 tokens/s, less the burst's 217 ms
     state, _ = decide(state, release(1, cost=400), T0 + 10)  # it used four times its estimate
-    assert due_ms(state, T0 + 10) == T0 + 3800 + 1
+    assert due_ms(state, T0 + 10) == T0 + 4130 + 1  # 400 tokens: 4,348 ms, less the burst
+
+
+@settings(max_examples=100, deadline=None)
+@given(costs=st.lists(st.tuples(st.integers(100, 300), st.integers(0, 100)), min_size=120, max_size=200),
+       tpm=st.sampled_from([30_000, 60_000]))
+def test_tokens_charged_in_any_ten_seconds_stay_within_the_budget(costs, tpm):
+    """Tokens are paced like requests: the tokens charged (real costs, corrected on release) in any 10 s window stay
+    within ``token_bound`` (the paced rate, a 2 % burst and one request larger than the rest)."""
+    spec = LimitSpec(tokens_per_minute=tpm)
+    state, now, charged = None, T0, []
+    for i, (estimate, real_extra) in enumerate(costs):
+        state, g = decide(state, acquire(i, spec, cost=estimate), now)
+        while state.waiting:
+            now = max(now, due_ms(state, now))
+            state, more = decide(state, None, now)
+            g += more
+        for grant in g:
+            cost = state.holders[grant.id].cost
+            state, _ = decide(state, release(grant.id[1:-4], cost=cost + real_extra), now)  # it used more than estimated
+            charged.append((grant.granted_ms, cost + real_extra))
+    largest = max(c for _, c in charged)
+    for start, _ in charged:
+        window = sum(c for t, c in charged if start <= t < start + 10_000)
+        assert window <= token_bound(spec, largest=largest), (window, token_bound(spec, largest=largest))
+    assert max(sum(c for t, c in charged if s <= t < s + 10_000) for s, _ in charged) > tpm / 6 * 0.85  # the budget was saturated
 
 
 def test_higher_priority_goes_first_and_the_oldest_among_equals():

@@ -4,7 +4,9 @@ One coordinator (with its limiter) and two workers from tools/chaos_data on the 
 
 - **cost**: ``chaos_rated`` runs (a step behind 600 requests/min) and ``chaos_free`` runs (the same step, no limit)
   interleaved at 2.5 runs/s each, a quarter of the budget: the p50 / p95 of each run's duration (one step each, the
-  handler 20 ms), so the difference is the round trip through the limiter;
+  handler 20 ms), so the difference is the round trip through the limiter; ``chaos_keyed`` runs (the same step in a
+  workflow with a concurrency key, each run its own key, so it is always free) interleaved with them: the round trip
+  plus the wait for every trigger partition's mark to pass the run's trigger time (keyed runs start in trigger order);
 - **saturated**: ``--runs`` ``chaos_rated`` runs triggered at once: the achieved rate, the busiest 10 s of requests
   reaching the workers against the budget (goal: within 5 %), and the most requests in handlers at once against its
   concurrency.
@@ -35,11 +37,12 @@ async def _bench(settings: Settings, runs: int) -> dict[str, Any]:
         warm = "warm-limit"
         await trigger(scene.prod, env, "chaos_rated", {"tag": warm, "key": "cost", "seconds": 0.02}, warm)
         await scene.watch.wait({warm}, 120)
-        cost: dict[str, list[str]] = {"chaos_rated": [], "chaos_free": []}
+        cost: dict[str, list[str]] = {"chaos_rated": [], "chaos_free": [], "chaos_keyed": []}
         for i in range(COST_RUNS):
             for workflow in cost:
                 run_id = f"{workflow}-cost-{i}"
-                await trigger(scene.prod, env, workflow, {"tag": run_id, "key": "cost", "seconds": 0.02}, run_id)
+                key = f"cost-{i}" if workflow == "chaos_keyed" else "cost"  # a free concurrency key each
+                await trigger(scene.prod, env, workflow, {"tag": run_id, "key": key, "seconds": 0.02}, run_id)
                 cost[workflow].append(run_id)
             await asyncio.sleep(1 / COST_RATE)
         await scene.watch.wait({r for ids in cost.values() for r in ids}, 300)
@@ -64,6 +67,10 @@ def bench_limits(settings: Settings, runs: int) -> Report:
     p95 = (_percentile(limited, 95), _percentile(free, 95))
     report.rows.append(Row("run of one step, p50 (behind a limit / without)", f"{p50[0]:.0f} ms", f"{p50[1]:.0f} ms", f"+{p50[0] - p50[1]:.0f} ms", "-", "-"))
     report.rows.append(Row("run of one step, p95 (behind a limit / without)", f"{p95[0]:.0f} ms", f"{p95[1]:.0f} ms", f"+{p95[0] - p95[1]:.0f} ms", "-", "-"))
+    keyed = r["durations"]["chaos_keyed"]
+    k50, k95 = _percentile(keyed, 50), _percentile(keyed, 95)
+    report.rows.append(Row("run of one step, p50 (free concurrency key / none)", f"{k50:.0f} ms", f"{p50[1]:.0f} ms", f"+{k50 - p50[1]:.0f} ms", "-", "-"))
+    report.rows.append(Row("run of one step, p95 (free concurrency key / none)", f"{k95:.0f} ms", f"{p95[1]:.0f} ms", f"+{k95 - p95[1]:.0f} ms", "-", "-"))
     starts = r["starts"]
     budget = RATED.requests_per_minute * WINDOW_MS / 60_000
     spread = starts[-1] - starts[0] if len(starts) > 1 else 0.0
@@ -76,6 +83,6 @@ def bench_limits(settings: Settings, runs: int) -> Report:
     report.rows.append(Row("most requests in handlers at once", str(r["at_once"]), f"{RATED.concurrency} (concurrency)", "-", "≤ limit",
                            "yes" if r["at_once"] <= (RATED.concurrency or 0) else "NO"))
     report.notes.append(f"{len(starts)} of {runs} saturated requests reached a worker in {r['elapsed']:.1f} s (all finished: {r['finished']}); "
-                        f"cost: {len(limited)} + {len(free)} runs interleaved at {COST_RATE} runs/s each; one coordinator, two workers, "
+                        f"cost: {len(limited)} + {len(free)} + {len(keyed)} runs interleaved at {COST_RATE} runs/s each; one coordinator, two workers, "
                         f"{settings.partitions} partitions; handlers 20 ms.")
     return report

@@ -8,7 +8,7 @@ the state in a compacted changelog in the transaction that sends the grants.
   theoretical arrival time (TAT) on by one emission interval ``T`` (60 s / rate; tokens: ``cost`` × ``T``); a grant
   is allowed while ``now >= TAT - tau``. ``tau`` admits a burst of 2 % of a 10 s budget, so any window of ``W``
   seconds admits at most ``W / T + 1 + burst`` requests: within 5 % of the budget over 10 s once it is 60 or more
-  requests (360 per minute). Requests are paced at ``PACE`` (92 %) of their rate, the room for the coordinators'
+  requests (360 per minute). Requests and tokens are paced at ``PACE`` (92 %) of their rate, the room for the coordinators'
   uneven delivery of grants to the workers. A request's tokens are charged when it is granted (its ``approx_tokens``) and corrected
   by its real cost on release, so an estimate that was too low is paid back by the next ones.
 - **Concurrency**: grants held and not yet released, at most ``concurrency``.
@@ -169,8 +169,20 @@ def _request_tau(requests_per_minute: float) -> float:
     return burst(requests_per_minute) * _interval(requests_per_minute)
 
 
-def _tau(per_minute: float) -> float:
-    return burst(per_minute) * 60_000 / per_minute
+def _token_interval(tokens_per_minute: float) -> float:
+    """The emission interval of one token, in ms: paced at ``PACE`` of the budget, like requests."""
+    return 60_000 / (tokens_per_minute * PACE)
+
+
+def _tau(tokens_per_minute: float) -> float:
+    return burst(tokens_per_minute) * _token_interval(tokens_per_minute)
+
+
+def token_bound(spec: LimitSpec, window_ms: int = WINDOW_MS, largest: int = 0) -> float:
+    """The most tokens GCRA charges in any window of ``window_ms``: the paced rate, the burst, and one request of
+    ``largest`` tokens that the bucket admitted when free (its cost is paid back after)."""
+    assert spec.tokens_per_minute is not None
+    return window_ms / _token_interval(spec.tokens_per_minute) + burst(spec.tokens_per_minute) + largest
 
 
 def _adopt(state: KeyState, spec: LimitSpec) -> None:
@@ -185,7 +197,7 @@ def _release(state: KeyState, record: LimitRelease, now_ms: int) -> None:
     if held is None:
         state.waiting = [w for w in state.waiting if w.id != record.id]
     elif record.cost is not None and state.tokens_per_minute is not None and record.cost != held.cost:
-        state.token_tat += (record.cost - held.cost) * 60_000 / state.tokens_per_minute
+        state.token_tat += (record.cost - held.cost) * _token_interval(state.tokens_per_minute)
     if record.pause_ms:
         state.paused_until_ms = max(state.paused_until_ms, now_ms + record.pause_ms)
         state.pauses += 1
@@ -223,7 +235,7 @@ def _grant(state: KeyState, now_ms: int, decided_ms: int | None = None) -> list[
         if rpm is not None:
             state.request_tat = max(state.request_tat, now_ms) + _interval(rpm)
         if tpm is not None:
-            state.token_tat = max(state.token_tat, now_ms) + head.cost * 60_000 / tpm
+            state.token_tat = max(state.token_tat, now_ms) + head.cost * _token_interval(tpm)
         state.holders[head.id] = Holder(id=head.id, run_id=head.run_id, cost=head.cost, granted_ms=now_ms)
         state.granted += 1
         grants.append(LimitGranted(run_id=head.run_id, id=head.id, limit=state.limit, key=state.key, granted_ms=now_ms, waited_ms=now_ms - head.since_ms))
