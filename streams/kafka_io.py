@@ -16,7 +16,8 @@ Every private name used is listed in ``legato.topics.kafka_io.PRIVATE_API`` (tes
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -35,6 +36,24 @@ from legato.topics.kafka_io import (  # noqa: F401  (re-exported: the contract's
     reader,
     refused,
 )
+
+
+@asynccontextmanager
+async def transaction(producer: Any) -> AsyncIterator[None]:
+    """``async with transaction(producer): ...``: begin a transaction, commit it when the block ends, abort it when the
+    block or the commit raises (and re-raise). The block awaits every send's delivery before it ends: aiokafka would
+    commit a transaction in which a record failed. An abort that fails (fenced, or fatal) is left to the next owner's
+    producer, which aborts the transaction anyway when it starts."""
+    await producer.begin_transaction()
+    try:
+        yield
+        await producer.commit_transaction()
+    except BaseException:
+        try:
+            await producer.abort_transaction()
+        except Exception:
+            pass
+        raise
 
 
 def group_membership(consumer: AIOKafkaConsumer) -> tuple[Any, Any]:

@@ -245,8 +245,7 @@ class Limiter(ConsumerRebalanceListener):
     async def _commit(self, shard: Shard, now_ms: int) -> None:
         producer = shard.producer
         changelog = self.topics.limits_changelog
-        await producer.begin_transaction()
-        try:
+        async with kafka_io.transaction(producer):  # on any failure the shard is rebuilt with a fresh producer
             futures = [await producer.send(self.topics.coordinator, codec.dumps(g), key=g.run_id.encode()) for g in shard.grants]
             for key in shard.dirty:
                 state = shard.states.get(key)
@@ -257,13 +256,6 @@ class Limiter(ConsumerRebalanceListener):
                 futures.append(await producer.send(changelog, offsets, key=CHANGELOG_OFFSETS_KEY, partition=shard.partition))
             for fut in futures:
                 await fut  # aiokafka would commit a transaction in which a record failed
-            await producer.commit_transaction()
-        except BaseException:
-            try:
-                await producer.abort_transaction()
-            except Exception:
-                pass  # fenced or fatal: the shard is rebuilt with a fresh producer, which aborts it anyway
-            raise
         shard.committed(now_ms)
 
     # --- partitions assigned and revoked ------------------------------------------------------------------------

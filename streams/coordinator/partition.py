@@ -19,6 +19,7 @@ from legato.streams.coordinator.cache import ResultTable
 from legato.streams.coordinator.effects import carry_out
 from legato.streams.coordinator.inbox import Inbox
 from legato.streams.coordinator.marks import forwarded_triggers, wall_ms
+from legato.streams.kafka_io import transaction
 from legato.streams.coordinator.payloads import PayloadValues
 from legato.streams.coordinator.states import DecodedStates
 from legato.streams.coordinator.task import PartitionTask, restore
@@ -377,17 +378,8 @@ class Partitions:
 
     async def flush_group_offsets(self, task: PartitionTask) -> None:
         """Commit the consumer group's offsets of an idle partition (they lag behind the changelog's by design)."""
-        producer = task.producer
-        await producer.begin_transaction()
-        try:
-            await producer.send_offsets_to_transaction(dict(task.next_offset), self.group)
-            await producer.commit_transaction()
-        except BaseException:
-            try:
-                await producer.abort_transaction()
-            except Exception:
-                pass
-            raise
+        async with transaction(task.producer):
+            await task.producer.send_offsets_to_transaction(dict(task.next_offset), self.group)
         task.group_offsets_at, task.group_offsets_behind = time.monotonic(), False
 
     async def _commit(self, task: PartitionTask, batch: Batch) -> None:
@@ -396,8 +388,7 @@ class Partitions:
         batch.written[CHANGELOG_OFFSETS_KEY] = encode_offsets({**task.next_offset, **batch.offsets})
         stamps = batch.stamps if self.trace is not None else None
         task.commit_began = time.monotonic()
-        await producer.begin_transaction()
-        try:
+        async with transaction(producer):  # on any failure the task is rebuilt with a fresh producer
             futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]
             futures += [await producer.send(self.topics.changelog, value, key=key, partition=task.partition) for key, value in batch.written.items()]
             if stamps is not None:
@@ -410,13 +401,6 @@ class Partitions:
                 await fut  # aiokafka would commit a transaction in which a record failed: check every one first
             if stamps is not None:
                 stamps["acked"] = time.time()
-            await producer.commit_transaction()
-        except BaseException:
-            try:
-                await producer.abort_transaction()
-            except Exception:
-                pass  # fenced or fatal: the task is rebuilt with a fresh producer, which aborts it anyway
-            raise
 
     def _handle(self, task: PartitionTask, msg: Any, batch: Batch, received: float = 0.0) -> None:
         poisoned = self._poisoned.get((msg.topic, msg.partition, msg.offset))
