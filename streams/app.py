@@ -96,7 +96,8 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     kafka_io.faust_read_committed()
     kafka_io.faust_idempotent_producer()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
-    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap, settings.payloads(metrics))
+    workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap, settings.payloads(metrics),
+                      drain_s=settings.worker_drain_s)
     if metrics is not None:
         groups = [app.conf.id] + ([coord.group] if coord is not None else [])
         async def serve_metrics() -> None:
@@ -139,7 +140,8 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
         assert legato.coordinator is not None
         _run_coordinator(legato.coordinator, loglevel)
         return
-    worker = faust.Worker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = _DrainingWorker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.workers = legato.workers
 
     @legato.app.task
     async def _quiet_libraries() -> None:
@@ -149,6 +151,38 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
             logging.getLogger(name).setLevel(loglevel.upper())
 
     worker.execute_from_commandline()
+
+
+class _DrainingWorker(faust.Worker):
+    """faust's worker, whose first SIGTERM or SIGINT drains the activity workers (``Workers.drain``: no new request
+    starts, the handlers running finish within LEGATO_WORKER_DRAIN_S, their completions are delivered and committed)
+    before the usual stop leaves the group; a second signal stops at once."""
+
+    workers: Workers | None = None
+    _draining: asyncio.Future | None = None
+
+    def _on_sigterm(self) -> None:
+        self._drain_then_stop(signal.SIGTERM)
+
+    def _on_sigint(self) -> None:
+        self._drain_then_stop(signal.SIGINT)
+
+    def _drain_then_stop(self, sig: signal.Signals) -> None:
+        if self.workers is None or self._draining is not None:
+            self._schedule_shutdown(sig)  # nothing to drain, or a second signal: stop now
+            return
+        workers = self.workers
+        logging.getLogger("legato.worker").warning("%s: draining the handlers running (up to %g s; send it again to stop at once)",
+                                                   sig.name, workers.drain_s)
+
+        async def drain_then_stop() -> None:
+            try:
+                await workers.drain()
+            except Exception:
+                logging.getLogger("legato.worker").exception("the drain failed; stopping")
+            self._schedule_shutdown(sig)
+
+        self._draining = asyncio.ensure_future(drain_then_stop(), loop=self.loop)
 
 
 def _run_coordinator(coordinator: Coordinator, loglevel: str) -> None:

@@ -139,6 +139,7 @@ class Metrics:
         self.payload_bytes_total = Counter("legato_payload_bytes", "Bytes of values stored by reference (claim checks, docs/payloads.md) in the payload store (stored) and read back from it (fetched), by this process.", ["direction"], registry=r)
         self.activity_errors = Counter("legato_activity_errors", "Failed activity executions by error type (ActivityTimeout, InputValidationError, a handler's ActivityError.type, ...).", ["activity", "error_type"], registry=r)
         self.progress_chunks = Counter("legato_progress_chunks", "Progress chunks handlers reported with await progress(chunk), each sent to <prefix>.progress.", ["activity"], registry=r)
+        self.activities_abandoned = Counter("legato_activities_abandoned", "Handlers still running when a stopping worker's drain ran out (LEGATO_WORKER_DRAIN_S): cancelled and left unanswered, so their requests run again on the partition's next owner.", ["activity"], registry=r)
         self.activities_in_flight = Gauge("legato_activities_in_flight", "Activity handlers running in this worker process right now.", ["activity"], registry=r)
         # schedules (coordinators; docs/schedules.md)
         self.schedule_ticks_fired = Counter("legato_schedule_ticks_fired", "Schedule ticks that started a run.", ["schedule"], registry=r)
@@ -196,6 +197,9 @@ class Metrics:
         self._at(self.activity_execution, activity, status).observe(max(0.0, seconds))
         if status != "succeeded":
             self._at(self.activity_errors, activity, error_type or "unknown").inc()
+
+    def activity_abandoned(self, activity: str) -> None:
+        self._at(self.activities_abandoned, activity).inc()
 
     def payload_bytes(self, direction: str, n: int) -> None:
         self._at(self.payload_bytes_total, direction).inc(n)

@@ -2,6 +2,8 @@
 
 Offsets are acknowledged only when a request's completion has been delivered, so a worker killed in the
 middle of an activity leaves it to be redelivered (at least once; the request_id lets anyone drop repeats).
+A worker stopped with SIGTERM drains first (``Workers.drain``): it starts no new request, lets the handlers already
+running finish and their completions be delivered, commits, and only then leaves its group.
 """
 from __future__ import annotations
 
@@ -192,8 +194,9 @@ class Workers:
     """Registers one agent per activity on a faust app."""
 
     def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None, bootstrap: str = "localhost:9092",
-                 payloads: Payloads | None = None):
+                 payloads: Payloads | None = None, drain_s: float = 30.0):
         self.app = app
+        self.drain_s = drain_s  # LEGATO_WORKER_DRAIN_S: how long a drain waits for the handlers running (``drain``)
         self.payloads = payloads  # claim checks: inputs resolved, large outputs and progress chunks stored by reference
         self.bootstrap = bootstrap
         self.cancellations = Cancellations()
@@ -209,6 +212,10 @@ class Workers:
         self.seen = BoundedSet()
         self.running: dict[str, asyncio.Future] = {}  # delivery key -> True once answered, False if left unanswered
         self.offsets = RequestOffsets()
+        self.handling: dict[asyncio.Task, str] = {}  # every request's task (``_handle``) -> its activity
+        self.draining = False  # set by ``drain``: no request starts any more
+        self._drain: asyncio.Task | None = None
+        self._waiting: set[asyncio.Task] = set()  # rate-limit waits, ended by a drain
         app.task(self._commit_every)
         app.on_partitions_revoked.connect(self._on_revoked)
         app.on_before_shutdown.connect(self._on_shutdown)
@@ -220,18 +227,25 @@ class Workers:
 
     def _agent_for(self, activity: Activity):
         slots = asyncio.Semaphore(activity.concurrency)
-        tasks: set[asyncio.Task] = set()
 
         async def work(stream: faust.StreamT) -> None:
             async for event in stream.noack().events():
                 delivery = self.offsets.received(event.message.tp, event.message.offset)  # in flight while it waits for a slot
+                if self.draining:
+                    continue  # stopping: left in flight (never committed past) for the partition's next owner
                 await slots.acquire()
+                if self.draining:
+                    slots.release()
+                    continue
                 task = asyncio.ensure_future(self._handle(activity, event, delivery, slots))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self.handling[task] = activity.name
+                task.add_done_callback(self._handled)
 
         work.__name__ = f"work_{activity.name}"
         return work
+
+    def _handled(self, task: asyncio.Task) -> None:
+        self.handling.pop(task, None)
 
     async def _handle(self, activity: Activity, event: Any, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         msg = event.message
@@ -270,10 +284,16 @@ class Workers:
                     self._skip("cache_hit")
                     return
             if request.rate_limit:
-                await self.rate_limits.take(activity.name, request.rate_limit)  # it waits here (and in its topic), never dropped
+                # it waits here (and in its topic), never dropped; a drain ends the wait: the request was not started
+                if not await self._unless_draining(self.rate_limits.take(activity.name, request.rate_limit)):
+                    stopping = True
+                    return
                 if request.request_id in self.cancellations.cancelled:
                     self._skip("cancelled_request")
                     return
+            if self.draining:
+                stopping = True  # not started before the worker began to stop: the partition's next owner runs it
+                return
             started = time.time()
             if self.metrics is not None and request.requested_ms:
                 self.metrics.activity_wait(activity.name, started - request.requested_ms / 1000)
@@ -304,6 +324,9 @@ class Workers:
             if self.metrics is not None:
                 self.metrics.activity_done(activity.name, completion.status, time.time() - started, completion.error.type if completion.error else "")
             await (await self._send_completion(completion))  # delivered before the offset may be committed
+        except asyncio.CancelledError:
+            stopping = True  # cancelled by a stop (an abandoned drain, the loop closing): left unanswered, never committed
+            raise
         except Exception:
             log.exception("worker failed on %s:%s@%s", msg.topic, msg.partition, msg.offset)
         finally:
@@ -313,6 +336,60 @@ class Workers:
             if not stopping:
                 self.offsets.answered(delivery)
             slots.release()
+
+    async def _unless_draining(self, wait: Awaitable[Any]) -> bool:
+        """Await ``wait`` unless the worker drains first (``drain`` cancels it then): whether it ended."""
+        task = asyncio.ensure_future(wait)
+        self._waiting.add(task)
+        try:
+            if self.draining:
+                task.cancel()
+            await asyncio.wait({task})
+            if task.cancelled():
+                return False
+            task.result()
+            return True
+        finally:
+            self._waiting.discard(task)
+            if not task.done():
+                task.cancel()
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """Stop cleanly (SIGTERM, ``streams/app.py``), before leaving the group: start no new request, let the handlers
+        already running finish (up to ``timeout``, default ``drain_s``) and their completions be delivered, then commit
+        what was answered. A handler still running at the timeout is cancelled and left unanswered (its request runs
+        again on the partition's next owner). Partitions revoked meanwhile wait for the drain (``_on_revoked``).
+        Returns how many handlers were abandoned."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_once(self.drain_s if timeout is None else timeout))
+        return await asyncio.shield(self._drain)
+
+    async def _drain_once(self, timeout: float) -> int:
+        self.draining = True
+        for task in list(self._waiting):
+            task.cancel()  # requests waiting for their rate limit: not started, left for the next owner
+        pending = {t for t in self.handling if not t.done()}
+        t0 = time.monotonic()
+        if pending:
+            log.warning("stopping: waiting up to %g s for %d request(s) in flight to finish (LEGATO_WORKER_DRAIN_S)", timeout, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        abandoned = len(pending)
+        if pending:
+            names = [self.handling.get(t, "?") for t in pending]
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=5.0)
+            for name in names:
+                if self.metrics is not None:
+                    self.metrics.activity_abandoned(name)
+            log.warning("stopping: abandoned %d handler(s) still running after %g s (%s); their requests run again on "
+                        "the partitions' next owners", abandoned, timeout, ", ".join(sorted(set(names))))
+        try:
+            await self.commit_answered()
+        except Exception:
+            log.exception("could not commit the answered requests after draining")
+        log.info("stopping: drained in %.2f s, %d abandoned", time.monotonic() - t0, abandoned)
+        return abandoned
 
     async def commit_answered(self, tps: set | None = None) -> None:
         """Commit each assigned request partition (of ``tps``, default all) up to its oldest request not yet
@@ -331,7 +408,13 @@ class Workers:
 
     async def _on_revoked(self, sender: Any, revoked: set, **kwargs: Any) -> None:
         """Partitions move to another worker: commit what this one answered first, so the next owner starts after
-        it (only requests still in flight here run again there)."""
+        it (only requests still in flight here run again there). While the worker drains, the revocation waits for
+        the drain: the handlers running finish and are committed before the partitions move."""
+        if self._drain is not None:
+            try:
+                await asyncio.shield(self._drain)
+            except Exception:
+                log.exception("the drain failed")
         try:
             await self.commit_answered(revoked)
         except Exception:
