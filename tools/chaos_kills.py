@@ -1,9 +1,11 @@
 """Chaos scenarios that SIGKILL Legato's processes: ``coordinator`` (restarted K times), ``worker`` (while every run
-has an activity in its handler), ``takeover`` (one of two coordinators killed for good)."""
+has an activity in its handler; then stopped with SIGTERM, which it drains), ``takeover`` (one of two coordinators
+killed for good)."""
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -65,34 +67,68 @@ async def scenario_coordinator(bootstrap: str, runs: int = 2000, kills: int = 5,
 
 async def scenario_worker(bootstrap: str, runs: int = 20, seconds: float = 4.0, extra_env: dict[str, str] | None = None,
                           timeout: float = 300.0, say: Callable[[str], None] = print, workdir: Path | None = None) -> dict[str, Any]:
-    """Runs whose activity takes ``seconds``; the worker is SIGKILLed while every one is in its handler, then restarted."""
+    """Runs whose activity takes ``seconds``; the worker is SIGKILLed while every one is in its handler, then restarted.
+    Then as many runs again, and the worker is stopped with SIGTERM while every one is in its handler (a deploy, a
+    scale-in) and a new one started: it drains, so none of those handlers starts again (``restarted_after_term``;
+    every handler start is logged to a file, ``CHAOS_STARTS``)."""
     env = Env(bootstrap, workdir, extra_env=extra_env)
+    starts_file = env.workdir / "chaos_slow_starts.txt"
+    env.env["CHAOS_STARTS"] = str(starts_file)
     async with Scene(env, [env.topics.completions, env.topics.requests("chaos_slow")]) as scene:
         coord, worker = env.process("coordinator"), env.process("worker")
         watch, other, prod = scene.watch, scene.other, scene.prod
         await wait_ready(env, prod, watch, [coord, worker])
-        expected = {f"slow-{i}": {"tag": f"t{i}", "attempt": None} for i in range(runs)}
-        for i, rid in enumerate(expected):
-            await trigger(prod, env, "chaos_slow", {"seconds": seconds, "tag": f"t{i}"}, rid)
-        await prod.flush()
-        # all requests issued and picked up (the handler sleeps `seconds`): kill in the middle of the activities
-        while sum(1 for r in other.records if r.topic != env.topics.completions and (r.key or b"").startswith(b"slow-")) < runs:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(min(1.5, seconds / 2))
+
+        def count(topic_is_completions: bool, prefix: bytes) -> int:
+            return sum(1 for r in other.records if (r.topic == env.topics.completions) == topic_is_completions and (r.key or b"").startswith(prefix))
+
+        async def in_handlers(names: dict[str, Any], prefix: bytes) -> int:
+            """Trigger ``names``, wait until every request is out and the handlers are half-way; returns how many
+            have not completed yet."""
+            for rid, want in names.items():
+                await trigger(prod, env, "chaos_slow", {"seconds": seconds, "tag": want["tag"]}, rid)
+            await prod.flush()
+            while count(False, prefix) < len(names):
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(min(1.5, seconds / 2))
+            return len(names) - count(True, prefix)
+
+        killed = {f"slow-{i}": {"tag": f"t{i}"} for i in range(runs)}
+        in_flight_at_kill = await in_handlers(killed, b"slow-")
         t_kill = worker.kill()
-        completions_at_kill = sum(1 for r in other.records if r.topic == env.topics.completions and (r.key or b"").startswith(b"slow-"))
         worker.start()
-        say(f"  SIGKILL worker with {runs - completions_at_kill} activities in flight; restarted")
-        finished = await watch.wait(set(expected), timeout, progress=say)
+        say(f"  SIGKILL worker with {in_flight_at_kill} activities in flight; restarted")
+        finished = await watch.wait(set(killed), timeout, progress=say)
+
+        termed = {f"term-{i}": {"tag": f"s{i}"} for i in range(runs)}
+        in_flight_at_term = await in_handlers(termed, b"term-")
+        t_term = time.time()
+        old = worker.proc
+        assert old is not None
+        old.send_signal(signal.SIGTERM)
+        worker.start()  # the new worker joins while the old one drains
+        await asyncio.to_thread(old.wait, 120)
+        drain_s = time.time() - t_term
+        say(f"  SIGTERM worker with {in_flight_at_term} activities in flight; it stopped after {drain_s:.1f} s, a new one started")
+        finished = await watch.wait(set(termed), timeout, progress=say) and finished
         await asyncio.sleep(2.0)
+
+        expected = {**killed, **termed}
         res = scene.judge({k: None for k in expected})
-        ends = [watch.terminal_recs[r][0].timestamp / 1000 for r in expected if r in watch.terminal_recs]
+        ends = [watch.terminal_recs[r][0].timestamp / 1000 for r in killed if r in watch.terminal_recs]
+        term_ends = [watch.terminal_recs[r][0].timestamp / 1000 for r in termed if r in watch.terminal_recs]
         attempts = Counter(watch.terminal[r][0].get("output", {}).get("attempt") for r in expected if r in watch.terminal)
         wrong = [r for r in expected if r in watch.terminal and (watch.terminal[r][0]["status"] != "succeeded"
                                                                  or watch.terminal[r][0]["output"]["tag"] != expected[r]["tag"])]
-        res.update({"scenario": "worker", "kills": 1, "in_flight_at_kill": runs - completions_at_kill, "all_finished": finished,
-                    "wrong_output": len(wrong), "recovery_s": round(max(ends) - t_kill, 1) if ends else None,
+        starts = Counter(starts_file.read_text().split()) if starts_file.exists() else Counter()
+        res.update({"scenario": "worker", "kills": 1, "sigterms": 1, "in_flight_at_kill": in_flight_at_kill,
+                    "in_flight_at_term": in_flight_at_term, "all_finished": finished, "wrong_output": len(wrong),
+                    "recovery_s": round(max(ends) - t_kill, 1) if ends else None,
+                    "drain_s": round(drain_s, 1), "term_runs_done_s": round(max(term_ends) - t_term, 1) if term_ends else None,
+                    "restarted_after_kill": sum(1 for k in killed.values() if starts[k["tag"]] > 1),
+                    "restarted_after_term": sum(1 for k in termed.values() if starts[k["tag"]] > 1),
                     "step_attempts": dict(attempts), "processes_alive": coord.alive() and worker.alive(), "prefix": env.prefix})
+        res["checks"] = {"no handler started again after SIGTERM": res["restarted_after_term"] == 0}
         return res
 
 

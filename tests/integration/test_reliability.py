@@ -39,11 +39,12 @@ async def test_coordinator_sigkilled_twice_loses_nothing(kafka_bootstrap, tmp_pa
     assert r["duplicate_terminal_events"] == 0, r
 
 
-async def test_worker_sigkilled_mid_activity_run_completes(kafka_bootstrap, tmp_path):
+async def test_worker_sigkilled_mid_activity_run_completes_and_sigterm_drains(kafka_bootstrap, tmp_path):
     r = await scenario_worker(kafka_bootstrap, runs=10, seconds=3.0, extra_env=FAST_GROUP, timeout=120, workdir=tmp_path)
     no_loss(r)
-    assert r["in_flight_at_kill"] == 10, r  # every activity was in its handler when the worker died
-    assert r["succeeded"] == 10, r
+    assert r["in_flight_at_kill"] == 10 and r["in_flight_at_term"] == 10, r  # every activity was in its handler
+    assert r["succeeded"] == 20, r
+    assert r["restarted_after_term"] == 0 and r["duplicate_executions"] == 0, r  # the SIGTERMed worker drained
 
 
 async def test_timers_fire_after_restart(kafka_bootstrap, tmp_path):

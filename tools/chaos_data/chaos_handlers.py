@@ -13,8 +13,15 @@ async def chaos_echo(data):
     return data
 
 
+STARTS = os.environ.get("CHAOS_STARTS")
+"""A file every ``chaos_slow`` start appends its tag to (``legato chaos worker``: how many handlers ran twice)."""
+
+
 @activity("chaos_slow", concurrency=64)
 async def chaos_slow(data):
+    if STARTS:
+        with open(STARTS, "a") as f:
+            f.write(f"{data.get('tag')}\n")
     await asyncio.sleep(float(data.get("seconds", 1)))
     return {"tag": data.get("tag"), "slept": data.get("seconds")}
 
