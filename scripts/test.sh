@@ -29,7 +29,8 @@ fi
 
 
 rc=0
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
+# the slowest tests are listed at the end: what to look at when the suite grows past its 20 minutes
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     # pytest's "no tests collected" must not pass as green.
     echo "test.sh: no tests were collected" >&2

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import os
 
+import hypothesis  # noqa: F401  (imported at collection, on a shallow stack: see below)
 import pytest
+
+# CPython 3.11.7 raises "SystemError: AST constructor recursion depth mismatch" when pytest's assertion rewriter
+# parses a module first imported deep inside a running test (tools/chaos_fuzz.py imports hypothesis lazily, inside
+# an asyncio task): `pytest tests/integration` alone failed test_fuzz that way. Imported here, it is parsed once, early.
 
 TEST_BOOTSTRAP = f"127.0.0.1:{int(os.environ.get('LEGATO_TEST_BROKER_PORT', '19092'))}"
 
