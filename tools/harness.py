@@ -159,8 +159,17 @@ class Env:
         return Settings(bootstrap=self.bootstrap, prefix=self.prefix, partitions=self.partitions)
 
     async def create_topics(self) -> None:
-        from legato.streams.admin import ensure_topics
-        await ensure_topics(self.bootstrap, self.topics, ACTIVITIES, self.partitions, compacted=[self.topics.changelog])
+        """The topics, replicated as the processes' own settings say: the default factor follows the brokers that the
+        answering broker knows of, and one that has not heard of the last broker yet would create them with fewer
+        replicas than the processes then require (``chaos cluster`` stopped at start-up that way)."""
+        from legato.streams.admin import Replication, ensure_topics
+
+        def setting(name: str) -> int | None:
+            value = self.env.get(name)
+            return int(value) if value else None
+
+        replication = Replication(setting("LEGATO_REPLICATION_FACTOR"), setting("LEGATO_MIN_INSYNC_REPLICAS"))
+        await ensure_topics(self.bootstrap, self.topics, ACTIVITIES, self.partitions, compacted=[self.topics.changelog], replication=replication)
 
     def process(self, role: str, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
         name = name or role
