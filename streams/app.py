@@ -140,8 +140,10 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
         assert legato.coordinator is not None
         _run_coordinator(legato.coordinator, loglevel)
         return
-    worker = _DrainingWorker(legato.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    worker.workers = legato.workers
+    # the first SIGTERM or SIGINT drains the activity workers (Workers.drain: no new request starts, the handlers
+    # running finish within LEGATO_WORKER_DRAIN_S and are committed) before faust's stop leaves the group
+    drain = legato.workers.drain if legato.workers is not None else None
+    worker = kafka_io.faust_worker_draining_first(legato.app, drain, loglevel=loglevel, quiet=True, redirect_stdouts=False)
 
     @legato.app.task
     async def _quiet_libraries() -> None:
@@ -151,38 +153,6 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
             logging.getLogger(name).setLevel(loglevel.upper())
 
     worker.execute_from_commandline()
-
-
-class _DrainingWorker(faust.Worker):
-    """faust's worker, whose first SIGTERM or SIGINT drains the activity workers (``Workers.drain``: no new request
-    starts, the handlers running finish within LEGATO_WORKER_DRAIN_S, their completions are delivered and committed)
-    before the usual stop leaves the group; a second signal stops at once."""
-
-    workers: Workers | None = None
-    _draining: asyncio.Future | None = None
-
-    def _on_sigterm(self) -> None:
-        self._drain_then_stop(signal.SIGTERM)
-
-    def _on_sigint(self) -> None:
-        self._drain_then_stop(signal.SIGINT)
-
-    def _drain_then_stop(self, sig: signal.Signals) -> None:
-        if self.workers is None or self._draining is not None:
-            self._schedule_shutdown(sig)  # nothing to drain, or a second signal: stop now
-            return
-        workers = self.workers
-        logging.getLogger("legato.worker").warning("%s: draining the handlers running (up to %g s; send it again to stop at once)",
-                                                   sig.name, workers.drain_s)
-
-        async def drain_then_stop() -> None:
-            try:
-                await workers.drain()
-            except Exception:
-                logging.getLogger("legato.worker").exception("the drain failed; stopping")
-            self._schedule_shutdown(sig)
-
-        self._draining = asyncio.ensure_future(drain_then_stop(), loop=self.loop)
 
 
 def _run_coordinator(coordinator: Coordinator, loglevel: str) -> None:

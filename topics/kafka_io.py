@@ -43,6 +43,9 @@ PRIVATE_API = [
     ("faust-streaming", "faust.transport.drivers.aiokafka.Consumer", "_commit", "streams/kafka_io.py faust_commit: workers commit chosen offsets (streams/worker.py)"),
     ("faust-streaming", "faust.transport.drivers.aiokafka.AIOKafkaConsumerThread", "_create_worker_consumer", "streams/kafka_io.py faust_read_committed"),
     ("faust-streaming", "faust.transport.drivers.aiokafka.Producer", "_settings_extra", "streams/kafka_io.py faust_idempotent_producer"),
+    ("faust-streaming", "faust.Worker", "_on_sigterm", "streams/kafka_io.py faust_worker_draining_first: workers drain on SIGTERM before faust stops"),
+    ("faust-streaming", "faust.Worker", "_on_sigint", "streams/kafka_io.py faust_worker_draining_first"),
+    ("faust-streaming", "faust.Worker", "_schedule_shutdown", "streams/kafka_io.py faust_worker_draining_first: faust's own stop, after the drain (mode.Worker)"),
 ]
 """Every private attribute of aiokafka and faust that Legato uses (and the members of private objects it calls), all
 in this module and ``legato.streams.kafka_io``: tests/test_private_api.py checks each still exists and that no other
