@@ -85,7 +85,7 @@ class Shard:
             return 0
         return min(self.marks[p] for p in range(n))
 
-    def marked(self, record: TriggersDecided, now_ms: int) -> None:
+    def marked(self, record: TriggersDecided) -> None:
         """A coordinator's trigger marks: they only move forward (a stale mark is still true)."""
         self.trigger_partitions = record.partitions
         for p, ms in record.marks.items():
@@ -216,7 +216,7 @@ class Limiter(ConsumerRebalanceListener):
                 record = self._decode(msg)
                 shard.next_offset = msg.offset + 1
                 if isinstance(record, TriggersDecided):
-                    shard.marked(record, now)  # its offset is committed with the next change, or within 5 s
+                    shard.marked(record)  # its offset is committed with the next change, or within 5 s
                     continue
                 if record is not None:
                     shard.apply(msg.key.decode() if msg.key else "", record, now)

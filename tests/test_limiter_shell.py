@@ -60,15 +60,15 @@ def test_a_keyed_run_waits_for_every_trigger_partitions_mark_and_a_mark_only_mov
     assert shard.decided_ms() == 0  # no partition has reported: nothing is known to be decided
     shard.apply("run:wf/cust-1", run_acquire("b", T0 + 300), T0 + 400)
     assert shard.grants == []
-    shard.marked(TriggersDecided(partitions=2, marks={0: T0 + 500}), T0 + 450)  # partition 1 has not reported
+    shard.marked(TriggersDecided(partitions=2, marks={0: T0 + 500}))  # partition 1 has not reported
     shard.tick(T0 + 460)
     assert shard.decided_ms() == 0 and shard.grants == []
-    shard.marked(TriggersDecided(partitions=2, marks={1: T0 + 200}), T0 + 470)  # 1 has not decided past b's trigger
-    shard.marked(TriggersDecided(partitions=2, marks={0: T0 + 100}), T0 + 470)  # a stale mark of 0 changes nothing
+    shard.marked(TriggersDecided(partitions=2, marks={1: T0 + 200}))  # 1 has not decided past b's trigger
+    shard.marked(TriggersDecided(partitions=2, marks={0: T0 + 100}))  # a stale mark of 0 changes nothing
     shard.tick(T0 + 480)
     assert shard.decided_ms() == T0 + 200 and shard.grants == []
     shard.apply("run:wf/cust-1", run_acquire("a", T0 + 150), T0 + 490)  # the earlier trigger, decided late
-    shard.marked(TriggersDecided(partitions=2, marks={1: T0 + 600}), T0 + 500)
+    shard.marked(TriggersDecided(partitions=2, marks={1: T0 + 600}))
     shard.tick(T0 + 510)
     assert [g.run_id for g in shard.grants] == ["a"]
 
@@ -78,7 +78,7 @@ def test_marks_alone_commit_where_the_partition_resumes_only_every_few_seconds()
 
     shard = Shard(0, producer=None)
     shard.committed(T0)
-    shard.marked(TriggersDecided(partitions=1, marks={0: T0}), T0 + 100)
+    shard.marked(TriggersDecided(partitions=1, marks={0: T0}))
     shard.tick(T0 + 100)
     assert not shard.pending()  # not a transaction per mark
     shard.tick(T0 + 5_000)

@@ -89,7 +89,7 @@ class Coordinator:
         self.partitions = Partitions(self.machine, self.topics, self.group, Inbox(self.topics, self.partition_count), metrics,
                                      trace=Trace(settings.trace_file) if getattr(settings, "trace_file", None) else None, cache=self.cache,
                                      state_commit_s=getattr(settings, "state_commit_ms", STATE_COMMIT_S * 1000) / 1000, payloads=self.payload_values)
-        self.partitions.keyed = lambda workflow: workflow in self._keyed
+        self.partitions.keyed = lambda: self._keyed
         self.rebalance = Rebalance(self)
         # the cluster-wide limits are decided in every coordinator process too: users deploy nothing else
         self.limiter = Limiter(settings.bootstrap, self.topics, settings.session_timeout, metrics=metrics)

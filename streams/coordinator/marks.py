@@ -33,6 +33,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiokafka import TopicPartition
 
 from legato.streams import kafka_io
 from legato.topics import codec
@@ -133,8 +134,6 @@ def caught_up_ms(consumer: Any, tps: list[Any]) -> int | None:
 
 async def send_marks(c: "Coordinator", producer: Any, every_s: float = MARKS_EVERY_S) -> None:
     """Send this process's partitions' marks to every limits partition while a deployed workflow has a concurrency key."""
-    from aiokafka import TopicPartition
-
     limits = c.topics.limits
     failures = 0
     while True:

@@ -107,7 +107,7 @@ class Partitions:
         self.inbox = inbox
         self.metrics = metrics
         self.states = DecodedStates()
-        self.keyed: Callable[[str], bool] = lambda workflow: False  # the workflow has a concurrency key (coordinator.marks)
+        self.keyed: Callable[[], set[str]] = set  # the workflows with a concurrency key now (coordinator.marks)
         self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
 
     # --- loading -------------------------------------------------------------------------------
@@ -264,9 +264,10 @@ class Partitions:
             self.trace.committed(task.partition, batch, self.topics.requests(""))
         for tp, offset in batch.offsets.items():
             task.next_offset[tp] = offset
-        p = task.partition
+        p, keyed = task.partition, self.keyed()
+        forwarded = forwarded_triggers(batch.sends, self.topics.coordinator, keyed.__contains__) if keyed else []
         task.marks.committed(task.next_offset.get(TopicPartition(self.topics.triggers, p)), task.next_offset.get(TopicPartition(self.topics.coordinator, p)),
-                             forwarded_triggers(batch.sends, self.topics.coordinator, self.keyed), wall_ms())
+                             forwarded, wall_ms())
         for run_id in batch.early_runs:
             task.early_runs[run_id] -= 1
             if task.early_runs[run_id] <= 0:
