@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -22,6 +23,9 @@ from legato.streams.kafka_io import partition_for
 from legato.tools.chaos_limits import in_trigger_order, most_at_once, starts
 from legato.tools.harness import Env, Proc, Scene, count_by_request, wait_ready
 from legato.topics.limits import limit_key
+
+_OPENED = re.compile(r"partition (?P<p>\d+): \d+ (?P<what>runs|keys) loaded")
+"""The line a coordinator (``runs``) or its limiter (``keys``) logs when it has opened a partition."""
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -43,28 +47,28 @@ class Limits:
             raise AssertionError(f"{len(run_ids) - self.scene.watch.done(run_ids)} runs unfinished after {timeout}s\n{self.env.logs()}")
         return {r: self.scene.watch.terminal[r][-1]["type"] for r in run_ids}
 
-    def limiter_of(self, key: str) -> Proc:
-        """The coordinator process whose limiter opened the partition of ``key`` last (its log says so)."""
-        partition = partition_for(key.encode(), self.env.partitions)
-        opened = []
+    def _owners(self, what: str) -> dict[int, Proc]:
+        """Partition → the live coordinator process that opened it last, from their logs: ``what`` is ``runs`` (its
+        coordinator's input partitions) or ``keys`` (its limiter's partitions of the limits topic)."""
+        opened: dict[int, tuple[str, Proc]] = {}
         for proc in self.env.procs:
             if proc.name.startswith("c") and proc.alive():
-                log = (self.env.workdir / f"{proc.name}.log").read_text(errors="replace")
-                opened += [(line[:23], proc) for line in log.splitlines() if f"limits partition {partition}: " in line and "loaded" in line]
-        assert opened, f"no limiter opened partition {partition}"
-        return max(opened, key=lambda o: o[0])[1]
+                for line in (self.env.workdir / f"{proc.name}.log").read_text(errors="replace").splitlines():
+                    found = _OPENED.search(line)
+                    if found and found["what"] == what and (int(found["p"]) not in opened or opened[int(found["p"])][0] <= line[:23]):
+                        opened[int(found["p"])] = (line[:23], proc)
+        return {p: proc for p, (_, proc) in opened.items()}
+
+    def limiter_of(self, key: str) -> Proc:
+        """The coordinator process whose limiter opened the partition of ``key`` last."""
+        partition = partition_for(key.encode(), self.env.partitions)
+        owner = self._owners("keys").get(partition)
+        assert owner is not None, f"no limiter opened partition {partition}"
+        return owner
 
     def coordinator_partitions(self, proc: Proc) -> set[int]:
-        """The input partitions ``proc``'s coordinator opened last among the coordinators (their logs say so)."""
-        opened: dict[int, tuple[str, Proc]] = {}
-        for other in self.env.procs:
-            if other.name.startswith("c") and other.alive():
-                for line in (self.env.workdir / f"{other.name}.log").read_text(errors="replace").splitlines():
-                    if " partition " in line and "runs loaded" in line and "limits partition" not in line:
-                        p = int(line.split(" partition ", 1)[1].split(":", 1)[0])
-                        if p not in opened or opened[p][0] <= line[:23]:
-                            opened[p] = (line[:23], other)
-        return {p for p, (_, owner) in opened.items() if owner is proc}
+        """The input partitions ``proc``'s coordinator opened last among the coordinators."""
+        return {p for p, owner in self._owners("runs").items() if owner is proc}
 
     def notes(self, key: str | None = None) -> list[dict]:
         lines = self.log.read_text().splitlines() if self.log.exists() else []
