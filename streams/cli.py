@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 
-from legato.streams import security
+from legato.streams import ast_gc, security
 from legato.streams.config import Settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows" / "examples"
@@ -675,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    ast_gc.install()  # CPython 3.11: a finalizer's traceback must not break a parse under way (see ast_gc)
     args = build_parser().parse_args(argv)
     if args.command in ("trigger", "signal", "demo", "bench", "runs", "chaos", "console", "deploy", "definitions", "redrive", "fork", "schedule"):
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its leader-election retries are noise here

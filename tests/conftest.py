@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 
-import hypothesis  # noqa: F401  (imported at collection, on a shallow stack: see below)
 import pytest
 
-# CPython 3.11.7 raises "SystemError: AST constructor recursion depth mismatch" when pytest's assertion rewriter
-# parses a module first imported deep inside a running test (tools/chaos_fuzz.py imports hypothesis lazily, inside
-# an asyncio task): `pytest tests/integration` alone failed test_fuzz that way. Imported here, it is parsed once, early.
+from legato.streams import ast_gc
+
+# CPython 3.11 raises "SystemError: AST constructor recursion depth mismatch" when a garbage collection during
+# ast.parse runs a finalizer that parses too (an asyncio Future left over by an earlier test logs its traceback):
+# pytest's assertion rewriter and hypothesis parse. test_fuzz failed in CI that way. tests/test_ast_under_gc.py.
+ast_gc.install()
 
 TEST_BOOTSTRAP = f"127.0.0.1:{int(os.environ.get('LEGATO_TEST_BROKER_PORT', '19092'))}"
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import orjson
 
+from legato.streams import ast_gc
 from legato.tools.harness import Env, Scene, free_port, judge, metric_sum, mix_expected, scrape, trigger, wait_ready
 
 
@@ -100,6 +101,7 @@ def generate_bad(count: int, known_runs: list[str], seed: int = 0) -> list[Bad]:
     """``count`` bad messages drawn by hypothesis (deterministically for a seed)."""
     from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
 
+    ast_gc.install()  # hypothesis parses lambdas' source; CPython 3.11 fails that if a finalizer parses meanwhile
     out: list[Bad] = []
 
     @hseed(seed)
