@@ -28,12 +28,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 
+# Two pytest processes each (pytest-xdist, two cores): the unit tests first, then the integration tests, a module
+# per process (a module's fixtures stay on one process) and a broker per process (conftest.py: 19092, 19102).
+# Arguments, when given, go to one run of pytest instead.
 rc=0
-# the slowest tests are listed at the end: what to look at when the suite grows past its 20 minutes
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@" || rc=$?
-if [ "$rc" -eq 5 ]; then
-    # pytest's "no tests collected" must not pass as green.
-    echo "test.sh: no tests were collected" >&2
-    exit 1
+run_pytest() {
+    local r=0
+    # the slowest tests are listed at the end: what to look at when the suite grows past its 20 minutes
+    .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n 2 "$@" || r=$?
+    if [ "$r" -eq 5 ]; then
+        # pytest's "no tests collected" must not pass as green.
+        echo "test.sh: no tests were collected" >&2
+        r=1
+    fi
+    if [ "$rc" -eq 0 ]; then rc=$r; fi
+}
+if [ "$#" -gt 0 ]; then
+    run_pytest --dist loadfile "$@"
+else
+    run_pytest tests --ignore=tests/integration
+    run_pytest --dist loadfile tests/integration
 fi
 exit "$rc"

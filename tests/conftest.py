@@ -24,7 +24,9 @@ from legato.streams import ast_gc
 # pytest's assertion rewriter and hypothesis parse. test_fuzz failed in CI that way. tests/test_ast_under_gc.py.
 ast_gc.install()
 
-TEST_BOOTSTRAP = f"127.0.0.1:{int(os.environ.get('LEGATO_TEST_BROKER_PORT', '19092'))}"
+# Under pytest-xdist each worker process (gw0, gw1, …) has its own broker, 10 ports above the previous one's.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+TEST_BOOTSTRAP = f"127.0.0.1:{int(os.environ.get('LEGATO_TEST_BROKER_PORT', '19092')) + 10 * _WORKER}"
 
 
 def skip_or_fail(reason: str) -> None:

@@ -39,6 +39,11 @@ BOOTSTRAP = f"127.0.0.1:{PORT}"
 NAMES = ("admin", "coordinator", "worker", "other-worker", "trigger", "signal", "operator", "observer")
 USERS = {name: f"{name}-{uuid.uuid4().hex[:12]}" for name in NAMES}
 PREFIX = f"acl{uuid.uuid4().hex[:8]}"
+
+
+def _id(value: object) -> str | None:
+    """Test ids without the random prefix: pytest-xdist's workers must collect the same names."""
+    return value.replace(PREFIX, "acl") if isinstance(value, str) else None
 T = Topics(PREFIX)
 DONE = f"{PREFIX}.acl-done"  # the completion topic of acl_echo
 WORKER_ACTIVITIES = ["e2e_echo", "e2e_sleep"]
@@ -202,12 +207,12 @@ async def test_worker_reads_its_requests_and_writes_completions(processes):
     await produce("worker", T.completions, b"not a completion")  # the coordinator dead-letters it
 
 
-@pytest.mark.parametrize("topic", [T.runs, T.signals, T.definitions, T.coordinator, T.triggers, T.requests("e2e_add"), T.changelog, DONE])
+@pytest.mark.parametrize("topic", [T.runs, T.signals, T.definitions, T.coordinator, T.triggers, T.requests("e2e_add"), T.changelog, DONE], ids=_id)
 async def test_worker_may_not_produce(processes, topic):
     await refused(produce("worker", topic))
 
 
-@pytest.mark.parametrize("topic", [T.requests("e2e_add"), T.runs, T.triggers, T.changelog])
+@pytest.mark.parametrize("topic", [T.requests("e2e_add"), T.runs, T.triggers, T.changelog], ids=_id)
 async def test_worker_may_not_read(processes, topic):
     await refused(read("worker", topic))
 
@@ -219,7 +224,7 @@ async def test_worker_may_not_join_another_workers_group(processes):
 @pytest.mark.parametrize("user,allowed,forbidden", [
     ("trigger", T.triggers, [T.runs, T.completions, T.signals, T.coordinator, T.definitions]),
     ("signal", T.signals, [T.triggers, T.runs, T.completions, T.coordinator]),
-])
+], ids=_id)
 async def test_producing_roles_produce_their_topic_only(processes, user, allowed, forbidden):
     if user == "signal":
         await produce(user, allowed, codec.dumps(SignalSent(run_id="no-such-run", signal="approve")), b"no-such-run")

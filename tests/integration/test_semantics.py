@@ -244,7 +244,9 @@ async def test_retry_backoff_grows_with_jitter(legato):
         delay = base * _jitter(f"{key}/call/{attempt}")  # the machine's deterministic jitter factor in [0.8, 1.2)
         assert 0.8 * base <= delay < 1.2 * base
         waited = requests[attempt].requested_ms - completed_ms[attempt]
-        assert delay - 2 <= waited <= delay + 300, (attempt, waited, delay)
+        # never early; late by at most a second (the suite runs on two busy cores: the lateness is not what this
+        # test measures; `legato bench latency` does)
+        assert delay - 2 <= waited <= delay + 1000, (attempt, waited, delay)
     assert (await probe(legato, key))["calls"] == 3
 
 
