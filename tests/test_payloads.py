@@ -249,3 +249,43 @@ def test_the_kafka_store_starts_its_clients_once_for_concurrent_first_calls(monk
         return store._consumer
 
     assert _run(go()) is not None and started == [1]
+
+
+def test_a_fork_seed_gets_its_own_copies_of_the_source_payloads(tmp_path):
+    """The coordinator rewrites a fork's seed before sending it: each payload of the source becomes the fork's own
+    (``<new run>/…``), the same value; other records and payloads already the fork's are left as they are; a payload
+    that cannot be read any more stays the source's reference."""
+    from legato.streams.coordinator.payloads import PayloadValues
+    from legato.topics import codec
+    from legato.topics.models import ForkedStep, RunForkAccepted
+
+    store = FilePayloadStore(tmp_path / "store")
+    payloads = Payloads(store, inline_max=100)
+    values = PayloadValues(payloads)
+
+    async def scenario() -> None:
+        text = await payloads.put("src", "x" * 1000)
+        gone = await payloads.put("src", "y" * 1000)
+        await payloads.delete(gone)  # deleted by the source's retention, say
+        seed = RunForkAccepted(run_id="src-fork", workflow="w", version=1, sha256="0" * 64, input={"doc": text},
+                               forked_from={"run_id": "src", "step": "b"},
+                               steps=[ForkedStep(step_id="a", status="succeeded", output={"text": text, "lost": gone, "n": 1})])
+        other = ("legato.runs", b"src", orjson.dumps({"type": "run.completed", "output": text}), None)
+        sends = [other, ("legato.coordinator", b"src-fork", codec.dumps(seed), None)]
+        assert await values.own_fork_seeds(sends, "legato.coordinator") == 1
+        assert sends[0] is other
+        rewritten = codec.decode(RunForkAccepted, sends[1][2])
+        copy = rewritten.steps[0].output["text"]
+        assert PayloadRef.model_validate(copy).id == f"src-fork/{text['sha256']}", copy
+        assert rewritten.input == {"doc": copy}  # one copy for the two places it is used
+        assert await payloads.fetch(copy) == "x" * 1000
+        assert rewritten.steps[0].output["lost"] == gone and rewritten.steps[0].output["n"] == 1
+        # decided again after a crash: the same seed gives the same ids, nothing more is stored
+        again = [("legato.coordinator", b"src-fork", codec.dumps(seed), None)]
+        await values.own_fork_seeds(again, "legato.coordinator")
+        assert again[0][2] == sends[1][2]
+        assert sorted(store.ids()) == sorted([f"src/{text['sha256']}", f"src-fork/{text['sha256']}"])
+        # a seed whose payloads are already the fork's is sent as it is
+        assert await values.own_fork_seeds(sends[1:], "legato.coordinator") == 0
+
+    asyncio.run(scenario())

@@ -388,6 +388,8 @@ class Partitions:
         # where the inputs resume, as of this batch: the batch before it has committed by now
         batch.written[CHANGELOG_OFFSETS_KEY] = encode_offsets({**task.next_offset, **batch.offsets})
         stamps = batch.stamps if self.trace is not None else None
+        if self.payloads is not None:
+            await self.payloads.own_fork_seeds(batch.sends, self.topics.coordinator)  # a fork owns its payloads
         task.commit_began = time.monotonic()
         async with transaction(producer):  # on any failure the task is rebuilt with a fresh producer
             futures = [await producer.send(topic, value, key=key, partition=partition) for topic, key, value, partition in batch.sends]

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import orjson
 
-from legato.topics.payload_refs import PayloadRef, canonical_digest, may_hold_refs, refs_in
+from legato.topics.payload_refs import PayloadRef, canonical_digest, may_hold_refs, refs_in, substitute
 from legato.topics.payloads import KafkaPayloadStore, PayloadError, Payloads, chunk_key
 from legato.workflows.claims import Fetched, Unreadable
 
@@ -85,6 +85,41 @@ class PayloadValues:
             entry = self._entries.pop(payload_id)
             if isinstance(entry, Fetched):
                 self._bytes -= entry.size
+
+    # --- forks ---------------------------------------------------------------------------------
+
+    async def own_fork_seeds(self, sends: list[tuple[str, bytes | None, bytes, int | None]], coordinator_topic: str) -> int:
+        """Give each fork seed in ``sends`` its own copies of the payloads it refers to, in place; the copies made.
+
+        A fork starts with outputs of its source run, and those stored by reference have ids ``<source>/…``: the
+        source's retention would delete them under the fork. Each is stored again under the fork's run_id (before
+        the transaction that sends the seed: a crash in between stores the same ids again, as a payload's id holds
+        its sha256), so the fork owns what it reads and its own retention deletes it. A payload that can no longer
+        be read is left as the source's reference (reading it fails in the fork as it would in the source)."""
+        copied = 0
+        for i, (topic, key, value, partition) in enumerate(sends):
+            if topic != coordinator_topic or not value or b'"run.fork_accepted"' not in value or not may_hold_refs(value):
+                continue
+            seed = orjson.loads(value)
+            if seed.get("type") != "run.fork_accepted":
+                continue
+            new_run = seed["run_id"]
+            copies: dict[str, dict] = {}
+            for ref in refs_in(seed):
+                if ref.id.startswith(new_run + "/") or ref.id in copies:
+                    continue
+                entry = self.lookup(ref.id)
+                try:
+                    stored = entry.value if isinstance(entry, Fetched) else await self.payloads.fetch(ref)
+                except PayloadError as exc:
+                    log.warning("fork %s: payload %s cannot be read, the fork keeps the source's reference: %s", new_run, ref.id, exc)
+                    continue
+                copies[ref.id] = await self.payloads.put(new_run, stored)
+            if copies:
+                seed = substitute(seed, lambda ref: copies.get(ref.id, ref.wire()))
+                sends[i] = (topic, key, orjson.dumps(seed), partition)
+                copied += len(copies)
+        return copied
 
     # --- retention ----------------------------------------------------------------------------
 

@@ -155,6 +155,34 @@ async def test_a_runs_retention_deletes_its_payloads(legato):
           f"({len(tombstones)} tombstones, {time.monotonic() - started:.1f} s after the run ended)")
 
 
+async def _live_of(legato, ref: dict) -> int:
+    """Bytes of the latest value of each chunk of ``ref`` (what compaction keeps of it; a tombstone keeps none)."""
+    pid = PayloadRef.model_validate(ref).id
+    latest = {r.key: len(r.value or b"") for r in await _payload_records(legato, ref) if r.key is not None and r.key.startswith(pid.encode())}
+    return sum(latest.values())
+
+
+async def test_a_fork_owns_a_copy_of_the_payloads_it_starts_with(legato):
+    """A fork starts with the outputs of the steps before its fork point; those stored by reference are copied under
+    the new run's id, so the source's retention (which deletes what the source owns) leaves the fork's intact, and
+    the fork's own retention deletes its copies."""
+    source = await legato.run("e2e_fork_payload", {"bytes": 2_000_000}, timeout=60)
+    assert source.status == "succeeded" and is_ref(source.output["text"]), source
+    fork = await legato.client.forked(source.run_id, "after", new_run_id=f"{source.run_id}-fork", timeout=60)
+    assert fork.status == "succeeded" and is_ref(fork.output["text"]), fork
+    theirs, ours = source.output["text"], fork.output["text"]
+    assert PayloadRef.model_validate(ours).id.startswith(f"{fork.run_id}/"), ours  # the fork's own copy
+    assert ours["sha256"] == theirs["sha256"] and ours["size"] == theirs["size"] == 2_000_002
+    started = time.monotonic()
+    while await _live_of(legato, theirs) > 0:  # the source is forgotten 3 s after it ended: its payload goes
+        assert time.monotonic() - started < 60, f"the source's payload is still live 60 s after it ended\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+    assert await _live_of(legato, ours) == 2_000_002, "the source's retention deleted the fork's payload"
+    while await _live_of(legato, ours) > 0:  # and the fork's retention deletes its copy: nothing left behind
+        assert time.monotonic() - started < 60, f"the fork's payload is still live 60 s after it ended\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+
+
 async def test_the_file_store_end_to_end(legato, tmp_path):
     """A coordinator and a worker of their own (a fresh topic prefix) with ``LEGATO_PAYLOAD_STORE=file://``: large
     outputs are files, expressions read them, the next step receives them, nothing lands on the payloads topic."""
