@@ -128,3 +128,24 @@ def test_rereference_puts_back_every_part_equal_to_a_value_read_and_leaves_the_r
     assert rereference({"x": reordered, "y": 1, "z": "small"}, seen) == {"x": ref, "y": 1, "z": "small"}
     assert rereference([reordered["b"]], seen) == [reordered["b"]]
     assert rereference(reordered, {}) is reordered
+
+
+@pytest.mark.parametrize("source", [
+    "size(steps[input.which].output.text)",  # an index only known when the expression runs
+    "size(steps.map(s, s).filter(s, s == input.which).map(s, steps[s].output.text)[0])",  # steps as a whole
+])
+def test_an_expression_that_picks_a_step_at_run_time_sees_its_value(source):
+    """Reading ``steps`` other than by a literal id (``steps.a``, ``steps["a"]``, ``"a" in steps``) resolves every
+    step's references: which steps it reads is not known before it runs."""
+    from legato.workflows.claims import Claims
+    from legato.workflows.expressions import compile_expression
+
+    store = Store()
+    ref = store.add({"text": "x" * 5000})
+    expr = compile_expression(source)
+    steps = {"a": {"output": ref}, "b": {"output": {"text": "short"}}}
+    assert expr.evaluate({"steps": steps, "input": {"which": "a"}}, Claims(store.lookup)) == 5000
+    assert expr.evaluate({"steps": steps, "input": {"which": "b"}}, Claims(store.lookup)) == 5
+    assert compile_expression('size(steps["a"].output.text)').steps_read == {"a"}  # literal ids stay narrow
+    assert compile_expression("'a' in steps && steps.b.output != null").steps_read == {"a", "b"}
+    assert compile_expression("steps.exists(s, s == 'a')").steps_read is None

@@ -15,6 +15,8 @@ _TEMPLATE = re.compile(r"^\$\{\s*(.+?)\s*\}$", re.DOTALL)
 _STEP_REF = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 _STEP_INDEX = re.compile(r"\bsteps\s*\[\s*(?:'([^'\\]*)'|\"([^\"\\]*)\")\s*\]")
 _STEP_IN = re.compile(r"(?:'([^'\\]*)'|\"([^\"\\]*)\")\s+in\s+steps\b")
+_STEPS = re.compile(r"\bsteps\b")
+_STEPS_MACRO = re.compile(r"\bsteps\s*\.\s*[A-Za-z_][A-Za-z0-9_]*\s*\(")
 _STRING = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
@@ -62,8 +64,17 @@ class Expression:
         return rereference(result, seen) if seen else result
 
     @cached_property
-    def steps_read(self) -> set[str]:
-        return self.step_refs()
+    def steps_read(self) -> set[str] | None:
+        """The step ids whose references ``evaluate`` resolves: those named by literal ids, or None (every step)
+        when the expression reads ``steps`` otherwise (``steps[input.which]``, ``steps.map(…)``)."""
+        if "steps" not in self.names:
+            return set()
+        code = _STRING.sub("''", self.source)  # text inside strings is not a reference
+        if _STEPS_MACRO.search(code):  # steps.map(…), steps.exists(…): a macro over every step
+            return None
+        for literal_use in (_STEP_REF, _STEP_INDEX, _STEP_IN):
+            code = literal_use.sub("", code)
+        return None if _STEPS.search(code) else self.step_refs()
 
     def step_refs(self) -> set[str]:
         """Step ids this expression reads as ``steps.<id>``."""
