@@ -149,3 +149,29 @@ def test_an_expression_that_picks_a_step_at_run_time_sees_its_value(source):
     assert compile_expression('size(steps["a"].output.text)').steps_read == {"a"}  # literal ids stay narrow
     assert compile_expression("'a' in steps && steps.b.output != null").steps_read == {"a", "b"}
     assert compile_expression("steps.exists(s, s == 'a')").steps_read is None
+
+
+def test_an_ignored_completion_keeps_its_payloads_for_the_runs_retention():
+    """A duplicate or a stale attempt whose output the worker stored under the run's id: nothing refers to it, so the
+    state lists it (``unused_payloads``) for the run's retention to delete; listed once, and never another run's."""
+    from legato.workflows.machine import EventIgnored, KeepUnusedPayloads
+    from tests.machine_helpers import succeeded
+
+    store = Store()
+    h = Harness(_machine(store))
+    h.start("big")
+    fetch = h.pending_for("fetch")
+    h.succeed(fetch, store.add({"text": "x" * 5000, "parts": []}))
+    late = _ref({"text": "another answer " * 400, "parts": []})  # the duplicate's own output, another value
+    out = h.deliver(succeeded(fetch, late))
+    assert [type(c) for c in out] == [EventIgnored, KeepUnusedPayloads], out
+    pid = late["$ref"].split(":", 1)[1]
+    assert out[1].payload_ids == [pid]
+    assert h.state.unused_payloads == [{"id": pid, "size": late["size"], "sha256": late["sha256"], "partition": 0, "chunks": 1}]
+    assert "legato-payload:" + pid not in h.state.encoded().decode()  # not a reference: the shell does not fetch it
+    # the same payload again: nothing new to keep, the state is not changed
+    assert [type(c) for c in h.deliver(succeeded(fetch, late))] == [EventIgnored]
+    # another run's payload is not this run's to delete
+    foreign = _ref({"text": "z" * 5000}, run_id="r2")
+    assert [type(c) for c in h.deliver(succeeded(fetch, foreign))] == [EventIgnored]
+    assert len(h.state.unused_payloads) == 1

@@ -289,3 +289,39 @@ def test_a_fork_seed_gets_its_own_copies_of_the_source_payloads(tmp_path):
         assert await values.own_fork_seeds(sends[1:], "legato.coordinator") == 0
 
     asyncio.run(scenario())
+
+
+def test_forgetting_a_run_deletes_its_unused_payloads_too(tmp_path):
+    """A run's retention tombstones the chunks of the payloads its document refers to and of those it listed as
+    unused (ignored completions' outputs), once each; never another run's."""
+    from legato.streams.coordinator.payloads import PayloadValues
+
+    def ref(run_id: str, char: str, chunks: int) -> dict:
+        data = orjson.dumps(char * 10)
+        sha = hashlib.sha256(data).hexdigest()
+        return {"$ref": f"legato-payload:{run_id}/{sha}", "size": len(data), "sha256": sha, "chunks": chunks, "partition": 2, "offset": 5}
+
+    used, unused, foreign = ref("r1", "a", 2), ref("r1", "b", 3), ref("r2", "c", 1)
+    def entry(r: dict) -> dict:  # as RunState.unused_payloads lists it
+        return {"id": r["$ref"].split(":", 1)[1], **{k: r[k] for k in ("size", "sha256", "partition", "chunks") if k in r}}
+
+    stored = orjson.dumps({"run_id": "r1", "output": {"text": used, "other": foreign}})
+    values = PayloadValues(Payloads(KafkaPayloadStore("127.0.0.1:1", "p.payloads")))
+    sends = values.forget("r1", stored, [entry(unused), entry(used), entry(foreign)])
+    keys = sorted(key.decode() for _, key, _, _ in sends)
+    uid, pid = entry(unused)["id"], entry(used)["id"]
+    assert keys == sorted([f"{pid}/0", f"{pid}/1", f"{uid}/0", f"{uid}/1", f"{uid}/2"]), keys
+    assert all(topic == "p.payloads" and value is None and partition == 2 for topic, _, value, partition in sends)
+
+    # the file store deletes them at once
+    store = FilePayloadStore(tmp_path / "store")
+    payloads = Payloads(store, inline_max=10)
+
+    async def scenario() -> None:
+        kept = await payloads.put("r1", "u" * 100)
+        forgetting = PayloadValues(payloads)
+        assert forgetting.forget("r1", b"{}", [entry(kept)]) == []
+        await asyncio.gather(*forgetting._deleting)
+        assert store.ids() == []
+
+    asyncio.run(scenario())

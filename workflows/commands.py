@@ -80,6 +80,14 @@ class StartForkedRun(_Command):
     seed: RunForkAccepted
 
 
+class KeepUnusedPayloads(_Command):
+    """The run ignored a completion whose output it stored by reference (a stale attempt, a duplicate): its state now
+    lists those payloads (``RunState.unused_payloads``), for its retention to delete them with the rest."""
+
+    run_id: str
+    payload_ids: list[str]
+
+
 class ForgetRun(_Command):
     """A finished run's retention is over: delete its state (a tombstone on the changelog); its run_id is free again."""
 
@@ -103,4 +111,4 @@ class SignalRefused(_Command):
     reason: str
 
 
-Command = Union[RequestActivity, AcquireLimit, ReleaseLimit, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, EventIgnored, SignalRefused]
+Command = Union[RequestActivity, AcquireLimit, ReleaseLimit, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, KeepUnusedPayloads, EventIgnored, SignalRefused]

@@ -36,6 +36,7 @@ from legato.workflows.commands import (
     Command,
     EventIgnored,
     ForgetRun,
+    KeepUnusedPayloads,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
@@ -44,6 +45,7 @@ from legato.workflows.commands import (
     StartForkedRun,
     StartTimer,
 )
+from legato.topics.payload_refs import refs_in
 from legato.workflows.context import Run
 from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, Limit, step_kind
 from legato.workflows.run_events import child_finished, iso, parent_waits, terminal_event
@@ -61,7 +63,7 @@ Event = Union[RunAccepted, LimitGranted, ActivityCompleted, ActivityStarted, Act
 
 __all__ = [
     "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CacheResult", "CancelChildRun", "CancelRequest", "Command",
-    "Decision", "Event", "EventIgnored", "ForgetRun", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
+    "Decision", "Event", "EventIgnored", "ForgetRun", "KeepUnusedPayloads", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
     "StartChildRun", "StartTimer", "iso", "outstanding", "replay", "_jitter",
 ]
 
@@ -121,6 +123,13 @@ class Machine:
 
     def decide_events(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> Decision:
         """``decide``, with the domain events of the decision (for metrics and views)."""
+        decision = self._decide_events(state, event, now_ms, in_place=in_place)
+        if isinstance(event, ActivityCompleted) and decision.state is not None and decision.commands \
+                and all(isinstance(c, EventIgnored) for c in decision.commands):
+            return _keep_unused_payloads(decision, event, in_place)
+        return decision
+
+    def _decide_events(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> Decision:
         if isinstance(event, RunAccepted):
             if state is not None:
                 return Decision(state, [EventIgnored(run_id=event.run_id, reason="duplicate_trigger")], [])
@@ -418,3 +427,23 @@ def _describe(event: Event) -> str:
     if isinstance(event, SignalSent):
         return f"signal {event.signal!r}" + (f" id {event.signal_id!r}" if event.signal_id else "")
     return ""
+
+
+def _keep_unused_payloads(decision: Decision, event: ActivityCompleted, in_place: bool) -> Decision:
+    """An ignored completion (a stale attempt, a duplicate, a late answer to a finished run) whose output the worker
+    stored by reference under this run's id: the state lists those payloads, so the run's retention deletes them too
+    (nothing else refers to them). Listed once each; payloads of other runs are not this run's to delete."""
+    state = decision.state
+    assert state is not None
+    listed = {p["id"] for p in state.unused_payloads}
+    new = [r for r in refs_in(event.output) if r.id.startswith(state.run_id + "/") and r.id not in listed]
+    if not new:
+        return decision
+    if not in_place:
+        state = state.model_copy(deep=True)
+    for ref in new:
+        entry = {"id": ref.id, "size": ref.size, "sha256": ref.sha256}
+        entry.update({k: v for k, v in (("partition", ref.partition), ("chunks", ref.chunks)) if v is not None})
+        state.unused_payloads.append(entry)
+        state.size_hint += 200
+    return Decision(state, [*decision.commands, KeepUnusedPayloads(run_id=state.run_id, payload_ids=[r.id for r in new])], decision.events)

@@ -205,6 +205,9 @@ class RunState(_State, kw_only=True):
     signal_ids: list[str] = msgspec.field(default_factory=list)  # signal_ids seen (to drop repeats), oldest first
     priority: int | None = None  # the trigger's (1–5; None: 3), for the limits its steps wait for
     limit_hold: dict[str, Any] | None = None  # the run's acquisition of its concurrency key (like StepState.limit_hold)
+    # payloads of this run's that came with completions it ignored (a stale attempt's output): deleted with the run.
+    # {"id", "size", "sha256", "partition", "chunks"}; no "$ref", so the shell does not fetch them with the state
+    unused_payloads: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Read a stored state of an older schema version as the current one (msgspec calls this after decoding too)."""

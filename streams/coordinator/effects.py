@@ -18,6 +18,7 @@ from legato.workflows.machine import (
     CancelRequest,
     EventIgnored,
     ForgetRun,
+    KeepUnusedPayloads,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
@@ -71,6 +72,8 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
             sends.append((topics.coordinator, record.run_id.encode(), codec.dumps(record), None))
         elif isinstance(command, ForgetRun):
             pass  # the partition task deletes the state and writes the tombstone (partition.Partitions._apply)
+        elif isinstance(command, KeepUnusedPayloads):
+            pass  # only the run's state changes: the payloads are deleted when it is forgotten
         elif isinstance(command, SignalRefused):  # e.g. a run keeps 64 at most
             refused(f"signal refused: {command.reason}")
             log.info("refused signal %r for run %s: %s", command.signal.signal, command.signal.run_id, command.reason)

@@ -481,7 +481,7 @@ class Partitions:
             batch.changed[record.run_id] = None
             batch.stored -= 1
             if self.payloads is not None:
-                batch.sends += self.payloads.forget(state.run_id, state.encoded())  # its payloads go with it
+                batch.sends += self.payloads.forget(state.run_id, state.encoded(), state.unused_payloads)  # its payloads go with it
             if self.metrics is not None:
                 self.metrics.run_forgotten(state.workflow)
         if self.metrics is not None:

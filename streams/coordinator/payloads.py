@@ -15,7 +15,7 @@ from typing import Iterable
 
 import orjson
 
-from legato.topics.payload_refs import PayloadRef, canonical_digest, may_hold_refs, refs_in, substitute
+from legato.topics.payload_refs import REF_PREFIX, PayloadRef, canonical_digest, may_hold_refs, refs_in, substitute
 from legato.topics.payloads import KafkaPayloadStore, PayloadError, Payloads, chunk_key
 from legato.workflows.claims import Fetched, Unreadable
 
@@ -123,11 +123,17 @@ class PayloadValues:
 
     # --- retention ----------------------------------------------------------------------------
 
-    def forget(self, run_id: str, stored: bytes) -> list[tuple[str, bytes, None, int]]:
-        """A run's retention ended: the tombstones of the Kafka-stored payloads it owns (ids ``<run_id>/…``), to send in
-        the transaction that forgets the run; payloads of another store are deleted now (a crash before the run's
-        tombstone is committed leaves it to be forgotten again, its payloads already gone)."""
+    def forget(self, run_id: str, stored: bytes, unused: Iterable[dict] = ()) -> list[tuple[str, bytes, None, int]]:
+        """A run's retention ended: the tombstones of the Kafka-stored payloads it owns (ids ``<run_id>/…``: those its
+        stored document refers to, and ``unused``, its ``RunState.unused_payloads``), to send in the transaction that
+        forgets the run; payloads of another store are deleted now (a crash before the run's tombstone is committed
+        leaves it to be forgotten again, its payloads already gone)."""
         owned = [ref for ref in self.refs_of(stored) if ref.id.startswith(run_id + "/")]
+        seen = {ref.id for ref in owned}
+        for entry in unused:
+            if entry.get("id", "").startswith(run_id + "/") and entry["id"] not in seen:
+                seen.add(entry["id"])
+                owned.append(PayloadRef.model_validate({"$ref": REF_PREFIX + entry["id"], **{k: v for k, v in entry.items() if k != "id"}}))
         for ref in owned:
             entry = self._entries.pop(ref.id, None)
             if isinstance(entry, Fetched):

@@ -183,6 +183,32 @@ async def test_a_fork_owns_a_copy_of_the_payloads_it_starts_with(legato):
         await asyncio.sleep(0.5)
 
 
+async def test_a_late_duplicates_payload_is_deleted_with_the_run(legato):
+    """A completion the run ignores (here a duplicate with another output, as a retried LLM call gives) brought a
+    payload the worker stored under the run's id, which nothing refers to: the run lists it and its retention
+    tombstones it with the rest."""
+    from legato.topics import codec
+
+    run_id = await legato.client.trigger("e2e_fork_payload", {"bytes": 1_000_000})
+    started = time.monotonic()
+    while not (done := await _completions(legato, run_id, "big")):
+        assert time.monotonic() - started < 60, f"step big did not complete\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+    payloads = Payloads(KafkaPayloadStore(legato.bootstrap, legato.topics.payloads))
+    try:
+        late = await payloads.put(run_id, "y" * 1_500_000)  # what a second execution of the step stored
+    finally:
+        await payloads.stop()
+    duplicate = done[0].model_copy(update={"output": {"text": late}})
+    await legato.produce(legato.topics.completions, codec.dumps(duplicate), run_id.encode())
+    event = (await legato.wait_for({run_id}, timeout=60))[run_id]
+    assert event.status == "succeeded" and event.output["text"]["sha256"] != late["sha256"], event  # the duplicate was ignored
+    assert await _live_of(legato, late) == 1_500_002
+    while await _live_of(legato, late) > 0:  # the run is forgotten 3 s after it ended, and the late payload with it
+        assert time.monotonic() - started < 90, f"the ignored completion's payload outlived the run\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+
+
 async def test_the_file_store_end_to_end(legato, tmp_path):
     """A coordinator and a worker of their own (a fresh topic prefix) with ``LEGATO_PAYLOAD_STORE=file://``: large
     outputs are files, expressions read them, the next step receives them, nothing lands on the payloads topic."""
