@@ -25,6 +25,7 @@ from legato.topics.models import (
     TimerFired,
 )
 from legato.topics.limits import LimitGranted
+from legato.topics.payload_refs import refs_in
 from legato.workflows import keys, run_limits
 from legato.workflows.catalog import Catalog, Definition
 from legato.workflows.claims import Claims, Lookup
@@ -45,7 +46,6 @@ from legato.workflows.commands import (
     StartForkedRun,
     StartTimer,
 )
-from legato.topics.payload_refs import refs_in
 from legato.workflows.context import Run
 from legato.workflows.model import MAX_WORKFLOW_DEPTH, CompiledWorkflow, Limit, step_kind
 from legato.workflows.run_events import child_finished, iso, parent_waits, terminal_event
