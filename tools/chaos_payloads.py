@@ -36,7 +36,7 @@ async def scenario_payloads(bootstrap: str, runs: int = 40, kills: int = 3, rate
     env = Env(bootstrap, workdir, extra_env=extra_env)
     t0 = time.time()
     kill_log: list[dict] = []
-    async with Scene(env, [env.topics.completions, env.topics.requests("chaos_blob"), env.topics.requests("chaos_digest")]) as scene:
+    async with Scene(env, [env.topics.completions, *(env.topics.requests(a) for a in ("chaos_blob", "chaos_echo", "chaos_digest"))]) as scene:
         coord, worker = env.process("coordinator"), env.process("worker")
         watch, prod = scene.watch, scene.prod
         ready = await wait_ready(env, prod, watch, [coord, worker])
