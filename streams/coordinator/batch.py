@@ -33,6 +33,7 @@ class Batch:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     group_offsets: bool = False  # the consumer group's offsets are committed in this transaction too
     timers: list[StartTimer] = field(default_factory=list)
+    forks: bool = False  # a run.fork_requested was decided: a fork's seed may be in ``sends`` (its payloads are copied before the commit)
     overheads: list[tuple[str, str, float]] = field(default_factory=list)  # (workflow, run_id, perf_counter when polled) of each completion that requested the next activity
     stamps: dict[str, float] = field(default_factory=dict)  # hop → wall-clock seconds (only when tracing)
     requests: list[str] = field(default_factory=list)  # request ids produced (only when tracing)

@@ -388,7 +388,7 @@ class Partitions:
         # where the inputs resume, as of this batch: the batch before it has committed by now
         batch.written[CHANGELOG_OFFSETS_KEY] = encode_offsets({**task.next_offset, **batch.offsets})
         stamps = batch.stamps if self.trace is not None else None
-        if self.payloads is not None:
+        if batch.forks and self.payloads is not None:
             await self.payloads.own_fork_seeds(batch.sends, self.topics.coordinator)  # a fork owns its payloads
         task.commit_began = time.monotonic()
         async with transaction(producer):  # on any failure the task is rebuilt with a fresh producer
@@ -471,6 +471,7 @@ class Partitions:
         except Exception as exc:  # a bug in deciding this event must not stop every other run
             log.exception("coordinator failed to decide %s:%s@%s", msg.topic, msg.partition, msg.offset)
             raise Poisoned((msg.topic, msg.partition, msg.offset), f"internal error: {type(exc).__name__}: {exc}") from exc
+        batch.forks = batch.forks or isinstance(record, RunForkRequested)
         unchanged = bool(commands) and all(isinstance(c, EventIgnored) for c in commands)
         if new_state is not None and not unchanged:
             new_state.cursor[position] = msg.offset
