@@ -97,7 +97,7 @@ def build(settings: Settings, *, coordinator: bool, worker: bool, only_activitie
     kafka_io.faust_idempotent_producer()
     dlq = DeadLetters(app, settings.topics.dlq, metrics)
     workers = Workers(app, settings.topics, activities, settings.partitions, dlq, metrics, settings.bootstrap, settings.payloads(metrics),
-                      drain_s=settings.worker_drain_s)
+                      drain_s=settings.worker_drain_s, stop_s=settings.worker_stop_s)
     if metrics is not None:
         groups = [app.conf.id] + ([coord.group] if coord is not None else [])
         async def serve_metrics() -> None:
@@ -141,8 +141,9 @@ def run(legato: Legato, loglevel: str = "warning") -> None:
         _run_coordinator(legato.coordinator, loglevel)
         return
     # the first SIGTERM or SIGINT drains the activity workers (Workers.drain: no new request starts, the handlers
-    # running finish within LEGATO_WORKER_DRAIN_S and are committed) before faust's stop leaves the group
-    drain = legato.workers.drain if legato.workers is not None else None
+    # running finish within LEGATO_WORKER_DRAIN_S and are committed) before faust's stop leaves the group; the process
+    # exits LEGATO_WORKER_STOP_S after the drain even if that stop hangs (Workers.stop)
+    drain = legato.workers.stop if legato.workers is not None else None
     worker = kafka_io.faust_worker_draining_first(legato.app, drain, loglevel=loglevel, quiet=True, redirect_stdouts=False)
 
     @legato.app.task

@@ -52,6 +52,7 @@ class Settings:
     linger_ms: float = 0.0  # workers' producer linger: 0 favours per-step latency, a few ms throughput
     commit_interval: float = 0.5  # workers: seconds between offset commits
     worker_drain_s: float = 30.0  # workers: on SIGTERM, how long handlers already running may take to finish (streams/worker.py, Workers.drain)
+    worker_stop_s: float = 10.0  # workers: after the drain, how long the rest of the stop may take before the process exits anyway (streams/stop_deadline.py)
     retention_s: float = DEFAULT_RETENTION_S  # how long a finished run is kept when its workflow sets no `retention`
     console_port: int = 8080  # `legato dev` serves the console here
     trace_file: Path | None = None  # the coordinator appends one JSON line per committed batch here (`legato bench latency`)
@@ -96,6 +97,7 @@ class Settings:
             linger_ms=float(env.get("LEGATO_LINGER_MS", "0")),
             commit_interval=float(env.get("LEGATO_COMMIT_INTERVAL", "0.5")),
             worker_drain_s=float(env.get("LEGATO_WORKER_DRAIN_S", "30")),
+            worker_stop_s=float(env.get("LEGATO_WORKER_STOP_S", "10")),
             console_port=int(env.get("LEGATO_CONSOLE_PORT", "8080")),
             trace_file=Path(env["LEGATO_TRACE_FILE"]) if env.get("LEGATO_TRACE_FILE") else None,
             early_requests=env.get("LEGATO_EARLY_REQUESTS", "1") not in ("0", "false", "no", "off"),

@@ -21,6 +21,7 @@ from legato.handlers.progress import reporting
 from legato.handlers.registry import Activity, ActivityError, RateLimited, Result
 from legato.streams import kafka_io
 from legato.streams.dlq import DeadLetters
+from legato.streams.stop_deadline import StopDeadline
 from legato.topics.cache import fingerprint
 from legato.streams.worker_offsets import Delivery, RequestOffsets
 from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, tail_topic
@@ -193,10 +194,14 @@ async def _delivered(futures: list[Any], what: str, request_id: str) -> None:
 class Workers:
     """Registers one agent per activity on a faust app."""
 
+    commit_timeout_s = 10.0  # how long a commit made while stopping or rebalancing may take (``_commit_bounded``)
+    stop_deadline: Callable[..., StopDeadline] = StopDeadline  # ``stop``'s deadline (a test passes one that does not exit)
+
     def __init__(self, app: faust.App, topics: Topics, activities: dict[str, Activity], partitions: int, dlq: DeadLetters, metrics: Any = None, bootstrap: str = "localhost:9092",
-                 payloads: Payloads | None = None, drain_s: float = 30.0):
+                 payloads: Payloads | None = None, drain_s: float = 30.0, stop_s: float = 10.0):
         self.app = app
         self.drain_s = drain_s  # LEGATO_WORKER_DRAIN_S: how long a drain waits for the handlers running (``drain``)
+        self.stop_s = stop_s  # LEGATO_WORKER_STOP_S: how long the stop after the drain may take (``stop``)
         self.payloads = payloads  # claim checks: inputs resolved, large outputs and progress chunks stored by reference
         self.bootstrap = bootstrap
         self.cancellations = Cancellations()
@@ -215,6 +220,7 @@ class Workers:
         self.handling: dict[asyncio.Task, str] = {}  # every request's task (``_handle``) -> its activity
         self.draining = False  # set by ``drain``: no request starts any more
         self._drain: asyncio.Task | None = None
+        self.drain_committed = False  # set by the drain: whether what was answered got committed
         self._waiting: set[asyncio.Task] = set()  # rate-limit waits, ended by a drain
         app.task(self._commit_every)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -364,6 +370,17 @@ class Workers:
             self._drain = asyncio.ensure_future(self._drain_once(self.drain_s if timeout is None else timeout))
         return await asyncio.shield(self._drain)
 
+    async def stop(self) -> int:
+        """The first SIGTERM (streams/app.py): ``drain``, under a deadline (streams/stop_deadline.py). The process
+        exits by itself if the drain overruns its own bounds, or if the rest of the stop (faust's: leave the group,
+        stop the consumer thread) takes over ``stop_s`` once the drain has ended; the exit code is 0 when the drain
+        committed what was answered."""
+        deadline = self.stop_deadline(loop=asyncio.get_running_loop())
+        deadline.arm(self.drain_s + 5.0 + self.commit_timeout_s + self.stop_s, "SIGTERM (the drain did not end)", 1)
+        abandoned = await self.drain()
+        deadline.arm(self.stop_s, "its drain ended (LEGATO_WORKER_STOP_S)", 0 if self.drain_committed else 1)
+        return abandoned
+
     async def _drain_once(self, timeout: float) -> int:
         self.draining = True
         for task in list(self._waiting):
@@ -384,12 +401,24 @@ class Workers:
                     self.metrics.activity_abandoned(name)
             log.warning("stopping: abandoned %d handler(s) still running after %g s (%s); their requests run again on "
                         "the partitions' next owners", abandoned, timeout, ", ".join(sorted(set(names))))
-        try:
-            await self.commit_answered()
-        except Exception:
-            log.exception("could not commit the answered requests after draining")
-        log.info("stopping: drained in %.2f s, %d abandoned", time.monotonic() - t0, abandoned)
+        self.drain_committed = await self._commit_bounded(None, "after draining")
+        log.info("stopping: drained in %.2f s, %d abandoned%s", time.monotonic() - t0, abandoned,
+                 "" if self.drain_committed else ", answered requests NOT committed (they run again on the next owner)")
         return abandoned
+
+    async def _commit_bounded(self, tps: set | None, when: str) -> bool:
+        """``commit_answered`` within ``commit_timeout_s``: whether it committed. While a worker stops, a commit can
+        wait on a rebalance that itself waits on the drain (faust passes both through its method queues); a commit
+        that does not return in time is given up (what it would have committed runs again on the next owner, which
+        the coordinator's dedupe absorbs) rather than holding the stop until a SIGKILL."""
+        try:
+            await asyncio.wait_for(self.commit_answered(tps), self.commit_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.error("could not commit the answered requests %s: no answer within %g s", when, self.commit_timeout_s)
+        except Exception:
+            log.exception("could not commit the answered requests %s", when)
+        return False
 
     async def commit_answered(self, tps: set | None = None) -> None:
         """Commit each assigned request partition (of ``tps``, default all) up to its oldest request not yet
@@ -415,18 +444,12 @@ class Workers:
                 await asyncio.shield(self._drain)
             except Exception:
                 log.exception("the drain failed")
-        try:
-            await self.commit_answered(revoked)
-        except Exception:
-            log.exception("could not commit the answered requests of revoked partitions")
+        await self._commit_bounded(revoked, "of revoked partitions")
         self.offsets.revoked(revoked)
 
     async def _on_shutdown(self, sender: Any, **kwargs: Any) -> None:
         """Stopping (SIGTERM): commit what was answered before leaving the group."""
-        try:
-            await self.commit_answered()
-        except Exception:
-            log.exception("could not commit the answered requests at shutdown")
+        await self._commit_bounded(None, "at shutdown")
 
     async def _send_completion(self, completion: ActivityCompleted) -> Any:
         """Hand ``completion`` to the producer; returns its delivery future. Straight to faust's producer: the

@@ -77,3 +77,50 @@ async def test_a_rate_limit_wait_ends_when_the_drain_begins():
     assert await w._unless_draining(asyncio.sleep(0)) is False  # once draining, no wait starts
     w.draining = False
     assert await w._unless_draining(asyncio.sleep(0)) is True
+
+
+async def test_a_commit_that_never_returns_does_not_hold_the_drain_or_a_revocation():
+    """A stopping worker's commit can wait on a rebalance that waits on the drain (faust runs both through its method
+    queues): the drain and the revocation each give their commit ``commit_timeout_s``, then go on, saying so."""
+    w, events = _workers()
+    w.commit_timeout_s = 0.2
+    w.offsets = type("Offsets", (), {"revoked": lambda self, tps: events.append(f"revoked {sorted(tps)}")})()
+
+    async def never(tps=None) -> None:
+        events.append("commit")
+        await asyncio.Event().wait()
+
+    w.commit_answered = never  # type: ignore[method-assign]
+    _handler(w, events, "a", 0.05)
+    assert await asyncio.wait_for(w.drain(5.0), 2.0) == 0
+    assert w.drain_committed is False
+    await asyncio.wait_for(w._on_revoked(None, {1}), 2.0)
+    assert events == ["a finished", "commit", "commit", "revoked [1]"]
+
+
+async def test_a_drain_that_committed_says_so():
+    w, events = _workers()
+    _handler(w, events, "a", 0.01)
+    await w.drain(5.0)
+    assert w.drain_committed is True
+
+
+async def test_stop_drains_under_a_deadline_then_gives_the_rest_of_the_stop_its_own():
+    w, events = _workers()
+    w.stop_s = 7.0
+    armed: list[tuple[float, str, int]] = []
+
+    class Deadline:
+        def __init__(self, loop=None):
+            assert loop is asyncio.get_running_loop()
+
+        def arm(self, seconds: float, after: str, code: int) -> None:
+            armed.append((seconds, after.split(" ")[0], code))
+            events.append("arm")
+
+    w.stop_deadline = Deadline  # type: ignore[assignment]
+    _handler(w, events, "a", 0.05)
+    assert await w.stop() == 0
+    # the first bound covers the drain's handlers, their cancellation and its commit, then the stop itself
+    assert armed == [(30.0 + 5.0 + w.commit_timeout_s + 7.0, "SIGTERM", 1), (7.0, "its", 0)]
+    assert events == ["arm", "a finished", "commit", "arm"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 import uuid
+import warnings
 from collections import Counter
 
 import orjson
@@ -116,7 +118,10 @@ async def test_a_worker_stopped_with_sigterm_finishes_its_running_handlers_and_n
             await asyncio.sleep(0.5)
             later = await _send(kafka_bootstrap, topics, PARTITIONS, 0.5, "later")  # sent while the first is stopping
 
-            exit_code = await asyncio.to_thread(first.proc.wait, 60)
+            try:
+                exit_code = await asyncio.to_thread(first.proc.wait, 60)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the first worker was still running 60 s after its SIGTERM:\n" + first.logs())
             stopped_after = time.monotonic() - t_term
             assert await seen.wait("completed", running + later, 120), "unanswered requests:\n" + first.logs() + second.logs()
             # the second worker owns every partition now; had anything been left uncommitted, it runs again by now
@@ -125,6 +130,10 @@ async def test_a_worker_stopped_with_sigterm_finishes_its_running_handlers_and_n
             await asyncio.sleep(SLEEP_S + 1.0)
 
             assert exit_code == 0, first.logs()
+            if "exiting with code" in first.stderr.read_text(errors="replace"):
+                # the guarantee held (drained, committed, stopped in time); faust's own stop hung and the stop deadline
+                # ended it: worth a look (its stacks are in the log), not a failure
+                warnings.warn(f"the first worker's stop reached its deadline; stacks in {first.stderr}")
             assert stopped_after < 25, f"the first worker took {stopped_after:.1f} s to stop"
             twice = {i: (seen.started[i], seen.completed[i]) for i in running + later if (seen.started[i], seen.completed[i]) != (1, 1)}
             assert not twice, (f"{len(twice)} of {len(running + later)} requests not executed exactly once, (handler starts, "
@@ -133,3 +142,30 @@ async def test_a_worker_stopped_with_sigterm_finishes_its_running_handlers_and_n
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_stop_that_outlasts_its_deadline_is_ended_with_every_stack_logged(kafka_bootstrap, tmp_path):
+    """LEGATO_WORKER_STOP_S bounds what follows the drain (faust's stop: leave the group, stop the consumer thread),
+    which can hang on a rebalance. Here the bound is shorter than a healthy stop, so it must fire: the process exits
+    with 0 (the drain committed), having written where it was."""
+    topics = Topics(f"wd{uuid.uuid4().hex[:10]}")
+    env = {**os.environ, "LEGATO_BOOTSTRAP": kafka_bootstrap, "LEGATO_TOPIC_PREFIX": topics.prefix, "LEGATO_PARTITIONS": str(PARTITIONS),
+           "LEGATO_LOGLEVEL": "info", "PYTHONUNBUFFERED": "1", "LEGATO_WORKER_STOP_S": "0.05"}
+    worker = _worker("short", env, tmp_path)
+    try:
+        await topics_exist(kafka_bootstrap, [topics.requests(ACTIVITY), topics.completions])
+        async with _Completions(kafka_bootstrap, topics.completions) as seen:
+            probe = await _send(kafka_bootstrap, topics, PARTITIONS, 0.0, "probe")
+            assert await seen.wait("completed", probe, 180), "the worker answered nothing within 180 s:\n" + worker.logs()
+        worker.proc.send_signal(signal.SIGTERM)
+        try:
+            exit_code = await asyncio.to_thread(worker.proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the worker was still running 30 s after its SIGTERM:\n" + worker.logs())
+        log = worker.stderr.read_text(errors="replace")
+        assert "stopping: drained in" in log, worker.logs()
+        assert "exiting with code 0" in log, worker.logs()
+        assert "Current thread 0x" in log and "Stack for <Task" in log, "no thread or task stacks:\n" + worker.logs()
+        assert exit_code == 0, worker.logs()
+    finally:
+        worker.stop()
