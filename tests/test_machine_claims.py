@@ -175,3 +175,24 @@ def test_an_ignored_completion_keeps_its_payloads_for_the_runs_retention():
     foreign = _ref({"text": "z" * 5000}, run_id="r2")
     assert [type(c) for c in h.deliver(succeeded(fetch, foreign))] == [EventIgnored]
     assert len(h.state.unused_payloads) == 1
+
+
+def test_a_completion_for_a_run_no_longer_known_has_its_payloads_deleted_at_once():
+    """A completion for a run the coordinator does not know (forgotten by its retention, or never there) whose output
+    the worker stored under that run's id: no state will ever list it, and no attempt of a run with that id can be
+    accepted any more, so the machine asks for its deletion now; never another run's payload."""
+    from legato.topics.models import ActivityCompleted
+    from legato.workflows.machine import EventIgnored, ForgetPayloads
+
+    mine, foreign = _ref({"text": "late " * 1000}, run_id="gone"), _ref({"text": "z" * 5000}, run_id="r2")
+    late = ActivityCompleted(request_id="gone/fetch/1", run_id="gone", step_id="fetch", attempt=1, status="succeeded",
+                             output={"a": mine, "b": foreign})
+    state, out = _machine(Store()).decide(None, late, 1_000)
+    assert state is None
+    assert [type(c) for c in out] == [EventIgnored, ForgetPayloads], out
+    pid = mine["$ref"].split(":", 1)[1]
+    assert out[1].run_id == "gone"
+    assert out[1].payloads == [{"id": pid, "size": mine["size"], "sha256": mine["sha256"], "partition": 0, "chunks": 1}]
+    # nothing stored by reference under its id: nothing more than the ignored event
+    plain = late.model_copy(update={"output": {"text": "small"}})
+    assert [type(c) for c in _machine(Store()).decide(None, plain, 1_000)[1]] == [EventIgnored]

@@ -88,6 +88,15 @@ class KeepUnusedPayloads(_Command):
     payload_ids: list[str]
 
 
+class ForgetPayloads(_Command):
+    """A completion for a run the coordinator does not know (its retention has forgotten it) carried payloads stored
+    under that run's id: no state will list them, so they are deleted now (``payloads`` as
+    ``RunState.unused_payloads`` lists them)."""
+
+    run_id: str
+    payloads: list[dict]
+
+
 class ForgetRun(_Command):
     """A finished run's retention is over: delete its state (a tombstone on the changelog); its run_id is free again."""
 
@@ -111,4 +120,4 @@ class SignalRefused(_Command):
     reason: str
 
 
-Command = Union[RequestActivity, AcquireLimit, ReleaseLimit, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, KeepUnusedPayloads, EventIgnored, SignalRefused]
+Command = Union[RequestActivity, AcquireLimit, ReleaseLimit, CacheResult, StartTimer, PublishRunEvent, CancelRequest, StartChildRun, CancelChildRun, NotifyParent, StartForkedRun, ForgetRun, KeepUnusedPayloads, ForgetPayloads, EventIgnored, SignalRefused]

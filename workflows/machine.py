@@ -7,7 +7,7 @@ through ``transitions``, which also emits the domain events that ``decide_events
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
 
 from legato.topics.models import (
     ActivityCompleted,
@@ -38,6 +38,7 @@ from legato.workflows.commands import (
     EventIgnored,
     ForgetRun,
     KeepUnusedPayloads,
+    ForgetPayloads,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
@@ -63,7 +64,7 @@ Event = Union[RunAccepted, LimitGranted, ActivityCompleted, ActivityStarted, Act
 
 __all__ = [
     "BRANCH_ATTEMPTS", "DEFAULT_MAP_CONCURRENCY", "DEFAULT_MAX_STATE_BYTES", "CacheResult", "CancelChildRun", "CancelRequest", "Command",
-    "Decision", "Event", "EventIgnored", "ForgetRun", "KeepUnusedPayloads", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
+    "Decision", "Event", "EventIgnored", "ForgetRun", "ForgetPayloads", "KeepUnusedPayloads", "Machine", "redrive_target", "NotifyParent", "PublishRunEvent", "RequestActivity", "SignalRefused",
     "StartChildRun", "StartTimer", "iso", "outstanding", "replay", "_jitter",
 ]
 
@@ -124,9 +125,11 @@ class Machine:
     def decide_events(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> Decision:
         """``decide``, with the domain events of the decision (for metrics and views)."""
         decision = self._decide_events(state, event, now_ms, in_place=in_place)
-        if isinstance(event, ActivityCompleted) and decision.state is not None and decision.commands \
-                and all(isinstance(c, EventIgnored) for c in decision.commands):
-            return _keep_unused_payloads(decision, event, in_place)
+        if isinstance(event, ActivityCompleted) and decision.commands and all(isinstance(c, EventIgnored) for c in decision.commands):
+            if decision.state is not None:
+                return _keep_unused_payloads(decision, event, in_place)
+            if state is None:
+                return _forget_orphan_payloads(decision, event)
         return decision
 
     def _decide_events(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> Decision:
@@ -429,6 +432,30 @@ def _describe(event: Event) -> str:
     return ""
 
 
+def _payload_entries(run_id: str, output: Any) -> list[dict]:
+    """The payloads ``output`` refers to that are stored under ``run_id`` (``<run_id>/…``), as
+    ``RunState.unused_payloads`` lists them: only those are the run's to delete."""
+    entries: list[dict] = []
+    seen: set[str] = set()
+    for ref in refs_in(output):
+        if ref.id.startswith(run_id + "/") and ref.id not in seen:
+            seen.add(ref.id)
+            entry = {"id": ref.id, "size": ref.size, "sha256": ref.sha256}
+            entry.update({k: v for k, v in (("partition", ref.partition), ("chunks", ref.chunks)) if v is not None})
+            entries.append(entry)
+    return entries
+
+
+def _forget_orphan_payloads(decision: Decision, event: ActivityCompleted) -> Decision:
+    """A completion for a run the coordinator does not know: its retention is over (or it never was), so no attempt
+    under its id can be accepted and no state will list what the worker stored for it; deleted now. (A run started
+    again under the same id comes later on this partition, so its own payloads are stored after these tombstones.)"""
+    entries = _payload_entries(event.run_id, event.output)
+    if not entries:
+        return decision
+    return Decision(None, [*decision.commands, ForgetPayloads(run_id=event.run_id, payloads=entries)], decision.events)
+
+
 def _keep_unused_payloads(decision: Decision, event: ActivityCompleted, in_place: bool) -> Decision:
     """An ignored completion (a stale attempt, a duplicate, a late answer to a finished run) whose output the worker
     stored by reference under this run's id: the state lists those payloads, so the run's retention deletes them too
@@ -436,14 +463,12 @@ def _keep_unused_payloads(decision: Decision, event: ActivityCompleted, in_place
     state = decision.state
     assert state is not None
     listed = {p["id"] for p in state.unused_payloads}
-    new = [r for r in refs_in(event.output) if r.id.startswith(state.run_id + "/") and r.id not in listed]
+    new = [e for e in _payload_entries(state.run_id, event.output) if e["id"] not in listed]
     if not new:
         return decision
     if not in_place:
         state = state.model_copy(deep=True)
-    for ref in new:
-        entry = {"id": ref.id, "size": ref.size, "sha256": ref.sha256}
-        entry.update({k: v for k, v in (("partition", ref.partition), ("chunks", ref.chunks)) if v is not None})
+    for entry in new:
         state.unused_payloads.append(entry)
         state.size_hint += 200
-    return Decision(state, [*decision.commands, KeepUnusedPayloads(run_id=state.run_id, payload_ids=[r.id for r in new])], decision.events)
+    return Decision(state, [*decision.commands, KeepUnusedPayloads(run_id=state.run_id, payload_ids=[e["id"] for e in new])], decision.events)

@@ -19,6 +19,7 @@ from legato.workflows.machine import (
     EventIgnored,
     ForgetRun,
     KeepUnusedPayloads,
+    ForgetPayloads,
     NotifyParent,
     PublishRunEvent,
     RequestActivity,
@@ -74,6 +75,8 @@ def carry_out(commands: list[Any], topics: Topics, sends: list[Send], timers: li
             pass  # the partition task deletes the state and writes the tombstone (partition.Partitions._apply)
         elif isinstance(command, KeepUnusedPayloads):
             pass  # only the run's state changes: the payloads are deleted when it is forgotten
+        elif isinstance(command, ForgetPayloads):
+            pass  # the partition task sends their tombstones in this batch (partition.Partitions._apply)
         elif isinstance(command, SignalRefused):  # e.g. a run keeps 64 at most
             refused(f"signal refused: {command.reason}")
             log.info("refused signal %r for run %s: %s", command.signal.signal, command.signal.run_id, command.reason)

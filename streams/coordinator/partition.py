@@ -31,7 +31,7 @@ from legato.topics.names import CHANGELOG_OFFSETS_KEY, Topics
 from legato.workflows import keys
 from legato.workflows.claims import PayloadsMissing
 from legato.workflows.lifecycle import retention_ms
-from legato.workflows.machine import EventIgnored, ForgetRun, Machine, outstanding
+from legato.workflows.machine import EventIgnored, ForgetPayloads, ForgetRun, Machine, outstanding
 from legato.workflows.state import RunState
 
 log = logging.getLogger("legato.coordinator")
@@ -485,6 +485,10 @@ class Partitions:
                 batch.sends += self.payloads.forget(state.run_id, state.encoded(), state.unused_payloads)  # its payloads go with it
             if self.metrics is not None:
                 self.metrics.run_forgotten(state.workflow)
+        elif state is None and self.payloads is not None:
+            for command in commands:
+                if isinstance(command, ForgetPayloads):  # a late completion's payloads, its run long forgotten
+                    batch.sends += self.payloads.forget(command.run_id, b"{}", command.payloads)
         if self.metrics is not None:
             # Derived now, while the state object still is this decision's result (later records of the batch
             # change it in place). A batch whose transaction fails is read again and counted again: rare.

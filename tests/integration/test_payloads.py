@@ -209,6 +209,30 @@ async def test_a_late_duplicates_payload_is_deleted_with_the_run(legato):
         await asyncio.sleep(0.5)
 
 
+async def test_a_completion_for_a_forgotten_runs_payload_is_deleted_at_once(legato):
+    """A completion for a run the coordinator no longer knows (its retention is over: a very late LLM answer) whose
+    output the worker stored under that run's id: no run will ever list it, so the coordinator tombstones it when it
+    ignores the completion."""
+    import uuid
+
+    from legato.topics import codec
+
+    run_id = f"forgotten-{uuid.uuid4().hex[:8]}"
+    payloads = Payloads(KafkaPayloadStore(legato.bootstrap, legato.topics.payloads))
+    try:
+        late = await payloads.put(run_id, "z" * 1_200_000)
+    finally:
+        await payloads.stop()
+    assert await _live_of(legato, late) == 1_200_002
+    completion = ActivityCompleted(request_id=f"{run_id}/big/1", run_id=run_id, step_id="big", attempt=1, status="succeeded",
+                                   output={"text": late})
+    await legato.produce(legato.topics.completions, codec.dumps(completion), run_id.encode())
+    started = time.monotonic()
+    while await _live_of(legato, late) > 0:
+        assert time.monotonic() - started < 60, f"the payload of a completion for an unknown run was kept\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+
+
 async def test_the_file_store_end_to_end(legato, tmp_path):
     """A coordinator and a worker of their own (a fresh topic prefix) with ``LEGATO_PAYLOAD_STORE=file://``: large
     outputs are files, expressions read them, the next step receives them, nothing lands on the payloads topic."""
