@@ -92,7 +92,7 @@ class Metrics:
         self.runs_failed = Counter("legato_runs_failed", "Runs that failed, by the run's error type (UnknownWorkflow, RunTimeout, an activity's error type, ...).", ["workflow", "error_type"], registry=r)
         self.runs_cancelled = Counter("legato_runs_cancelled", "Runs that ended cancelled: a child run its parent no longer waits for, or a run cancelled with a run.cancel_requested record (not counted as failed).", ["workflow"], registry=r)
         self.run_duration = Histogram("legato_run_duration_seconds", "End-to-end run duration, accepted to terminal event; outcome is succeeded, failed or cancelled.", ["workflow", "outcome"], buckets=RUN_SECONDS, registry=r)
-        self.in_flight_runs = Gauge("legato_runs_in_flight", "Runs in the coordinator's run table that are still running (sum over coordinators).", registry=r)
+        self.in_flight_runs = Gauge("legato_runs_in_flight", "Runs in the coordinator's run table that are still running, as committed when scraped (sum over coordinators).", registry=r)
         self.retained_runs = Gauge("legato_runs_retained", "Finished runs in the coordinator's run table, kept until their workflow's retention (default LEGATO_RETENTION, 7d) ends (sum over coordinators); memory and restore time follow runs in flight plus runs retained.", registry=r)
         self.forgotten_runs = Counter("legato_runs_forgotten", "Finished runs whose retention ended: removed from the run table, a tombstone written to the changelog, their run ids free again for new triggers.", ["workflow"], registry=r)
         # steps and patterns
@@ -248,6 +248,22 @@ class Metrics:
 
     def runs_retained(self, n: int) -> None:
         self.retained_runs.set(n)
+
+    def count_runs(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Read ``legato_runs_in_flight`` and ``legato_runs_retained`` from ``counts()`` (running, retained) at each
+        scrape: exact, and nothing to do between scrapes. ``counts`` runs on the scrape's thread; one that fails (a
+        table changing under it) leaves the last values."""
+        last = [0, 0]
+
+        def read(i: int) -> float:
+            try:
+                last[:] = counts()
+            except Exception:  # noqa: BLE001 - a scrape must not fail for a racing read
+                pass
+            return float(last[i])
+
+        self.in_flight_runs.set_function(lambda: read(0))
+        self.retained_runs.set_function(lambda: read(1))
 
     def run_forgotten(self, workflow: str) -> None:
         self._at(self.forgotten_runs, workflow).inc()

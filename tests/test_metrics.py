@@ -316,6 +316,22 @@ def test_engine_and_activity_hooks(metrics):
     assert value(metrics, "legato_consumer_lag", group="g", topic="legato.completions", partition="3") == 12
 
 
+def test_run_counts_are_read_at_each_scrape_and_a_failed_read_keeps_the_last(metrics):
+    table = {"running": 3, "retained": 4, "fail": False}
+
+    def counts() -> tuple[int, int]:
+        if table["fail"]:
+            raise RuntimeError("dictionary changed size during iteration")
+        return table["running"], table["retained"]
+
+    metrics.count_runs(counts)
+    assert (value(metrics, "legato_runs_in_flight"), value(metrics, "legato_runs_retained")) == (3, 4)
+    table.update(running=0, retained=7)  # the last run ended: the next scrape says so, no timer in between
+    assert (value(metrics, "legato_runs_in_flight"), value(metrics, "legato_runs_retained")) == (0, 7)
+    table.update(running=9, fail=True)
+    assert (value(metrics, "legato_runs_in_flight"), value(metrics, "legato_runs_retained")) == (0, 7)
+
+
 def test_count_in_flight_reads_raw_table_values():
     running = RunState(run_id="a", workflow="w", version=1, started_ms=1).model_dump_json(exclude_defaults=True).encode()
     done = RunState(run_id="b", workflow="w", version=1, started_ms=1, status="succeeded").model_dump_json(exclude_defaults=True).encode()

@@ -131,7 +131,8 @@ class Coordinator:
         fence = AnswerFence(self.settings.bootstrap, self.topics.completions, self.partition_count, lambda: consumer, self.tasks, **kw)
         await fence.start()
         timers = asyncio.create_task(fire_timers(self.tasks, timer_producer, self.topics.coordinator, fence.look), name="legato.fire_timers")
-        gauge = asyncio.create_task(self._report_in_flight(), name="legato.runs_in_flight") if self.metrics is not None else None
+        if self.metrics is not None:
+            self.metrics.count_runs(self._run_counts)  # read at each scrape (legato_runs_in_flight, legato_runs_retained)
         trim = asyncio.create_task(_trim_heap(), name="legato.trim_heap")
         # the schedules whose name hashes to a partition this process owns are fired here (streams/schedules.py)
         schedules = Schedules(self.settings.bootstrap, self.topics, self.partition_count, self.tasks.__contains__, self.metrics)
@@ -146,8 +147,6 @@ class Coordinator:
             firing.cancel()
             timers.cancel()
             trim.cancel()
-            if gauge is not None:
-                gauge.cancel()
             loops = [t.loop for t in self.tasks.values() if t.loop is not None]
             for loop in loops:
                 loop.cancel()  # a batch being committed is aborted: whoever owns the partition next reads it again
@@ -263,9 +262,16 @@ class Coordinator:
         self.tasks[task.partition] = task
         task.loop = asyncio.create_task(self._run_task(task), name=f"legato.partition-{task.partition}")
 
-    async def _report_in_flight(self) -> None:
-        while True:
-            tasks = list(self.tasks.values())
-            self.metrics.runs_in_flight(sum(t.running for t in tasks))
-            self.metrics.runs_retained(sum(t.stored - t.running for t in tasks))
-            await asyncio.sleep(5.0)
+    def _run_counts(self) -> tuple[int, int]:
+        """Runs running and runs retained in this process's committed tables (the scrape's thread reads it: a copy of
+        the task list, retried if the loop changes it meanwhile)."""
+        for _ in range(5):
+            try:
+                tasks = list(self.tasks.values())
+                break
+            except RuntimeError:  # the dict changed size during the copy
+                continue
+        else:
+            raise RuntimeError("the partition table kept changing")
+        running = sum(t.running for t in tasks)
+        return running, sum(t.stored for t in tasks) - running

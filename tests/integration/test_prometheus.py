@@ -292,8 +292,8 @@ async def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
             await scraped_twice(obs, f"round {n}")  # between rounds: counters visibly increase from one scrape to the next
         lag = [f'legato_consumer_lag{{group="{prefix}-{role}"}}' for role in ("coordinator", "worker")]
         await wait_until(lambda: all(has_data(obs.query(q)) for q in lag), 30, "the lag reporters' gauges of both groups scraped")
-        # the coordinator sets legato_runs_in_flight every 5 s and Prometheus scrapes every second: two scrapes
-        # after the last run can still read the value from before it ended (CI read 8 once)
+        # the coordinator's legato_runs_in_flight is its committed table at each scrape, and Prometheus scrapes every
+        # second: wait for a scrape after the last run's terminal commit
         await wait_until(lambda: float(obs.query("sum(legato_runs_in_flight)")["data"]["result"][0]["value"][1]) == 0, 30,
                          "legato_runs_in_flight back to 0 once every run has ended")
         await scraped_twice(obs, "the end")
