@@ -27,8 +27,9 @@ from legato.streams.worker_offsets import Delivery, RequestOffsets
 from legato.streams.worker_support import BoundedSet, Batcher, Cancellations, RateLimits, ResultCache, batch_settings, tail_topic
 from legato.topics import codec
 from legato.topics.codec import DecodeError
-from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, Cost, ErrorInfo, ProgressReported
+from legato.topics.models import ActivityCompleted, ActivityHeartbeat, ActivityRequested, ActivityStarted, Cost, ErrorInfo, ProgressReported, StoredPayload
 from legato.topics.names import Topics
+from legato.topics.payload_refs import refs_in
 from legato.topics.payloads import PayloadError, Payloads
 from legato.workflows.run_size import DEFAULT_MAX_STATE_BYTES
 
@@ -114,6 +115,9 @@ async def execute(activity: Activity, request: ActivityRequested, batcher: Batch
     return completion
 
 
+MAX_PROGRESS_PAYLOADS = 200  # listed on one completion (about 200 bytes each, 40 kB at most); retention misses any beyond
+
+
 class _Progress:
     """The progress chunks of one request: numbered from 0 and sent to ``legato.progress`` as they are reported."""
 
@@ -125,11 +129,15 @@ class _Progress:
         self.metrics = metrics
         self.seq = 0
         self.sent: list[Any] = []  # delivery futures, awaited before the completion is sent
+        self.stored: dict[str, StoredPayload] = {}  # chunks stored by reference: the completion lists them for retention
 
     async def __call__(self, chunk: Any) -> None:
         r = self.request
-        if self.payloads is not None:
-            chunk = await self.payloads.externalize(r.run_id, chunk)
+        if self.payloads is not None and (stored := await self.payloads.externalize(r.run_id, chunk)) is not chunk:
+            chunk = stored  # parts of it (or all) stored by reference
+            for ref in refs_in(chunk):
+                if ref.id.startswith(r.run_id + "/") and ref.id not in self.stored and len(self.stored) < MAX_PROGRESS_PAYLOADS:
+                    self.stored[ref.id] = StoredPayload(id=ref.id, size=ref.size, sha256=ref.sha256, partition=ref.partition, chunks=ref.chunks)
         value = codec.dumps(ProgressReported(run_id=r.run_id, step_id=r.step_id, request_id=r.request_id, seq=self.seq, chunk=chunk))
         self.seq += 1
         self.sent.append(await self.topic.send(key=r.run_id.encode(), value=value))
@@ -139,6 +147,12 @@ class _Progress:
     async def delivered(self) -> None:
         """Wait until every chunk is on the broker, so that a reader sees them before the step's completion."""
         await _delivered(self.sent, "a progress chunk", self.request.request_id)
+
+    def listed_on(self, completion: ActivityCompleted) -> ActivityCompleted:
+        """``completion`` with the chunks stored by reference (``progress_payloads``): the run's retention deletes them."""
+        if not self.stored:
+            return completion
+        return completion.model_copy(update={"progress_payloads": list(self.stored.values())})
 
 
 class _Liveness:
@@ -324,6 +338,7 @@ class Workers:
                     self.metrics.activity_finished(activity.name)
             await progress.delivered()
             await liveness.delivered()
+            completion = progress.listed_on(completion)
             if cache_key is not None and completion.status == "succeeded":
                 entry = {"output": completion.output, "confidence": completion.confidence, "stored_ms": int(time.time() * 1000)}
                 await self.cache_topic.send(key=cache_key.encode(), value=orjson.dumps(entry))

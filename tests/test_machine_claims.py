@@ -196,3 +196,36 @@ def test_a_completion_for_a_run_no_longer_known_has_its_payloads_deleted_at_once
     # nothing stored by reference under its id: nothing more than the ignored event
     plain = late.model_copy(update={"output": {"text": "small"}})
     assert [type(c) for c in _machine(Store()).decide(None, plain, 1_000)[1]] == [EventIgnored]
+
+
+def test_an_attempts_progress_payloads_are_kept_for_the_runs_retention():
+    """Progress chunks stored by reference never reach the coordinator; the completion lists them
+    (``progress_payloads``), accepted or ignored, and the run keeps them in ``unused_payloads`` for its retention;
+    for a run no longer known they are deleted at once. Never another run's."""
+    from legato.topics.models import StoredPayload
+    from legato.workflows.machine import EventIgnored, ForgetPayloads, KeepUnusedPayloads
+    from tests.machine_helpers import succeeded
+
+    def stored(run_id: str, text: str) -> StoredPayload:
+        ref = _ref({"text": text}, run_id=run_id)
+        return StoredPayload(id=ref["$ref"].split(":", 1)[1], size=ref["size"], sha256=ref["sha256"], partition=0, chunks=1)
+
+    mine, again, foreign = stored("r1", "p" * 5000), stored("r1", "q" * 5000), stored("r2", "z" * 5000)
+    store = Store()
+    h = Harness(_machine(store))
+    h.start("big")
+    fetch = h.pending_for("fetch")
+    before = h.state.model_copy(deep=True)
+    out = h.deliver(succeeded(fetch, {"text": "small", "parts": []}).model_copy(update={"progress_payloads": [mine, foreign, mine]}))
+    assert isinstance(out[-1], KeepUnusedPayloads) and out[-1].payload_ids == [mine.id], out
+    assert h.state.unused_payloads == [mine.model_dump(exclude_none=True)]
+    assert before.unused_payloads == []  # the caller's state was not changed (decided on a copy)
+    # a duplicate attempt, ignored, with progress of its own: listed too, the first not twice
+    out = h.deliver(succeeded(fetch, {"text": "small", "parts": []}).model_copy(update={"progress_payloads": [mine, again]}))
+    assert [type(c) for c in out] == [EventIgnored, KeepUnusedPayloads] and out[1].payload_ids == [again.id], out
+    assert [p["id"] for p in h.state.unused_payloads] == [mine.id, again.id]
+
+    late = succeeded(fetch, None).model_copy(update={"run_id": "gone", "progress_payloads": [stored("gone", "g" * 5000), foreign]})
+    state, out = _machine(Store()).decide(None, late, 1_000)
+    assert state is None and [type(c) for c in out] == [EventIgnored, ForgetPayloads], out
+    assert [p["id"] for p in out[1].payloads] == [stored("gone", "g" * 5000).id]

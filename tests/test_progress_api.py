@@ -55,3 +55,28 @@ async def test_the_worker_numbers_each_requests_chunks_from_zero_and_keys_them_b
         (b"r1", {"run_id": "r1", "step_id": "write", "request_id": "r1/write/1", "seq": 0, "chunk": {"i": 0}}),
         (b"r1", {"run_id": "r1", "step_id": "write", "request_id": "r1/write/1", "seq": 1, "chunk": {"i": 1}}),
     ]
+
+
+async def test_chunks_stored_by_reference_are_listed_on_the_completion(tmp_path):
+    """A chunk over the inline limit is stored under the run's id; the completion lists each once
+    (``progress_payloads``), so the run's retention deletes them; small chunks list nothing."""
+    from legato.topics.models import ActivityCompleted
+    from legato.topics.payloads import FilePayloadStore, Payloads
+
+    payloads = Payloads(FilePayloadStore(tmp_path), inline_max=100)
+    topic = _Topic()
+    request = ActivityRequested(request_id="r1/write/1", run_id="r1", step_id="write", activity="llm", attempt=1, input={})
+    reporter = _Progress(topic, request, "llm", payloads=payloads)
+    await reporter({"i": 0})
+    await reporter({"text": "a" * 500})
+    await reporter({"text": "a" * 500})  # the same value again: the same id, listed once
+    await reporter({"text": "b" * 500})
+    completion = ActivityCompleted(request_id="r1/write/1", run_id="r1", step_id="write", attempt=1, status="succeeded", output="done")
+    listed = reporter.listed_on(completion).progress_payloads
+    ids = [p.id for p in listed]
+    assert len(ids) == 2 and len(set(ids)) == 2 and all(i.startswith("r1/") for i in ids), ids
+    assert sorted(ids) == sorted(FilePayloadStore(tmp_path).ids())
+    assert topic.sent[0][1]["chunk"] == {"i": 0} and "legato-payload:" in orjson.dumps(topic.sent[1][1]["chunk"]).decode()
+    quiet = _Progress(_Topic(), request, "llm", payloads=payloads)
+    await quiet({"i": 0})
+    assert quiet.listed_on(completion) is completion

@@ -61,6 +61,17 @@ class ActivityRequested(_Record):
     heartbeat_ms: int | None = Field(default=None, gt=0)  # the step expects ``activity.heartbeat`` at least this often
 
 
+class StoredPayload(_Record):
+    """A payload a worker stored under the run's id that no field of the record refers to (not a reference, so never
+    fetched): the run's retention deletes it with the rest (docs/payloads.md)."""
+
+    id: str = Field(min_length=1)
+    size: int = Field(ge=0)
+    sha256: str
+    partition: int | None = None
+    chunks: int | None = None
+
+
 class ActivityCompleted(_Record):
     """On ``legato.completions``: what a worker emits for one request."""
 
@@ -74,6 +85,7 @@ class ActivityCompleted(_Record):
     cost: Cost | None = None
     error: ErrorInfo | None = None
     cached: bool | None = None  # answered from the result cache
+    progress_payloads: list[StoredPayload] | None = None  # progress chunks of this attempt stored by reference
 
 
 def _type_required(schema: dict[str, Any]) -> None:

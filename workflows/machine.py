@@ -125,11 +125,21 @@ class Machine:
     def decide_events(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> Decision:
         """``decide``, with the domain events of the decision (for metrics and views)."""
         decision = self._decide_events(state, event, now_ms, in_place=in_place)
-        if isinstance(event, ActivityCompleted) and decision.commands and all(isinstance(c, EventIgnored) for c in decision.commands):
-            if decision.state is not None:
-                return _keep_unused_payloads(decision, event, in_place)
-            if state is None:
-                return _forget_orphan_payloads(decision, event)
+        if not isinstance(event, ActivityCompleted):
+            return decision
+        ignored = bool(decision.commands) and all(isinstance(c, EventIgnored) for c in decision.commands)
+        # payloads stored under the run's id that nothing in its state will refer to: an ignored completion's output,
+        # and any attempt's progress chunks stored by reference
+        entries = _payload_entries(event.run_id, event.output) if ignored else []
+        if event.progress_payloads:
+            entries += [p.model_dump(exclude_none=True) for p in event.progress_payloads if p.id.startswith(event.run_id + "/")]
+        if not entries:
+            return decision
+        if decision.state is not None:
+            # a decision that holds the caller's state itself (an ignored event) copies it unless the caller allows in place
+            return _keep_unused_payloads(decision, entries, copy=decision.state is state and not in_place)
+        if state is None:
+            return _forget_orphan_payloads(decision, event.run_id, entries)
         return decision
 
     def _decide_events(self, state: RunState | None, event: Event, now_ms: int, *, in_place: bool = False) -> Decision:
@@ -446,27 +456,30 @@ def _payload_entries(run_id: str, output: Any) -> list[dict]:
     return entries
 
 
-def _forget_orphan_payloads(decision: Decision, event: ActivityCompleted) -> Decision:
+def _forget_orphan_payloads(decision: Decision, run_id: str, entries: list[dict]) -> Decision:
     """A completion for a run the coordinator does not know: its retention is over (or it never was), so no attempt
     under its id can be accepted and no state will list what the worker stored for it; deleted now. (A run started
     again under the same id comes later on this partition, so its own payloads are stored after these tombstones.)"""
-    entries = _payload_entries(event.run_id, event.output)
-    if not entries:
-        return decision
-    return Decision(None, [*decision.commands, ForgetPayloads(run_id=event.run_id, payloads=entries)], decision.events)
+    return Decision(None, [*decision.commands, ForgetPayloads(run_id=run_id, payloads=_unique(entries))], decision.events)
 
 
-def _keep_unused_payloads(decision: Decision, event: ActivityCompleted, in_place: bool) -> Decision:
-    """An ignored completion (a stale attempt, a duplicate, a late answer to a finished run) whose output the worker
-    stored by reference under this run's id: the state lists those payloads, so the run's retention deletes them too
-    (nothing else refers to them). Listed once each; payloads of other runs are not this run's to delete."""
+def _unique(entries: list[dict]) -> list[dict]:
+    seen: set[str] = set()
+    return [e for e in entries if not (e["id"] in seen or seen.add(e["id"]))]
+
+
+def _keep_unused_payloads(decision: Decision, entries: list[dict], *, copy: bool) -> Decision:
+    """Payloads stored under this run's id that its state will not refer to (an ignored completion's output: a stale
+    attempt, a duplicate, a late answer to a finished run; or an attempt's progress chunks): the state lists them
+    (``unused_payloads``, not references, so never fetched), so the run's retention deletes them too. Listed once
+    each; payloads of other runs are not this run's to delete (``entries`` holds this run's only)."""
     state = decision.state
     assert state is not None
     listed = {p["id"] for p in state.unused_payloads}
-    new = [e for e in _payload_entries(state.run_id, event.output) if e["id"] not in listed]
+    new = [e for e in _unique(entries) if e["id"] not in listed]
     if not new:
         return decision
-    if not in_place:
+    if copy:
         state = state.model_copy(deep=True)
     for entry in new:
         state.unused_payloads.append(entry)

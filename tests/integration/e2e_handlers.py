@@ -23,10 +23,12 @@ async def e2e_echo(data: Any) -> Any:
 
 @activity("e2e_stream")
 async def e2e_stream(data: dict[str, Any]) -> dict[str, Any]:
-    """Report ``chunks`` progress chunks ``{"i": i}``, ``interval`` seconds apart, then return ``{"chunks": n}``."""
+    """Report ``chunks`` progress chunks ``{"i": i}`` (with ``"text"`` of ``chunk_bytes`` characters when asked),
+    ``interval`` seconds apart, then return ``{"chunks": n}``."""
     n = int(data.get("chunks", 3))
+    size = int(data.get("chunk_bytes", 0))
     for i in range(n):
-        await progress({"i": i})
+        await progress({"i": i, "text": chr(97 + i % 26) * size} if size else {"i": i})
         await asyncio.sleep(float(data.get("interval", 0.05)))
     return {"chunks": n}
 

@@ -233,6 +233,24 @@ async def test_a_completion_for_a_forgotten_runs_payload_is_deleted_at_once(lega
         await asyncio.sleep(0.5)
 
 
+async def test_progress_chunks_stored_by_reference_are_deleted_with_the_run(legato):
+    """Progress chunks over the inline limit are stored by reference under the run's id and sent on
+    ``legato.progress``, which the coordinator never reads: the completion lists them (``progress_payloads``) and
+    the run's retention tombstones them with the rest."""
+    from legato.topics.models import ProgressReported
+
+    event = await legato.run("e2e_progress_payload", {"chunks": 2, "chunk_bytes": 400_000, "interval": 0.0}, timeout=60)
+    assert event.status == "succeeded", event
+    started = time.monotonic()
+    chunks = [p.chunk for p in await legato.records_of(legato.topics.progress, ProgressReported, event.run_id)]
+    stored = refs_in(chunks)
+    assert len(stored) == 2 and all(r.id.startswith(event.run_id + "/") for r in stored), chunks
+    refs = [r.wire() for r in stored]
+    while sum([await _live_of(legato, ref) for ref in refs]) > 0:  # forgotten 3 s after it ended, its progress with it
+        assert time.monotonic() - started < 60, f"the progress chunks stored by reference outlived the run\n{legato.logs()}"
+        await asyncio.sleep(0.5)
+
+
 async def test_the_file_store_end_to_end(legato, tmp_path):
     """A coordinator and a worker of their own (a fresh topic prefix) with ``LEGATO_PAYLOAD_STORE=file://``: large
     outputs are files, expressions read them, the next step receives them, nothing lands on the payloads topic."""
