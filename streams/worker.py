@@ -427,22 +427,28 @@ class Workers:
         that does not return in time is given up (what it would have committed runs again on the next owner, which
         the coordinator's dedupe absorbs) rather than holding the stop until a SIGKILL."""
         try:
-            await asyncio.wait_for(self.commit_answered(tps), self.commit_timeout_s)
-            return True
+            if await asyncio.wait_for(self.commit_answered(tps), self.commit_timeout_s) is not False:
+                return True
+            log.warning("could not commit the answered requests %s: refused (the group rebalanced meanwhile)", when)
         except asyncio.TimeoutError:
             log.error("could not commit the answered requests %s: no answer within %g s", when, self.commit_timeout_s)
         except Exception:
             log.exception("could not commit the answered requests %s", when)
         return False
 
-    async def commit_answered(self, tps: set | None = None) -> None:
+    async def commit_answered(self, tps: set | None = None) -> bool:
         """Commit each assigned request partition (of ``tps``, default all) up to its oldest request not yet
-        answered (streams/worker_offsets.py says why not faust's acknowledgements)."""
+        answered (streams/worker_offsets.py says why not faust's acknowledgements); False when the commit was
+        refused (the group rebalanced meanwhile)."""
         consumer = self.app.consumer
         assigned = consumer.assignment()
         offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assigned and (tps is None or tp in tps)}
-        if offsets and await kafka_io.faust_commit(consumer, offsets):
+        if not offsets:
+            return True
+        if await kafka_io.faust_commit(consumer, offsets):
             self.offsets.committed(offsets)
+            return True
+        return False
 
     async def _commit_every(self) -> None:
         interval = self.app.conf.broker_commit_interval

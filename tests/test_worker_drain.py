@@ -124,3 +124,15 @@ async def test_stop_drains_under_a_deadline_then_gives_the_rest_of_the_stop_its_
     # the first bound covers the drain's handlers, their cancellation and its commit, then the stop itself
     assert armed == [(30.0 + 5.0 + w.commit_timeout_s + 7.0, "SIGTERM", 1), (7.0, "its", 0)]
     assert events == ["arm", "a finished", "commit", "arm"]
+
+
+async def test_a_refused_commit_is_not_taken_for_a_committed_drain():
+    w, events = _workers()
+
+    async def refused(tps=None) -> bool:
+        events.append("commit")
+        return False  # faust: "already rebalanced"
+
+    w.commit_answered = refused  # type: ignore[method-assign]
+    await w.drain(5.0)
+    assert events == ["commit"] and w.drain_committed is False
