@@ -290,7 +290,7 @@ def test_a_completion_of_a_run_whose_timer_may_have_fired_sends_its_requests_in_
 
 
 def test_the_simulation_sees_an_early_request_left_out_of_the_history_without_that_rule():
-    with mock.patch.object(partition_module, "_timer_due", lambda state, by_ms: False):
+    with mock.patch.object(partition_module.TimerBounds, "due", lambda self, state, by_ms: False):
         try:
             _run(_LATE_ANSWER_BEHIND_A_FIRED_TIMEOUT)
         except AssertionError as exc:
