@@ -103,6 +103,10 @@ class TimerBounds:
         self._bound.clear()
 
 
+_STATE_REFS_MIN = 64 * 1024
+"""A stored state this large has its references kept (``Partitions._state_refs``) rather than looked for at each of
+its run's records."""
+
 STATE_COMMIT_S = 0.05
 """How long a batch whose transaction carries nothing but run states and input offsets (every request it decided
 went ahead of it, ``Partitions.early``) waits, counted from when its partition's previous transaction began, for
@@ -145,6 +149,7 @@ class Partitions:
         self.metrics = metrics
         self.states = DecodedStates()
         self.timer_bounds = TimerBounds()
+        self._large_state_refs: dict[bytes, list] = {}  # a large stored state's references (``_state_refs``)
         self.keyed: Callable[[], set[str]] = set  # the workflows with a concurrency key now (coordinator.marks)
         self._poisoned: dict[tuple[str, int, int], str] = {}  # (topic, partition, offset) → why it is dead-lettered
 
@@ -163,6 +168,7 @@ class Partitions:
         """Drop the decoded states (a partition was closed: its table is gone)."""
         self.states.clear()
         self.timer_bounds.clear()
+        self._large_state_refs.clear()
 
     # --- one batch, one transaction ------------------------------------------------------------
 
@@ -331,11 +337,13 @@ class Partitions:
         if self.payloads is None:
             return
         refs = []
+        states: set[bytes] = set()  # each run's stored state read once per poll, however many of its records came
         for _, records, _ in parts:
             for msg in records:
                 refs += self.payloads.refs_of(msg.value)
-                if msg.key is not None and not _retention_timer(msg.value):
-                    refs += self.payloads.refs_of(task.store.get(msg.key))
+                if msg.key is not None and msg.key not in states and not _retention_timer(msg.value):
+                    states.add(msg.key)
+                    refs += self._state_refs(msg.key, task.store.get(msg.key))
         if refs:
             await self.payloads.prefetch(refs)
 
@@ -397,6 +405,17 @@ class Partitions:
             return False
         return not any(t == tp and records and records[0].offset < mark for t, records, _ in task.inbox)
 
+    def _state_refs(self, key: bytes, stored: bytes | None) -> list:
+        """The references in a run's stored state. A large state's are kept from when it was stored (``_seal``) or
+        last read: a ``map`` over 10,000 items has a state of megabytes, and reading it for references at each of its
+        completions made the fan-out quadratic (the largest cost in the coordinator's CPU per branch)."""
+        if stored is None or len(stored) < _STATE_REFS_MIN:
+            return PayloadValues.refs_of(stored)
+        refs = self._large_state_refs.get(key)
+        if refs is None:
+            refs = self._large_state_refs[key] = PayloadValues.refs_of(stored)
+        return refs
+
     def _seal(self, task: PartitionTask, batch: "Batch") -> None:
         """Encode and store the state of every run the batch changed, once, when nothing more is decided into it (a
         batch that grows while the one before commits would otherwise encode a large run's state at every take)."""
@@ -406,9 +425,14 @@ class Partitions:
                 task.store.delete(key)
                 batch.written[key] = None
                 self.states.drop(run_id)
+                self._large_state_refs.pop(key, None)
                 continue
             stored = state.encoded()
             task.store.put(key, stored)
+            if self.payloads is not None and len(stored) >= _STATE_REFS_MIN:
+                self._large_state_refs[key] = PayloadValues.refs_of(stored)  # read once per batch, not per record
+            else:
+                self._large_state_refs.pop(key, None)
             batch.written[key] = stored
             self.states.remember(run_id, stored, state)
         # nothing more is decided into a sealed batch: its states live on as bytes (and the last ones decoded, in
